@@ -1,0 +1,240 @@
+// CPU integer dequant-GEMMs: W4A16, W8A16 and W8A8 (dynamic per-token int8 activations).
+//
+// Two strategies, chosen per call:
+//  * small M (decode) on AVX2 machines: the register micro-kernels of int_gemm_avx2.cpp, parallel over N. Weights are
+//    read once and decoded in registers; this is memory bound, so 4-bit weights beat fp32 F.linear by ~the byte ratio.
+//  * everything else (large M, unaligned K or groups, no AVX2): dequantize a block of weight rows into an L2-sized
+//    fp32 tile and hand it to the BLAS sgemm behind at::mm; the dequant cost is amortised over the M rows.
+// The semantics are those of qkernels/reference/int_gemm.py; per-element decode comes from qkernels/int_quant.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "int_gemm_kernels.h"
+#include "qkernels/check.h"
+#include "qkernels/int_quant.h"
+
+namespace qkernels {
+namespace {
+
+// Beyond this many rows of x the dequantize-tile + sgemm path wins (measured with benchmarks.bench_cpu_gemm on a
+// 2-core Zen 3: the register kernel re-decodes weights every 4 rows).
+constexpr int64_t kSmallM = 8;
+// Rows of W per dequantized tile: 32 x 4096 fp32 = 512 KiB, about one L2.
+constexpr int64_t kTileN = 32;
+
+void check_x(const at::Tensor& x) {
+  check_float_input(x, "x");
+  check_dim(x, 2, "x");
+}
+
+// Parallel over N in tiles; f(n0, n1) handles weight rows [n0, n1).
+template <typename F>
+void for_n_tiles(int64_t N, int64_t tile, const F& f) {
+  at::parallel_for(0, (N + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) f(t * tile, std::min(N, (t + 1) * tile));
+  });
+}
+
+// Generic path: dequantize rows [n0, n1) with `decode_row(n, dst)` into a tile, then out[:, n0:n1] = x @ tile^T.
+template <typename Decode>
+void tiled_dequant_mm(const at::Tensor& xf, int64_t N, int64_t K, at::Tensor& out, const Decode& decode_row) {
+  for_n_tiles(N, kTileN, [&](int64_t n0, int64_t n1) {
+    auto tile = at::empty({n1 - n0, K}, xf.options());
+    float* t = tile.data_ptr<float>();
+    for (int64_t n = n0; n < n1; ++n) decode_row(n, t + (n - n0) * K);
+    out.narrow(1, n0, n1 - n0).copy_(at::mm(xf, tile.t()));
+  });
+}
+
+at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
+                                   const std::optional<at::Tensor>& zero_point, int64_t group_size, bool is_signed) {
+  check_x(x);
+  check_dtype(packed_w, at::kByte, "packed_w");
+  check_dim(packed_w, 2, "packed_w");
+  const int64_t M = x.size(0), K = x.size(1), N = packed_w.size(0);
+  TORCH_CHECK(packed_w.size(1) * 2 == K, "packed_w must have shape [N, K/2] = [", N, ", ", K / 2, "] for x with K=", K,
+              ", got ", packed_w.sizes());
+  TORCH_CHECK(group_size > 0 && K % group_size == 0, "group_size ", group_size, " must be positive and divide K=", K);
+  const int64_t G = K / group_size;
+  check_float_input(scale, "scale");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G, "scale must have shape [N, K/group_size] = [",
+              N, ", ", G, "], got ", scale.sizes());
+  check_same_device(x, packed_w, "x", "packed_w");
+  check_same_device(x, scale, "x", "scale");
+  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  // zz = zero_point (+8 for signed codes, whose nibbles the kernels XOR with 8 to make them value + 8)
+  at::Tensor zz;
+  if (zero_point.has_value()) {
+    check_dtype(*zero_point, at::kInt, "zero_point");
+    TORCH_CHECK(zero_point->sizes() == scale.sizes(), "zero_point must have the shape of scale ", scale.sizes(),
+                ", got ", zero_point->sizes());
+    check_same_device(x, *zero_point, "x", "zero_point");
+    if (zero_point->numel() > 0) {
+      auto mm = at::aminmax(*zero_point);
+      const int64_t zmin = std::get<0>(mm).item<int>(), zmax = std::get<1>(mm).item<int>();
+      TORCH_CHECK(zmin >= -8 && zmax <= 16, "zero_point values must be in [-8, 16] for int4 weights, got [", zmin,
+                  ", ", zmax, "]");
+    }
+    zz = (*zero_point + (is_signed ? 8 : 0)).to(at::kChar).contiguous();
+  } else {
+    zz = at::full({N, G}, is_signed ? 8 : 0, x.options().dtype(at::kChar));
+  }
+  if (M == 0 || N == 0) return out.to(x.scalar_type());
+  if (K == 0) return out.zero_().to(x.scalar_type());
+  auto xf = x.to(at::kFloat).contiguous();
+  auto sf = scale.to(at::kFloat).contiguous();
+  auto wc = packed_w.contiguous();
+  const float* s = sf.data_ptr<float>();
+  const int8_t* z = zz.data_ptr<int8_t>();
+  const uint8_t* w = wc.data_ptr<uint8_t>();
+
+  if (cpu::cpu_has_avx2_fma() && M <= kSmallM && K % 32 == 0 && group_size % 32 == 0) {
+    // within each 32-block: the 16 even elements, then the 16 odd ones (low nibbles, then high nibbles)
+    auto xp = xf.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous();
+    const float* xpp = xp.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    const uint8_t mask = is_signed ? 0x88 : 0x00;
+    for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) {
+      cpu::w4a16_rows_avx2(xpp, M, K, w, s, z, K, group_size, mask, o, N, n0, n1);
+    });
+  } else {
+    tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
+      const uint8_t* row = w + n * (K / 2);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t g = n * G + k / group_size;
+        const uint8_t byte = row[k / 2];
+        const int32_t q = nibble_value((k & 1) ? (byte >> 4) : byte, is_signed);
+        dst[k] = dequantize_int(q, s[g], (int32_t)z[g] - (is_signed ? 8 : 0));
+      }
+    });
+  }
+  return out.to(x.scalar_type());
+}
+
+at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, const at::Tensor& scale) {
+  check_x(x);
+  check_dtype(q_w, at::kChar, "q_w");
+  check_dim(q_w, 2, "q_w");
+  const int64_t M = x.size(0), K = x.size(1), N = q_w.size(0);
+  TORCH_CHECK(q_w.size(1) == K, "q_w must have shape [N, K] with K=", K, " (x's last dim), got ", q_w.sizes());
+  check_float_input(scale, "scale");
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N, "scale must have shape [N] = [", N, "], got ", scale.sizes());
+  check_same_device(x, q_w, "x", "q_w");
+  check_same_device(x, scale, "x", "scale");
+  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return out.to(x.scalar_type());
+  if (K == 0) return out.zero_().to(x.scalar_type());
+  auto xf = x.to(at::kFloat).contiguous();
+  auto sf = scale.to(at::kFloat).contiguous();
+  auto wc = q_w.contiguous();
+  const float* s = sf.data_ptr<float>();
+  const int8_t* w = wc.data_ptr<int8_t>();
+  if (cpu::cpu_has_avx2_fma() && M <= kSmallM && K % 32 == 0) {
+    const float* xp = xf.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) { cpu::w8a16_rows_avx2(xp, M, K, w, s, K, o, N, n0, n1); });
+  } else {
+    tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
+      for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * (float)w[n * K + k];
+    });
+  }
+  return out.to(x.scalar_type());
+}
+
+// Rows with NaN/inf get scale NaN and codes 0, so the GEMM output row is NaN rather than silently finite.
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor& x) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto scale = at::empty({M}, x.options().dtype(at::kFloat));
+  auto xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_token_int8", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    int8_t* qp = q.data_ptr<int8_t>();
+    float* sp = scale.data_ptr<float>();
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const scalar_t* row = xp + m * K;
+        float amax = 0.f;
+        bool finite = true;
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = static_cast<float>(row[k]);
+          finite &= std::isfinite(v);
+          amax = std::max(amax, std::fabs(v));
+        }
+        int8_t* qr = qp + m * K;
+        if (!finite) {
+          sp[m] = std::nanf("");
+          std::fill(qr, qr + K, 0);
+          continue;
+        }
+        float s = amax / 127.f;
+        s = s > 0.f ? s : 1.f;
+        sp[m] = s;
+        for (int64_t k = 0; k < K; ++k)
+          qr[k] = (int8_t)clampf(round_half_even(static_cast<float>(row[k]) / s), -127.f, 127.f);
+      }
+    });
+  });
+  return {q, scale};
+}
+
+at::Tensor int8_dynamic_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, const at::Tensor& w_scale) {
+  check_x(x);
+  check_dtype(q_w, at::kChar, "q_w");
+  check_dim(q_w, 2, "q_w");
+  const int64_t M = x.size(0), K = x.size(1), N = q_w.size(0);
+  TORCH_CHECK(q_w.size(1) == K, "q_w must have shape [N, K] with K=", K, " (x's last dim), got ", q_w.sizes());
+  check_float_input(w_scale, "w_scale");
+  TORCH_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape [N] = [", N, "], got ",
+              w_scale.sizes());
+  check_same_device(x, q_w, "x", "q_w");
+  check_same_device(x, w_scale, "x", "w_scale");
+  TORCH_CHECK(K < (1 << 17), "K=", K, " is too large for exact int32 accumulation (needs K < 131072)");
+  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return out.to(x.scalar_type());
+  auto [qx, sx] = quantize_per_token_int8_cpu(x);
+  auto acc = at::empty({M, N}, x.options().dtype(at::kInt));
+  auto wc = q_w.contiguous();
+  const int8_t* w = wc.data_ptr<int8_t>();
+  const int8_t* xq = qx.data_ptr<int8_t>();
+  int32_t* a = acc.data_ptr<int32_t>();
+  if (cpu::cpu_has_avx2_fma() && K % 32 == 0) {
+    for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) { cpu::i8i8_rows_avx2(xq, M, K, w, K, a, N, n0, n1); });
+  } else {
+    for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) {
+          int32_t sum = 0;
+          for (int64_t k = 0; k < K; ++k) sum += (int32_t)xq[m * K + k] * (int32_t)w[n * K + k];
+          a[m * N + n] = sum;
+        }
+    });
+  }
+  auto sw = w_scale.to(at::kFloat).contiguous();
+  const float* swp = sw.data_ptr<float>();
+  const float* sxp = sx.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t n = 0; n < N; ++n) o[m * N + n] = (float)a[m * N + n] * sxp[m] * swp[n];
+  });
+  return out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
+  m.impl("int4_weight_only_mm", &int4_weight_only_mm_cpu);
+  m.impl("int8_weight_only_mm", &int8_weight_only_mm_cpu);
+  m.impl("quantize_per_token_int8", &quantize_per_token_int8_cpu);
+  m.impl("int8_dynamic_mm", &int8_dynamic_mm_cpu);
+}
+
+}  // namespace qkernels

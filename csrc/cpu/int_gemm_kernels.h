@@ -1,0 +1,27 @@
+// Plain-pointer micro-kernels behind the CPU integer GEMMs (no torch types: see int_gemm_avx2.cpp for why).
+#pragma once
+#include <cstdint>
+
+namespace qkernels {
+namespace cpu {
+
+bool cpu_has_avx2_fma();
+
+// out[m, n] = sum_g scale[n, g] * sum_{k in g} (code(w[n, k]) - zz[n, g]) * x[m, k]  for n in [n0, n1), all m < M.
+// xp: fp32 [M, ldx], each 32-element block permuted to (evens, odds) to match the nibble order.
+// w: [N, K/2] packed nibbles, XOR'd with xor_mask (0x88 turns signed nibbles into value + 8); zz: int8 [N, K/g]
+// effective zero point (zero_point + 8 for signed codes). Needs K % 32 == 0 and group_size % 32 == 0.
+void w4a16_rows_avx2(const float* xp, int64_t M, int64_t ldx, const uint8_t* w, const float* scale,
+                     const int8_t* zz, int64_t K, int64_t group_size, uint8_t xor_mask, float* out, int64_t ldo,
+                     int64_t n0, int64_t n1);
+
+// out[m, n] = scale[n] * sum_k w[n, k] * x[m, k]; needs K % 32 == 0.
+void w8a16_rows_avx2(const float* x, int64_t M, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
+                     float* out, int64_t ldo, int64_t n0, int64_t n1);
+
+// out[m, n] = sum_k xq[m, k] * w[n, k] exactly in int32; xq in [-127, 127]; needs K % 32 == 0.
+void i8i8_rows_avx2(const int8_t* xq, int64_t M, int64_t ldx, const int8_t* w, int64_t K, int32_t* out, int64_t ldo,
+                    int64_t n0, int64_t n1);
+
+}  // namespace cpu
+}  // namespace qkernels

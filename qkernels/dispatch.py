@@ -1,0 +1,236 @@
+"""The one dispatch table: (op, device kind + capability, dtypes) -> backend, with the reason.
+
+Backends, in the order they are preferred:
+
+* ``cuda``      a kernel compiled into ``qkernels._C`` for this GPU arch (csrc/cuda/)
+* ``triton``    a Triton kernel (qkernels/triton/) - the fallback on NVIDIA and the path on ROCm
+* ``native``    torch's own hardware op (``torch._scaled_mm`` and friends) where the chip has the format
+* ``cpu``       the C++ kernel in csrc/cpu/ (CPU tensors)
+* ``reference`` the plain-PyTorch specification (qkernels/reference/), always available
+
+Every op lists its candidate rules in :data:`TABLE`; the first rule whose check passes wins. ``backend=`` arguments
+and the ``QKERNELS_BACKEND`` environment variable force a backend (a clear error when it cannot run).
+:func:`explain` says what would run and why. Tests mock the device with :func:`mock_device`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("cuda", "triton", "native", "cpu", "reference")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the dispatch table needs to know about a device."""
+
+    kind: str  # "cpu", "cuda" (NVIDIA) or "rocm" (AMD)
+    capability: tuple[int, int] | None = None  # NVIDIA compute capability, e.g. (9, 0)
+    arch: str | None = None  # ROCm gfx name, e.g. "gfx942"
+
+    def __str__(self) -> str:
+        if self.kind == "cuda":
+            return f"cuda sm{self.capability[0]}{self.capability[1]}"
+        if self.kind == "rocm":
+            return f"rocm {self.arch}"
+        return "cpu"
+
+
+_MOCK: DeviceInfo | None = None
+
+
+@contextlib.contextmanager
+def mock_device(info: DeviceInfo | str):
+    """Pretend every device is ``info`` (tests): "cpu", "sm80", "sm90", "sm100", "gfx942", "gfx90a", or a DeviceInfo."""
+    global _MOCK
+    if isinstance(info, str):
+        info = parse_device(info)
+    old, _MOCK = _MOCK, info
+    try:
+        yield info
+    finally:
+        _MOCK = old
+
+
+def parse_device(name: str) -> DeviceInfo:
+    if name == "cpu":
+        return DeviceInfo("cpu")
+    if name.startswith("sm"):
+        digits = name[2:].rstrip("a")
+        return DeviceInfo("cuda", (int(digits[:-1]), int(digits[-1])))
+    if name.startswith("gfx"):
+        return DeviceInfo("rocm", arch=name)
+    raise ValueError(f"device must be 'cpu', 'smXY' or 'gfxNNN', got {name!r}")
+
+
+def device_info(device: torch.device | str | None = None) -> DeviceInfo:
+    if _MOCK is not None:
+        return _MOCK
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DeviceInfo("cpu")
+    if torch.version.hip is not None:
+        arch = torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+        return DeviceInfo("rocm", arch=arch)
+    return DeviceInfo("cuda", torch.cuda.get_device_capability(device))
+
+
+def triton_available(dev: DeviceInfo, ctx: dict | None = None) -> tuple[bool, str]:
+    ctx = ctx or {}
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    if dev.kind == "cpu":
+        # the interpreter is for testing kernels on CPU: never chosen on its own over the C++ CPU kernel
+        if os.environ.get("TRITON_INTERPRET") == "1" and ctx.get("forced") == "triton":
+            return True, "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (forced)"
+        return False, "Triton needs a GPU (on CPU only when forced, under TRITON_INTERPRET=1)"
+    return True, "triton is installed"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One candidate: ``check(dev, ctx) -> (ok, why)``. ``ctx`` carries dtypes/shapes the op passes in."""
+
+    backend: str
+    check: Callable[[DeviceInfo, dict], tuple[bool, str]]
+
+
+@dataclass
+class Decision:
+    op: str
+    device: DeviceInfo
+    backend: str
+    reason: str
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (backend, why not)
+    forced: bool = False
+
+    def __str__(self) -> str:
+        lines = [f"{self.op} on {self.device}: {self.backend} ({self.reason})" + (" [forced]" if self.forced else "")]
+        for b, why in self.rejected:
+            lines.append(f"  not {b}: {why}")
+        return "\n".join(lines)
+
+
+# ---- reusable checks -----------------------------------------------------------------------------------------
+
+
+def compiled(op: str, archs: Callable[[DeviceInfo], tuple[bool, str]] | None = None):
+    """The C++ extension has a CUDA kernel for ``op`` and, if given, ``archs(dev)`` accepts this GPU."""
+
+    def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+        if dev.kind != "cuda":
+            return False, f"no compiled kernel for {dev.kind} devices"
+        if not _ext.has_kernel(op, "CUDA") and not ctx.get("assume_compiled"):
+            return False, "qkernels._C was built without a CUDA kernel for this op"
+        if archs is not None:
+            return archs(dev)
+        return True, "compiled CUDA kernel"
+
+    return check
+
+
+def on_triton(op: str):
+    def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+        from . import triton as qtriton
+
+        if not qtriton.has_kernel(op):
+            return False, "no Triton kernel for this op"
+        return triton_available(dev, ctx)
+
+    return check
+
+
+def on_cpu(op: str):
+    def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+        if dev.kind != "cpu":
+            return False, "the C++ CPU kernel takes CPU tensors only"
+        if not _ext.has_kernel(op, "CPU"):
+            return False, "qkernels._C is not loaded"
+        return True, "C++ CPU kernel"
+
+    return check
+
+
+def always(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+    return True, "plain-PyTorch reference (always available)"
+
+
+def min_sm(major: int, minor: int = 0):
+    def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+        if dev.capability is None or dev.capability < (major, minor):
+            return False, f"needs sm{major}{minor}+, this is {dev}"
+        return True, f"compiled CUDA kernel for sm{major}{minor}+"
+
+    return check
+
+
+def standard_rules(op: str, cuda_archs=None) -> list[Rule]:
+    """cuda -> triton -> cpu -> reference: the chain of every op that has no torch-native counterpart."""
+    return [
+        Rule("cuda", compiled(op, cuda_archs)),
+        Rule("triton", on_triton(op)),
+        Rule("cpu", on_cpu(op)),
+        Rule("reference", always),
+    ]
+
+
+# ---- the table -----------------------------------------------------------------------------------------------
+# Families add their ops here (and only here). Keep one line of "why" per non-standard rule.
+TABLE: dict[str, list[Rule]] = {
+    # integer quantization and packing (qkernels/ops/int_quant.py)
+    "choose_qparams_affine": standard_rules("choose_qparams_affine"),
+    "quantize_affine": standard_rules("quantize_affine"),
+    "dequantize_affine": standard_rules("dequantize_affine"),
+    "pack_int4": standard_rules("pack_int4"),
+    "unpack_int4": standard_rules("unpack_int4"),
+    # integer dequant-GEMMs (qkernels/ops/int_gemm.py); tensor-core kernels need mma.sync (sm80+)
+    "int4_weight_only_mm": standard_rules("int4_weight_only_mm", min_sm(8, 0)),
+    "int8_weight_only_mm": standard_rules("int8_weight_only_mm", min_sm(8, 0)),
+    "quantize_per_token_int8": standard_rules("quantize_per_token_int8"),
+    "int8_dynamic_mm": standard_rules("int8_dynamic_mm", min_sm(8, 0)),
+}
+
+
+def _forced(backend: str | None) -> str | None:
+    b = backend or os.environ.get("QKERNELS_BACKEND") or None
+    if b is not None and b not in BACKENDS:
+        src = "backend" if backend else "QKERNELS_BACKEND"
+        raise ValueError(f"{src} must be one of {BACKENDS}, got {b!r}")
+    return b
+
+
+def choose(op: str, device: torch.device | str | None = None, backend: str | None = None, **ctx) -> Decision:
+    """Pick the backend for ``op`` on ``device``; ``backend`` (or QKERNELS_BACKEND) forces one."""
+    if op not in TABLE:
+        raise ValueError(f"op must be one of {sorted(TABLE)}, got {op!r}")
+    dev = device_info(device)
+    forced = _forced(backend)
+    ctx["forced"] = forced
+    rejected = []
+    for rule in TABLE[op]:
+        if forced is not None and rule.backend != forced:
+            continue
+        ok, why = rule.check(dev, ctx)
+        if ok:
+            return Decision(op, dev, rule.backend, why, rejected, forced=forced is not None)
+        rejected.append((rule.backend, why))
+    if forced is not None:
+        whys = "; ".join(w for _, w in rejected) or "the op has no such backend"
+        raise RuntimeError(f"backend {forced!r} was forced for {op} but cannot run on {dev}: {whys}")
+    raise RuntimeError(f"no backend can run {op} on {dev}: {rejected}")  # unreachable: reference always works
+
+
+def explain(op: str, device: torch.device | str | None = None, **ctx) -> Decision:
+    """What would run for ``op`` on ``device`` and why (``print()`` the result for a readable summary)."""
+    return choose(op, device, **ctx)

@@ -1,0 +1,11 @@
+"""Public op functions: validate arguments -> pick a backend (qkernels.dispatch) -> run it."""
+
+from .int_gemm import int4_weight_only_mm, int8_dynamic_mm, int8_weight_only_mm, quantize_per_token_int8
+from .int_quant import (
+    choose_qparams_affine,
+    dequantize_affine,
+    pack_int4,
+    quantize_affine,
+    quantize_affine_with_qparams,
+    unpack_int4,
+)

@@ -1,0 +1,48 @@
+"""Integer dequant-GEMMs: the plain-PyTorch specification.
+
+All GEMMs take ``x`` of shape ``[M, K]`` (the public API flattens leading dims) in fp32/bf16/fp16 and a weight
+stored ``[N, K]`` like ``nn.Linear.weight``; they return ``x @ W^T`` of shape ``[M, N]`` in ``x.dtype``.
+The reference accumulates in fp64 so tests can measure every kernel's error against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import int_quant
+
+
+def int4_weight_only_mm(x, packed_w, scale, zero_point, group_size, is_signed):
+    q = int_quant.unpack_int4(packed_w, is_signed)
+    w = int_quant.dequantize_affine(q, scale, zero_point, group_size, False, torch.float64)
+    return (x.double() @ w.t()).to(x.dtype)
+
+
+def int8_weight_only_mm(x, q_w, scale):
+    w = q_w.double() * scale.double().reshape(-1, 1)
+    return (x.double() @ w.t()).to(x.dtype)
+
+
+def quantize_per_token_int8(x):
+    """Symmetric per-row int8: ``scale = amax / 127`` (1 for an all-zero row), ``q`` in [-127, 127].
+
+    A row holding NaN or inf gets ``scale = NaN`` and codes 0, so every GEMM output of that row is NaN (the
+    non-finite input is reported, never turned into a finite number)."""
+    xf = x.float()
+    finite = torch.isfinite(xf).all(dim=-1)
+    xf = torch.where(finite.unsqueeze(-1), xf, torch.zeros_like(xf))
+    amax = xf.abs().amax(dim=-1) if xf.shape[-1] > 0 else torch.zeros(xf.shape[:-1], device=xf.device)
+    scale = amax / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(xf / scale.unsqueeze(-1)), -127, 127).to(torch.int8)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return q, scale
+
+
+def int8_dynamic_mm(x, q_w, w_scale):
+    """x is quantized per token (above); the int8 x int8 products are summed exactly (int64 here, int32 in the
+    kernels, which cannot overflow for K < 2^17 since |q| <= 127*128), then scaled by x_scale[m] * w_scale[n]."""
+    qx, sx = quantize_per_token_int8(x)
+    acc = qx.long() @ q_w.long().t()
+    out = acc.double() * sx.double().unsqueeze(-1) * w_scale.double().unsqueeze(0)
+    return out.to(x.dtype)

@@ -1,0 +1,33 @@
+"""Triton kernels: the GPU fallback when the CUDA extension lacks an op or an arch, and the ROCm path.
+
+Kernel modules register a Python callable per op name (same positional arguments as the op schema) with
+:func:`register`. Importing this package never requires triton; the kernel modules are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+KERNELS: dict = {}
+# op name -> module that implements it (imported lazily so that `import qkernels` works without triton)
+MODULES: dict[str, str] = {}
+_loaded: set[str] = set()
+
+
+def register(op: str):
+    def deco(fn):
+        KERNELS[op] = fn
+        return fn
+
+    return deco
+
+
+def has_kernel(op: str) -> bool:
+    return op in MODULES or op in KERNELS
+
+
+def get(op: str):
+    if op not in KERNELS and op in MODULES and MODULES[op] not in _loaded:
+        importlib.import_module(f"{__name__}.{MODULES[op]}")
+        _loaded.add(MODULES[op])
+    return KERNELS[op]
