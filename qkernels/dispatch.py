@@ -125,7 +125,7 @@ class Decision:
 # ---- reusable checks -----------------------------------------------------------------------------------------
 
 
-def compiled(op: str, archs: Callable[[DeviceInfo], tuple[bool, str]] | None = None):
+def compiled(op: str, archs: Callable[[DeviceInfo, dict], tuple[bool, str]] | None = None):
     """The C++ extension has a CUDA kernel for ``op`` and, if given, ``archs(dev)`` accepts this GPU."""
 
     def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
@@ -134,7 +134,7 @@ def compiled(op: str, archs: Callable[[DeviceInfo], tuple[bool, str]] | None = N
         if not _ext.has_kernel(op, "CUDA") and not ctx.get("assume_compiled"):
             return False, "qkernels._C was built without a CUDA kernel for this op"
         if archs is not None:
-            return archs(dev)
+            return archs(dev, ctx)
         return True, "compiled CUDA kernel"
 
     return check

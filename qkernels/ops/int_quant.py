@@ -62,7 +62,8 @@ def choose_qparams_affine(w, bits=8, group_size=-1, symmetric=True, *, signed=Tr
     wv, g, per_tensor = _resolve_group(w, group_size)
     if wv.numel() == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
-    if not torch.isfinite(wv).all():
+    # data-dependent checks run eagerly; under torch.compile the C++ kernels' own checks apply
+    if not torch.compiler.is_compiling() and not torch.isfinite(wv).all():
         raise ValueError("w contains NaN or inf; quantization needs finite values")
     scale, zp = call("choose_qparams_affine", (wv, bits, g, bool(symmetric), bool(signed), fz), w.device, backend)
     if per_tensor:
@@ -102,7 +103,8 @@ def quantize_affine_with_qparams(w, scale, zero_point, bits=8, group_size=-1, *,
     wv, g, per_tensor = _resolve_group(w, group_size)
     if wv.numel() == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
-    if not torch.isfinite(wv).all():
+    # data-dependent checks run eagerly; under torch.compile the C++ kernels' own checks apply
+    if not torch.compiler.is_compiling() and not torch.isfinite(wv).all():
         raise ValueError("w contains NaN or inf; quantization needs finite values")
     pshape = (*wv.shape[:-1], wv.shape[-1] // g)
     scale = _param(scale, "scale", torch.float32, pshape, per_tensor, w.device)
@@ -165,7 +167,7 @@ def pack_int4(q, backend=None):
     check_tensor(q, "q", (torch.int8, torch.uint8))
     if q.dim() == 0 or q.shape[-1] % 2 != 0:
         raise ValueError(f"the last dim of q must be even to pack two int4 per byte, got shape {tuple(q.shape)}")
-    if q.numel() > 0:
+    if q.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = (-8, 7) if q.dtype == torch.int8 else (0, 15)
         qmin, qmax = int(q.min()), int(q.max())
         if qmin < lo or qmax > hi:

@@ -1,0 +1,76 @@
+"""The dispatch table's decisions per (op, device), with mocked device capabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkernels
+from qkernels import dispatch
+
+INT_OPS = ["choose_qparams_affine", "quantize_affine", "dequantize_affine", "pack_int4", "unpack_int4",
+           "int4_weight_only_mm", "int8_weight_only_mm", "quantize_per_token_int8", "int8_dynamic_mm"]
+
+
+@pytest.mark.parametrize("op", INT_OPS)
+def test_cpu_picks_cpp_kernel(op):
+    with dispatch.mock_device("cpu"):
+        d = qkernels.explain(op)
+    assert d.backend == "cpu" and "C++" in d.reason
+
+
+@pytest.mark.parametrize("device", ["sm80", "sm90", "sm100"])
+@pytest.mark.parametrize("op", ["int4_weight_only_mm", "int8_weight_only_mm"])
+def test_gemm_on_ampere_and_newer_uses_cuda_kernel_when_compiled(device, op):
+    with dispatch.mock_device(device):
+        assert qkernels.explain(op, assume_compiled=True).backend == "cuda"
+
+
+def test_gemm_below_sm80_falls_back():
+    with dispatch.mock_device("sm75"):
+        d = qkernels.explain("int4_weight_only_mm", assume_compiled=True)
+    assert d.backend in ("triton", "reference")
+    assert any(b == "cuda" and "sm80" in why for b, why in d.rejected)
+
+
+def test_rocm_never_uses_cuda_kernels():
+    with dispatch.mock_device("gfx942"):
+        d = qkernels.explain("int4_weight_only_mm", assume_compiled=True)
+    assert d.backend != "cuda"
+    assert str(d).startswith("int4_weight_only_mm on rocm gfx942")
+
+
+def test_env_override_and_errors(monkeypatch):
+    monkeypatch.setenv("QKERNELS_BACKEND", "reference")
+    with dispatch.mock_device("cpu"):
+        d = qkernels.explain("pack_int4")
+    assert d.backend == "reference" and d.forced
+    monkeypatch.setenv("QKERNELS_BACKEND", "cuda")
+    with dispatch.mock_device("cpu"), pytest.raises(RuntimeError, match="backend 'cuda' was forced for pack_int4"):
+        qkernels.explain("pack_int4")
+    monkeypatch.setenv("QKERNELS_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="QKERNELS_BACKEND must be one of"):
+        qkernels.explain("pack_int4")
+
+
+def test_env_override_changes_what_runs(monkeypatch):
+    q = torch.randint(-8, 8, (4, 8), dtype=torch.int8)
+    monkeypatch.setenv("QKERNELS_BACKEND", "reference")
+    calls = []
+    orig = qkernels.reference.OPS["pack_int4"]
+    monkeypatch.setitem(qkernels.reference.OPS, "pack_int4", lambda t: calls.append(1) or orig(t))
+    qkernels.pack_int4(q)
+    assert calls == [1]
+
+
+def test_unknown_op_and_device():
+    with pytest.raises(ValueError, match="op must be one of"):
+        qkernels.explain("int3_mm")
+    with pytest.raises(ValueError, match="device must be"):
+        dispatch.parse_device("tpu")
+
+
+def test_triton_on_cpu_only_when_forced(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with dispatch.mock_device("cpu"):
+        assert qkernels.explain("int4_weight_only_mm").backend == "cpu"

@@ -1,0 +1,184 @@
+"""W4A16 / W8A16 / W8A8 CPU kernels against the fp64 reference (relative error bounds in conftest.GEMM_RTOL)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qkernels
+from qkernels.reference import int_gemm as ref
+
+from .conftest import FLOAT_DTYPES, GEMM_RTOL, rel_err
+
+
+def _int4_weight(N, K, group_size, symmetric, signed, dtype=torch.float32):
+    w = torch.randn(N, K, dtype=dtype)
+    q, s, z = qkernels.quantize_affine(w, 4, group_size, symmetric, signed=signed)
+    return qkernels.pack_int4(q), s, (None if symmetric and signed else z)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16, 33, 128])
+@pytest.mark.parametrize("N,K,group_size", [(24, 256, 32), (40, 512, 128), (8, 96, 32), (17, 192, 64),
+                                            (16, 96, 96), (12, 80, 40), (5, 64, 64)])
+@pytest.mark.parametrize("symmetric,signed", [(True, True), (False, True), (False, False), (True, False)])
+def test_int4_weight_only_mm(dtype, M, N, K, group_size, symmetric, signed):
+    x = torch.randn(M, K).to(dtype)
+    p, s, z = _int4_weight(N, K, group_size, symmetric, signed)
+    out = qkernels.int4_weight_only_mm(x, p, s, z, group_size, signed=signed)
+    assert out.dtype == dtype and out.shape == (M, N)
+    want = ref.int4_weight_only_mm(x.double(), p, s, z, group_size, signed)
+    assert rel_err(out, want) < GEMM_RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 4, 7, 8, 9, 64])
+@pytest.mark.parametrize("N,K", [(24, 256), (33, 96), (8, 40), (3, 1024)])
+def test_int8_weight_only_mm(dtype, M, N, K):
+    x = torch.randn(M, K).to(dtype)
+    q, s, _ = qkernels.quantize_affine(torch.randn(N, K), 8, -1, True)
+    s = s.reshape(N)
+    out = qkernels.int8_weight_only_mm(x, q, s)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert rel_err(out, ref.int8_weight_only_mm(x.double(), q, s)) < GEMM_RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 5, 16, 37])
+@pytest.mark.parametrize("N,K", [(24, 256), (33, 96), (8, 40), (7, 2048)])
+def test_int8_dynamic_mm(dtype, M, N, K):
+    x = (torch.randn(M, K) * torch.rand(M, 1) * 10).to(dtype)
+    q = torch.randint(-128, 128, (N, K), dtype=torch.int8)  # full int8 range, -128 included
+    s = torch.rand(N) / 100
+    out = qkernels.int8_dynamic_mm(x, q, s)
+    assert out.dtype == dtype
+    # the int32 accumulation is exact, so fp32 outputs agree with the fp64 reference to rounding
+    assert rel_err(out, ref.int8_dynamic_mm(x, q, s)) < max(GEMM_RTOL[dtype], 1e-6)
+
+
+def test_per_token_quantization_bit_exact():
+    x = torch.randn(9, 100) * 5
+    x[3] = 0.0
+    q, s = qkernels.quantize_per_token_int8(x)
+    q2, s2 = ref.quantize_per_token_int8(x)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    assert int(q.abs().max()) == 127 and s[3] == 1.0
+
+
+def test_nonfinite_activations_give_nan_rows():
+    x = torch.randn(3, 64)
+    x[1, 5] = float("inf")
+    out = qkernels.int8_dynamic_mm(x, torch.randint(-128, 128, (8, 64), dtype=torch.int8), torch.rand(8))
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    q, s = qkernels.quantize_per_token_int8(x)
+    q2, s2 = ref.quantize_per_token_int8(x)
+    assert torch.equal(q, q2) and torch.isnan(s[1]) and (q[1] == 0).all()
+    torch.testing.assert_close(s, s2, rtol=0, atol=0, equal_nan=True)
+
+
+def test_leading_dims_noncontiguous_and_empty():
+    p, s, z = _int4_weight(16, 128, 32, False, True)
+    x = torch.randn(2, 3, 256)[..., ::2]  # [2, 3, 128], non-contiguous
+    out = qkernels.int4_weight_only_mm(x, p, s, z, 32)
+    assert out.shape == (2, 3, 16)
+    assert rel_err(out, ref.int4_weight_only_mm(x.reshape(6, 128).double(), p, s, z, 32, True).reshape(2, 3, 16)) < 1e-5
+    assert qkernels.int4_weight_only_mm(torch.randn(0, 128), p, s, z, 32).shape == (0, 16)
+    q8 = torch.randint(-128, 128, (16, 128), dtype=torch.int8)
+    assert qkernels.int8_weight_only_mm(torch.randn(0, 128), q8, torch.ones(16)).shape == (0, 16)
+    assert qkernels.int8_dynamic_mm(torch.randn(2, 0, 128), q8, torch.ones(16)).shape == (2, 0, 16)
+
+
+def test_scale_dtypes_accepted():
+    p, s, z = _int4_weight(16, 128, 32, False, True)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    out = qkernels.int4_weight_only_mm(x, p, s.bfloat16(), z, 32)
+    assert rel_err(out, ref.int4_weight_only_mm(x.double(), p, s.bfloat16(), z, 32, True)) < GEMM_RTOL[torch.bfloat16]
+
+
+@settings(max_examples=30, deadline=None)
+@given(M=st.integers(1, 128), N=st.integers(1, 40), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128, 2, 10]),
+       signed=st.booleans(), seed=st.integers(0, 2**16))
+def test_int4_property(M, N, groups, group_size, signed, seed):
+    g = torch.Generator().manual_seed(seed)
+    K = groups * group_size
+    w = torch.randn(N, K, generator=g)
+    q, s, z = qkernels.quantize_affine(w, 4, group_size, False, signed=signed)
+    p = qkernels.pack_int4(q)
+    x = torch.randn(M, K, generator=g)
+    out = qkernels.int4_weight_only_mm(x, p, s, z, group_size, signed=signed)
+    assert rel_err(out, ref.int4_weight_only_mm(x.double(), p, s, z, group_size, signed)) < 1e-5
+
+
+def test_forced_backends_agree():
+    p, s, z = _int4_weight(16, 128, 32, False, True)
+    x = torch.randn(3, 128)
+    a = qkernels.int4_weight_only_mm(x, p, s, z, 32, backend="cpu")
+    b = qkernels.int4_weight_only_mm(x, p, s, z, 32, backend="reference")
+    assert rel_err(a, b) < 1e-5
+    with pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
+        qkernels.int4_weight_only_mm(x, p, s, z, 32, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        qkernels.int4_weight_only_mm(x, p, s, z, 32, backend="fast")
+
+
+def test_bad_inputs():
+    p, s, z = _int4_weight(16, 128, 32, False, True)
+    x = torch.randn(2, 128)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        qkernels.int4_weight_only_mm(x.int(), p, s, z, 32)
+    with pytest.raises(ValueError, match="packed_w must have shape \\[N, K/2\\]"):
+        qkernels.int4_weight_only_mm(torch.randn(2, 64), p, s, z, 32)
+    with pytest.raises(ValueError, match="group_size must be a positive divisor of K=128"):
+        qkernels.int4_weight_only_mm(x, p, s, z, 48)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        qkernels.int4_weight_only_mm(x, p, s[:, :2], z, 32)
+    with pytest.raises(TypeError, match="zero_point must have dtype int32"):
+        qkernels.int4_weight_only_mm(x, p, s, z.float(), 32)
+    with pytest.raises(TypeError, match="packed_w must have dtype uint8"):
+        qkernels.int4_weight_only_mm(x, p.to(torch.int8), s, z, 32)
+    q8 = torch.randint(-128, 128, (16, 128), dtype=torch.int8)
+    with pytest.raises(ValueError, match="q_w must have shape \\[N, K\\] with K=64"):
+        qkernels.int8_weight_only_mm(torch.randn(2, 64), q8, torch.ones(16))
+    with pytest.raises(ValueError, match="scale must have shape \\[N\\]"):
+        qkernels.int8_weight_only_mm(x, q8, torch.ones(15))
+    with pytest.raises(ValueError, match="w_scale must be 1-D"):
+        qkernels.int8_dynamic_mm(x, q8, torch.ones(2, 8))
+    with pytest.raises(ValueError, match="w_scale must have shape \\[N\\]"):
+        qkernels.int8_dynamic_mm(x, q8, torch.ones(8))
+    with pytest.raises(ValueError, match="0-d"):
+        qkernels.int8_dynamic_mm(torch.tensor(1.0), q8, torch.ones(16))
+    # C++ guards for direct op calls
+    with pytest.raises(RuntimeError, match="zero_point values must be in \\[-8, 16\\]"):
+        torch.ops.qkernels.int4_weight_only_mm(x, p, s, torch.full_like(z, 40), 32, True)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        torch.ops.qkernels.int8_weight_only_mm(torch.randn(2, 2, 128), q8, torch.ones(16))
+
+
+@pytest.mark.parametrize("case", ["w4", "w8", "tok", "w8a8"])
+def test_opcheck(case):
+    x = torch.randn(3, 128)
+    p, s, z = _int4_weight(16, 128, 32, False, True)
+    q8 = torch.randint(-128, 128, (16, 128), dtype=torch.int8)
+    ops = torch.ops.qkernels
+    op, args = {
+        "w4": (ops.int4_weight_only_mm.default, (x.bfloat16(), p, s, z, 32, True)),
+        "w8": (ops.int8_weight_only_mm.default, (x, q8, torch.rand(16))),
+        "tok": (ops.quantize_per_token_int8.default, (x,)),
+        "w8a8": (ops.int8_dynamic_mm.default, (x, q8, torch.rand(16))),
+    }[case]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    p, s, z = _int4_weight(16, 128, 32, False, True)
+    q8 = torch.randint(-128, 128, (16, 128), dtype=torch.int8)
+    s8 = torch.rand(16)
+
+    def f(x):
+        return (qkernels.int4_weight_only_mm(x, p, s, z, 32) + qkernels.int8_weight_only_mm(x, q8, s8)
+                + qkernels.int8_dynamic_mm(x, q8, s8))
+
+    x = torch.randn(2, 5, 128)
+    assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x), rtol=1e-5, atol=1e-5)
