@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "int_gemm_kernels.h"
@@ -23,8 +24,15 @@ namespace qkernels {
 namespace {
 
 // Beyond this many rows of x the dequantize-tile + sgemm path wins (measured with benchmarks.bench_cpu_gemm on a
-// 2-core Zen 3: the register kernel re-decodes weights every 4 rows).
-constexpr int64_t kSmallM = 8;
+// 2-core Zen 3: the register kernel re-decodes weights every 4 rows; crossover at M ~ 24-32).
+// QKERNELS_CPU_SMALL_M overrides it for tuning experiments.
+int64_t small_m_threshold() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QKERNELS_CPU_SMALL_M");
+    return e ? std::atoll(e) : (int64_t)24;
+  }();
+  return v;
+}
 // Rows of W per dequantized tile: 32 x 4096 fp32 = 512 KiB, about one L2.
 constexpr int64_t kTileN = 32;
 
@@ -94,7 +102,7 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const int8_t* z = zz.data_ptr<int8_t>();
   const uint8_t* w = wc.data_ptr<uint8_t>();
 
-  if (cpu::cpu_has_avx2_fma() && M <= kSmallM && K % 32 == 0 && group_size % 32 == 0) {
+  if (cpu::cpu_has_avx2_fma() && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
     // within each 32-block: the 16 even elements, then the 16 odd ones (low nibbles, then high nibbles)
     auto xp = xf.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous();
     const float* xpp = xp.data_ptr<float>();
@@ -103,14 +111,22 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
     for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) {
       cpu::w4a16_rows_avx2(xpp, M, K, w, s, z, K, group_size, mask, o, N, n0, n1);
     });
+  } else if (cpu::cpu_has_avx2_fma() && K % 32 == 0 && group_size % 32 == 0) {
+    const uint8_t mask = is_signed ? 0x88 : 0x00;
+    tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
+      cpu::w4_dequant_rows_avx2(w, s, z, K, group_size, mask, dst, n, n + 1);
+    });
   } else {
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
       const uint8_t* row = w + n * (K / 2);
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t g = n * G + k / group_size;
-        const uint8_t byte = row[k / 2];
-        const int32_t q = nibble_value((k & 1) ? (byte >> 4) : byte, is_signed);
-        dst[k] = dequantize_int(q, s[g], (int32_t)z[g] - (is_signed ? 8 : 0));
+      for (int64_t g = 0; g < G; ++g) {
+        const float sg = s[n * G + g];
+        const int32_t zg = (int32_t)z[n * G + g] - (is_signed ? 8 : 0);
+        // group_size may be odd, so walk elements and pick the nibble by parity (vectorises over the group)
+        for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
+          const uint8_t byte = row[k >> 1];
+          dst[k] = dequantize_int(nibble_value((k & 1) ? (byte >> 4) : byte, is_signed), sg, zg);
+        }
       }
     });
   }
@@ -135,10 +151,12 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, c
   auto wc = q_w.contiguous();
   const float* s = sf.data_ptr<float>();
   const int8_t* w = wc.data_ptr<int8_t>();
-  if (cpu::cpu_has_avx2_fma() && M <= kSmallM && K % 32 == 0) {
+  if (cpu::cpu_has_avx2_fma() && M <= small_m_threshold() && K % 32 == 0) {
     const float* xp = xf.data_ptr<float>();
     float* o = out.data_ptr<float>();
     for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) { cpu::w8a16_rows_avx2(xp, M, K, w, s, K, o, N, n0, n1); });
+  } else if (cpu::cpu_has_avx2_fma() && K % 16 == 0) {
+    tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) { cpu::w8_dequant_rows_avx2(w, s, K, dst, n, n + 1); });
   } else {
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
       for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * (float)w[n * K + k];

@@ -165,6 +165,44 @@ QK_AVX2 void w8a16_rows_avx2(const float* x, int64_t M, int64_t ldx, const int8_
   }
 }
 
+QK_AVX2 void w4_dequant_rows_avx2(const uint8_t* w, const float* scale, const int8_t* zz, int64_t K,
+                                  int64_t group_size, uint8_t xor_mask, float* dst, int64_t n0, int64_t n1) {
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m128i flip = _mm_set1_epi8((char)xor_mask);
+  const int64_t G = K / group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = w + n * (K / 2);
+    float* out = dst + (n - n0) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m128i z = _mm_set1_epi8(zz[n * G + g]);
+      const __m256 s = _mm256_set1_ps(scale[n * G + g]);
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
+        __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(wrow + k / 2)), flip);
+        __m128i lo = _mm_sub_epi8(_mm_and_si128(b, nib), z);
+        __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), nib), z);
+        __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi);  // back to natural order
+        _mm256_storeu_ps(out + k, _mm256_mul_ps(s, i8x8_to_ps(e0)));
+        _mm256_storeu_ps(out + k + 8, _mm256_mul_ps(s, i8x8_to_ps(_mm_srli_si128(e0, 8))));
+        _mm256_storeu_ps(out + k + 16, _mm256_mul_ps(s, i8x8_to_ps(e1)));
+        _mm256_storeu_ps(out + k + 24, _mm256_mul_ps(s, i8x8_to_ps(_mm_srli_si128(e1, 8))));
+      }
+    }
+  }
+}
+
+QK_AVX2 void w8_dequant_rows_avx2(const int8_t* w, const float* scale, int64_t K, float* dst, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const __m256 s = _mm256_set1_ps(scale[n]);
+    const int8_t* wrow = w + n * K;
+    float* out = dst + (n - n0) * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      __m128i b = _mm_loadu_si128((const __m128i*)(wrow + k));
+      _mm256_storeu_ps(out + k, _mm256_mul_ps(s, i8x8_to_ps(b)));
+      _mm256_storeu_ps(out + k + 8, _mm256_mul_ps(s, i8x8_to_ps(_mm_srli_si128(b, 8))));
+    }
+  }
+}
+
 QK_AVX2 void i8i8_rows_avx2(const int8_t* xq, int64_t M, int64_t ldx, const int8_t* w, int64_t K, int32_t* out,
                             int64_t ldo, int64_t n0, int64_t n1) {
   int32_t acc[4];
@@ -197,6 +235,9 @@ void w4a16_rows_avx2(const float*, int64_t, int64_t, const uint8_t*, const float
 void w8a16_rows_avx2(const float*, int64_t, int64_t, const int8_t*, const float*, int64_t, float*, int64_t, int64_t,
                      int64_t) {}
 void i8i8_rows_avx2(const int8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*, int64_t, int64_t, int64_t) {}
+void w4_dequant_rows_avx2(const uint8_t*, const float*, const int8_t*, int64_t, int64_t, uint8_t, float*, int64_t,
+                          int64_t) {}
+void w8_dequant_rows_avx2(const int8_t*, const float*, int64_t, float*, int64_t, int64_t) {}
 }  // namespace cpu
 }  // namespace qkernels
 

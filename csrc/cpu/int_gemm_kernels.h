@@ -23,5 +23,13 @@ void w8a16_rows_avx2(const float* x, int64_t M, int64_t ldx, const int8_t* w, co
 void i8i8_rows_avx2(const int8_t* xq, int64_t M, int64_t ldx, const int8_t* w, int64_t K, int32_t* out, int64_t ldo,
                     int64_t n0, int64_t n1);
 
+// dst[n - n0, k] = scale[n, g] * (code(w[n, k]) - zz[n, g]) as fp32 rows in natural k order (same inputs as
+// w4a16_rows_avx2); K % 32 == 0 and group_size % 32 == 0.
+void w4_dequant_rows_avx2(const uint8_t* w, const float* scale, const int8_t* zz, int64_t K, int64_t group_size,
+                          uint8_t xor_mask, float* dst, int64_t n0, int64_t n1);
+
+// dst[n - n0, k] = scale[n] * w[n, k]; K % 16 == 0.
+void w8_dequant_rows_avx2(const int8_t* w, const float* scale, int64_t K, float* dst, int64_t n0, int64_t n1);
+
 }  // namespace cpu
 }  // namespace qkernels
