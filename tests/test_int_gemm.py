@@ -182,3 +182,15 @@ def test_torch_compile_fullgraph():
 
     x = torch.randn(2, 5, 128)
     assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(M=st.integers(1, 128), N=st.integers(1, 40), K=st.integers(1, 300), dtype=st.sampled_from(FLOAT_DTYPES),
+       seed=st.integers(0, 2**16))
+def test_int8_property(M, N, K, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    s = torch.rand(N, generator=g) + 0.01
+    assert rel_err(qkernels.int8_weight_only_mm(x, q, s), ref.int8_weight_only_mm(x.double(), q, s)) < GEMM_RTOL[dtype]
+    assert rel_err(qkernels.int8_dynamic_mm(x, q, s), ref.int8_dynamic_mm(x, q, s)) < max(GEMM_RTOL[dtype], 1e-6)
