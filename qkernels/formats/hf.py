@@ -140,6 +140,8 @@ def _build_hf_model(config: dict | None, dtype):
         raise ImportError("loading a model directory needs transformers (pip install 'qkernels[hf]')") from e
     cfg = dict(config)
     cfg.pop("quantization_config", None)  # transformers must not try its own GPTQ/AWQ quantizer
+    if "torch_dtype" in cfg:
+        cfg.setdefault("dtype", cfg.pop("torch_dtype"))
     model_type = cfg.pop("model_type", None)
     if model_type is None:
         raise CheckpointError("config.json has no model_type")
@@ -160,7 +162,10 @@ def _build_hf_model(config: dict | None, dtype):
     except ImportError:  # older transformers
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        return build().eval()
+        model = build().eval()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # skipped with the init: load_into re-ties the aliases it sees
+    return model
 
 
 def _aliases(model: nn.Module) -> list[list[str]]:
