@@ -12,8 +12,7 @@ github.com/AutoGPTQ/AutoGPTQ/blob/main/auto_gptq/nn_modules/qlinear/qlinear_cuda
   original "gptq" (v1) checkpoint format (AutoGPTQ subtracts 1 before packing) and the stored zero itself in
   ``checkpoint_format: "gptq_v2"`` (GPTQModel).
 
-Conversion (once, at load): codes are unpacked, shifted to signed (minus 8 for <= 4 bits, minus 128 for 8 bits, the
-zero points alike, so ``q - z`` is unchanged) and act-order columns are sorted by group (``input_perm``). 2/3/4-bit
+Conversion (once, at load): codes are unpacked, shifted to signed (minus 2^(bits-1), the zero points alike, so ``q - z`` is unchanged) and act-order columns are sorted by group (``input_perm``). 2/3/4-bit
 layers become ``Int4WeightOnly`` (2- and 3-bit codes are a subset of int4: exact), 8-bit layers ``Int8WeightOnly``
 (per channel when symmetric without groups, else int8 codes with groups).
 """
@@ -53,12 +52,12 @@ def convert_layer(name: str, tensors: dict, cfg: dict):
     check_shape(f"{name}.qweight", qweight, (K * bits // 32, N))
     if (N * bits) % 32:
         raise CheckpointError(f"{name}: out_features={N} does not fill whole int32 words of {bits}-bit zeros")
-    check_shape(f"{name}.qzeros", qzeros, (G, N * bits // 32))
     gs = cfg["group_size"]
     if gs != -1 and G != (K + gs - 1) // gs:
         raise CheckpointError(f"{name}.scales must have {(K + gs - 1) // gs} groups (K={K}, group_size={gs}), got {G}")
     if gs == -1 and G != 1:
         raise CheckpointError(f"{name}.scales must have 1 group (group_size=-1), got {G}")
+    check_shape(f"{name}.qzeros", qzeros, (G, N * bits // 32))
     g_key = f"{name}.g_idx"
     if g_key in tensors:
         g_idx = need(tensors, g_key, (torch.int32, torch.int64), 1)
@@ -70,7 +69,7 @@ def convert_layer(name: str, tensors: dict, cfg: dict):
     z = unpack_bits(qzeros, bits, N).t()  # [N, G] unsigned
     if not cfg["v2"]:
         z = z + 1  # v1 stores zero - 1 (no wrap on read: a stored 2^b - 1 means zero 2^b)
-    shift = 8 if bits <= 4 else 128
+    shift = 1 << (bits - 1)  # signed codes; symmetric zero points (2^(b-1)) become 0
     if perm is not None:
         q = q[:, perm]
     bias = tensors.get(f"{name}.bias")
