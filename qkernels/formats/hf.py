@@ -162,7 +162,11 @@ def _build_hf_model(config: dict | None, dtype):
     except ImportError:  # older transformers
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        model = build().eval()
+        try:
+            model = build().eval()
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = (cls.from_config if cls is transformers.AutoModelForCausalLM else cls._from_config)(
+                hf_config, torch_dtype=dtype).eval()
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # skipped with the init: load_into re-ties the aliases it sees
     return model
