@@ -18,13 +18,12 @@ import os
 import shutil
 import sys
 import tempfile
-import types
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from formats_fixtures import autoawq_pack, awq_layer, gptq_layer  # noqa: E402
+from formats_fixtures import awq_layer, gptq_layer  # noqa: E402
 
 from qkernels.formats import awq, gptq  # noqa: E402
 
@@ -75,7 +74,8 @@ def check_gptqmodel(root):
                 assert torch.equal(theirs, w.half()), (bits, act_order, sym, "fixture vs GPTQModel")
                 assert torch.equal(ours, w) and torch.equal(ours.half(), theirs), (bits, act_order, sym)
                 n += 1
-    print(f"GPTQModel dequantize_weight (fp16) == qkernels (fp32, rounded to fp16) == fixture: {n} layers (2/3/4/8 bits, act-order, sym/asym)")
+    print(f"GPTQModel dequantize_weight (fp16) == qkernels (fp32, rounded to fp16) == fixture: {n} layers "
+          "(2/3/4/8 bits, act-order, sym/asym)")
 
 
 def check_autoawq(root):

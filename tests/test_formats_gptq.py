@@ -114,7 +114,8 @@ def test_autogptq_standalone_config(tmp_path):
     cfg = json.load(open(tmp_path / "config.json"))
     del cfg["quantization_config"]
     json.dump(cfg, open(tmp_path / "config.json", "w"))
-    json.dump({"bits": 4, "group_size": 32, "desc_act": False, "sym": True}, open(tmp_path / "quantize_config.json", "w"))
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32, "desc_act": False,
+                                                               "sym": True}))
     loaded = qkernels.load_quantized(str(tmp_path), model=tiny_llama(seed=4))
     layer = loaded.model.layers[0].mlp.down_proj
     assert layer.scheme == Int4WeightOnly(32, symmetric=True) and layer.zero_point is None
@@ -134,7 +135,8 @@ def test_bad_tensors():
     _bad(lambda t: t.update({"l.qzeros": t["l.qzeros"][:, :4]}), r"l.qzeros must have shape \(4, 8\), got \(4, 4\)")
     _bad(lambda t: t.update({"l.scales": t["l.scales"][:3]}), r"l.scales must have 4 groups .*got 3")
     _bad(lambda t: t.update({"l.scales": t["l.scales"][:, :60]}), r"l.qweight must have shape \(16, 60\)")
-    _bad(lambda t: t.update({"l.qweight": t["l.qweight"].float()}), "l.qweight must have dtype int32, got torch.float32")
+    _bad(lambda t: t.update({"l.qweight": t["l.qweight"].float()}),
+         "l.qweight must have dtype int32, got torch.float32")
     _bad(lambda t: t.update({"l.g_idx": t["l.g_idx"] + 1}), r"l.g_idx values must be in \[0, 4\), got \[1, 4\]")
     _bad(lambda t: t.update({"l.g_idx": torch.zeros(128, dtype=torch.int32).index_fill_(0, torch.tensor([5]), 3)}),
          "groups do not all hold 32")

@@ -3,7 +3,6 @@ column shards, all-reduce for row shards) must equal the unsharded layer."""
 
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -4,7 +4,16 @@ import dataclasses
 
 import pytest
 
-from qkernels.nn.schemes import SCHEMES, Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Scheme
+from qkernels.nn.schemes import (
+    SCHEMES,
+    Fp4,
+    Fp8Dynamic,
+    Fp8WeightOnly,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8WeightOnly,
+    Scheme,
+)
 
 
 def test_defaults_and_frozen():
@@ -21,7 +30,8 @@ def test_defaults_and_frozen():
     (lambda: Int4WeightOnly(group_size=True), r"group_size.*got True"),
     (lambda: Int4WeightOnly(symmetric="yes"), r"Int4WeightOnly\.symmetric must be a bool, got 'yes'"),
     (lambda: Int8WeightOnly(group_size=-2), r"Int8WeightOnly\.group_size.*got -2"),
-    (lambda: Fp8Dynamic(granularity="col"), r"Fp8Dynamic\.granularity must be one of \('row', 'tensor', 'block'\), got 'col'"),
+    (lambda: Fp8Dynamic(granularity="col"),
+     r"Fp8Dynamic\.granularity must be one of \('row', 'tensor', 'block'\), got 'col'"),
     (lambda: Fp4(format="fp4"), r"Fp4\.format must be one of \('mxfp4', 'nvfp4'\), got 'fp4'"),
 ])
 def test_bad_fields(make, match):

@@ -3,3 +3,5 @@
 
 from ._common import CheckpointError
 from .hf import load_quantized, save_quantized
+
+__all__ = ["CheckpointError", "load_quantized", "save_quantized"]

@@ -10,7 +10,9 @@ class CheckpointError(ValueError):
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Unpack ``count`` unsigned ``bits``-bit values from each row of int32 words ``packed [R, W]`` -> int32 ``[R, count]``.
+    """Unpack ``count`` unsigned ``bits``-bit values from each row of int32 words ``packed [R, W]``.
+
+    Returns int32 ``[R, count]``.
 
     The words form one little-endian bit stream per row: value j occupies stream bits ``[bits*j, bits*(j+1))``, i.e.
     word ``bits*j // 32`` from bit ``bits*j % 32``, continuing into the low bits of the next word when it crosses a
@@ -36,7 +38,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`unpack_bits`: unsigned values int ``[R, C]`` -> int32 ``[R, ceil(C*bits/32)]`` (tests, repacking)."""
+    """Inverse of :func:`unpack_bits`: unsigned values int ``[R, C]`` -> int32 ``[R, ceil(C*bits/32)]``."""
     R, C = values.shape
     W = (C * bits + 31) // 32
     out = torch.zeros(R, W + 1, dtype=torch.int64, device=values.device)

@@ -99,7 +99,8 @@ def convert_layer(name: str, tensors: dict, w: dict):
     strategy = w["strategy"]
     if strategy == "tensor":
         if scale.numel() != 1:
-            raise CheckpointError(f"{name}.weight_scale must have one element (tensor strategy), got {tuple(scale.shape)}")
+            raise CheckpointError(f"{name}.weight_scale must have one element (tensor strategy), "
+                                  f"got {tuple(scale.shape)}")
         scale = scale.reshape(1, 1).expand(N, 1)
         G = 1
     elif strategy == "channel":

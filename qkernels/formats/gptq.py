@@ -12,7 +12,8 @@ github.com/AutoGPTQ/AutoGPTQ/blob/main/auto_gptq/nn_modules/qlinear/qlinear_cuda
   original "gptq" (v1) checkpoint format (AutoGPTQ subtracts 1 before packing) and the stored zero itself in
   ``checkpoint_format: "gptq_v2"`` (GPTQModel).
 
-Conversion (once, at load): codes are unpacked, shifted to signed (minus 2^(bits-1), the zero points alike, so ``q - z`` is unchanged) and act-order columns are sorted by group (``input_perm``). 2/3/4-bit
+Conversion (once, at load): codes are unpacked, shifted to signed (minus 2^(bits-1), the zero points alike, so
+``q - z`` is unchanged) and act-order columns are sorted by group (``input_perm``). 2/3/4-bit
 layers become ``Int4WeightOnly`` (2- and 3-bit codes are a subset of int4: exact), 8-bit layers ``Int8WeightOnly``
 (per channel when symmetric without groups, else int8 codes with groups).
 """

@@ -181,7 +181,7 @@ def _aliases(model: nn.Module) -> list[list[str]]:
 
 
 def load_into(model: nn.Module, layers: dict[str, nn.Module], rest: dict[str, torch.Tensor]) -> nn.Module:
-    """Swap ``layers`` into ``model`` and load ``rest``; everything is checked first (the model is untouched on error)."""
+    """Swap ``layers`` into ``model`` and load ``rest``; all checks run first (the model is untouched on error)."""
     modules = dict(model.named_modules())
     for name, q in layers.items():
         old = modules.get(name)

@@ -175,7 +175,8 @@ class QuantLinear(nn.Module):
             mod.bias.copy_(bias)
         if input_perm is not None:
             perm = input_perm.to(torch.int64)
-            if tuple(perm.shape) != (K,) or not torch.equal(torch.sort(perm).values, torch.arange(K, device=perm.device)):
+            ok = tuple(perm.shape) == (K,) and torch.equal(torch.sort(perm).values, torch.arange(K, device=perm.device))
+            if not ok:
                 raise ValueError(f"input_perm must be a permutation of range({K}), got shape {tuple(perm.shape)}")
             mod.input_perm.copy_(perm)
         return mod
