@@ -197,3 +197,14 @@ def test_bad_scheme_in_config(saved):
         qkernels.load_quantized(str(saved), model=tiny_llama())
     with pytest.raises(FileNotFoundError):
         qkernels.load_quantized(str(saved / "nope"))
+
+
+def test_save_load_bf16_model(tmp_path):
+    """A model cast after construction: its rotary buffers (outside the state dict) are bf16 too, and must be
+    restored as such for the loaded forward to be bit-identical."""
+    model = qkernels.quantize_(tiny_llama().to(torch.bfloat16), Int4WeightOnly(32))
+    out = logits(model)
+    qkernels.save_quantized(model, str(tmp_path))
+    loaded = qkernels.load_quantized(str(tmp_path))
+    assert loaded.model.layers[0].self_attn.q_proj.bias is None and loaded.model.norm.weight.dtype == torch.bfloat16
+    assert torch.equal(logits(loaded), out)

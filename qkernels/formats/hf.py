@@ -48,6 +48,11 @@ def save_quantized(model: nn.Module, save_dir: str) -> str:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = {name: native.layer_config(m) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     qcfg = {"quant_method": "qkernels", "format_version": native.FORMAT_VERSION, "layers": layers}
+    # buffers outside the state dict (rotary inv_freq...) are rebuilt at load from the config, in the dtype the
+    # constructor picks; a model cast after construction (model.to(torch.bfloat16)) had them cast too
+    persistent = set(model.state_dict())
+    qcfg["buffer_dtypes"] = {n: str(b.dtype).replace("torch.", "") for n, b in model.named_buffers()
+                             if n not in persistent and b.is_floating_point()}
     sd, seen = {}, {}
     for k, v in model.state_dict(keep_vars=False).items():
         if v.device.type == "meta":
@@ -256,4 +261,10 @@ def load_quantized(path: str, model: nn.Module | None = None, *, device: str | t
     if model is None:
         model = _build_hf_model(config, dtype)
     load_into(model, layers, rest)
+    for name, dt in (qcfg.get("buffer_dtypes") or {}).items():
+        mod, _, attr = name.rpartition(".")
+        owner = model.get_submodule(mod) if mod else model
+        buf = getattr(owner, attr, None)
+        if isinstance(buf, torch.Tensor) and buf.is_floating_point() and hasattr(torch, str(dt)):
+            setattr(owner, attr, buf.to(getattr(torch, dt)))
     return model.to(device)
