@@ -38,7 +38,7 @@ class Scheme:
     """Base class. ``name`` identifies the scheme in saved quantization configs."""
 
     name: ClassVar[str] = "scheme"
-    #: True while the ops this scheme needs are not part of qkernels yet
+    #: the op family ("fp8", "fp4") this scheme still waits for, None when its QuantLinear works
     pending: ClassVar[str | None] = None
 
     def check_shape(self, in_features: int, out_features: int) -> str | None:
