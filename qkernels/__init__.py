@@ -6,6 +6,9 @@ Public API (all backed by ``torch.ops.qkernels.*``; see ``qkernels.explain(op)``
   :func:`pack_int4`, :func:`unpack_int4`
 * dequant-GEMMs: :func:`int4_weight_only_mm` (W4A16), :func:`int8_weight_only_mm` (W8A16),
   :func:`int8_dynamic_mm` (W8A8)
+* modules: :class:`QuantLinear` and the schemes (:class:`Int4WeightOnly`, :class:`Int8WeightOnly`,
+  :class:`Int8Dynamic`; fp8/fp4 schemes defined, pending their ops), :func:`quantize_`
+* checkpoints: :func:`save_quantized`, :func:`load_quantized` (qkernels, GPTQ, AWQ, compressed-tensors)
 """
 
 from . import _ext, dispatch, reference
@@ -22,6 +25,18 @@ from .ops import (
     quantize_per_token_int8,
     unpack_int4,
 )
+
+from .nn import (
+    Fp4,
+    Fp8Dynamic,
+    Fp8WeightOnly,
+    Int4WeightOnly,
+    Int8Dynamic,
+    Int8WeightOnly,
+    QuantLinear,
+    quantize_,
+)
+from .formats import load_quantized, save_quantized
 
 __version__ = "0.1.0"
 HAS_EXTENSION = _ext.HAS_C

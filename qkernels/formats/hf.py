@@ -1,0 +1,270 @@
+"""Model directories: ``save_quantized(model, dir)`` and ``load_quantized(path_or_dir)``.
+
+A directory holds ``*.safetensors`` plus the quantization config, found (first hit wins) in ``config.json``'s
+``quantization_config`` (transformers layout, any of the formats below), ``quantization_config.json`` or
+``quantize_config.json`` (AutoGPTQ's standalone file, GPTQ). ``quant_method`` picks the converter:
+
+* ``qkernels``            our own (``save_quantized``): QuantLinear buffers as is
+* ``gptq``                :mod:`qkernels.formats.gptq` (2/3/4/8 bits, act-order, v1 and v2 zero points)
+* ``awq``                 :mod:`qkernels.formats.awq` ("gemm")
+* ``compressed-tensors``  :mod:`qkernels.formats.compressed_tensors` (``pack-quantized``)
+
+Every quantized layer is converted (repacked) once, at load, into a :class:`qkernels.nn.QuantLinear`. All layers and
+tensors are converted and checked against the model before the first module is swapped: on any error the model is
+left untouched.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..nn.linear import QuantLinear
+from ..nn.quantize import set_submodule
+from . import awq, compressed_tensors, gptq, native
+from ._common import CheckpointError
+
+CONVERTERS = {
+    "qkernels": native.convert,
+    "gptq": gptq.convert,
+    "awq": awq.convert,
+    "compressed-tensors": compressed_tensors.convert,
+}
+WEIGHTS_NAME = "model.safetensors"
+
+
+# ---- save ------------------------------------------------------------------------------------------------------
+def save_quantized(model: nn.Module, save_dir: str) -> str:
+    """Write ``model`` (with QuantLinear layers) to ``save_dir``: ``model.safetensors`` (the state dict; tied
+    tensors once), ``quantization_config.json`` and, for transformers models, ``config.json`` carrying the same
+    ``quantization_config``. Returns ``save_dir``."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = {name: native.layer_config(m) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    qcfg = {"quant_method": "qkernels", "format_version": native.FORMAT_VERSION, "layers": layers}
+    # buffers outside the state dict (rotary inv_freq...) are rebuilt at load from the config, in the dtype the
+    # constructor picks; a model cast after construction (model.to(torch.bfloat16)) had them cast too
+    persistent = set(model.state_dict())
+    qcfg["buffer_dtypes"] = {n: str(b.dtype).replace("torch.", "") for n, b in model.named_buffers()
+                             if n not in persistent and b.is_floating_point()}
+    sd, seen = {}, {}
+    for k, v in model.state_dict(keep_vars=False).items():
+        if v.device.type == "meta":
+            raise ValueError(f"{k} is on the meta device; materialize the model before saving")
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else None
+        if key is not None and key in seen:
+            continue  # tied with seen[key]: load_quantized re-ties from the model's own aliasing
+        if key is not None:
+            seen[key] = k
+        sd[k] = v.detach().contiguous().cpu()
+    os.makedirs(save_dir, exist_ok=True)
+    save_file(sd, os.path.join(save_dir, WEIGHTS_NAME), metadata={"format": "pt", "quant_method": "qkernels"})
+    with open(os.path.join(save_dir, "quantization_config.json"), "w") as f:
+        json.dump(qcfg, f, indent=1)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        d = config.to_dict()
+        d["quantization_config"] = qcfg
+        with open(os.path.join(save_dir, "config.json"), "w") as f:
+            json.dump(d, f, indent=1)
+    return save_dir
+
+
+# ---- load ------------------------------------------------------------------------------------------------------
+def read_quantization_config(path: str) -> tuple[dict, dict | None]:
+    """(quantization_config, config.json dict or None) of a checkpoint directory."""
+    config = None
+    cpath = os.path.join(path, "config.json")
+    if os.path.exists(cpath):
+        config = _read_json(cpath)
+        if isinstance(config.get("quantization_config"), dict):
+            return config["quantization_config"], config
+    for fname, default_method in (("quantization_config.json", None), ("quantize_config.json", "gptq")):
+        p = os.path.join(path, fname)
+        if os.path.exists(p):
+            q = _read_json(p)
+            if default_method and "quant_method" not in q:
+                q = {**q, "quant_method": default_method}
+            return q, config
+    raise CheckpointError(f"{path}: no quantization_config found (looked in config.json, quantization_config.json, "
+                          "quantize_config.json)")
+
+
+def _read_json(p: str) -> dict:
+    try:
+        with open(p) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: cannot read JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{p}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of the ``*.safetensors`` files in ``path`` (a directory or one file), on CPU."""
+    from safetensors.torch import load_file
+
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors files")
+    tensors = {}
+    for f in files:
+        try:
+            part = load_file(f, device="cpu")
+        except Exception as e:  # safetensors raises SafetensorError / OSError on truncated or corrupt files
+            raise CheckpointError(f"{f}: cannot read safetensors (truncated or corrupt?): {e}") from e
+        dup = set(part) & set(tensors)
+        if dup:
+            raise CheckpointError(f"{f}: tensors {sorted(dup)[:5]} also appear in another file")
+        tensors.update(part)
+    return tensors
+
+
+def convert_checkpoint(tensors: dict, qcfg: dict) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
+    """Converted layers ({name: QuantLinear}) and the remaining (unquantized) tensors."""
+    method = qcfg.get("quant_method")
+    if method not in CONVERTERS:
+        raise CheckpointError(f"quantization_config.quant_method must be one of {sorted(CONVERTERS)}, got {method!r}")
+    return CONVERTERS[method](tensors, qcfg)
+
+
+def _build_hf_model(config: dict | None, dtype):
+    if config is None:
+        raise CheckpointError("no config.json: pass model= (an nn.Module with the checkpoint's architecture) to "
+                              "load a checkpoint that is not a transformers model directory")
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("loading a model directory needs transformers (pip install 'qkernels[hf]')") from e
+    cfg = dict(config)
+    cfg.pop("quantization_config", None)  # transformers must not try its own GPTQ/AWQ quantizer
+    if "torch_dtype" in cfg:
+        cfg.setdefault("dtype", cfg.pop("torch_dtype"))
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError("config.json has no model_type")
+    hf_config = transformers.AutoConfig.for_model(model_type, **cfg)
+    dtype = dtype or getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    archs = cfg.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM
+        build = lambda: cls.from_config(hf_config, dtype=dtype)  # noqa: E731
+    else:
+        build = lambda: cls._from_config(hf_config, dtype=dtype)  # noqa: E731
+    # the Linear weights built here are replaced by the converted layers: skip their random init
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        try:
+            model = build().eval()
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = (cls.from_config if cls is transformers.AutoModelForCausalLM else cls._from_config)(
+                hf_config, torch_dtype=dtype).eval()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # skipped with the init: load_into re-ties the aliases it sees
+    return model
+
+
+def _aliases(model: nn.Module) -> list[list[str]]:
+    """Groups of state-dict keys that are the same tensor (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(v), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def load_into(model: nn.Module, layers: dict[str, nn.Module], rest: dict[str, torch.Tensor]) -> nn.Module:
+    """Swap ``layers`` into ``model`` and load ``rest``; all checks run first (the model is untouched on error)."""
+    modules = dict(model.named_modules())
+    for name, q in layers.items():
+        old = modules.get(name)
+        if not isinstance(old, (nn.Linear, QuantLinear)):
+            got = "nothing" if old is None else type(old).__name__
+            raise CheckpointError(f"checkpoint layer {name} must replace an nn.Linear of the model, found {got}")
+        if (old.in_features, old.out_features) != (q.in_features, q.out_features):
+            raise CheckpointError(f"checkpoint layer {name} is [{q.out_features}, {q.in_features}] but the model's is "
+                                  f"[{old.out_features}, {old.in_features}]")
+        if (old.bias is not None) != (q.bias is not None):
+            raise CheckpointError(f"checkpoint layer {name} bias={q.bias is not None} but the model's "
+                                  f"bias={old.bias is not None}")
+    swapped = tuple(n + "." for n in layers)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(swapped)}
+    aliases = [[k for k in g if k in expected] for g in _aliases(model)]
+    aliases = [g for g in aliases if len(g) > 1]
+    tied_missing = set()
+    for g in aliases:
+        present = [k for k in g if k in rest]
+        if present:
+            tied_missing |= {k for k in g if k not in rest}
+    missing = sorted(set(expected) - set(rest) - tied_missing)
+    unexpected = sorted(set(rest) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:8]}"
+                              f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                              f"{'...' if len(unexpected) > 8 else ''}")
+    for k, t in rest.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{k} must have shape {tuple(expected[k].shape)}, got {tuple(t.shape)}")
+        if t.is_floating_point() != expected[k].is_floating_point():
+            raise CheckpointError(f"{k} must be a {'float' if expected[k].is_floating_point() else 'integer'} "
+                                  f"tensor, got {t.dtype}")
+    # checks passed: mutate
+    for name, q in layers.items():
+        set_submodule(model, name, q)
+    model.load_state_dict(rest, strict=False, assign=True)
+    # re-tie: assign=True gave the loaded key its own Parameter; point its aliases at it
+    for g in aliases:
+        src = next((k for k in g if k in rest), None)
+        if src is None:
+            continue
+        src_mod, _, src_attr = src.rpartition(".")
+        value = getattr(model.get_submodule(src_mod) if src_mod else model, src_attr)
+        for k in g:
+            if k != src and k not in rest:
+                mod, _, attr = k.rpartition(".")
+                setattr(model.get_submodule(mod) if mod else model, attr, value)
+    return model
+
+
+def load_quantized(path: str, model: nn.Module | None = None, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a quantized checkpoint directory (or a ``.safetensors`` file next to its config) as a model whose
+    quantized Linears are :class:`QuantLinear`.
+
+    Args:
+        path: a directory written by :func:`save_quantized`, or a GPTQ / AWQ / compressed-tensors (transformers)
+            model directory.
+        model: the module to load into (same architecture; it is modified in place). When None, ``config.json``
+            must describe a transformers model, which is built from it.
+        device: where the loaded model ends up. dtype: float dtype for a model built from config.json (default:
+            the config's dtype); the checkpoint's own tensors keep their stored dtypes.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    cdir = path if os.path.isdir(path) else os.path.dirname(path)
+    qcfg, config = read_quantization_config(cdir)
+    tensors = read_tensors(path)
+    layers, rest = convert_checkpoint(tensors, qcfg)
+    if model is None:
+        model = _build_hf_model(config, dtype)
+    load_into(model, layers, rest)
+    for name, dt in (qcfg.get("buffer_dtypes") or {}).items():
+        mod, _, attr = name.rpartition(".")
+        owner = model.get_submodule(mod) if mod else model
+        buf = getattr(owner, attr, None)
+        if isinstance(buf, torch.Tensor) and buf.is_floating_point() and hasattr(torch, str(dt)):
+            setattr(owner, attr, buf.to(getattr(torch, dt)))
+    return model.to(device)

@@ -1,0 +1,76 @@
+"""``quantize_(model, scheme)``: swap every eligible ``nn.Linear`` of a model for a :class:`QuantLinear`, in place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from torch import nn
+
+from .linear import QuantLinear, _pending_error
+from .schemes import Scheme
+
+logger = logging.getLogger("qkernels.nn")
+
+
+def output_embedding_names(model: nn.Module) -> set[str]:
+    """Names of the modules that produce logits (``lm_head``), which quantize_ leaves alone by default: they are
+    often tied to the input embeddings and are the most accuracy-sensitive layer."""
+    names = set()
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    for name, mod in model.named_modules():
+        if (out is not None and mod is out) or name.split(".")[-1] == "lm_head":
+            names.add(name)
+    return names
+
+
+def default_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
+    skip = output_embedding_names(model)
+    return lambda module, name: isinstance(module, nn.Linear) and name not in skip
+
+
+def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Replace the ``nn.Linear`` layers of ``model`` by :class:`QuantLinear` (round to nearest), in place.
+
+    Args:
+        model: any ``nn.Module`` (a transformers model, a Sequential, a single Linear's parent...).
+        scheme: e.g. ``Int4WeightOnly(group_size=128)``, ``Int8WeightOnly()``, ``Int8Dynamic()``.
+        filter_fn: ``filter_fn(module, fully_qualified_name) -> bool`` picks the Linears to quantize. The default
+            takes every ``nn.Linear`` except the output embedding (``lm_head``); embeddings are never Linears and stay.
+    Layers whose shape the scheme cannot take (e.g. in_features not divisible by the group size) are skipped with a
+    logged reason (logger ``qkernels.nn``). All layers are quantized before any is swapped, so an error leaves the
+    model untouched. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme must be a qkernels.nn scheme (e.g. Int4WeightOnly()), got {type(scheme).__name__}")
+    if scheme.pending:
+        raise _pending_error(scheme)
+    if filter_fn is None:
+        filter_fn = default_filter(model)
+    if isinstance(model, nn.Linear):
+        raise TypeError("quantize_ swaps submodules in place; wrap a bare nn.Linear (nn.Sequential(linear)) or use "
+                        "QuantLinear.from_linear(linear, scheme)")
+    swaps = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or isinstance(mod, QuantLinear):
+            continue
+        if not filter_fn(mod, name):
+            logger.info("quantize_: %s left unquantized (filter_fn)", name)
+            continue
+        why = scheme.check_shape(mod.in_features, mod.out_features)
+        if why:
+            logger.warning("quantize_: skipping %s (Linear(%d, %d)): %s", name, mod.in_features, mod.out_features, why)
+            continue
+        swaps.append((name, QuantLinear.from_linear(mod, scheme)))
+    for name, q in swaps:
+        set_submodule(model, name, q)
+    logger.info("quantize_: %d Linear layers -> %r", len(swaps), scheme)
+    return model
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

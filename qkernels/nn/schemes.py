@@ -1,0 +1,189 @@
+"""Quantization schemes: small frozen dataclasses that say how a ``Linear`` is quantized.
+
+A scheme is a recipe (what to quantize, to which format, at which granularity), validated at construction with a
+``ValueError`` naming the field, what was expected and what came. :meth:`Scheme.check_shape` says whether a layer of
+a given shape can take the scheme (``quantize_`` skips, with a logged reason, the layers that cannot).
+
+Integer schemes run on the integer ops (:func:`qkernels.int4_weight_only_mm`, :func:`qkernels.int8_weight_only_mm`,
+:func:`qkernels.int8_dynamic_mm`). The fp8/fp4 schemes are defined and validated here, but building a QuantLinear
+from them raises ``NotImplementedError`` until the fp8/fp4 ops land.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+def _check_int(name: str, cls: str, value, *, allow_minus_one: bool = False):
+    ok = not isinstance(value, bool) and isinstance(value, int) and (value > 0 or (allow_minus_one and value == -1))
+    if not ok:
+        exp = "a positive int or -1 (per channel)" if allow_minus_one else "a positive int"
+        raise ValueError(f"{cls}.{name} must be {exp}, got {value!r}")
+
+
+def _check_bool(name: str, cls: str, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{cls}.{name} must be a bool, got {value!r}")
+
+
+def _check_choice(name: str, cls: str, value, choices: tuple):
+    if value not in choices:
+        raise ValueError(f"{cls}.{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Base class. ``name`` identifies the scheme in saved quantization configs."""
+
+    name: ClassVar[str] = "scheme"
+    #: the op family ("fp8", "fp4") this scheme still waits for, None when its QuantLinear works
+    pending: ClassVar[str | None] = None
+
+    def check_shape(self, in_features: int, out_features: int) -> str | None:
+        """None if a Linear ``[out_features, in_features]`` can take this scheme, else the reason it cannot."""
+        if in_features <= 0 or out_features <= 0:
+            return f"empty layer (in_features={in_features}, out_features={out_features})"
+        return None
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.name, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Scheme":
+        """Inverse of :meth:`to_dict`; unknown scheme names or fields raise ValueError."""
+        if not isinstance(d, dict) or "scheme" not in d:
+            raise ValueError(f"a scheme dict must have a 'scheme' key naming one of {sorted(SCHEMES)}, got {d!r}")
+        d = dict(d)
+        name = d.pop("scheme")
+        if name not in SCHEMES:
+            raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {name!r}")
+        cls = SCHEMES[name]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {unknown}; its fields are {sorted(fields)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Int4WeightOnly(Scheme):
+    """W4A16: int4 weights in groups of ``group_size`` along K with fp32 scales (and int32 zero points when not
+    ``symmetric``); activations stay float. Runs :func:`qkernels.int4_weight_only_mm`.
+
+    group_size: positive divisor of in_features (even: two int4 per byte), or -1 for one group per row.
+    """
+
+    group_size: int = 128
+    symmetric: bool = False
+    name: ClassVar[str] = "int4_weight_only"
+
+    def __post_init__(self):
+        _check_int("group_size", "Int4WeightOnly", self.group_size, allow_minus_one=True)
+        _check_bool("symmetric", "Int4WeightOnly", self.symmetric)
+
+    def check_shape(self, in_features, out_features):
+        why = super().check_shape(in_features, out_features)
+        if why:
+            return why
+        if in_features % 2:
+            return f"in_features={in_features} is odd (int4 packs two values per byte along K)"
+        if self.group_size != -1 and in_features % self.group_size:
+            return f"in_features={in_features} is not divisible by group_size={self.group_size}"
+        return None
+
+
+@dataclass(frozen=True)
+class Int8WeightOnly(Scheme):
+    """W8A16: int8 weights, activations stay float.
+
+    Default (``group_size=-1, symmetric=True``): per-output-channel symmetric scales, run by
+    :func:`qkernels.int8_weight_only_mm`. Groups along K or zero points (as in 8-bit GPTQ checkpoints) are kept as
+    int8 codes and run as :func:`qkernels.dequantize_affine` + ``F.linear`` (exact, but not a fused kernel).
+    """
+
+    group_size: int = -1
+    symmetric: bool = True
+    name: ClassVar[str] = "int8_weight_only"
+
+    def __post_init__(self):
+        _check_int("group_size", "Int8WeightOnly", self.group_size, allow_minus_one=True)
+        _check_bool("symmetric", "Int8WeightOnly", self.symmetric)
+
+    @property
+    def fused(self) -> bool:
+        """True when the fused W8A16 kernel runs it (per-channel symmetric)."""
+        return self.group_size == -1 and self.symmetric
+
+    def check_shape(self, in_features, out_features):
+        why = super().check_shape(in_features, out_features)
+        if why:
+            return why
+        if self.group_size != -1 and in_features % self.group_size:
+            return f"in_features={in_features} is not divisible by group_size={self.group_size}"
+        return None
+
+
+@dataclass(frozen=True)
+class Int8Dynamic(Scheme):
+    """W8A8: per-channel symmetric int8 weights, activations quantized per token at run time (int32 accumulation).
+    Runs :func:`qkernels.int8_dynamic_mm`."""
+
+    name: ClassVar[str] = "int8_dynamic"
+
+
+@dataclass(frozen=True)
+class Fp8WeightOnly(Scheme):
+    """W8A16 with fp8 e4m3 weights, per-channel scales. Needs the fp8 ops (not yet in qkernels)."""
+
+    name: ClassVar[str] = "fp8_weight_only"
+    pending: ClassVar[str | None] = "fp8"
+
+
+@dataclass(frozen=True)
+class Fp8Dynamic(Scheme):
+    """W8A8 fp8 e4m3: weight scales per ``granularity`` ("row": per output channel, "tensor", "block": 128x128
+    blocks as in DeepSeek-V3), activations per token/tensor/1x128 block. Needs the fp8 ops (not yet in qkernels)."""
+
+    granularity: str = "row"
+    name: ClassVar[str] = "fp8_dynamic"
+    pending: ClassVar[str | None] = "fp8"
+
+    def __post_init__(self):
+        _check_choice("granularity", "Fp8Dynamic", self.granularity, ("row", "tensor", "block"))
+
+    def check_shape(self, in_features, out_features):
+        why = super().check_shape(in_features, out_features)
+        if why:
+            return why
+        if self.granularity == "block" and (in_features % 128 or out_features % 128):
+            return f"block granularity needs in/out features divisible by 128, got {in_features}x{out_features}"
+        return None
+
+
+@dataclass(frozen=True)
+class Fp4(Scheme):
+    """fp4 e2m1 weights: ``mxfp4`` (OCP MX: 32-element blocks, e8m0 scales) or ``nvfp4`` (16-element blocks,
+    e4m3 scales + fp32 tensor scale). Needs the fp4 ops (not yet in qkernels)."""
+
+    format: str = "nvfp4"
+    name: ClassVar[str] = "fp4"
+    pending: ClassVar[str | None] = "fp4"
+
+    def __post_init__(self):
+        _check_choice("format", "Fp4", self.format, ("mxfp4", "nvfp4"))
+
+    def check_shape(self, in_features, out_features):
+        why = super().check_shape(in_features, out_features)
+        if why:
+            return why
+        block = 32 if self.format == "mxfp4" else 16
+        if in_features % block:
+            return f"in_features={in_features} is not divisible by the {self.format} block size {block}"
+        return None
+
+
+SCHEMES: dict[str, type[Scheme]] = {
+    c.name: c for c in (Int4WeightOnly, Int8WeightOnly, Int8Dynamic, Fp8WeightOnly, Fp8Dynamic, Fp4)
+}
