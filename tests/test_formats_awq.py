@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import qkernels
-from formats_fixtures import autoawq_pack, awq_layer, tiny_llama, write_model_dir
+from .formats_fixtures import autoawq_pack, awq_layer, tiny_llama, write_model_dir
 from qkernels.formats import CheckpointError, awq
 from qkernels.nn import Int4WeightOnly, QuantLinear
 

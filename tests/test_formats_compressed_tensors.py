@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qkernels
-from formats_fixtures import tiny_llama, write_model_dir
+from .formats_fixtures import tiny_llama, write_model_dir
 from qkernels.formats import CheckpointError, compressed_tensors as ct
 from qkernels.formats._common import unpack_bits
 from qkernels.nn import Int4WeightOnly, Int8WeightOnly, QuantLinear

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import qkernels
-from formats_fixtures import gptq_layer, tiny_llama, write_model_dir
+from .formats_fixtures import gptq_layer, tiny_llama, write_model_dir
 from qkernels.formats import CheckpointError, gptq
 from qkernels.formats._common import pack_bits, unpack_bits
 from qkernels.nn import Int4WeightOnly, Int8WeightOnly, QuantLinear
@@ -76,7 +76,7 @@ def test_pack_unpack_bits_round_trip(bits, rows, count, seed):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_unpack_matches_autogptq_words(bits):
-    from formats_fixtures import autogptq_pack_rows
+    from .formats_fixtures import autogptq_pack_rows
 
     import numpy as np
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qkernels
-from formats_fixtures import awq_layer, gptq_layer, tiny_llama, write_model_dir
+from .formats_fixtures import awq_layer, gptq_layer, tiny_llama, write_model_dir
 from qkernels.formats import CheckpointError
 from qkernels.formats.hf import read_quantization_config, read_tensors
 from qkernels.nn import QuantLinear
