@@ -71,12 +71,17 @@ def extensions():
             "-lineinfo",
             "-DQK_WITH_CUDA",
         ] + arch_defines
+        # the arch list as a macro argument (commas; csrc/build_info.cpp stringifies it) for cuda_build_archs()
+        archs_macro = "-DQK_CUDA_ARCHS=" + ",".join(
+            a.strip() for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";")
+            if a.strip()
+        )
         return [
             CUDAExtension(
                 "qkernels._C",
                 sources,
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx_flags + ["-DQK_WITH_CUDA"], "nvcc": nvcc_flags},
+                extra_compile_args={"cxx": cxx_flags + ["-DQK_WITH_CUDA", archs_macro], "nvcc": nvcc_flags},
                 extra_link_args=["-fopenmp"],
             )
         ]

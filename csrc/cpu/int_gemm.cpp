@@ -17,6 +17,7 @@
 
 #include "int_gemm_kernels.h"
 #include "qkernels/check.h"
+#include "qkernels/int_gemm.h"
 #include "qkernels/int_quant.h"
 
 namespace qkernels {
@@ -104,13 +105,14 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
       cpu::w4a16_rows_avx2(xpp, M, K, w, s, z, K, group_size, mask, o, N, n0, n1);
     });
   } else {
+    // the decode of the CUDA kernels (qkernels/int_gemm.h), so CPU tests check the GPU's per-element math
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
       const uint8_t* row = w + n * (K / 2);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t g = n * G + k / group_size;
-        const uint8_t byte = row[k / 2];
-        const int32_t q = nibble_value((k & 1) ? (byte >> 4) : byte, is_signed);
-        dst[k] = dequantize_int(q, s[g], (int32_t)z[g] - (is_signed ? 8 : 0));
+        const uint32_t fields = int4_word_to_fields(row[k / 2], is_signed);
+        const float zz = int4_biased_zero((int32_t)z[g] - (is_signed ? 8 : 0), is_signed);
+        dst[k] = dequant_int4_field(int4_field(fields, (int)(k & 1)), s[g], zz);
       }
     });
   }
@@ -141,7 +143,7 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, c
     for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) { cpu::w8a16_rows_avx2(xp, M, K, w, s, K, o, N, n0, n1); });
   } else {
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
-      for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * (float)w[n * K + k];
+      for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * int8_field_value(int8_field((uint8_t)w[n * K + k], 0));
     });
   }
   return out.to(x.scalar_type());
