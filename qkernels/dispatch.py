@@ -147,9 +147,9 @@ def arch_runs(capability: tuple[int, int], built: list[str]) -> bool:
     return False
 
 
-def compiled(op: str, archs: Callable[[DeviceInfo], tuple[bool, str]] | None = None):
-    """The C++ extension has a CUDA kernel for ``op``, built for this GPU's arch, and, if given, ``archs(dev)``
-    accepts this GPU."""
+def compiled(op: str, archs: Callable[[DeviceInfo, dict], tuple[bool, str]] | None = None):
+    """The C++ extension has a CUDA kernel for ``op``, built for this GPU's arch, and, if given,
+    ``archs(dev, ctx)`` accepts this GPU."""
 
     def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
         if dev.kind != "cuda":
@@ -161,7 +161,7 @@ def compiled(op: str, archs: Callable[[DeviceInfo], tuple[bool, str]] | None = N
             if built and not arch_runs(dev.capability, built):
                 return False, f"qkernels._C was built for {';'.join(built)}, which has no code for {dev}"
         if archs is not None:
-            return archs(dev)
+            return archs(dev, ctx)
         return True, "compiled CUDA kernel"
 
     return check
