@@ -263,20 +263,40 @@ def test_gemm_on_side_stream():
 # ---- Triton kernels on the GPU (compiled, autotuned) ---------------------------------------------------------------
 
 
+# Each autotuned shape compiles several configs (about a second each on a cold cache), so only M = 1 goes through
+# the autotuner here; the other cases pin one decode, one split-K and one prefill-sized configuration.
+_TRITON_CASES = [
+    (1, None),
+    (5, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 3}),
+    (33, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1}),
+    (256, {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1}),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("M", [1, 4, 16, 33, 256])
-def test_triton_gemms_on_gpu(dtype, M):
+@pytest.mark.parametrize("M,config", _TRITON_CASES)
+def test_triton_gemms_on_gpu(dtype, M, config):
     pytest.importorskip("triton")
-    N, K, group = 192, 512, 64
+    from qkernels import triton as qtriton
+
+    N, K, group = 192, 544, 32  # K = 544: not a multiple of the 64/128 K tiles
     packed, scale, zp = _w4(N, K, group, True, True)
     x = torch.randn(M, K, device=DEV, dtype=dtype)
-    out = qkernels.int4_weight_only_mm(x, packed, scale, zp, group, signed=True, backend="triton")
+    out = qtriton.get("int4_weight_only_mm")(x, packed, scale, zp, group, True, config=config)
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, group, True)
-    assert _rel_err(out, want) < TOL[dtype]
+    assert out.dtype == dtype and _rel_err(out, want) < TOL[dtype]
     q_w = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=DEV)
     s8 = torch.rand(N, device=DEV) * 0.01
-    out = qkernels.int8_weight_only_mm(x, q_w, s8, backend="triton")
+    out = qtriton.get("int8_weight_only_mm")(x, q_w, s8, config=config)
     assert _rel_err(out, ref.OPS["int8_weight_only_mm"](x.double(), q_w, s8)) < TOL[dtype]
+
+
+def test_triton_through_dispatch_on_gpu():
+    pytest.importorskip("triton")
+    packed, scale, zp = _w4(64, 256, 64, True, True)
+    x = torch.randn(3, 256, device=DEV, dtype=torch.bfloat16)
+    out = qkernels.int4_weight_only_mm(x, packed, scale, zp, 64, signed=True, backend="triton")
+    assert _rel_err(out, ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, 64, True)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])

@@ -265,15 +265,19 @@ void check_x(const at::Tensor& x) {
 
 // Capability switch: the mma kernel exists for every arch this build targets (sm80 / sm90a / sm100a); anything
 // else, including an arch the build left out, ends in TORCH_CHECK_NOT_IMPLEMENTED.
+// (Which binary actually loads on a given minor is the driver's business; qkernels.dispatch.arch_runs mirrors it.)
 bool mma_arch_compiled(int major) {
-#if defined(QK_ENABLE_SM80)
+#if defined(QK_ENABLE_SM80) || defined(QK_ENABLE_SM86) || defined(QK_ENABLE_SM87) || defined(QK_ENABLE_SM89)
   if (major == 8) return true;
 #endif
 #if defined(QK_ENABLE_SM90)
   if (major == 9) return true;
 #endif
-#if defined(QK_ENABLE_SM100)
+#if defined(QK_ENABLE_SM100) || defined(QK_ENABLE_SM103)
   if (major == 10) return true;
+#endif
+#if defined(QK_ENABLE_SM120) || defined(QK_ENABLE_SM121)
+  if (major == 12) return true;
 #endif
   return false;
 }
@@ -292,7 +296,7 @@ void check_capability(const char* op) {
   const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor);
   if (mma_arch_compiled(major)) return;
   TORCH_CHECK_NOT_IMPLEMENTED(false, op, " CUDA kernel not implemented for capability ", major, ".", minor,
-                              " (qkernels._C was built for TORCH_CUDA_ARCH_LIST covering sm80/sm90a/sm100a only)");
+                              " (not in this build's TORCH_CUDA_ARCH_LIST)");
 }
 
 // Launch the tensor-core kernel into a zeroed fp32 [M, N] workspace; returns it.
