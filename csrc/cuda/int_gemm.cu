@@ -1,4 +1,5 @@
-// CUDA integer dequant-GEMMs: W4A16 (int4_weight_only_mm) and W8A16 (int8_weight_only_mm).
+// CUDA integer dequant-GEMMs: W4A16 (int4_weight_only_mm) and W8A16 (int8_weight_only_mm): the kernels. Host side
+// (checks, path choice, cuBLAS, registration): int_gemm_ops.cpp; see launchers.h for why the two are split.
 //
 // Two paths, chosen per call (semantics: qkernels/reference/int_gemm.py; decode: qkernels/int_gemm.h):
 //  * decode (M <= kMmaMaxM, fp16/bf16 x, K % 32 == 0, group_size % 32 == 0, 16-byte aligned operands): a
@@ -17,37 +18,23 @@
 //   slice, which the fragment layout calls logical k = {2t, 2t+1} (a0/a1, b0/b1) and {2t+8, 2t+9} (a4/a5, b2/b3).
 // Each logical k of a step is thus owned by the same t in the A and the B fragment, so A and B see the same
 // permutation, and over j = 0..7 and t = 0..3 every k of the chunk is used once.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <type_traits>
 
-#include "qkernels/check.h"
+#include "convert.cuh"
+#include "launchers.h"
 #include "qkernels/int_gemm.h"
-#include "qkernels/int_quant.h"
 
 namespace qkernels {
-
-// dequantize_affine's CUDA launcher (csrc/cuda/int_quant.cu), reused by the W8A16 large-M path.
-at::Tensor dequantize_affine_cuda(const at::Tensor& q, const at::Tensor& scale,
-                                  const std::optional<at::Tensor>& zero_point, int64_t group_size,
-                                  bool float_zero_point, at::ScalarType out_dtype);
-
+namespace cuda {
 namespace {
 
 constexpr int kWarps = 4;            // warps per block
 constexpr int kNTiles = 4;           // n-tiles of 8 weight rows per warp (x fragments are reused across them)
 constexpr int kChunkK = 128;         // K per warp iteration: 4 threads x 32 consecutive k
 constexpr int kRowsPerBlock = kWarps * kNTiles * 8;
-// Beyond this many rows of x the weights would be decoded once per 16-row tile; dequantize + cuBLAS is then the
-// honest choice. Not yet tuned on a GPU (see docs/gpu_kernels.md).
-constexpr int64_t kMmaMaxM = 64;
 
 // ---- mma.sync fragments -------------------------------------------------------------------------------------
 
@@ -55,7 +42,7 @@ template <typename T>
 struct Frag;
 
 template <>
-struct Frag<at::Half> {
+struct Frag<__half> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);  // lo -> low 16 bits (the smaller k), as the fragment layout wants
     return *reinterpret_cast<uint32_t*>(&h);
@@ -72,7 +59,7 @@ struct Frag<at::Half> {
 };
 
 template <>
-struct Frag<at::BFloat16> {
+struct Frag<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -251,168 +238,62 @@ __global__ void dequant_int4_kernel(const uint8_t* __restrict__ w, const float* 
     for (int e = 0; e < 2; ++e) {
       const int64_t gi = n * G + (k + e) / group_size;
       const float zz = int4_biased_zero(zp != nullptr ? zp[gi] : 0, is_signed);
-      out[n * K + k + e] = static_cast<T>(dequant_int4_field(int4_field(fields, e), scale[gi], zz));
+      out[n * K + k + e] = from_f32<T>(dequant_int4_field(int4_field(fields, e), scale[gi], zz));
     }
   }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+}  // namespace
 
-void check_x(const at::Tensor& x) {
-  check_float_input(x, "x");
-  check_dim(x, 2, "x");
-}
-
-// Capability switch: the mma kernel exists for every arch this build targets (sm80 / sm90a / sm100a); anything
-// else, including an arch the build left out, ends in TORCH_CHECK_NOT_IMPLEMENTED.
-// (Which binary actually loads on a given minor is the driver's business; qkernels.dispatch.arch_runs mirrors it.)
-bool mma_arch_compiled(int major) {
-#if defined(QK_ENABLE_SM80) || defined(QK_ENABLE_SM86) || defined(QK_ENABLE_SM87) || defined(QK_ENABLE_SM89)
-  if (major == 8) return true;
-#endif
-#if defined(QK_ENABLE_SM90)
-  if (major == 9) return true;
-#endif
-#if defined(QK_ENABLE_SM100) || defined(QK_ENABLE_SM103)
-  if (major == 10) return true;
-#endif
-#if defined(QK_ENABLE_SM120) || defined(QK_ENABLE_SM121)
-  if (major == 12) return true;
-#endif
-  return false;
-}
-
-// Device attributes through the runtime API: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers that a
-// bare CUDA toolkit (as on the CI and build machines) may not ship.
-int device_attribute(cudaDeviceAttr attr) {
-  int dev = 0, value = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, dev));
-  return value;
-}
-
-void check_capability(const char* op) {
-  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor);
-  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor);
-  if (mma_arch_compiled(major)) return;
-  TORCH_CHECK_NOT_IMPLEMENTED(false, op, " CUDA kernel not implemented for capability ", major, ".", minor,
-                              " (not in this build's TORCH_CUDA_ARCH_LIST)");
-}
-
-// Launch the tensor-core kernel into a zeroed fp32 [M, N] workspace; returns it.
-template <typename T, bool kW4>
-at::Tensor launch_mma(const at::Tensor& xc, const at::Tensor& w, const float* scale, const int32_t* zp,
-                      bool is_signed, int64_t N, int64_t K, int64_t group_size) {
-  const int64_t M = xc.size(0);
-  auto out = at::zeros({M, N}, xc.options().dtype(at::kFloat));
+void launch_weight_only_mma(DType xt, bool w4, const void* x, const uint8_t* w, const float* scale, const int32_t* zp,
+                            bool is_signed, int64_t M, int64_t N, int64_t K, int64_t group_size, int num_sms,
+                            float* out_acc, cudaStream_t stream) {
   const int64_t nchunks = (K + kChunkK - 1) / kChunkK;
   const int64_t blocks_n = (N + kRowsPerBlock - 1) / kRowsPerBlock;
   const int64_t m_tiles = (M + 15) / 16;
-  // split K until there are ~4 blocks per SM (each block is 4 warps), never below one chunk per split
-  const int64_t target = 4LL * device_attribute(cudaDevAttrMultiProcessorCount);
+  // split K until there are ~4 blocks (of 4 warps) per SM, never below one chunk per split
+  const int64_t target = 4LL * num_sms;
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>(nchunks, target / std::max<int64_t>(1, blocks_n * m_tiles)));
   const int64_t per_split = (nchunks + splits - 1) / splits;
   splits = (nchunks + per_split - 1) / per_split;
-  TORCH_CHECK(blocks_n < (1LL << 31) && splits < 65536 && m_tiles < 65536, "int GEMM grid too large for N=", N,
-              ", M=", M);
   const dim3 grid((unsigned)blocks_n, (unsigned)splits, (unsigned)m_tiles);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  weight_only_mma_kernel<T, kW4><<<grid, kWarps * 32, 0, stream>>>(
-      reinterpret_cast<const T*>(xc.data_ptr()), reinterpret_cast<const uint8_t*>(w.data_ptr()), scale, zp,
-      is_signed, M, N, K, group_size, per_split, out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    if (w4) {
+      weight_only_mma_kernel<T, true><<<grid, kWarps * 32, 0, stream>>>(
+          static_cast<const T*>(x), w, scale, zp, is_signed, M, N, K, group_size, per_split, out_acc);
+    } else {
+      weight_only_mma_kernel<T, false><<<grid, kWarps * 32, 0, stream>>>(
+          static_cast<const T*>(x), w, scale, zp, is_signed, M, N, K, group_size, per_split, out_acc);
+    }
+  };
+  if (xt == DType::kHalf) {
+    go(__half{});
+  } else {
+    go(__nv_bfloat16{});
+  }
 }
 
-at::Tensor int4_weight_only_mm_cuda(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
-                                    const std::optional<at::Tensor>& zero_point, int64_t group_size, bool is_signed) {
-  check_x(x);
-  check_dtype(packed_w, at::kByte, "packed_w");
-  check_dim(packed_w, 2, "packed_w");
-  const int64_t M = x.size(0), K = x.size(1), N = packed_w.size(0);
-  TORCH_CHECK(packed_w.size(1) * 2 == K, "packed_w must have shape [N, K/2] = [", N, ", ", K / 2, "] for x with K=",
-              K, ", got ", packed_w.sizes());
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "group_size ", group_size, " must be positive and divide K=", K);
-  const int64_t G = K / group_size;
-  check_float_input(scale, "scale");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G,
-              "scale must have shape [N, K/group_size] = [", N, ", ", G, "], got ", scale.sizes());
-  check_same_device(x, packed_w, "x", "packed_w");
-  check_same_device(x, scale, "x", "scale");
-  if (zero_point.has_value()) {
-    check_dtype(*zero_point, at::kInt, "zero_point");
-    TORCH_CHECK(zero_point->sizes() == scale.sizes(), "zero_point must have the shape of scale ", scale.sizes(),
-                ", got ", zero_point->sizes());
-    check_same_device(x, *zero_point, "x", "zero_point");
-    // no range check here (it would cost a device sync per call): the decode is exact for any int32 zero point
-    // with |q - zero_point| < 2^22, far beyond int4's [-8, 16] that the public API documents
-  }
-  const c10::cuda::CUDAGuard guard(x.device());
-  check_capability("int4_weight_only_mm");
-  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
-  if (K == 0) return at::zeros({M, N}, x.options());
-  auto xc = x.contiguous();
-  auto wc = packed_w.contiguous();
-  auto sc = scale.to(at::kFloat).contiguous();
-  at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
-  const int32_t* zp = zc.defined() ? zc.data_ptr<int32_t>() : nullptr;
-  const bool half_x = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (half_x && M <= kMmaMaxM && K % 32 == 0 && group_size % 32 == 0 && aligned16(xc.data_ptr()) &&
-      aligned16(wc.data_ptr())) {
-    at::Tensor acc = x.scalar_type() == at::kHalf
-                         ? launch_mma<at::Half, true>(xc, wc, sc.data_ptr<float>(), zp, is_signed, N, K, group_size)
-                         : launch_mma<at::BFloat16, true>(xc, wc, sc.data_ptr<float>(), zp, is_signed, N, K,
-                                                          group_size);
-    return acc.to(x.scalar_type());
-  }
-  // large M / fp32 x / odd shapes: dequantize into x's dtype, then cuBLAS
-  auto wd = at::empty({N, K}, x.options());
+void launch_dequant_int4(DType out_t, const uint8_t* w, const float* scale, const int32_t* zp, bool is_signed,
+                         int64_t N, int64_t K, int64_t group_size, void* out, cudaStream_t stream) {
   const int threads = 256;
   const int64_t total = N * (K / 2);
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535LL * 8);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int4_weight_only_mm_dequant", [&] {
-    dequant_int4_kernel<scalar_t><<<(unsigned)blocks, threads, 0, stream>>>(
-        wc.data_ptr<uint8_t>(), sc.data_ptr<float>(), zp, is_signed, N, K, group_size, wd.data_ptr<scalar_t>());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return at::mm(xc, wd.t());
-}
-
-at::Tensor int8_weight_only_mm_cuda(const at::Tensor& x, const at::Tensor& q_w, const at::Tensor& scale) {
-  check_x(x);
-  check_dtype(q_w, at::kChar, "q_w");
-  check_dim(q_w, 2, "q_w");
-  const int64_t M = x.size(0), K = x.size(1), N = q_w.size(0);
-  TORCH_CHECK(q_w.size(1) == K, "q_w must have shape [N, K] with K=", K, " (x's last dim), got ", q_w.sizes());
-  check_float_input(scale, "scale");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N, "scale must have shape [N] = [", N, "], got ", scale.sizes());
-  check_same_device(x, q_w, "x", "q_w");
-  check_same_device(x, scale, "x", "scale");
-  const c10::cuda::CUDAGuard guard(x.device());
-  check_capability("int8_weight_only_mm");
-  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
-  if (K == 0) return at::zeros({M, N}, x.options());
-  auto xc = x.contiguous();
-  auto wc = q_w.contiguous();
-  auto sc = scale.to(at::kFloat).contiguous();
-  const bool half_x = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (half_x && M <= kMmaMaxM && K % 32 == 0 && aligned16(xc.data_ptr()) && aligned16(wc.data_ptr())) {
-    at::Tensor acc = x.scalar_type() == at::kHalf
-                         ? launch_mma<at::Half, false>(xc, wc, sc.data_ptr<float>(), nullptr, true, N, K, K)
-                         : launch_mma<at::BFloat16, false>(xc, wc, sc.data_ptr<float>(), nullptr, true, N, K, K);
-    return acc.to(x.scalar_type());
+  const unsigned blocks = (unsigned)std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, 1 << 20));
+  switch (out_t) {
+    case DType::kHalf:
+      dequant_int4_kernel<__half><<<blocks, threads, 0, stream>>>(w, scale, zp, is_signed, N, K, group_size,
+                                                                  static_cast<__half*>(out));
+      break;
+    case DType::kBFloat16:
+      dequant_int4_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(w, scale, zp, is_signed, N, K, group_size,
+                                                                         static_cast<__nv_bfloat16*>(out));
+      break;
+    default:
+      dequant_int4_kernel<float><<<blocks, threads, 0, stream>>>(w, scale, zp, is_signed, N, K, group_size,
+                                                                 static_cast<float*>(out));
+      break;
   }
-  // per-channel int8 is dequantize_affine with one group per row
-  auto wd = dequantize_affine_cuda(wc, sc.unsqueeze(1), std::nullopt, K, false, x.scalar_type());
-  return at::mm(xc, wd.t());
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(qkernels, CUDA, m) {
-  m.impl("int4_weight_only_mm", &int4_weight_only_mm_cuda);
-  m.impl("int8_weight_only_mm", &int8_weight_only_mm_cuda);
-}
-
+}  // namespace cuda
 }  // namespace qkernels

@@ -1,22 +1,22 @@
-// CUDA kernels for integer affine quantization and int4 packing. Per-element math: qkernels/int_quant.h (the same
-// functions the CPU kernels in csrc/cpu/int_quant.cpp run), so results are bit-identical to the CPU and to
-// qkernels/reference/int_quant.py: fp32 arithmetic, IEEE division (nvcc's default -prec-div=true), rintf.
+// CUDA kernels for integer affine quantization and int4 packing (host side, checks and registration:
+// int_quant_ops.cpp). Per-element math: qkernels/int_quant.h, the same functions the CPU kernels in
+// csrc/cpu/int_quant.cpp run, so results are bit-identical to the CPU and to qkernels/reference/int_quant.py: fp32
+// arithmetic, IEEE division (nvcc's default -prec-div=true), rintf, no FMA contraction (mul_no_fma).
 //
 // Elementwise kernels move 8 elements per thread with 16-byte (bf16/fp16 and packed bytes) or 2x16-byte (fp32)
 // vector loads when the group size, the element count and the pointers allow it, else one element per thread.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
-#include "qkernels/check.h"
+#include "convert.cuh"
+#include "launchers.h"
 #include "qkernels/int_quant.h"
 
 namespace qkernels {
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -27,20 +27,20 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
-int64_t grid_for(int64_t work, int threads = kThreads) {
-  return std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 1 << 20));
+unsigned grid_for(int64_t work) {
+  return (unsigned)std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 1 << 20));
 }
 
 bool aligned_to(const void* p, size_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
-// fp32 / fp16 / bf16 only (what check_float_input accepts): keeps the instantiation count down.
+// fp32 / fp16 / bf16 (and fp64 where `with_double`) by DType; f receives a value of the element type.
 template <typename F>
-void dispatch_float(at::ScalarType t, const char* name, const F& f) {
+void dispatch_float(DType t, const F& f) {
   switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", t);
+    case DType::kFloat: f(float{}); break;
+    case DType::kHalf: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kDouble: f(double{}); break;
   }
 }
 
@@ -57,7 +57,7 @@ __global__ void choose_qparams_kernel(const T* __restrict__ w, int64_t ngroups, 
     float vmin = INFINITY, vmax = -INFINITY;
     bool finite = true;
     for (int64_t i = lane; i < group_size; i += 32) {
-      const float v = static_cast<float>(src[i]);
+      const float v = to_f32(src[i]);
       finite &= isfinite(v);
       vmin = v < vmin ? v : vmin;
       vmax = v > vmax ? v : vmax;
@@ -96,11 +96,11 @@ __global__ void quantize_kernel(const T* __restrict__ w, const float* __restrict
     if (float_zp) {
       const float mn = zp_float[g];
 #pragma unroll
-      for (int i = 0; i < V; ++i) out.v[i] = (Q)quantize_float_zp(static_cast<float>(in.v[i]), s, mn, bits);
+      for (int i = 0; i < V; ++i) out.v[i] = (Q)quantize_float_zp(to_f32(in.v[i]), s, mn, bits);
     } else {
       const int32_t z = zp_int != nullptr ? zp_int[g] : 0;
 #pragma unroll
-      for (int i = 0; i < V; ++i) out.v[i] = (Q)quantize_int(static_cast<float>(in.v[i]), s, z, r);
+      for (int i = 0; i < V; ++i) out.v[i] = (Q)quantize_int(to_f32(in.v[i]), s, z, r);
     }
     reinterpret_cast<Vec<Q, V>*>(q)[iv] = out;
   }
@@ -119,11 +119,11 @@ __global__ void dequantize_kernel(const Q* __restrict__ q, const float* __restri
     if (float_zp) {
       const float mn = zp_float[g];
 #pragma unroll
-      for (int i = 0; i < V; ++i) o.v[i] = static_cast<O>(dequantize_float_zp((int32_t)in.v[i], s, mn));
+      for (int i = 0; i < V; ++i) o.v[i] = from_f32<O>(dequantize_float_zp((int32_t)in.v[i], s, mn));
     } else {
       const int32_t z = zp_int != nullptr ? zp_int[g] : 0;
 #pragma unroll
-      for (int i = 0; i < V; ++i) o.v[i] = static_cast<O>(dequantize_int((int32_t)in.v[i], s, z));
+      for (int i = 0; i < V; ++i) o.v[i] = from_f32<O>(dequantize_int((int32_t)in.v[i], s, z));
     }
     reinterpret_cast<Vec<O, V>*>(out)[iv] = o;
   }
@@ -166,189 +166,67 @@ __global__ void unpack_int4_kernel(const uint8_t* __restrict__ in, bool is_signe
   }
 }
 
-// ---- host entry points (argument checks mirror csrc/cpu/int_quant.cpp) -------------------------------------------
-
-void check_zero_point(const at::Tensor& w, const std::optional<at::Tensor>& zero_point, int64_t group_size,
-                      bool float_zero_point, const char* wname) {
-  TORCH_CHECK(!float_zero_point || zero_point.has_value(), "zero_point (the group minimum) is required when "
-              "float_zero_point=True");
-  if (zero_point.has_value()) {
-    check_dtype(*zero_point, float_zero_point ? at::kFloat : at::kInt, "zero_point");
-    check_group_params(w, *zero_point, group_size, wname, "zero_point");
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor> choose_qparams_affine_cuda(const at::Tensor& w, int64_t bits, int64_t group_size,
-                                                              bool symmetric, bool is_signed, bool float_zero_point) {
-  check_float_input(w, "w");
-  check_bits(bits);
-  check_groups(w, group_size, "w");
-  const c10::cuda::CUDAGuard guard(w.device());
-  auto wc = w.contiguous();
-  auto pshape = w.sizes().vec();
-  pshape.back() = w.size(-1) / group_size;
-  auto scale = at::empty(pshape, w.options().dtype(at::kFloat));
-  auto zp = at::empty(pshape, w.options().dtype(float_zero_point ? at::kFloat : at::kInt));
-  const int64_t ngroups = scale.numel();
-  if (ngroups == 0) return {scale, zp};
-  auto flag = at::zeros({1}, w.options().dtype(at::kInt));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(w.scalar_type(), "w", [&](auto tag) {
-    using T = decltype(tag);
-    choose_qparams_kernel<T><<<(unsigned)grid_for(ngroups * 32), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(wc.data_ptr()), ngroups, group_size, (int)bits, symmetric, is_signed,
-        float_zero_point, scale.data_ptr<float>(), float_zero_point ? nullptr : zp.data_ptr<int32_t>(),
-        float_zero_point ? zp.data_ptr<float>() : nullptr, flag.data_ptr<int>());
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK(flag.item<int>() == 0, "w contains NaN or inf; quantization needs finite values");
-  return {scale, zp};
-}
-
-at::Tensor quantize_affine_cuda(const at::Tensor& w, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
-                                int64_t bits, int64_t group_size, bool is_signed, bool float_zero_point) {
-  check_float_input(w, "w");
-  check_bits(bits);
-  check_groups(w, group_size, "w");
-  check_dtype(scale, at::kFloat, "scale");
-  check_group_params(w, scale, group_size, "w", "scale");
-  TORCH_CHECK(!float_zero_point || !is_signed, "float_zero_point=True uses unsigned codes; pass is_signed=False");
-  check_zero_point(w, zero_point, group_size, float_zero_point, "w");
-  const c10::cuda::CUDAGuard guard(w.device());
-  // a NaN would reach a float->int conversion (undefined behaviour), so refuse it up front, as on CPU
-  TORCH_CHECK(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
-              "w contains NaN or inf; quantization needs finite values");
-  auto wc = w.contiguous();
-  auto sc = scale.contiguous();
-  at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
-  auto q = at::empty(w.sizes(), w.options().dtype(is_signed ? at::kChar : at::kByte));
-  const int64_t n = w.numel();
-  if (n == 0) return q;
-  const QRange r = int_range((int)bits, is_signed);
-  const int32_t* zi = (zc.defined() && !float_zero_point) ? zc.data_ptr<int32_t>() : nullptr;
-  const float* zf = float_zero_point ? zc.data_ptr<float>() : nullptr;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float(w.scalar_type(), "w", [&](auto tag) {
-    using T = decltype(tag);
-    const T* wp = reinterpret_cast<const T*>(wc.data_ptr());
-    uint8_t* qp = reinterpret_cast<uint8_t*>(q.data_ptr());  // int8 and uint8 codes share the byte kernels' layout
-    const bool vec = group_size % kVec == 0 && n % kVec == 0 && aligned_to(wp, sizeof(Vec<T, kVec>)) &&
-                     aligned_to(qp, kVec);
-    auto launch = [&](auto v_tag) {
-      constexpr int V = decltype(v_tag)::value;
-      const int64_t nvec = n / V;
-      if (is_signed) {
-        quantize_kernel<T, int8_t, V><<<(unsigned)grid_for(nvec), kThreads, 0, stream>>>(
-            wp, sc.data_ptr<float>(), zi, zf, nvec, group_size, (int)bits, float_zero_point, r,
-            reinterpret_cast<int8_t*>(qp));
-      } else {
-        quantize_kernel<T, uint8_t, V><<<(unsigned)grid_for(nvec), kThreads, 0, stream>>>(
-            wp, sc.data_ptr<float>(), zi, zf, nvec, group_size, (int)bits, float_zero_point, r, qp);
-      }
-    };
-    if (vec) {
-      launch(std::integral_constant<int, kVec>{});
-    } else {
-      launch(std::integral_constant<int, 1>{});
-    }
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return q;
-}
-
-at::Tensor pack_int4_cuda(const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte,
-              "q must be int8 (values in [-8, 7]) or uint8 (values in [0, 15]), got ", q.scalar_type());
-  TORCH_CHECK(q.dim() >= 1, "q must have at least 1 dim");
-  TORCH_CHECK(q.size(-1) % 2 == 0, "the last dim of q must be even to pack two int4 per byte, got ", q.size(-1));
-  const c10::cuda::CUDAGuard guard(q.device());
-  const bool is_signed = q.scalar_type() == at::kChar;
-  auto qc = q.contiguous();
-  auto shape = q.sizes().vec();
-  shape.back() /= 2;
-  auto out = at::empty(shape, q.options().dtype(at::kByte));
-  const int64_t n = out.numel();
-  if (n == 0) return out;
-  auto bad = at::zeros({1}, q.options().dtype(at::kInt));
-  const uint8_t* in = reinterpret_cast<const uint8_t*>(qc.data_ptr());
-  uint8_t* o = out.data_ptr<uint8_t>();
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (n % kVec == 0 && aligned_to(in, 2 * kVec) && aligned_to(o, kVec)) {
-    pack_int4_kernel<kVec><<<(unsigned)grid_for(n / kVec), kThreads, 0, stream>>>(in, is_signed, n / kVec, o,
-                                                                                 bad.data_ptr<int>());
-  } else {
-    pack_int4_kernel<1><<<(unsigned)grid_for(n), kThreads, 0, stream>>>(in, is_signed, n, o, bad.data_ptr<int>());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int32_t lo = is_signed ? -8 : 0, hi = is_signed ? 7 : 15;
-  TORCH_CHECK(bad.item<int>() == 0, "q has values outside the int4 range [", lo, ", ", hi, "] for dtype ",
-              q.scalar_type());
-  return out;
-}
-
-at::Tensor unpack_int4_cuda(const at::Tensor& packed, bool is_signed) {
-  check_dtype(packed, at::kByte, "packed");
-  TORCH_CHECK(packed.dim() >= 1, "packed must have at least 1 dim");
-  const c10::cuda::CUDAGuard guard(packed.device());
-  auto pc = packed.contiguous();
-  auto shape = packed.sizes().vec();
-  shape.back() *= 2;
-  auto out = at::empty(shape, packed.options().dtype(is_signed ? at::kChar : at::kByte));
-  const int64_t n = pc.numel();
-  if (n == 0) return out;
-  const uint8_t* in = pc.data_ptr<uint8_t>();
-  uint8_t* o = reinterpret_cast<uint8_t*>(out.data_ptr());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (n % kVec == 0 && aligned_to(in, kVec) && aligned_to(o, 2 * kVec)) {
-    unpack_int4_kernel<kVec><<<(unsigned)grid_for(n / kVec), kThreads, 0, stream>>>(in, is_signed, n / kVec, o);
-  } else {
-    unpack_int4_kernel<1><<<(unsigned)grid_for(n), kThreads, 0, stream>>>(in, is_signed, n, o);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
 }  // namespace
 
-// Not in the anonymous namespace: the W8A16 cuBLAS path in int_gemm.cu dequantizes through it.
-at::Tensor dequantize_affine_cuda(const at::Tensor& q, const at::Tensor& scale,
-                                  const std::optional<at::Tensor>& zero_point, int64_t group_size,
-                                  bool float_zero_point, at::ScalarType out_dtype) {
-  TORCH_CHECK(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte, "q must be int8 or uint8, got ",
-              q.scalar_type());
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf ||
-                  out_dtype == at::kDouble,
-              "out_dtype must be a floating dtype, got ", out_dtype);
-  check_groups(q, group_size, "q");
-  check_dtype(scale, at::kFloat, "scale");
-  check_group_params(q, scale, group_size, "q", "scale");
-  check_zero_point(q, zero_point, group_size, float_zero_point, "q");
-  const c10::cuda::CUDAGuard guard(q.device());
-  auto qc = q.contiguous();
-  auto sc = scale.contiguous();
-  at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
-  auto out = at::empty(q.sizes(), q.options().dtype(out_dtype));
-  const int64_t n = q.numel();
-  if (n == 0) return out;
-  const int32_t* zi = (zc.defined() && !float_zero_point) ? zc.data_ptr<int32_t>() : nullptr;
-  const float* zf = float_zero_point ? zc.data_ptr<float>() : nullptr;
-  const bool q_signed = q.scalar_type() == at::kChar;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequantize_affine_cuda", [&] {
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const void* qp = qc.data_ptr();
-    const bool vec = group_size % kVec == 0 && n % kVec == 0 && aligned_to(qp, kVec) &&
-                     aligned_to(op, sizeof(Vec<scalar_t, kVec>));
+void launch_choose_qparams(DType wt, const void* w, int64_t ngroups, int64_t group_size, int bits, bool symmetric,
+                           bool is_signed, bool float_zp, float* scale, int32_t* zp_int, float* zp_float,
+                           int* nonfinite, cudaStream_t stream) {
+  dispatch_float(wt, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same<T, double>::value) {
+      choose_qparams_kernel<T><<<grid_for(ngroups * 32), kThreads, 0, stream>>>(
+          static_cast<const T*>(w), ngroups, group_size, bits, symmetric, is_signed, float_zp, scale, zp_int,
+          zp_float, nonfinite);
+    }
+  });
+}
+
+void launch_quantize(DType wt, const void* w, const float* scale, const int32_t* zp_int, const float* zp_float,
+                     int64_t n, int64_t group_size, int bits, bool is_signed, bool float_zp, void* q,
+                     cudaStream_t stream) {
+  const QRange r = int_range(bits, is_signed);
+  dispatch_float(wt, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same<T, double>::value) {
+      const T* wp = static_cast<const T*>(w);
+      const bool vec = group_size % kVec == 0 && n % kVec == 0 && aligned_to(wp, sizeof(Vec<T, kVec>)) &&
+                       aligned_to(q, kVec);
+      auto launch = [&](auto v_tag) {
+        constexpr int V = decltype(v_tag)::value;
+        const int64_t nvec = n / V;
+        if (is_signed) {
+          quantize_kernel<T, int8_t, V><<<grid_for(nvec), kThreads, 0, stream>>>(
+              wp, scale, zp_int, zp_float, nvec, group_size, bits, float_zp, r, static_cast<int8_t*>(q));
+        } else {
+          quantize_kernel<T, uint8_t, V><<<grid_for(nvec), kThreads, 0, stream>>>(
+              wp, scale, zp_int, zp_float, nvec, group_size, bits, float_zp, r, static_cast<uint8_t*>(q));
+        }
+      };
+      if (vec) {
+        launch(std::integral_constant<int, kVec>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
+    }
+  });
+}
+
+void launch_dequantize(bool q_signed, const void* q, const float* scale, const int32_t* zp_int, const float* zp_float,
+                       int64_t n, int64_t group_size, bool float_zp, DType out_t, void* out, cudaStream_t stream) {
+  dispatch_float(out_t, [&](auto tag) {
+    using O = decltype(tag);
+    O* op = static_cast<O*>(out);
+    const bool vec = group_size % kVec == 0 && n % kVec == 0 && aligned_to(q, kVec) &&
+                     aligned_to(op, sizeof(Vec<O, kVec>));
     auto launch = [&](auto v_tag) {
       constexpr int V = decltype(v_tag)::value;
       const int64_t nvec = n / V;
       if (q_signed) {
-        dequantize_kernel<int8_t, scalar_t, V><<<(unsigned)grid_for(nvec), kThreads, 0, stream>>>(
-            reinterpret_cast<const int8_t*>(qp), sc.data_ptr<float>(), zi, zf, nvec, group_size, float_zero_point, op);
+        dequantize_kernel<int8_t, O, V><<<grid_for(nvec), kThreads, 0, stream>>>(
+            static_cast<const int8_t*>(q), scale, zp_int, zp_float, nvec, group_size, float_zp, op);
       } else {
-        dequantize_kernel<uint8_t, scalar_t, V><<<(unsigned)grid_for(nvec), kThreads, 0, stream>>>(
-            reinterpret_cast<const uint8_t*>(qp), sc.data_ptr<float>(), zi, zf, nvec, group_size, float_zero_point,
-            op);
+        dequantize_kernel<uint8_t, O, V><<<grid_for(nvec), kThreads, 0, stream>>>(
+            static_cast<const uint8_t*>(q), scale, zp_int, zp_float, nvec, group_size, float_zp, op);
       }
     };
     if (vec) {
@@ -357,16 +235,23 @@ at::Tensor dequantize_affine_cuda(const at::Tensor& q, const at::Tensor& scale,
       launch(std::integral_constant<int, 1>{});
     }
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
-TORCH_LIBRARY_IMPL(qkernels, CUDA, m) {
-  m.impl("choose_qparams_affine", &choose_qparams_affine_cuda);
-  m.impl("quantize_affine", &quantize_affine_cuda);
-  m.impl("dequantize_affine", &dequantize_affine_cuda);
-  m.impl("pack_int4", &pack_int4_cuda);
-  m.impl("unpack_int4", &unpack_int4_cuda);
+void launch_pack_int4(const uint8_t* in, bool is_signed, int64_t n_out, uint8_t* out, int* bad, cudaStream_t stream) {
+  if (n_out % kVec == 0 && aligned_to(in, 2 * kVec) && aligned_to(out, kVec)) {
+    pack_int4_kernel<kVec><<<grid_for(n_out / kVec), kThreads, 0, stream>>>(in, is_signed, n_out / kVec, out, bad);
+  } else {
+    pack_int4_kernel<1><<<grid_for(n_out), kThreads, 0, stream>>>(in, is_signed, n_out, out, bad);
+  }
 }
 
+void launch_unpack_int4(const uint8_t* in, bool is_signed, int64_t n_in, uint8_t* out, cudaStream_t stream) {
+  if (n_in % kVec == 0 && aligned_to(in, kVec) && aligned_to(out, 2 * kVec)) {
+    unpack_int4_kernel<kVec><<<grid_for(n_in / kVec), kThreads, 0, stream>>>(in, is_signed, n_in / kVec, out);
+  } else {
+    unpack_int4_kernel<1><<<grid_for(n_in), kThreads, 0, stream>>>(in, is_signed, n_in, out);
+  }
+}
+
+}  // namespace cuda
 }  // namespace qkernels
