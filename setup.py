@@ -64,19 +64,27 @@ def extensions():
     cxx_flags = opt + ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-sign-compare"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if _want_cuda():
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # csrc/cuda: kernels in .cu (nvcc, once per arch), their torch-facing host code in .cpp (the host compiler,
+        # once): keeping torch headers out of the .cu files keeps the multi-arch build short
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         arch_defines = _arch_flags()
         nvcc_flags = opt + [
             "--expt-relaxed-constexpr",
             "-lineinfo",
             "-DQK_WITH_CUDA",
         ] + arch_defines
+        # the arch list as a macro argument (commas; csrc/build_info.cpp stringifies it) for cuda_build_archs()
+        archs_macro = "-DQK_CUDA_ARCHS=" + ",".join(
+            a.strip() for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";")
+            if a.strip()
+        )
         return [
             CUDAExtension(
                 "qkernels._C",
                 sources,
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx_flags + ["-DQK_WITH_CUDA"], "nvcc": nvcc_flags},
+                extra_compile_args={"cxx": cxx_flags + ["-DQK_WITH_CUDA", archs_macro] + arch_defines,
+                                    "nvcc": nvcc_flags},
                 extra_link_args=["-fopenmp"],
             )
         ]

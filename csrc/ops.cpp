@@ -35,4 +35,8 @@ TORCH_LIBRARY(qkernels, m) {
   m.def("quantize_per_token_int8(Tensor x) -> (Tensor q, Tensor scale)");
   // W8A8: per-token dynamic int8 x, int8 q_w [N, K] with w_scale [N], int32 accumulation -> [M, N] in x's dtype.
   m.def("int8_dynamic_mm(Tensor x, Tensor q_w, Tensor w_scale) -> Tensor");
+
+  // ---- build information (csrc/build_info.cpp) ----
+  // The CUDA archs compiled into this build, ";"-separated as in TORCH_CUDA_ARCH_LIST ("" for a CPU-only build).
+  m.def("cuda_build_archs() -> str");
 }

@@ -125,14 +125,41 @@ class Decision:
 # ---- reusable checks -----------------------------------------------------------------------------------------
 
 
+def arch_runs(capability: tuple[int, int], built: list[str]) -> bool:
+    """Whether a build for TORCH_CUDA_ARCH_LIST entries ``built`` ("8.0", "9.0a", "10.0a+PTX") has code that runs
+    on a GPU of ``capability``: SASS runs on the same major with an equal or higher minor, "a"/"f" archs only on
+    exactly their own capability (their instructions are not forward compatible), PTX on anything newer."""
+    for entry in built:
+        e = entry.strip()
+        ptx = e.endswith("+PTX")
+        e = e.replace("+PTX", "")
+        specific = e.endswith(("a", "f"))
+        try:
+            major, minor = (int(v) for v in e.rstrip("af").split("."))
+        except ValueError:
+            continue
+        if ptx and tuple(capability) >= (major, minor):
+            return True
+        if specific and tuple(capability) == (major, minor):
+            return True
+        if not specific and capability[0] == major and capability[1] >= minor:
+            return True
+    return False
+
+
 def compiled(op: str, archs: Callable[[DeviceInfo, dict], tuple[bool, str]] | None = None):
-    """The C++ extension has a CUDA kernel for ``op`` and, if given, ``archs(dev)`` accepts this GPU."""
+    """The C++ extension has a CUDA kernel for ``op``, built for this GPU's arch, and, if given,
+    ``archs(dev, ctx)`` accepts this GPU."""
 
     def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
         if dev.kind != "cuda":
             return False, f"no compiled kernel for {dev.kind} devices"
-        if not _ext.has_kernel(op, "CUDA") and not ctx.get("assume_compiled"):
-            return False, "qkernels._C was built without a CUDA kernel for this op"
+        if not ctx.get("assume_compiled"):
+            if not _ext.has_kernel(op, "CUDA"):
+                return False, "qkernels._C was built without a CUDA kernel for this op"
+            built = _ext.compiled_cuda_archs()
+            if built and not arch_runs(dev.capability, built):
+                return False, f"qkernels._C was built for {';'.join(built)}, which has no code for {dev}"
         if archs is not None:
             return archs(dev, ctx)
         return True, "compiled CUDA kernel"

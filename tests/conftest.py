@@ -1,15 +1,17 @@
-"""Shared test fixtures: backends x dtypes x shapes, device capability skips, relative error."""
+"""Shared test helpers: dtypes, GEMM tolerances, relative error, GPU skips by capability.
+
+``requires_sm(major, minor)`` skips a test unless an NVIDIA GPU of at least that compute capability is present;
+GPU tests also carry ``@pytest.mark.gpu`` so ``pytest -m gpu`` (scripts/gpu_check.sh) selects them.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import qkernels
-
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# Relative error ||out - ref|| / ||ref|| allowed for GEMMs against the fp64 reference, per activation dtype. The
+# Relative error ||out - ref|| / ||ref|| allowed for CPU GEMMs against the fp64 reference, per activation dtype. The
 # kernels accumulate in fp32; the bound is dominated by rounding the output (and x for bf16/fp16 inputs, which the
 # reference sees exactly since it takes the same low-precision x).
 GEMM_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -22,18 +24,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def cuda_capability() -> tuple[int, int] | None:
+    """The current NVIDIA GPU's compute capability, or None without one (CPU machine, ROCm)."""
     if not torch.cuda.is_available() or torch.version.hip is not None:
         return None
     return torch.cuda.get_device_capability()
 
 
 def requires_sm(major: int, minor: int = 0):
-    """Skip unless an NVIDIA GPU of at least this compute capability is present (skips by capability, not name)."""
+    """Skip marker: needs an NVIDIA GPU with compute capability >= (major, minor) (by capability, not by name)."""
     cap = cuda_capability()
-    return pytest.mark.skipif(cap is None or cap < (major, minor),
-                              reason=f"needs an NVIDIA GPU with sm{major}{minor}+ (have {cap})")
+    if cap is None:
+        return pytest.mark.skipif(True, reason=f"needs an NVIDIA GPU (sm{major}{minor}+); none present")
+    return pytest.mark.skipif(tuple(cap) < (major, minor),
+                              reason=f"needs sm{major}{minor}+, this GPU is sm{cap[0]}{cap[1]}")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA/AMD GPU (run by scripts/gpu_check.sh)")
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@
 
 #include "int_gemm_kernels.h"
 #include "qkernels/check.h"
+#include "qkernels/int_gemm.h"
 #include "qkernels/int_quant.h"
 
 namespace qkernels {
@@ -117,15 +118,16 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
       cpu::w4_dequant_rows_avx2(w, s, z, K, group_size, mask, dst, n, n + 1);
     });
   } else {
+    // the decode of the CUDA kernels (qkernels/int_gemm.h), so CPU tests check the GPU's per-element math
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
       const uint8_t* row = w + n * (K / 2);
       for (int64_t g = 0; g < G; ++g) {
         const float sg = s[n * G + g];
-        const int32_t zg = (int32_t)z[n * G + g] - (is_signed ? 8 : 0);
-        // group_size may be odd, so walk elements and pick the nibble by parity (vectorises over the group)
+        const float zz = int4_biased_zero((int32_t)z[n * G + g] - (is_signed ? 8 : 0), is_signed);
+        // group_size may be odd, so walk elements and pick the nibble by parity
         for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
-          const uint8_t byte = row[k >> 1];
-          dst[k] = dequantize_int(nibble_value((k & 1) ? (byte >> 4) : byte, is_signed), sg, zg);
+          const uint32_t fields = int4_word_to_fields(row[k >> 1], is_signed);
+          dst[k] = dequant_int4_field(int4_field(fields, (int)(k & 1)), sg, zz);
         }
       }
     });
@@ -159,7 +161,7 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, c
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) { cpu::w8_dequant_rows_avx2(w, s, K, dst, n, n + 1); });
   } else {
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
-      for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * (float)w[n * K + k];
+      for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * int8_field_value(int8_field((uint8_t)w[n * K + k], 0));
     });
   }
   return out.to(x.scalar_type());

@@ -10,7 +10,15 @@ import importlib
 
 KERNELS: dict = {}
 # op name -> module that implements it (imported lazily so that `import qkernels` works without triton)
-MODULES: dict[str, str] = {}
+MODULES: dict[str, str] = {
+    "choose_qparams_affine": "int_quant",
+    "pack_int4": "int_quant",
+    "unpack_int4": "int_quant",
+    "quantize_affine": "int_quant",
+    "dequantize_affine": "int_quant",
+    "int4_weight_only_mm": "int_gemm",
+    "int8_weight_only_mm": "int_gemm",
+}
 _loaded: set[str] = set()
 
 

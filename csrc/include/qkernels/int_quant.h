@@ -73,7 +73,17 @@ QK_HD int32_t quantize_float_zp(float w, float scale, float min_v, int bits) {
 
 QK_HD float dequantize_int(int32_t q, float scale, int32_t zero_point) { return scale * (float)(q - zero_point); }
 
-QK_HD float dequantize_float_zp(int32_t q, float scale, float min_v) { return scale * (float)q + min_v; }
+// A product that is never contracted with a following add into an FMA (nvcc contracts by default, the x86-64
+// baseline and the reference's separate torch ops do not), so that scale * q + min rounds twice everywhere.
+QK_HD float mul_no_fma(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+QK_HD float dequantize_float_zp(int32_t q, float scale, float min_v) { return mul_no_fma(scale, (float)q) + min_v; }
 
 // int4 nibbles: element 2i in the low nibble of byte i, element 2i+1 in the high nibble. Signed values are
 // stored as two's-complement nibbles (so -1 -> 0xF), unsigned as-is.

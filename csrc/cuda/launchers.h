@@ -1,0 +1,47 @@
+// The seam between the torch-facing host code (csrc/cuda/*.cpp: argument checks, allocation, op registration) and
+// the CUDA kernels (csrc/cuda/*.cu). The .cu files see only this header, CUDA's own headers and the QK_HD math of
+// csrc/include/qkernels: nvcc compiles every .cu once per target arch plus once for the host, and parsing the
+// torch/ATen headers in each of those passes would dominate the build (3 archs in CI).
+//
+// All pointers are device pointers to contiguous data; launchers only enqueue work on `stream` (callers check launch
+// errors with C10_CUDA_KERNEL_LAUNCH_CHECK).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace qkernels {
+namespace cuda {
+
+enum class DType : int { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
+
+// ---- int_quant.cu ----
+// scale/zero point per group of `group_size` consecutive elements; *nonfinite set to 1 if a group has NaN/inf.
+void launch_choose_qparams(DType wt, const void* w, int64_t ngroups, int64_t group_size, int bits, bool symmetric,
+                           bool is_signed, bool float_zp, float* scale, int32_t* zp_int, float* zp_float,
+                           int* nonfinite, cudaStream_t stream);
+// q (int8 if is_signed else uint8) of n elements; zp_int may be null (0); zp_float used iff float_zp.
+void launch_quantize(DType wt, const void* w, const float* scale, const int32_t* zp_int, const float* zp_float,
+                     int64_t n, int64_t group_size, int bits, bool is_signed, bool float_zp, void* q,
+                     cudaStream_t stream);
+void launch_dequantize(bool q_signed, const void* q, const float* scale, const int32_t* zp_int, const float* zp_float,
+                       int64_t n, int64_t group_size, bool float_zp, DType out_t, void* out, cudaStream_t stream);
+// n_out packed bytes from 2 * n_out codes; *bad set to 1 if a code is outside the int4 range.
+void launch_pack_int4(const uint8_t* in, bool is_signed, int64_t n_out, uint8_t* out, int* bad, cudaStream_t stream);
+void launch_unpack_int4(const uint8_t* in, bool is_signed, int64_t n_in, uint8_t* out, cudaStream_t stream);
+
+// ---- int_gemm.cu ----
+// Rows of x per mma tile and the largest M the decode kernel takes (beyond it: dequantize + cuBLAS).
+constexpr int64_t kMmaMaxM = 64;
+// out_acc[M, N] (fp32, zeroed by the caller) += x[M, K] @ W^T with the tensor-core decode kernel. x fp16/bf16;
+// w4: packed int4 [N, K/2] with scale/zp [N, K/group_size] (zp may be null); else int8 [N, K] with scale [N].
+// Needs K % 32 == 0, group_size % 32 == 0 (w4), 16-byte aligned x and w, sm80+.
+void launch_weight_only_mma(DType xt, bool w4, const void* x, const uint8_t* w, const float* scale, const int32_t* zp,
+                            bool is_signed, int64_t M, int64_t N, int64_t K, int64_t group_size, int num_sms,
+                            float* out_acc, cudaStream_t stream);
+// W4 -> out [N, K] in out_t (fp32/fp16/bf16): scale * (q - zero_point), any group_size dividing K.
+void launch_dequant_int4(DType out_t, const uint8_t* w, const float* scale, const int32_t* zp, bool is_signed,
+                         int64_t N, int64_t K, int64_t group_size, void* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace qkernels

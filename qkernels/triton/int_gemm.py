@@ -1,0 +1,144 @@
+"""Triton W4A16 / W8A16 dequant-GEMMs (same ops and layouts as csrc/cuda/int_gemm.cu).
+
+One kernel for both: each program owns a ``BLOCK_M x BLOCK_N`` output tile and a slice of K (split-K, so that
+decode-sized M still launches enough programs to fill the GPU). Weights are loaded as a ``[BLOCK_K, BLOCK_N]`` tile
+straight from the ``[N, K]`` (int8) or ``[N, K/2]`` (packed int4) storage, decoded in registers
+(``scale * (q - zero_point)`` in fp32, then x's dtype) and fed to ``tl.dot`` with an fp32 accumulator; int8 weights
+are exact in fp16/bf16, so W8A16 applies its per-row scale to the accumulator instead. Split-K partial sums meet
+in an fp32 buffer through ``tl.atomic_add``. fp32 activations use an IEEE fp32 dot (no TF32).
+
+On a GPU the tile sizes are autotuned per (M bucket, N, K); under ``TRITON_INTERPRET=1`` (CPU tests) a fixed small
+configuration runs instead, and tests may force one with ``config=``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import register
+
+
+@triton.jit
+def _weight_only_mm_kernel(x_ptr, w_ptr, scale_ptr, zp_ptr, out_ptr, M, N, K, group_size, n_groups, m_bucket,
+                           IS_INT4: tl.constexpr, IS_SIGNED: tl.constexpr, HAS_ZP: tl.constexpr,
+                           FP32_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    for i in range(0, per_split):
+        offs_k = (pid_k * per_split + i) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K  # tiles past the end (uneven splits) are fully masked and add zero
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        wmask = k_mask[:, None] & n_mask[None, :]
+        if IS_INT4:
+            # [BLOCK_K, BLOCK_N]: element k of row n is nibble (k % 2) of byte k // 2
+            b = tl.load(w_ptr + offs_n[None, :] * (K // 2) + (offs_k // 2)[:, None], mask=wmask, other=0)
+            q = (b.to(tl.int32) >> ((offs_k % 2) * 4)[:, None]) & 0xF
+            if IS_SIGNED:
+                q = (q ^ 8) - 8
+            gidx = offs_n[None, :] * n_groups + (offs_k // group_size)[:, None]
+            if HAS_ZP:
+                q = q - tl.load(zp_ptr + gidx, mask=wmask, other=0)
+            w = tl.load(scale_ptr + gidx, mask=wmask, other=0.0) * q.to(tl.float32)
+        else:
+            w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=wmask, other=0).to(tl.float32)
+        if FP32_X:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    if not IS_INT4:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+def _cfg(bm, bn, bk, split, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split}, num_warps=warps,
+                         num_stages=stages)
+
+
+_CONFIGS = [
+    # decode (M <= 16): memory bound, split K so that few output tiles still fill every SM
+    _cfg(16, 32, 128, 8, 4, 3), _cfg(16, 64, 128, 4, 4, 3), _cfg(16, 64, 256, 4, 4, 3), _cfg(16, 128, 128, 2, 4, 3),
+    _cfg(16, 64, 128, 1, 4, 4),
+    # small batches
+    _cfg(32, 64, 128, 2, 4, 3), _cfg(64, 64, 64, 1, 4, 4), _cfg(64, 128, 64, 1, 4, 3),
+    # prefill: compute bound
+    _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 64, 64, 1, 4, 4), _cfg(128, 256, 64, 1, 8, 3),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    m = named_args["m_bucket"]
+    if m <= 16:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
+    elif m <= 128:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] in (32, 64)]
+    else:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 and c.kwargs["SPLIT_K"] == 1]
+    return keep or configs
+
+
+_tuned_kernel = triton.autotune(
+    configs=_CONFIGS,
+    key=["m_bucket", "N", "K", "IS_INT4", "FP32_X"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["out_ptr"],  # split-K configs accumulate into out: every timing run must start from zero
+)(_weight_only_mm_kernel)
+
+# the interpreter's default: small, and split-K on so the atomic path is exercised
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}
+
+
+def _run(x, w, scale, zp, N, group_size, is_int4, is_signed, config=None):
+    M, K = x.shape
+    out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    if M == 0 or N == 0 or K == 0:
+        return out.to(x.dtype)
+    xc = x.contiguous()
+    wc = w.contiguous()
+    sc = scale.contiguous().float()
+    zc = zp.contiguous() if zp is not None else sc  # dummy pointer, never read when HAS_ZP is False
+    m_bucket = min(triton.next_power_of_2(M), 4096)
+    args = (xc, wc, sc, zc, out, M, N, K, group_size, K // group_size, m_bucket)
+    flags = dict(IS_INT4=is_int4, IS_SIGNED=bool(is_signed), HAS_ZP=zp is not None, FP32_X=x.dtype == torch.float32)
+    if config is None and os.environ.get("TRITON_INTERPRET") == "1":
+        config = INTERPRET_CONFIG
+    if config is not None:
+        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), config["SPLIT_K"])
+        _weight_only_mm_kernel[grid](*args, **flags, **config)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        _tuned_kernel[grid](*args, **flags)
+    return out.to(x.dtype)
+
+
+@register("int4_weight_only_mm")
+def int4_weight_only_mm(x, packed_w, scale, zero_point, group_size, is_signed, *, config=None):
+    """x float ``[M, K]``; packed_w uint8 ``[N, K/2]`` (element 2i in the low nibble); scale float
+    ``[N, K/group_size]``; zero_point int32 of the same shape or None -> ``[M, N]`` in x's dtype."""
+    return _run(x, packed_w, scale, zero_point, packed_w.shape[0], group_size, True, is_signed, config)
+
+
+@register("int8_weight_only_mm")
+def int8_weight_only_mm(x, q_w, scale, *, config=None):
+    """x float ``[M, K]``; q_w int8 ``[N, K]``; scale float ``[N]`` -> ``[M, N]`` in x's dtype."""
+    return _run(x, q_w, scale, None, q_w.shape[0], q_w.shape[1] or 1, False, True, config)
