@@ -6,6 +6,10 @@ Public API (all backed by ``torch.ops.qkernels.*``; see ``qkernels.explain(op)``
   :func:`pack_int4`, :func:`unpack_int4`
 * dequant-GEMMs: :func:`int4_weight_only_mm` (W4A16), :func:`int8_weight_only_mm` (W8A16),
   :func:`int8_dynamic_mm` (W8A8)
+* fp8: :func:`quantize_fp8`, :func:`dequantize_fp8` (per-tensor / per-row / block scales, e4m3fn, e5m2, fnuz),
+  :func:`fp8_mm` (scaled fp8 GEMM: torch._scaled_mm where the GPU has fp8, emulated elsewhere)
+* fp4: :func:`fp4_encode`, :func:`fp4_decode` (e2m1 / e1m2 elements), :func:`quantize_fp4`,
+  :func:`dequantize_fp4` (MXFP4, NVFP4), :func:`fp4_mm`
 """
 
 from . import _ext, dispatch, reference
@@ -13,12 +17,20 @@ from .dispatch import explain
 from .ops import (
     choose_qparams_affine,
     dequantize_affine,
+    dequantize_fp4,
+    dequantize_fp8,
+    fp4_decode,
+    fp4_encode,
+    fp4_mm,
+    fp8_mm,
     int4_weight_only_mm,
     int8_dynamic_mm,
     int8_weight_only_mm,
     pack_int4,
     quantize_affine,
     quantize_affine_with_qparams,
+    quantize_fp4,
+    quantize_fp8,
     quantize_per_token_int8,
     unpack_int4,
 )
