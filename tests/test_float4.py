@@ -54,7 +54,7 @@ def test_e2m1_encode_bit_exact_vs_ml_dtypes():
 
 
 def test_nan_encodes_as_minus_zero_code():
-    assert unpack(qkernels.fp4_encode(torch.tensor([float("nan"), 1.0]))).tolist() == [[8, 2]]
+    assert unpack(qkernels.fp4_encode(torch.tensor([float("nan"), 1.0]))).tolist() == [8, 2]
 
 
 def test_decode_all_bytes():
@@ -111,14 +111,17 @@ def test_quantize_matches_reference(fmt, element, shape):
     y = qkernels.dequantize_fp4(p, s, g, fmt, element=element)
     yr = r4.dequantize_fp4(pr, sr, gr, fmt, element, torch.float32).reshape(x.shape)
     assert torch.equal(y, yr)
-    # error bound: per block, |x - y| <= half the element grid's largest gap times the block scale (+ clipping)
+    # error bound per block: rounding (half the largest code gap) plus clipping at the element max stay within
+    # amax / 2 whenever the block scale is a normal number (MX always; NV unless amax_block / max / g < 2^-6, where
+    # the e4m3 block scale is subnormal and coarse: NVFP4's limit for blocks far below the tensor's amax)
     B = 32 if fmt == "mxfp4" else 16
     xb, yb = x.reshape(-1, B), y.reshape(-1, B)
     amax = xb.abs().amax(-1, keepdim=True)
-    step = 2.0 if element == "e2m1" else 0.5  # largest code gap (4 -> 6) / smallest step of e1m2
-    top = 6.0 if element == "e2m1" else 3.5
-    # scale per block: amax / top (nv, up to e4m3 rounding) or 2^floor(log2 amax) / 2^emax (mx, amax/X < 2*top-ish)
-    assert ((xb - yb).abs() <= amax / top * step * 1.5 + 1e-30).all()
+    ok = torch.ones_like(amax, dtype=torch.bool)
+    if fmt == "nvfp4":
+        ok = amax / r4.element_max(element) / g >= 2.0**-6
+    assert ok.float().mean() > 0.5
+    assert ((xb - yb).abs() <= amax / 2 * 1.0001)[ok.expand_as(xb)].all()
 
 
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16])

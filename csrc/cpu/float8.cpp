@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
   if (scale.has_value()) {
     check_scale_grid(*scale, grid, "scale");
     check_same_device(x, *scale, "x", "scale");
-    s = scale->contiguous();
+    s = scale->contiguous().clone();  // a fresh output: the op must not alias its input
   } else {
     s = at::empty({grid[0], nbc}, x.options().dtype(at::kFloat));
   }

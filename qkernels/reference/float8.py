@@ -92,7 +92,7 @@ def quantize_fp8(x, scale, dtype, block_rows, block_cols, saturate):
             scale = torch.ones(R // block_rows, C // block_cols, dtype=torch.float32, device=x.device)
         else:
             scale = fp8_scale_from_amax(finite_abs(xb).amax(dim=(1, 3)), dtype)
-    scale = scale.float()
+    scale = scale.float().clone()
     q = cast_to_fp8_bits(xb / scale[:, None, :, None], dtype, saturate)
     return q.reshape(R, C), scale
 
