@@ -394,3 +394,27 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, wp, ws, wg)
     assert torch.equal(out, f(x, wp, ws, wg))
+
+
+# ---- GPU (scripts/gpu_check.sh) -------------------------------------------------------------------------------------
+
+
+def requires_sm(major, minor=0):
+    ok = torch.cuda.is_available() and torch.version.hip is None and torch.cuda.get_device_capability() >= (major, minor)
+    return pytest.mark.skipif(not ok, reason=f"needs an NVIDIA GPU with sm{major}{minor}+")
+
+
+@pytest.mark.gpu
+@requires_sm(10, 0)
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_gpu_native_fp4_mm(fmt):
+    """Block-scaled torch._scaled_mm (swizzled scales) against the fp64 reference of the same operands."""
+    a = torch.randn(128, 256, device="cuda")
+    w = torch.randn(64, 256, device="cuda") * 0.05
+    ap, as_, ag = qkernels.quantize_fp4(a, fmt)
+    wp, ws, wg = qkernels.quantize_fp4(w, fmt)
+    d = qkernels.explain("fp4_mm", "cuda", format=fmt, element="e2m1", K=256, N=64)
+    out = qkernels.fp4_mm(ap, as_, wp, ws, torch.bfloat16, format=fmt, a_global_scale=ag, b_global_scale=wg)
+    want = qkernels.fp4_mm(ap, as_, wp, ws, torch.float64, format=fmt, a_global_scale=ag, b_global_scale=wg,
+                           backend="reference")
+    assert d.backend == "native" and rel_err(out, want) < 8e-3, str(d)

@@ -330,18 +330,21 @@ def test_fp8_mm_empty():
     assert out.shape == (0, 8)
 
 
-def test_native_fp8_glue_on_cpu_scaled_mm():
-    """The NATIVE tensor-wise function against the emulation, through torch's CPU _scaled_mm when this torch
-    build has one (it then checks the argument layout we hand to torch._scaled_mm)."""
-    aq, as_, bq, bs_ = _operands(16, 32, 64, torch.float8_e4m3fn, torch.float8_e4m3fn, "tensor", "tensor", 11)
+@pytest.mark.parametrize("gran,out_dtype,tol", [("tensor", torch.float32, 1e-5), ("row", torch.bfloat16, 8e-3)])
+def test_native_fp8_glue_on_cpu_scaled_mm(gran, out_dtype, tol):
+    """The NATIVE function (what sm89+/gfx942 run) against the emulation, through torch's CPU _scaled_mm when this
+    torch build has one: it checks the scale shapes, layouts and bias handling we hand to torch._scaled_mm."""
+    aq, as_, bq, bs_ = _operands(16, 32, 64, torch.float8_e4m3fn, torch.float8_e4m3fn, gran, gran, 11)
     try:
-        torch._scaled_mm(aq, bq.t(), as_, bs_, out_dtype=torch.float32)
+        torch._scaled_mm(aq, bq.t(), torch.ones(()), torch.ones(()), out_dtype=torch.float32)
     except (RuntimeError, NotImplementedError) as e:
         pytest.skip(f"this torch build has no CPU torch._scaled_mm for fp8: {e}")
     bias = torch.randn(32)
-    out = _call.NATIVE["fp8_mm"](aq.view(torch.uint8), as_.reshape(1, 1), aq.dtype, bq.view(torch.uint8),
-                                 bs_.reshape(1, 1), bq.dtype, bias, torch.float32)
-    assert rel_err(out, _ref_mm(aq, as_, bq, bs_, bias, torch.float64)) < 1e-5
+    ga, gb = as_.reshape(-1, 1), bs_.reshape(-1, 1)
+    out = _call.NATIVE["fp8_mm"](aq.view(torch.uint8), ga, aq.dtype, bq.view(torch.uint8), gb, bq.dtype, bias,
+                                 out_dtype)
+    assert out.dtype == out_dtype
+    assert rel_err(out, _ref_mm(aq, as_, bq, bs_, bias, torch.float64)) < tol
 
 
 # ---- dispatch --------------------------------------------------------------------------------------------------

@@ -60,10 +60,11 @@ at::Tensor fp4_encode_cpu(const at::Tensor& x, c10::string_view element) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fp4_encode", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     uint8_t* o = out.data_ptr<uint8_t>();
+    const MiniFloatEncoder enc = make_encoder(f, true);
     at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i)
-        o[i] = (uint8_t)(fp4_encode(static_cast<float>(xp[2 * i]), f) |
-                         (fp4_encode(static_cast<float>(xp[2 * i + 1]), f) << 4));
+        o[i] = (uint8_t)(minifloat_encode(static_cast<float>(xp[2 * i]), enc) |
+                         (minifloat_encode(static_cast<float>(xp[2 * i + 1]), enc) << 4));
     });
   });
   return out;
@@ -129,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
     uint8_t* pp = packed.data_ptr<uint8_t>();
     uint8_t* sp = scale.data_ptr<uint8_t>();
     const uint8_t nan_scale = nv ? 0x7F : 0xFF;
+    const MiniFloatEncoder enc = make_encoder(f, true);
     at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / B), [&](int64_t b0, int64_t b1) {
       float v[kMXBlock];
       for (int64_t blk = b0; blk < b1; ++blk) {
@@ -154,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
           continue;
         }
         for (int64_t i = 0; i < B; i += 2)
-          dst[i / 2] = (uint8_t)(fp4_encode(v[i] / s, f) | (fp4_encode(v[i + 1] / s, f) << 4));
+          dst[i / 2] = (uint8_t)(minifloat_encode(v[i] / s, enc) | (minifloat_encode(v[i + 1] / s, enc) << 4));
       }
     });
   });

@@ -100,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
     }
     const float* sp = s.data_ptr<float>();
     uint8_t* qp = q.data_ptr<uint8_t>();
+    const MiniFloatEncoder enc = make_encoder(fmt, saturate);
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const float* srow = sp + (r / block_rows) * nbc;
@@ -108,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
           const scalar_t* src = xp + r * C + j * block_cols;
           uint8_t* dst = qp + r * C + j * block_cols;
           for (int64_t i = 0; i < block_cols; ++i)
-            dst[i] = float_to_minifloat(static_cast<float>(src[i]) / sc, fmt, saturate);
+            dst[i] = minifloat_encode(static_cast<float>(src[i]) / sc, enc);
         }
       }
     });

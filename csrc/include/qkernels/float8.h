@@ -64,34 +64,62 @@ QK_HD uint8_t minifloat_nan_code(const MiniFloat& f, uint32_t sign) {
   return (uint8_t)((sign << (f.ebits + f.mbits)) | ((1u << (f.ebits + f.mbits)) - 1));  // all ones
 }
 
-QK_HD uint8_t float_to_minifloat(float v, const MiniFloat& f, bool saturate) {
+// Loop-invariant constants of one (format, saturate) conversion, so the per-element code below is a handful of
+// integer ops and selects with no branches: it vectorizes on CPU and does not diverge on GPU.
+struct MiniFloatEncoder {
+  uint32_t min_normal;  // fp32 bits of 2^emin: below it the result is subnormal
+  uint32_t magic_bits;  // fp32 bits of 2^(emin - M + 23), the subnormal rounding constant
+  uint32_t round_half;  // 2^(22 - M) - 1: with the kept LSB added, rounds the dropped bits half to even
+  uint32_t shift;       // 23 - M
+  uint32_t rebias;      // (127 - bias) << M: fp32 exponent field -> the format's
+  uint32_t max_code;    // magnitude bits of the largest finite value
+  uint32_t ovf_code;    // what an overflow becomes: max_code, the inf code, or 0xFFFFFFFF for NaN
+  uint32_t nbits;       // position of the sign bit
+  uint32_t nan_pos, nan_neg;
+  uint32_t zero_mask;   // 0 for fnuz (a zero result drops the sign: 0x80 is NaN there), else 0xFF
+};
+
+QK_HD MiniFloatEncoder make_encoder(const MiniFloat& f, bool saturate) {
+  MiniFloatEncoder e;
+  const int M = f.mbits;
+  e.min_normal = (uint32_t)(127 + 1 - f.bias) << 23;
+  e.magic_bits = (uint32_t)(127 + 1 - f.bias - M + 23) << 23;
+  e.round_half = (1u << (22 - M)) - 1;
+  e.shift = 23 - M;
+  e.rebias = (uint32_t)(127 - f.bias) << M;
+  e.max_code = f.max_code;
+  e.nbits = f.ebits + M;
+  // formats without NaN (fp4 elements) always saturate
+  const bool sat = saturate || !f.has_nan;
+  e.ovf_code = sat ? f.max_code : (f.has_inf ? ((1u << f.ebits) - 1) << M : 0xFFFFFFFFu);
+  e.nan_pos = minifloat_nan_code(f, 0);
+  e.nan_neg = minifloat_nan_code(f, 1);
+  e.zero_mask = f.fnuz ? 0u : 0xFFu;
+  return e;
+}
+
+// all ones when b, else 0; selects as bit operations keep the conversion branch-free
+QK_HD uint32_t qk_mask(bool b) { return 0u - (uint32_t)b; }
+QK_HD uint32_t qk_select(uint32_t m, uint32_t x, uint32_t y) { return (x & m) | (y & ~m); }
+
+QK_HD uint8_t minifloat_encode(float v, const MiniFloatEncoder& e) {
   const uint32_t u = f32_bits(v);
   const uint32_t sign = u >> 31;
-  uint32_t a = u & 0x7FFFFFFFu;
-  if (a > 0x7F800000u) return minifloat_nan_code(f, sign);
-  const int M = f.mbits;
-  const uint32_t min_normal = (uint32_t)(127 + 1 - f.bias) << 23;  // 2^emin, emin = 1 - bias
-  uint32_t code;
-  if (a >= 0x7F800000u) {
-    code = f.max_code + 1;  // inf: take the overflow branch below
-  } else if (a < min_normal) {
-    const float magic = bits_f32((uint32_t)(127 + 1 - f.bias - M + 23) << 23);
-    code = f32_bits(bits_f32(a) + magic) - f32_bits(magic);  // may round up to the smallest normal: still right
-  } else {
-    a += ((1u << (22 - M)) - 1) + ((a >> (23 - M)) & 1u);  // round half to even on the dropped bits
-    code = (a >> (23 - M)) - ((uint32_t)(127 - f.bias) << M);
-  }
-  if (code > f.max_code) {
-    if (saturate || !f.has_nan) {
-      code = f.max_code;
-    } else if (f.has_inf) {
-      code = ((1u << f.ebits) - 1) << M;
-    } else {
-      return minifloat_nan_code(f, sign);
-    }
-  }
-  if (f.fnuz && code == 0) return 0;
-  return (uint8_t)((sign << (f.ebits + M)) | code);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  // subnormal result: the fp32 add rounds |v| to a multiple of the subnormal spacing (RNE); the difference of the
+  // bit patterns is the code, and rounding up to 2^emin gives exactly the smallest normal's code
+  const uint32_t sub = f32_bits(bits_f32(a) + bits_f32(e.magic_bits)) - e.magic_bits;
+  // normal result: round the dropped mantissa bits half to even, then re-bias the exponent
+  const uint32_t nor = ((a + e.round_half + ((a >> e.shift) & 1u)) >> e.shift) - e.rebias;
+  uint32_t code = qk_select(qk_mask(a < e.min_normal), sub, nor);
+  code = qk_select(qk_mask(a >= 0x7F800000u) | qk_mask(code > e.max_code), e.ovf_code, code);  // inf / overflow
+  const uint32_t out = ((sign << e.nbits) | code) & (qk_mask(code != 0) | e.zero_mask);
+  const uint32_t nan = qk_mask(a > 0x7F800000u) | qk_mask(code == 0xFFFFFFFFu);
+  return (uint8_t)qk_select(nan, qk_select(qk_mask(sign != 0), e.nan_neg, e.nan_pos), out);
+}
+
+QK_HD uint8_t float_to_minifloat(float v, const MiniFloat& f, bool saturate) {
+  return minifloat_encode(v, make_encoder(f, saturate));
 }
 
 QK_HD float minifloat_to_float(uint32_t c, const MiniFloat& f) {
@@ -123,7 +151,7 @@ QK_HD float minifloat_max(const MiniFloat& f) { return minifloat_to_float(f.max_
 // Finite-value magnitude used for scales: NaN and +-inf do not contribute (they are encoded on their own).
 QK_HD float finite_abs(float v) {
   const uint32_t a = f32_bits(v) & 0x7FFFFFFFu;
-  return a < 0x7F800000u ? bits_f32(a) : 0.f;
+  return bits_f32(a & qk_mask(a < 0x7F800000u));
 }
 
 // scale = amax / fp8_max, with 1 where that is 0 (all-zero block): nothing divides by zero and zeros stay zero.
