@@ -418,3 +418,12 @@ def test_gpu_native_fp4_mm(fmt):
     want = qkernels.fp4_mm(ap, as_, wp, ws, torch.float64, format=fmt, a_global_scale=ag, b_global_scale=wg,
                            backend="reference")
     assert d.backend == "native" and rel_err(out, want) < 8e-3, str(d)
+
+
+def test_empty_inputs():
+    p, s, g = qkernels.quantize_fp4(torch.empty(0, 64), "nvfp4")
+    assert p.shape == (0, 32) and s.shape == (0, 4) and g == 1
+    w, ws, wg = qkernels.quantize_fp4(torch.randn(8, 64), "nvfp4")
+    out = qkernels.fp4_mm(p, s, w, ws, torch.float32, format="nvfp4", a_global_scale=g, b_global_scale=wg)
+    assert out.shape == (0, 8)
+    assert qkernels.dequantize_fp4(p, s, g, "nvfp4").shape == (0, 64)

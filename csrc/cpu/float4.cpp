@@ -41,6 +41,36 @@ std::array<float, 16> nibble_table(const MiniFloat& f) {
   return t;
 }
 
+// Inner loops as functions of plain values (see float8.cpp): no captured references in the loops, so they vectorize.
+template <typename T>
+void encode_pairs(const T* src, uint8_t* dst, int64_t npairs, float scale, const MiniFloatEncoder enc) {
+  for (int64_t i = 0; i < npairs; ++i)
+    dst[i] = (uint8_t)(minifloat_encode(static_cast<float>(src[2 * i]) / scale, enc) |
+                       (minifloat_encode(static_cast<float>(src[2 * i + 1]) / scale, enc) << 4));
+}
+
+// max finite |src[i]| as an integer max over the bit patterns (vectorizes without -ffast-math); -1 if any NaN/inf
+template <typename T>
+int32_t amax_bits(const T* src, int64_t n) {
+  int32_t m = 0, bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t a = (int32_t)(f32_bits(static_cast<float>(src[i])) & 0x7FFFFFFFu);
+    bad |= a >= 0x7F800000;
+    m = std::max(m, a < 0x7F800000 ? a : 0);
+  }
+  return bad ? -1 : m;
+}
+
+template <typename T>
+float finite_amax(const T* src, int64_t n) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t a = (int32_t)(f32_bits(static_cast<float>(src[i])) & 0x7FFFFFFFu);
+    m = std::max(m, a < 0x7F800000 ? a : 0);
+  }
+  return bits_f32((uint32_t)m);
+}
+
 float global_scale_value(const at::Tensor& g, const char* name) {
   check_dtype(g, at::kFloat, name);
   TORCH_CHECK(g.numel() == 1, name, " must have one element (a per-tensor fp32 scale), got shape ", g.sizes());
@@ -62,9 +92,7 @@ at::Tensor fp4_encode_cpu(const at::Tensor& x, c10::string_view element) {
     uint8_t* o = out.data_ptr<uint8_t>();
     const MiniFloatEncoder enc = make_encoder(f, true);
     at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        o[i] = (uint8_t)(minifloat_encode(static_cast<float>(xp[2 * i]), enc) |
-                         (minifloat_encode(static_cast<float>(xp[2 * i + 1]), enc) << 4));
+      encode_pairs(xp + 2 * b, o + b, e - b, 1.f, enc);
     });
   });
   return out;
@@ -119,10 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
         // tensor amax over finite values (max is exact, so the parallel reduction order does not matter)
         const float amax = at::parallel_reduce(
             0, R * K, 1 << 16, 0.f,
-            [&](int64_t b, int64_t e, float m) {
-              for (int64_t i = b; i < e; ++i) m = std::max(m, finite_abs(static_cast<float>(xp[i])));
-              return m;
-            },
+            [&](int64_t b, int64_t e, float m) { return std::max(m, finite_amax(xp + b, e - b)); },
             [](float p, float q) { return std::max(p, q); });
         g = nv_global_scale(amax, f);
       }
@@ -132,22 +157,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
     const uint8_t nan_scale = nv ? 0x7F : 0xFF;
     const MiniFloatEncoder enc = make_encoder(f, true);
     at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / B), [&](int64_t b0, int64_t b1) {
-      float v[kMXBlock];
       for (int64_t blk = b0; blk < b1; ++blk) {
         const scalar_t* src = xp + blk * B;
         uint8_t* dst = pp + blk * (B / 2);
-        float amax = 0.f;
-        bool finite = true;
-        for (int64_t i = 0; i < B; ++i) {
-          v[i] = static_cast<float>(src[i]);
-          finite &= (f32_bits(v[i]) & 0x7FFFFFFFu) < 0x7F800000u;
-          amax = std::max(amax, finite_abs(v[i]));
-        }
-        if (!finite) {
+        const int32_t abits = amax_bits(src, B);
+        if (abits < 0) {
           sp[blk] = nan_scale;
           std::fill(dst, dst + B / 2, 0);
           continue;
         }
+        const float amax = bits_f32((uint32_t)abits);
         const uint8_t code = nv ? nv_scale_code(amax, g, f) : mx_scale_code(amax, f);
         sp[blk] = code;
         const float s = fp4_block_scale(code, nv, g);
@@ -155,8 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
           std::fill(dst, dst + B / 2, 0);
           continue;
         }
-        for (int64_t i = 0; i < B; i += 2)
-          dst[i / 2] = (uint8_t)(minifloat_encode(v[i] / s, enc) | (minifloat_encode(v[i + 1] / s, enc) << 4));
+        encode_pairs(src, dst, B / 2, s, enc);
       }
     });
   });

@@ -49,6 +49,30 @@ void check_scale_grid(const at::Tensor& s, std::array<int64_t, 2> grid, const ch
               grid[1], "], got ", s.sizes());
 }
 
+// Inner loops as functions of plain values: captured references (and uint8_t stores, which may alias anything)
+// would otherwise force reloads of the loop bound and encoder constants every element and block vectorization.
+// Max of the finite |src[i]|. Non-negative floats order like their bit patterns, so this is an integer max
+// reduction, which vectorizes without -ffast-math (a float max reduction does not).
+template <typename T>
+float amax_run(const T* src, int64_t n) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t a = (int32_t)(f32_bits(static_cast<float>(src[i])) & 0x7FFFFFFFu);
+    m = std::max(m, a < 0x7F800000 ? a : 0);
+  }
+  return bits_f32((uint32_t)m);
+}
+
+template <typename T>
+void encode_run(const T* src, uint8_t* dst, int64_t n, float scale, const MiniFloatEncoder enc) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = minifloat_encode(static_cast<float>(src[i]) / scale, enc);
+}
+
+template <typename T>
+void decode_run(const uint8_t* src, T* dst, int64_t n, float scale, const float* lut) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(lut[src[i]] * scale);
+}
+
 std::array<float, 256> decode_table(const MiniFloat& f) {
   std::array<float, 256> lut;
   for (int c = 0; c < 256; ++c) lut[c] = minifloat_to_float((uint32_t)c, f);
@@ -84,10 +108,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
       at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
           for (int64_t j = 0; j < nbc; ++j) {
-            const scalar_t* src = xp + r * C + j * block_cols;
-            float m = 0.f;
-            for (int64_t i = 0; i < block_cols; ++i) m = std::max(m, finite_abs(static_cast<float>(src[i])));
-            ra[r * nbc + j] = m;
+            ra[r * nbc + j] = amax_run(xp + r * C + j * block_cols, block_cols);
           }
       });
       float* sp = s.data_ptr<float>();
@@ -105,11 +126,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
       for (int64_t r = r0; r < r1; ++r) {
         const float* srow = sp + (r / block_rows) * nbc;
         for (int64_t j = 0; j < nbc; ++j) {
-          const float sc = srow[j];
-          const scalar_t* src = xp + r * C + j * block_cols;
-          uint8_t* dst = qp + r * C + j * block_cols;
-          for (int64_t i = 0; i < block_cols; ++i)
-            dst[i] = minifloat_encode(static_cast<float>(src[i]) / sc, enc);
+          encode_run(xp + r * C + j * block_cols, qp + r * C + j * block_cols, block_cols, srow[j], enc);
         }
       }
     });
@@ -139,10 +156,7 @@ at::Tensor dequantize_fp8_cpu(const at::Tensor& q, const at::Tensor& scale, at::
       for (int64_t r = r0; r < r1; ++r) {
         const float* srow = sp + (r / block_rows) * nbc;
         for (int64_t j = 0; j < nbc; ++j) {
-          const float s = srow[j];
-          const uint8_t* src = qp + r * C + j * block_cols;
-          scalar_t* dst = op + r * C + j * block_cols;
-          for (int64_t i = 0; i < block_cols; ++i) dst[i] = static_cast<scalar_t>(lut[src[i]] * s);
+          decode_run(qp + r * C + j * block_cols, op + r * C + j * block_cols, block_cols, srow[j], lut.data());
         }
       }
     });
@@ -189,10 +203,7 @@ at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::Scalar
   const float *asp = asc.data_ptr<float>(), *bsp = bsc.data_ptr<float>();
   const int64_t ga = a_scale.size(1), gb = b_scale.size(1);
   auto row = [K](const uint8_t* q, const std::array<float, 256>& lut, const float* srow, int64_t bk, float* dst) {
-    for (int64_t k0 = 0; k0 < K; k0 += bk) {
-      const float s = srow[k0 / bk];
-      for (int64_t k = k0; k < k0 + bk; ++k) dst[k] = lut[q[k]] * s;
-    }
+    for (int64_t k0 = 0; k0 < K; k0 += bk) decode_run(q + k0, dst + k0, bk, srow[k0 / bk], lut.data());
   };
   return cpu::emulated_mm(
       M, N, K, [&](int64_t m, float* dst) { row(ap + m * K, la, asp + (m / ba[0]) * ga, ba[1], dst); },

@@ -9,7 +9,8 @@ Element formats (a code is sign bit 3, then exponent bits, then mantissa bits; e
   {2, 2.5, 3, 3.5}. So +-{0, 0.5, ..., 3.5}, a uniform grid (like sign-magnitude int3 / 2); emax = 1.
 
 Encoding: round to nearest, ties to the even code, saturating to +-max (the formats have no inf/NaN); NaN encodes
-as the -0 code 0x8 (what ml_dtypes does). Packing: two codes per byte, element 2i in the low nibble.
+as the -0 code 0x8 (ml_dtypes gives +-0 by the NaN's sign bit; no block format stores a NaN element: blocks
+with NaN get a NaN scale). Packing: two codes per byte, element 2i in the low nibble.
 
 Block formats (the last dim is split into blocks of B elements; ``x [R, K]`` gives ``scale [R, K / B]``):
 

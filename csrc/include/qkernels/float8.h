@@ -9,8 +9,8 @@
 //      saturate=true  -> +-max finite (OCP FP8 spec "saturating" conversion; NVIDIA's __NV_SATFINITE)
 //      saturate=false -> +-inf where the format has inf (e5m2), NaN otherwise (e4m3fn, fnuz), as ml_dtypes does;
 //    the 4-bit element formats have neither inf nor NaN and always saturate;
-//  * NaN -> the format's NaN (0x7F|sign for e4m3fn and e5m2, 0x80 for fnuz); formats without NaN get the -0 code,
-//    matching ml_dtypes.float4_e2m1fn;
+//  * NaN -> the format's NaN (0x7F|sign for e4m3fn and e5m2 as torch's casts give; ml_dtypes uses 0x7E|sign for
+//    e5m2, also a NaN; 0x80 for fnuz); formats without NaN (fp4 elements) get the -0 code 0x8;
 //  * fnuz formats have no -0: a result that rounds to zero is +0 (0x80 is their only NaN).
 // Formats: OCP 8-bit Floating Point Specification (OFP8) rev 1.0, 2023 (e4m3fn, e5m2);
 // Graphcore/AMD "fnuz" variants (exponent bias one larger, single NaN at 0x80; used by MI300 / gfx942).
@@ -60,7 +60,7 @@ QK_HD float bits_f32(uint32_t u) {
 
 QK_HD uint8_t minifloat_nan_code(const MiniFloat& f, uint32_t sign) {
   if (f.fnuz) return 0x80;
-  if (!f.has_nan) return (uint8_t)(1u << (f.ebits + f.mbits));  // -0, as ml_dtypes encodes NaN in e2m1
+  if (!f.has_nan) return (uint8_t)(1u << (f.ebits + f.mbits));  // -0 (formats without NaN: fp4 elements)
   return (uint8_t)((sign << (f.ebits + f.mbits)) | ((1u << (f.ebits + f.mbits)) - 1));  // all ones
 }
 
