@@ -314,8 +314,9 @@ def test_dispatch_fp4_mm(device, ctx, backend):
 
 
 @pytest.mark.parametrize("op", ["fp4_encode", "fp4_decode", "quantize_fp4", "dequantize_fp4"])
-@pytest.mark.parametrize("device,backend", [("cpu", "cpu"), ("sm90", "reference"), ("sm100", "reference"),
-                                            ("gfx942", "reference")])
+@pytest.mark.parametrize("device,backend", [("cpu", "cpu"), ("sm80", "reference"), ("sm89", "reference"),
+                                            ("sm90", "reference"), ("sm100", "reference"), ("gfx942", "reference"),
+                                            ("gfx90a", "reference")])
 def test_dispatch_fp4_casts(op, device, backend):
     with mock_device(device):
         assert qkernels.explain(op).backend == backend

@@ -196,7 +196,9 @@ at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::Scalar
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [N] = [", N, "], got ", bias->sizes());
     check_same_device(a, *bias, "a", "bias");
   }
-  for (auto* t : {&a_scale, &b, &b_scale}) check_same_device(a, *t, "a", "b/a_scale/b_scale");
+  check_same_device(a, a_scale, "a", "a_scale");
+  check_same_device(a, b, "a", "b");
+  check_same_device(a, b_scale, "a", "b_scale");
   const auto la = decode_table(fa), lb = decode_table(fb);
   auto ac = a.contiguous(), bc = b.contiguous(), asc = a_scale.contiguous(), bsc = b_scale.contiguous();
   const uint8_t *ap = ac.data_ptr<uint8_t>(), *bp = bc.data_ptr<uint8_t>();
