@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <array>
 #include <string>
+#include <vector>
 
 #include "emulated_mm.h"
 #include "qkernels/check.h"
@@ -47,6 +48,13 @@ void encode_pairs(const T* src, uint8_t* dst, int64_t npairs, float scale, const
   for (int64_t i = 0; i < npairs; ++i)
     dst[i] = (uint8_t)(minifloat_encode(static_cast<float>(src[2 * i]) / scale, enc) |
                        (minifloat_encode(static_cast<float>(src[2 * i + 1]) / scale, enc) << 4));
+}
+
+template <typename T>
+void encode_pairs_scaled(const T* src, uint8_t* dst, int64_t npairs, const float* scale, const MiniFloatEncoder enc) {
+  for (int64_t i = 0; i < npairs; ++i)
+    dst[i] = (uint8_t)(minifloat_encode(static_cast<float>(src[2 * i]) / scale[i], enc) |
+                       (minifloat_encode(static_cast<float>(src[2 * i + 1]) / scale[i], enc) << 4));
 }
 
 // max finite |src[i]| as an integer max over the bit patterns (vectorizes without -ffast-math); -1 if any NaN/inf
@@ -156,25 +164,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
     uint8_t* sp = scale.data_ptr<uint8_t>();
     const uint8_t nan_scale = nv ? 0x7F : 0xFF;
     const MiniFloatEncoder enc = make_encoder(f, true);
-    at::parallel_for(0, R * nb, std::max<int64_t>(1, 4096 / B), [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const scalar_t* src = xp + blk * B;
-        uint8_t* dst = pp + blk * (B / 2);
-        const int32_t abits = amax_bits(src, B);
-        if (abits < 0) {
-          sp[blk] = nan_scale;
-          std::fill(dst, dst + B / 2, 0);
-          continue;
+    // Row by row: first every block's scale, spread to one divisor per output byte; then one encode loop over the
+    // whole row. (Encoding block by block leaves NVFP4's 8-byte blocks to the scalar remainder of the vector loop.)
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+      std::vector<float> pair_scale(K / 2);
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* src = xp + r * K;
+        uint8_t* dst = pp + r * (K / 2);
+        uint8_t* srow = sp + r * nb;
+        bool any_zero = false;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int32_t abits = amax_bits(src + j * B, B);
+          const float amax = bits_f32((uint32_t)std::max(abits, 0));
+          // a non-finite block gets the NaN scale code; its elements (like those of an NV block whose scale rounds
+          // to 0) are stored as zeros below
+          srow[j] = abits < 0 ? nan_scale : (nv ? nv_scale_code(amax, g, f) : mx_scale_code(amax, f));
+          const float s = fp4_block_scale(srow[j], nv, g);
+          const bool usable = s > 0.f;
+          any_zero |= !usable;
+          std::fill(pair_scale.begin() + j * (B / 2), pair_scale.begin() + (j + 1) * (B / 2), usable ? s : 1.f);
         }
-        const float amax = bits_f32((uint32_t)abits);
-        const uint8_t code = nv ? nv_scale_code(amax, g, f) : mx_scale_code(amax, f);
-        sp[blk] = code;
-        const float s = fp4_block_scale(code, nv, g);
-        if (!(s > 0.f)) {  // NV scale rounded to 0 in e4m3: the block is below resolution, store zeros
-          std::fill(dst, dst + B / 2, 0);
-          continue;
-        }
-        encode_pairs(src, dst, B / 2, s, enc);
+        encode_pairs_scaled(src, dst, K / 2, pair_scale.data(), enc);
+        if (any_zero)
+          for (int64_t j = 0; j < nb; ++j)
+            if (!(fp4_block_scale(srow[j], nv, g) > 0.f)) std::fill(dst + j * (B / 2), dst + (j + 1) * (B / 2), 0);
       }
     });
   });
