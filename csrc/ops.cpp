@@ -39,4 +39,32 @@ TORCH_LIBRARY(qkernels, m) {
   // ---- build information (csrc/build_info.cpp) ----
   // The CUDA archs compiled into this build, ";"-separated as in TORCH_CUDA_ARCH_LIST ("" for a CPU-only build).
   m.def("cuda_build_archs() -> str");
+
+  // ---- fp8 casts and scaled GEMM (csrc/cpu/float8.cpp, reference: qkernels/reference/float8.py) ----
+  // x [R, C] float -> (q uint8 [R, C] holding `dtype` fp8 bits, scale fp32 [R/block_rows, C/block_cols]) with
+  // q = fp8(x / scale), RNE, saturating or IEEE overflow; scale given or amax(finite |x|) / fp8_max (1 if amax=0).
+  m.def("quantize_fp8(Tensor x, Tensor? scale, ScalarType dtype, int block_rows, int block_cols, bool saturate) "
+        "-> (Tensor q, Tensor scale)");
+  // fp8 bits q uint8 [R, C] of `dtype` times scale fp32 [R/block_rows, C/block_cols] (fp32 product) -> out_dtype.
+  m.def("dequantize_fp8(Tensor q, Tensor scale, ScalarType dtype, int block_rows, int block_cols, "
+        "ScalarType out_dtype) -> Tensor");
+  // dequant(a [M, K], a_scale [M/bm, K/bk]) @ dequant(b [N, K], b_scale [N/bn, K/bk'])^T + bias, fp32 -> out_dtype.
+  m.def("fp8_mm(Tensor a, Tensor a_scale, ScalarType a_dtype, Tensor b, Tensor b_scale, ScalarType b_dtype, "
+        "Tensor? bias, ScalarType out_dtype) -> Tensor");
+
+  // ---- fp4 elements, MXFP4/NVFP4 block formats, scaled GEMM (csrc/cpu/float4.cpp, ref: qkernels/reference/float4.py)
+  // x [..., K] float -> uint8 [..., K/2]: element ("e2m1" | "e1m2") codes, saturating RNE, element 2i in low nibble.
+  m.def("fp4_encode(Tensor x, str element) -> Tensor");
+  // uint8 [..., K/2] -> [..., K] out_dtype: the values of the packed element codes.
+  m.def("fp4_decode(Tensor packed, str element, ScalarType out_dtype) -> Tensor");
+  // x [R, K] float -> (packed uint8 [R, K/2], scale uint8 [R, K/B] (e8m0 for "mxfp4", B=32; e4m3fn for "nvfp4",
+  // B=16), global_scale fp32 0-d (nvfp4: given or amax / (448 * elem_max); mxfp4: 1)).
+  m.def("quantize_fp4(Tensor x, str format, str element, Tensor? global_scale) "
+        "-> (Tensor packed, Tensor scale, Tensor global_scale)");
+  // decode(packed [R, K/2]) * block scale (* global_scale for nvfp4) -> [R, K] out_dtype.
+  m.def("dequantize_fp4(Tensor packed, Tensor scale, Tensor global_scale, str format, str element, "
+        "ScalarType out_dtype) -> Tensor");
+  // dequant_fp4(a [M, K/2], ...) @ dequant_fp4(b [N, K/2], ...)^T + bias, fp32 -> out_dtype [M, N].
+  m.def("fp4_mm(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, Tensor b_global_scale, "
+        "str format, str element, Tensor? bias, ScalarType out_dtype) -> Tensor");
 }

@@ -9,6 +9,10 @@ Public API (all backed by ``torch.ops.qkernels.*``; see ``qkernels.explain(op)``
 * modules: :class:`QuantLinear` and the schemes (:class:`Int4WeightOnly`, :class:`Int8WeightOnly`,
   :class:`Int8Dynamic`; fp8/fp4 schemes defined, pending their ops), :func:`quantize_`
 * checkpoints: :func:`save_quantized`, :func:`load_quantized` (qkernels, GPTQ, AWQ, compressed-tensors)
+* fp8: :func:`quantize_fp8`, :func:`dequantize_fp8` (per-tensor / per-row / block scales, e4m3fn, e5m2, fnuz),
+  :func:`fp8_mm` (scaled fp8 GEMM: torch._scaled_mm where the GPU has fp8, emulated elsewhere)
+* fp4: :func:`fp4_encode`, :func:`fp4_decode` (e2m1 / e1m2 elements), :func:`quantize_fp4`,
+  :func:`dequantize_fp4` (MXFP4, NVFP4), :func:`fp4_mm`
 """
 
 from . import _ext, dispatch, reference
@@ -16,12 +20,20 @@ from .dispatch import explain
 from .ops import (
     choose_qparams_affine,
     dequantize_affine,
+    dequantize_fp4,
+    dequantize_fp8,
+    fp4_decode,
+    fp4_encode,
+    fp4_mm,
+    fp8_mm,
     int4_weight_only_mm,
     int8_dynamic_mm,
     int8_weight_only_mm,
     pack_int4,
     quantize_affine,
     quantize_affine_with_qparams,
+    quantize_fp4,
+    quantize_fp8,
     quantize_per_token_int8,
     unpack_int4,
 )

@@ -212,6 +212,73 @@ def standard_rules(op: str, cuda_archs=None) -> list[Rule]:
     ]
 
 
+# ---- fp8 / fp4 hardware support (torch._scaled_mm) ---------------------------------------------------------------
+_OCP_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FNUZ_FP8 = (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+# ROCm archs whose fp8 matrix cores take the fnuz encodings (MI300 family) / the OCP ones (MI350)
+_ROCM_FP8 = {"gfx942": _FNUZ_FP8, "gfx950": _OCP_FP8}
+
+
+def fp8_native(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+    """torch._scaled_mm for fp8: sm89+ (OCP e4m3fn/e5m2) and gfx942 (fnuz), tensor-wise or row-wise scales."""
+    a_dt, b_dt = ctx.get("a_dtype"), ctx.get("b_dtype")
+    gran = ctx.get("granularity", "tensor")
+    if dev.kind == "cuda":
+        if dev.capability < (8, 9):
+            return False, f"fp8 tensor cores need sm89+ (Ada/Hopper/Blackwell), this is {dev}"
+        dtypes = _OCP_FP8
+    elif dev.kind == "rocm":
+        if dev.arch not in _ROCM_FP8:
+            return False, f"{dev.arch} has no fp8 matrix cores (gfx942/gfx950 do)"
+        dtypes = _ROCM_FP8[dev.arch]
+    else:
+        return False, "torch._scaled_mm needs an fp8-capable GPU"
+    names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+    if a_dt is not None and (a_dt not in dtypes or b_dt not in dtypes):
+        return False, f"{dev} takes {names} operands, got {a_dt} x {b_dt}"
+    if a_dt is not None and a_dt == b_dt and a_dt in (torch.float8_e5m2, torch.float8_e5m2fnuz):
+        return False, "torch._scaled_mm does not multiply e5m2 by e5m2 (one operand must be e4m3)"
+    if ctx.get("K", 16) % 16 or ctx.get("N", 16) % 16:
+        return False, f"torch._scaled_mm needs K and N divisible by 16, got K={ctx.get('K')}, N={ctx.get('N')}"
+    if gran == "row":
+        # row-wise scaling is the CUTLASS sm90 kernel with bf16 output in torch; elsewhere keep the emulation
+        if dev.kind != "cuda" or dev.capability[0] != 9:
+            return False, f"row-wise fp8 scales run natively on sm90 only here, this is {dev}"
+        if ctx.get("out_dtype", torch.bfloat16) != torch.bfloat16:
+            return False, "row-wise torch._scaled_mm produces bfloat16 only; use out_dtype=torch.bfloat16"
+    elif gran == "block":
+        # torch's block-wise recipes need specific scale layouts per arch; not wired up until tested on hardware
+        return False, "block-wise fp8 scales use the emulated path (native block-wise _scaled_mm is not wired up)"
+    return True, f"torch._scaled_mm ({names}, {gran}-wise scales) on {dev}"
+
+
+def fp4_native(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+    """Block-scaled torch._scaled_mm (MXFP4 / NVFP4 e2m1 operands) on sm100 (Blackwell datacenter)."""
+    if dev.kind != "cuda" or dev.capability is None or dev.capability[0] != 10:
+        return False, f"block-scaled fp4 tensor cores need sm100, this is {dev}"
+    if ctx.get("element", "e2m1") != "e2m1":
+        return False, f"hardware fp4 is e2m1; element {ctx.get('element')!r} is emulated"
+    if ctx.get("K", 32) % 32 or ctx.get("N", 16) % 16:
+        return False, f"block-scaled torch._scaled_mm needs K % 32 == 0 and N % 16 == 0, got K={ctx.get('K')}, " \
+                      f"N={ctx.get('N')}"
+    return True, f"block-scaled torch._scaled_mm ({ctx.get('format', 'mxfp4')}) on {dev}"
+
+
+def emulated(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+    return True, "emulated: decode to fp32 and matmul in plain PyTorch (qkernels.reference)"
+
+
+def scaled_mm_rules(op: str, native) -> list[Rule]:
+    """cuda -> triton -> native torch._scaled_mm -> C++ CPU emulation -> plain-PyTorch emulation."""
+    return [
+        Rule("cuda", compiled(op)),
+        Rule("triton", on_triton(op)),
+        Rule("native", native),
+        Rule("cpu", on_cpu(op)),
+        Rule("reference", emulated),
+    ]
+
+
 # ---- the table -----------------------------------------------------------------------------------------------
 # Families add their ops here (and only here). Keep one line of "why" per non-standard rule.
 TABLE: dict[str, list[Rule]] = {
@@ -226,6 +293,18 @@ TABLE: dict[str, list[Rule]] = {
     "int8_weight_only_mm": standard_rules("int8_weight_only_mm", min_sm(8, 0)),
     "quantize_per_token_int8": standard_rules("quantize_per_token_int8"),
     "int8_dynamic_mm": standard_rules("int8_dynamic_mm", min_sm(8, 0)),
+    # fp8 casts (qkernels/ops/float8.py): software conversion everywhere (GPUs run the plain-PyTorch cast)
+    "quantize_fp8": standard_rules("quantize_fp8"),
+    "dequantize_fp8": standard_rules("dequantize_fp8"),
+    # fp8 GEMM: torch._scaled_mm on sm89/sm90/sm100 and gfx942 (fnuz), emulated on sm80, gfx90a, CPU
+    "fp8_mm": scaled_mm_rules("fp8_mm", fp8_native),
+    # fp4 elements and MXFP4/NVFP4 blocks (qkernels/ops/float4.py)
+    "fp4_encode": standard_rules("fp4_encode"),
+    "fp4_decode": standard_rules("fp4_decode"),
+    "quantize_fp4": standard_rules("quantize_fp4"),
+    "dequantize_fp4": standard_rules("dequantize_fp4"),
+    # fp4 GEMM: block-scaled torch._scaled_mm on sm100, emulated on sm90 and below, ROCm, CPU
+    "fp4_mm": scaled_mm_rules("fp4_mm", fp4_native),
 }
 
 

@@ -1,0 +1,298 @@
+// CPU kernels for 4-bit float elements (e2m1, e1m2), the MXFP4 / NVFP4 block formats and the emulated fp4 GEMM.
+// Per-element math: qkernels/float4.h (shared with the GPU). Semantics: qkernels/reference/float4.py.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <string>
+#include <vector>
+
+#include "emulated_mm.h"
+#include "qkernels/check.h"
+#include "qkernels/float4.h"
+
+namespace qkernels {
+namespace {
+
+MiniFloat element_format(c10::string_view element) {
+  if (element == "e2m1") return minifloat_format(kE2M1);
+  if (element == "e1m2") return minifloat_format(kE1M2);
+  TORCH_CHECK(false, "element must be 'e2m1' or 'e1m2', got '", std::string(element), "'");
+}
+
+// true for NVFP4 (e4m3 scales of 16 elements), false for MXFP4 (e8m0 scales of 32)
+bool is_nv(c10::string_view format) {
+  if (format == "mxfp4") return false;
+  if (format == "nvfp4") return true;
+  TORCH_CHECK(false, "format must be 'mxfp4' or 'nvfp4', got '", std::string(format), "'");
+}
+
+void check_out_dtype(at::ScalarType dt) {
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "out_dtype must be float32, bfloat16, float16 or float64, got ", dt);
+}
+
+// 16 nibble values of an element format
+std::array<float, 16> nibble_table(const MiniFloat& f) {
+  std::array<float, 16> t;
+  for (int c = 0; c < 16; ++c) t[c] = fp4_decode((uint32_t)c, f);
+  return t;
+}
+
+// Inner loops as functions of plain values (see float8.cpp): no captured references in the loops, so they vectorize.
+template <typename T>
+void encode_pairs(const T* src, uint8_t* dst, int64_t npairs, float scale, const MiniFloatEncoder enc) {
+  for (int64_t i = 0; i < npairs; ++i)
+    dst[i] = (uint8_t)(minifloat_encode(static_cast<float>(src[2 * i]) / scale, enc) |
+                       (minifloat_encode(static_cast<float>(src[2 * i + 1]) / scale, enc) << 4));
+}
+
+template <typename T>
+void encode_pairs_scaled(const T* src, uint8_t* dst, int64_t npairs, const float* scale, const MiniFloatEncoder enc) {
+  for (int64_t i = 0; i < npairs; ++i)
+    dst[i] = (uint8_t)(minifloat_encode(static_cast<float>(src[2 * i]) / scale[i], enc) |
+                       (minifloat_encode(static_cast<float>(src[2 * i + 1]) / scale[i], enc) << 4));
+}
+
+// max finite |src[i]| as an integer max over the bit patterns (vectorizes without -ffast-math); -1 if any NaN/inf
+template <typename T>
+int32_t amax_bits(const T* src, int64_t n) {
+  int32_t m = 0, bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t a = (int32_t)(f32_bits(static_cast<float>(src[i])) & 0x7FFFFFFFu);
+    bad |= a >= 0x7F800000;
+    m = std::max(m, a < 0x7F800000 ? a : 0);
+  }
+  return bad ? -1 : m;
+}
+
+template <typename T>
+float finite_amax(const T* src, int64_t n) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t a = (int32_t)(f32_bits(static_cast<float>(src[i])) & 0x7FFFFFFFu);
+    m = std::max(m, a < 0x7F800000 ? a : 0);
+  }
+  return bits_f32((uint32_t)m);
+}
+
+float global_scale_value(const at::Tensor& g, const char* name) {
+  check_dtype(g, at::kFloat, name);
+  TORCH_CHECK(g.numel() == 1, name, " must have one element (a per-tensor fp32 scale), got shape ", g.sizes());
+  return g.item<float>();
+}
+
+at::Tensor fp4_encode_cpu(const at::Tensor& x, c10::string_view element) {
+  check_float_input(x, "x");
+  const MiniFloat f = element_format(element);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "the last dim of x must be even to pack two fp4 per byte, got ",
+              "shape ", x.sizes());
+  auto shape = x.sizes().vec();
+  shape.back() /= 2;
+  auto out = at::empty(shape, x.options().dtype(at::kByte));
+  const int64_t n = out.numel();
+  auto xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fp4_encode", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    uint8_t* o = out.data_ptr<uint8_t>();
+    const MiniFloatEncoder enc = make_encoder(f, true);
+    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+      encode_pairs(xp + 2 * b, o + b, e - b, 1.f, enc);
+    });
+  });
+  return out;
+}
+
+at::Tensor fp4_decode_cpu(const at::Tensor& packed, c10::string_view element, at::ScalarType out_dtype) {
+  check_dtype(packed, at::kByte, "packed");
+  TORCH_CHECK(packed.dim() >= 1, "packed must have at least 1 dim, got a 0-d tensor");
+  check_out_dtype(out_dtype);
+  const auto t = nibble_table(element_format(element));
+  auto shape = packed.sizes().vec();
+  shape.back() *= 2;
+  auto out = at::empty(shape, packed.options().dtype(out_dtype));
+  auto pc = packed.contiguous();
+  const uint8_t* p = pc.data_ptr<uint8_t>();
+  const int64_t n = pc.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "fp4_decode", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        o[2 * i] = static_cast<scalar_t>(t[p[i] & 0xF]);
+        o[2 * i + 1] = static_cast<scalar_t>(t[p[i] >> 4]);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor& x, c10::string_view format,
+                                                                c10::string_view element,
+                                                                const std::optional<at::Tensor>& global_scale) {
+  check_float_input(x, "x");
+  check_dim(x, 2, "x");
+  const bool nv = is_nv(format);
+  const MiniFloat f = element_format(element);
+  const int64_t B = nv ? kNVBlock : kMXBlock;
+  const int64_t R = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % B == 0, "the last dim of x (", K, ") must be a multiple of the ", std::string(format), " block size ",
+              B);
+  auto xc = x.contiguous();
+  const int64_t nb = K / B;
+  auto packed = at::empty({R, K / 2}, x.options().dtype(at::kByte));
+  auto scale = at::empty({R, nb}, x.options().dtype(at::kByte));
+  float g = 1.f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_fp4", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    if (nv) {
+      if (global_scale.has_value()) {
+        check_same_device(x, *global_scale, "x", "global_scale");
+        g = global_scale_value(*global_scale, "global_scale");
+      } else {
+        // tensor amax over finite values (max is exact, so the parallel reduction order does not matter)
+        const float amax = at::parallel_reduce(
+            0, R * K, 1 << 16, 0.f,
+            [&](int64_t b, int64_t e, float m) { return std::max(m, finite_amax(xp + b, e - b)); },
+            [](float p, float q) { return std::max(p, q); });
+        g = nv_global_scale(amax, f);
+      }
+    }
+    uint8_t* pp = packed.data_ptr<uint8_t>();
+    uint8_t* sp = scale.data_ptr<uint8_t>();
+    const uint8_t nan_scale = nv ? 0x7F : 0xFF;
+    const MiniFloatEncoder enc = make_encoder(f, true);
+    // Row by row: first every block's scale, spread to one divisor per output byte; then one encode loop over the
+    // whole row. (Encoding block by block leaves NVFP4's 8-byte blocks to the scalar remainder of the vector loop.)
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+      std::vector<float> pair_scale(K / 2);
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* src = xp + r * K;
+        uint8_t* dst = pp + r * (K / 2);
+        uint8_t* srow = sp + r * nb;
+        bool any_zero = false;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int32_t abits = amax_bits(src + j * B, B);
+          const float amax = bits_f32((uint32_t)std::max(abits, 0));
+          // a non-finite block gets the NaN scale code; its elements (like those of an NV block whose scale rounds
+          // to 0) are stored as zeros below
+          srow[j] = abits < 0 ? nan_scale : (nv ? nv_scale_code(amax, g, f) : mx_scale_code(amax, f));
+          const float s = fp4_block_scale(srow[j], nv, g);
+          const bool usable = s > 0.f;
+          any_zero |= !usable;
+          std::fill(pair_scale.begin() + j * (B / 2), pair_scale.begin() + (j + 1) * (B / 2), usable ? s : 1.f);
+        }
+        encode_pairs_scaled(src, dst, K / 2, pair_scale.data(), enc);
+        if (any_zero)
+          for (int64_t j = 0; j < nb; ++j)
+            if (!(fp4_block_scale(srow[j], nv, g) > 0.f)) std::fill(dst + j * (B / 2), dst + (j + 1) * (B / 2), 0);
+      }
+    });
+  });
+  auto gt = at::full({}, g, x.options().dtype(at::kFloat));
+  return {packed, scale, gt};
+}
+
+// checks packed [R, K/2] against scale [R, K/B]; returns K
+int64_t check_fp4_operand(const at::Tensor& packed, const at::Tensor& scale, int64_t B, const char* pname,
+                          const char* sname) {
+  check_dtype(packed, at::kByte, pname);
+  check_dim(packed, 2, pname);
+  check_dtype(scale, at::kByte, sname);
+  const int64_t R = packed.size(0), K = packed.size(1) * 2;
+  TORCH_CHECK(K % B == 0, "the unpacked last dim of ", pname, " (", K, ") must be a multiple of the block size ", B);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == R && scale.size(1) == K / B, sname, " must have shape [", R, ", ",
+              K / B, "] (one scale per ", B, " elements of ", pname, " ", packed.sizes(), " unpacked), got ",
+              scale.sizes());
+  check_same_device(packed, scale, pname, sname);
+  return K;
+}
+
+// decodes row r of a block-scaled fp4 matrix into dst[K] (fp32, the exact product value * block scale)
+struct Fp4Rows {
+  const uint8_t* p;
+  const uint8_t* s;
+  int64_t K, B;
+  bool nv;
+  float g;
+  std::array<float, 16> t;
+  void operator()(int64_t r, float* dst) const {
+    const uint8_t* pr = p + r * (K / 2);
+    const uint8_t* sr = s + r * (K / B);
+    for (int64_t j = 0; j < K / B; ++j) {
+      const float sc = fp4_block_scale(sr[j], nv, g);
+      for (int64_t i = j * B; i < (j + 1) * B; i += 2) {
+        const uint8_t byte = pr[i / 2];
+        dst[i] = t[byte & 0xF] * sc;
+        dst[i + 1] = t[byte >> 4] * sc;
+      }
+    }
+  }
+};
+
+at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& global_scale,
+                              c10::string_view format, c10::string_view element, at::ScalarType out_dtype) {
+  const bool nv = is_nv(format);
+  const MiniFloat f = element_format(element);
+  check_out_dtype(out_dtype);
+  const int64_t B = nv ? kNVBlock : kMXBlock;
+  const int64_t K = check_fp4_operand(packed, scale, B, "packed", "scale");
+  const float g = global_scale_value(global_scale, "global_scale");
+  const int64_t R = packed.size(0);
+  auto pc = packed.contiguous(), sc = scale.contiguous();
+  const Fp4Rows rows{pc.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(), K, B, nv, g, nibble_table(f)};
+  auto out = at::empty({R, K}, packed.options().dtype(out_dtype));
+  if (R == 0 || K == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequantize_fp4", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+      std::vector<float> buf(K);
+      for (int64_t r = r0; r < r1; ++r) {
+        rows(r, buf.data());
+        for (int64_t k = 0; k < K; ++k) o[r * K + k] = static_cast<scalar_t>(buf[k]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor fp4_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& a_global_scale,
+                      const at::Tensor& b, const at::Tensor& b_scale, const at::Tensor& b_global_scale,
+                      c10::string_view format, c10::string_view element, const std::optional<at::Tensor>& bias,
+                      at::ScalarType out_dtype) {
+  const bool nv = is_nv(format);
+  const MiniFloat f = element_format(element);
+  check_out_dtype(out_dtype);
+  const int64_t B = nv ? kNVBlock : kMXBlock;
+  const int64_t K = check_fp4_operand(a, a_scale, B, "a", "a_scale");
+  const int64_t Kb = check_fp4_operand(b, b_scale, B, "b", "b_scale");
+  TORCH_CHECK(Kb == K, "b must have shape [N, K/2] = [", b.size(0), ", ", K / 2, "] to match a, got ", b.sizes());
+  check_same_device(a, b, "a", "b");
+  const float ga = global_scale_value(a_global_scale, "a_global_scale");
+  const float gb = global_scale_value(b_global_scale, "b_global_scale");
+  const int64_t M = a.size(0), N = b.size(0);
+  if (bias.has_value()) {
+    check_float_input(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [N] = [", N, "], got ", bias->sizes());
+    check_same_device(a, *bias, "a", "bias");
+  }
+  auto ac = a.contiguous(), asc = a_scale.contiguous(), bc = b.contiguous(), bsc = b_scale.contiguous();
+  const auto t = nibble_table(f);
+  const Fp4Rows ra{ac.data_ptr<uint8_t>(), asc.data_ptr<uint8_t>(), K, B, nv, ga, t};
+  const Fp4Rows rb{bc.data_ptr<uint8_t>(), bsc.data_ptr<uint8_t>(), K, B, nv, gb, t};
+  return cpu::emulated_mm(M, N, K, ra, rb, bias, out_dtype, a.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
+  m.impl("fp4_encode", &fp4_encode_cpu);
+  m.impl("fp4_decode", &fp4_decode_cpu);
+  m.impl("quantize_fp4", &quantize_fp4_cpu);
+  m.impl("dequantize_fp4", &dequantize_fp4_cpu);
+  m.impl("fp4_mm", &fp4_mm_cpu);
+}
+
+}  // namespace qkernels

@@ -1,0 +1,224 @@
+// CPU kernels for fp8 casts (per-tensor / per-row / 2-D block scales) and the emulated fp8 GEMM.
+// Per-element conversion: qkernels/float8.h (the same code the GPU kernels use). Semantics:
+// qkernels/reference/float8.py.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+
+#include "emulated_mm.h"
+#include "qkernels/check.h"
+#include "qkernels/float8.h"
+
+namespace qkernels {
+namespace {
+
+// fp8 torch dtype -> float8.h format id.
+int fp8_format_id(at::ScalarType dt, const char* name) {
+  switch (dt) {
+    case at::ScalarType::Float8_e4m3fn: return kE4M3FN;
+    case at::ScalarType::Float8_e5m2: return kE5M2;
+    case at::ScalarType::Float8_e4m3fnuz: return kE4M3FNUZ;
+    case at::ScalarType::Float8_e5m2fnuz: return kE5M2FNUZ;
+    default:
+      TORCH_CHECK(false, name, " must be one of float8_e4m3fn, float8_e5m2, float8_e4m3fnuz, float8_e5m2fnuz, got ",
+                  dt);
+  }
+}
+
+void check_out_dtype(at::ScalarType dt) {
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "out_dtype must be float32, bfloat16, float16 or float64, got ", dt);
+}
+
+// block sizes that tile a [R, C] matrix; returns the scale grid shape
+std::array<int64_t, 2> check_blocks(const at::Tensor& t, int64_t br, int64_t bc, const char* name) {
+  check_dim(t, 2, name);
+  TORCH_CHECK(br > 0 && bc > 0, "block_rows and block_cols must be positive, got ", br, " and ", bc);
+  TORCH_CHECK(t.size(0) % br == 0, "block_rows ", br, " must divide dim 0 of ", name, " (", t.size(0), ")");
+  TORCH_CHECK(t.size(1) % bc == 0, "block_cols ", bc, " must divide dim 1 of ", name, " (", t.size(1), ")");
+  return {t.size(0) / br, t.size(1) / bc};
+}
+
+void check_scale_grid(const at::Tensor& s, std::array<int64_t, 2> grid, const char* name) {
+  check_dtype(s, at::kFloat, name);
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == grid[0] && s.size(1) == grid[1], name, " must have shape [", grid[0], ", ",
+              grid[1], "], got ", s.sizes());
+}
+
+// Inner loops as functions of plain values: captured references (and uint8_t stores, which may alias anything)
+// would otherwise force reloads of the loop bound and encoder constants every element and block vectorization.
+// Max of the finite |src[i]|. Non-negative floats order like their bit patterns, so this is an integer max
+// reduction, which vectorizes without -ffast-math (a float max reduction does not).
+template <typename T>
+float amax_run(const T* src, int64_t n) {
+  int32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t a = (int32_t)(f32_bits(static_cast<float>(src[i])) & 0x7FFFFFFFu);
+    m = std::max(m, a < 0x7F800000 ? a : 0);
+  }
+  return bits_f32((uint32_t)m);
+}
+
+template <typename T>
+void encode_run(const T* src, uint8_t* dst, int64_t n, float scale, const MiniFloatEncoder enc) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = minifloat_encode(static_cast<float>(src[i]) / scale, enc);
+}
+
+template <typename T>
+void decode_run(const uint8_t* src, T* dst, int64_t n, float scale, const float* lut) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(lut[src[i]] * scale);
+}
+
+std::array<float, 256> decode_table(const MiniFloat& f) {
+  std::array<float, 256> lut;
+  for (int c = 0; c < 256; ++c) lut[c] = minifloat_to_float((uint32_t)c, f);
+  return lut;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                                                    at::ScalarType dtype, int64_t block_rows, int64_t block_cols,
+                                                    bool saturate) {
+  check_float_input(x, "x");
+  const MiniFloat fmt = minifloat_format(fp8_format_id(dtype, "dtype"));
+  const auto grid = check_blocks(x, block_rows, block_cols, "x");
+  const int64_t R = x.size(0), C = x.size(1), nbc = grid[1];
+  auto xc = x.contiguous();
+  auto q = at::empty({R, C}, x.options().dtype(at::kByte));
+  at::Tensor s;
+  if (scale.has_value()) {
+    check_scale_grid(*scale, grid, "scale");
+    check_same_device(x, *scale, "x", "scale");
+    s = scale->contiguous().clone();  // a fresh output: the op must not alias its input
+  } else {
+    s = at::empty({grid[0], nbc}, x.options().dtype(at::kFloat));
+  }
+  if (R == 0 || C == 0) return {q, scale.has_value() ? s : s.fill_(1.f)};
+  const float fmax = minifloat_max(fmt);
+  const int64_t grain = std::max<int64_t>(1, 16384 / C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_fp8", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    if (!scale.has_value()) {
+      // amax of every (row, column block), then folded over the block's rows: parallel for every granularity
+      auto row_amax = at::empty({R, nbc}, x.options().dtype(at::kFloat));
+      float* ra = row_amax.data_ptr<float>();
+      at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < nbc; ++j) {
+            ra[r * nbc + j] = amax_run(xp + r * C + j * block_cols, block_cols);
+          }
+      });
+      float* sp = s.data_ptr<float>();
+      for (int64_t g = 0; g < grid[0]; ++g)
+        for (int64_t j = 0; j < nbc; ++j) {
+          float m = 0.f;
+          for (int64_t r = g * block_rows; r < (g + 1) * block_rows; ++r) m = std::max(m, ra[r * nbc + j]);
+          sp[g * nbc + j] = fp8_scale_from_amax(m, fmax);
+        }
+    }
+    const float* sp = s.data_ptr<float>();
+    uint8_t* qp = q.data_ptr<uint8_t>();
+    const MiniFloatEncoder enc = make_encoder(fmt, saturate);
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* srow = sp + (r / block_rows) * nbc;
+        for (int64_t j = 0; j < nbc; ++j) {
+          encode_run(xp + r * C + j * block_cols, qp + r * C + j * block_cols, block_cols, srow[j], enc);
+        }
+      }
+    });
+  });
+  return {q, s};
+}
+
+at::Tensor dequantize_fp8_cpu(const at::Tensor& q, const at::Tensor& scale, at::ScalarType dtype, int64_t block_rows,
+                              int64_t block_cols, at::ScalarType out_dtype) {
+  check_dtype(q, at::kByte, "q");
+  check_out_dtype(out_dtype);
+  const MiniFloat fmt = minifloat_format(fp8_format_id(dtype, "dtype"));
+  const auto grid = check_blocks(q, block_rows, block_cols, "q");
+  check_scale_grid(scale, grid, "scale");
+  check_same_device(q, scale, "q", "scale");
+  const int64_t R = q.size(0), C = q.size(1), nbc = grid[1];
+  auto out = at::empty({R, C}, q.options().dtype(out_dtype));
+  if (R == 0 || C == 0) return out;
+  const auto lut = decode_table(fmt);
+  auto qc = q.contiguous();
+  auto sc = scale.contiguous();
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequantize_fp8", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* srow = sp + (r / block_rows) * nbc;
+        for (int64_t j = 0; j < nbc; ++j) {
+          decode_run(qp + r * C + j * block_cols, op + r * C + j * block_cols, block_cols, srow[j], lut.data());
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Scale grid [G0, G1] of a matrix [R, C] -> block sizes; the grid must tile the matrix exactly.
+std::array<int64_t, 2> blocks_from_grid(const at::Tensor& t, const at::Tensor& s, const char* tname,
+                                        const char* sname) {
+  check_dtype(s, at::kFloat, sname);
+  TORCH_CHECK(s.dim() == 2, sname, " must be 2-D [", tname, ".size(0) / block_rows, ", tname,
+              ".size(1) / block_cols], got shape ", s.sizes());
+  const int64_t R = t.size(0), C = t.size(1), G0 = s.size(0), G1 = s.size(1);
+  const bool ok = G0 > 0 && G1 > 0 && R % G0 == 0 && C % G1 == 0;
+  TORCH_CHECK(ok || (R == 0 && G0 == 0) || (C == 0 && G1 == 0), sname, " shape ", s.sizes(),
+              " must evenly tile ", tname, " of shape ", t.sizes(), " (each dim a divisor of ", tname, "'s)");
+  return {ok ? R / G0 : 1, ok ? C / G1 : 1};
+}
+
+at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::ScalarType a_dtype, const at::Tensor& b,
+                      const at::Tensor& b_scale, at::ScalarType b_dtype, const std::optional<at::Tensor>& bias,
+                      at::ScalarType out_dtype) {
+  check_dtype(a, at::kByte, "a");
+  check_dtype(b, at::kByte, "b");
+  check_dim(a, 2, "a");
+  check_dim(b, 2, "b");
+  check_out_dtype(out_dtype);
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  TORCH_CHECK(b.size(1) == K, "b must have shape [N, K] with K=", K, " (a's dim 1), got ", b.sizes());
+  const MiniFloat fa = minifloat_format(fp8_format_id(a_dtype, "a_dtype"));
+  const MiniFloat fb = minifloat_format(fp8_format_id(b_dtype, "b_dtype"));
+  const auto ba = blocks_from_grid(a, a_scale, "a", "a_scale");
+  const auto bb = blocks_from_grid(b, b_scale, "b", "b_scale");
+  if (bias.has_value()) {
+    check_float_input(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [N] = [", N, "], got ", bias->sizes());
+    check_same_device(a, *bias, "a", "bias");
+  }
+  check_same_device(a, a_scale, "a", "a_scale");
+  check_same_device(a, b, "a", "b");
+  check_same_device(a, b_scale, "a", "b_scale");
+  const auto la = decode_table(fa), lb = decode_table(fb);
+  auto ac = a.contiguous(), bc = b.contiguous(), asc = a_scale.contiguous(), bsc = b_scale.contiguous();
+  const uint8_t *ap = ac.data_ptr<uint8_t>(), *bp = bc.data_ptr<uint8_t>();
+  const float *asp = asc.data_ptr<float>(), *bsp = bsc.data_ptr<float>();
+  const int64_t ga = a_scale.size(1), gb = b_scale.size(1);
+  auto row = [K](const uint8_t* q, const std::array<float, 256>& lut, const float* srow, int64_t bk, float* dst) {
+    for (int64_t k0 = 0; k0 < K; k0 += bk) decode_run(q + k0, dst + k0, bk, srow[k0 / bk], lut.data());
+  };
+  return cpu::emulated_mm(
+      M, N, K, [&](int64_t m, float* dst) { row(ap + m * K, la, asp + (m / ba[0]) * ga, ba[1], dst); },
+      [&](int64_t n, float* dst) { row(bp + n * K, lb, bsp + (n / bb[0]) * gb, bb[1], dst); }, bias, out_dtype,
+      a.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
+  m.impl("quantize_fp8", &quantize_fp8_cpu);
+  m.impl("dequantize_fp8", &dequantize_fp8_cpu);
+  m.impl("fp8_mm", &fp8_mm_cpu);
+}
+
+}  // namespace qkernels

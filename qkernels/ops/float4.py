@@ -1,0 +1,206 @@
+"""4-bit float elements (e2m1, e1m2), MXFP4 / NVFP4 block quantization and the fp4 scaled GEMM: public functions
+and fake kernels. Semantics: :mod:`qkernels.reference.float4`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..reference.float4 import ELEMENTS, FORMATS
+from ._call import call
+from ._validate import check_float_tensor, check_same_device, check_tensor
+from .float8 import check_out_dtype
+
+# the torch dtype each format's block scales are returned as (uint8 is accepted too)
+SCALE_DTYPES = {"mxfp4": torch.float8_e8m0fnu, "nvfp4": torch.float8_e4m3fn}
+
+
+def _check_format(format):
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {tuple(FORMATS)}, got {format!r}")
+
+
+def _check_element(element):
+    if element not in ELEMENTS:
+        raise ValueError(f"element must be one of {tuple(ELEMENTS)}, got {element!r}")
+
+
+def fp4_encode(x, element="e2m1", *, backend=None):
+    """Element-wise cast to 4-bit codes (no scaling), saturating round-to-nearest-even, packed two per byte.
+
+    Args:
+        x: float32/bf16/fp16 ``[..., K]``, K even.
+        element: "e2m1" (OCP FP4: +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}) or "e1m2" (+-{0, 0.5, ..., 3.5}).
+    Returns: uint8 ``[..., K/2]``, element 2i in the low nibble (bits as ml_dtypes.float4_e2m1fn for e2m1).
+    """
+    check_float_tensor(x, "x")
+    _check_element(element)
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"the last dim of x must be even to pack two fp4 per byte, got shape {tuple(x.shape)}")
+    return call("fp4_encode", (x, element), x.device, backend)
+
+
+def fp4_decode(packed, element="e2m1", out_dtype=torch.float32, *, backend=None):
+    """uint8 ``[..., K/2]`` of packed codes -> their values ``[..., K]`` in out_dtype."""
+    check_tensor(packed, "packed", (torch.uint8,))
+    _check_element(element)
+    check_out_dtype(out_dtype)
+    if packed.dim() == 0:
+        raise ValueError("packed must have at least 1 dim, got a 0-d tensor")
+    return call("fp4_decode", (packed, element, out_dtype), packed.device, backend)
+
+
+def _global_arg(g, name, device):
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (fp32, one element), got {type(g).__name__}")
+    if g.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(g.shape)}")
+    if not g.dtype.is_floating_point or g.dtype.itemsize < 2:
+        raise TypeError(f"{name} must be a float32 tensor, got {g.dtype}")
+    if g.device != device:
+        raise ValueError(f"{name} must be on {device} like the data, got {g.device}")
+    return g.float().reshape(())
+
+
+def _scale_codes(scale, name, format, shape, device):
+    """Block scales as uint8 codes; accepts uint8 or the format's scale dtype (e8m0fnu / e4m3fn)."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scale).__name__}")
+    want = SCALE_DTYPES[format]
+    if scale.dtype not in (torch.uint8, want):
+        raise TypeError(f"{name} must have dtype {str(want).replace('torch.', '')} (or uint8 codes) for "
+                        f"format={format!r}, got {scale.dtype}")
+    if tuple(scale.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (one scale per {FORMATS[format]} elements), "
+                         f"got {tuple(scale.shape)}")
+    if scale.device != device:
+        raise ValueError(f"{name} must be on {device} like the data, got {scale.device}")
+    return scale.view(torch.uint8)
+
+
+def quantize_fp4(x, format="mxfp4", *, element="e2m1", global_scale=None, backend=None):
+    """Block-scaled 4-bit quantization along the last dim.
+
+    Args:
+        x: float32/bf16/fp16 ``[..., K]``, K a multiple of the block size (32 for "mxfp4", 16 for "nvfp4").
+        format: "mxfp4" (OCP MX v1.0: E8M0 power-of-two scale per 32) or "nvfp4" (e4m3fn scale per 16 and an fp32
+            per-tensor scale).
+        element: "e2m1" (the standard FP4) or "e1m2" (emulated; see qkernels.reference.float4).
+        global_scale: nvfp4 only: a given fp32 per-tensor scale (default amax / (448 * 6)).
+    Returns:
+        ``(packed, scale, global_scale)``: packed uint8 ``[..., K/2]`` (element 2i in the low nibble); scale
+        ``[..., K/B]`` as torch.float8_e8m0fnu (mxfp4) or torch.float8_e4m3fn (nvfp4); global_scale fp32 0-d
+        (nvfp4) or None (mxfp4).
+    """
+    check_float_tensor(x, "x")
+    _check_format(format)
+    _check_element(element)
+    B = FORMATS[format]
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim [..., K], got a 0-d tensor")
+    K = x.shape[-1]
+    if K % B:
+        raise ValueError(f"the last dim of x ({K}) must be a multiple of the {format} block size {B}; "
+                         f"x has shape {tuple(x.shape)}")
+    if global_scale is not None:
+        if format != "nvfp4":
+            raise ValueError(f"global_scale is only used by format='nvfp4', got format={format!r}")
+        global_scale = _global_arg(global_scale, "global_scale", x.device)
+    x2 = x.reshape(-1, K)
+    packed, scale, g = call("quantize_fp4", (x2, format, element, global_scale), x.device, backend)
+    packed = packed.reshape(*x.shape[:-1], K // 2)
+    scale = scale.reshape(*x.shape[:-1], K // B).view(SCALE_DTYPES[format])
+    return packed, scale, (g if format == "nvfp4" else None)
+
+
+def _fp4_operand(packed, scale, g, format, pname, sname, gname):
+    check_tensor(packed, pname, (torch.uint8,))
+    if packed.dim() == 0:
+        raise ValueError(f"{pname} must have at least 1 dim, got a 0-d tensor")
+    B = FORMATS[format]
+    K = packed.shape[-1] * 2
+    if K % B:
+        raise ValueError(f"the unpacked last dim of {pname} ({K}) must be a multiple of the {format} block size {B}")
+    codes = _scale_codes(scale, sname, format, (*packed.shape[:-1], K // B), packed.device)
+    if format == "nvfp4":
+        if g is None:
+            raise ValueError(f"{gname} (the fp32 per-tensor scale from quantize_fp4) is required for format='nvfp4'")
+        g = _global_arg(g, gname, packed.device)
+    else:
+        if g is not None:
+            raise ValueError(f"{gname} is only used by format='nvfp4', got format={format!r}")
+        g = torch.ones((), dtype=torch.float32, device=packed.device)
+    return packed.reshape(-1, K // 2), codes.reshape(-1, K // B), g, K
+
+
+def dequantize_fp4(packed, scale, global_scale=None, format="mxfp4", *, element="e2m1", out_dtype=torch.float32,
+                   backend=None):
+    """Inverse of :func:`quantize_fp4`: ``decode(code) * block_scale (* global_scale)`` -> ``[..., K]``."""
+    _check_format(format)
+    _check_element(element)
+    check_out_dtype(out_dtype)
+    p2, s2, g, K = _fp4_operand(packed, scale, global_scale, format, "packed", "scale", "global_scale")
+    out = call("dequantize_fp4", (p2, s2, g, format, element, out_dtype), packed.device, backend)
+    return out.reshape(*packed.shape[:-1], K)
+
+
+def fp4_mm(a_packed, a_scale, b_packed, b_scale, out_dtype=torch.bfloat16, bias=None, *, format="mxfp4",
+           element="e2m1", a_global_scale=None, b_global_scale=None, backend=None):
+    """Block-scaled fp4 GEMM: ``dequant(a) @ dequant(b)^T + bias``, fp32 accumulation.
+
+    Args:
+        a_packed: uint8 ``[M, K/2]`` (or ``[..., K/2]``) and a_scale ``[..., K/B]`` from :func:`quantize_fp4`.
+        b_packed: uint8 ``[N, K/2]`` (nn.Linear weight layout) and b_scale ``[N, K/B]``.
+        a_global_scale, b_global_scale: the fp32 per-tensor scales (nvfp4 only).
+        bias: float ``[N]`` or None (added in fp32). out_dtype: float32/bfloat16/float16/float64.
+    Returns: ``[..., N]`` in out_dtype. Native block-scaled ``torch._scaled_mm`` on sm100 (e2m1 only), emulated
+    (decode to fp32, then matmul) elsewhere.
+    """
+    _check_format(format)
+    _check_element(element)
+    check_out_dtype(out_dtype)
+    a2, sa, ga, K = _fp4_operand(a_packed, a_scale, a_global_scale, format, "a_packed", "a_scale", "a_global_scale")
+    check_tensor(b_packed, "b_packed", (torch.uint8,), dim=2)
+    if b_packed.shape[1] * 2 != K:
+        raise ValueError(f"b_packed must have shape [N, K/2] with K/2={K // 2} (a_packed's last dim), got "
+                         f"{tuple(b_packed.shape)}")
+    b2, sb, gb, _ = _fp4_operand(b_packed, b_scale, b_global_scale, format, "b_packed", "b_scale", "b_global_scale")
+    N = b2.shape[0]
+    if bias is not None:
+        check_float_tensor(bias, "bias", dim=1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape [N] = [{N}], got {tuple(bias.shape)}")
+    for name, t in (("b_packed", b_packed), ("bias", bias)):
+        check_same_device("a_packed", a_packed, name, t)
+    out = call("fp4_mm", (a2, sa, ga, b2, sb, gb, format, element, bias, out_dtype), a_packed.device, backend,
+               format=format, element=element, out_dtype=out_dtype, M=a2.shape[0], K=K, N=N)
+    return out.reshape(*a_packed.shape[:-1], N)
+
+
+# ---- fake (meta) kernels ---------------------------------------------------------------------------------------
+if _ext.HAS_C:
+
+    @torch.library.register_fake("qkernels::fp4_encode")
+    def _(x, element):
+        torch._check(x.shape[-1] % 2 == 0, lambda: "the last dim of x must be even")
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8)
+
+    @torch.library.register_fake("qkernels::fp4_decode")
+    def _(packed, element, out_dtype):
+        return packed.new_empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=out_dtype)
+
+    @torch.library.register_fake("qkernels::quantize_fp4")
+    def _(x, format, element, global_scale):
+        B = FORMATS[format]
+        R, K = x.shape
+        return (x.new_empty((R, K // 2), dtype=torch.uint8), x.new_empty((R, K // B), dtype=torch.uint8),
+                x.new_empty((), dtype=torch.float32))
+
+    @torch.library.register_fake("qkernels::dequantize_fp4")
+    def _(packed, scale, global_scale, format, element, out_dtype):
+        return packed.new_empty((packed.shape[0], packed.shape[1] * 2), dtype=out_dtype)
+
+    @torch.library.register_fake("qkernels::fp4_mm")
+    def _(a, a_scale, a_global_scale, b, b_scale, b_global_scale, format, element, bias, out_dtype):
+        return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)

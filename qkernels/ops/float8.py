@@ -1,0 +1,265 @@
+"""fp8 casts (per-tensor, per-row, block-wise) and the fp8 scaled GEMM: public functions and fake kernels.
+
+Semantics (rounding, saturation, NaN/inf, scales) are specified in :mod:`qkernels.reference.float8`. The ops carry
+fp8 codes as uint8 bit patterns; these functions take and return torch's float8 dtypes (a free ``.view``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ..reference.float8 import FP8_DTYPES
+from ._call import call
+from ._validate import FLOAT_DTYPES, check_float_tensor, check_same_device, check_tensor
+
+GRANULARITIES = ("tensor", "row", "block")
+OUT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def _dtype_name(d) -> str:
+    return str(d).replace("torch.", "")
+
+
+def check_fp8_dtype(dtype, name: str = "dtype"):
+    if dtype not in FP8_DTYPES:
+        names = ", ".join(_dtype_name(d) for d in FP8_DTYPES)
+        raise ValueError(f"{name} must be one of {names}, got {dtype!r}")
+
+
+def check_out_dtype(out_dtype):
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of float32/bfloat16/float16/float64, got {out_dtype!r}")
+
+
+def _block_pair(block_size) -> tuple[int, int]:
+    """block_size: int b (1 x b along the last dim) or (block_rows, block_cols)."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        pair = (1, block_size)
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in block_size
+    ):
+        pair = (int(block_size[0]), int(block_size[1]))
+    else:
+        raise TypeError(f"block_size must be an int or a (block_rows, block_cols) pair of ints, got {block_size!r}")
+    if pair[0] <= 0 or pair[1] <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size!r}")
+    return pair
+
+
+def fp8_layout(shape, granularity, block_size, name="x"):
+    """-> (R, C, block_rows, block_cols, public scale shape) for a tensor of ``shape`` seen as ``[R, C]``."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    shape = tuple(shape)
+    if granularity == "tensor":
+        n = 1
+        for s in shape:
+            n *= s
+        return 1, n, 1, max(n, 1), ()
+    if len(shape) == 0:
+        raise ValueError(f"{name} must have at least 1 dim for granularity={granularity!r}, got a 0-d tensor")
+    C = shape[-1]
+    R = 1
+    for s in shape[:-1]:
+        R *= s
+    if granularity == "row":
+        return R, C, 1, max(C, 1), (*shape[:-1], 1)
+    br, bc = _block_pair(block_size)
+    if C % bc:
+        raise ValueError(f"block_size {block_size!r}: {bc} must divide the last dim of {name} ({C}); "
+                         f"{name} has shape {shape}")
+    if br == 1:
+        return R, C, 1, bc, (*shape[:-1], C // bc)
+    if R % br:
+        raise ValueError(f"block_size {block_size!r}: {br} must divide the rows of {name} ({R} = prod of all "
+                         f"but the last dim); {name} has shape {shape}")
+    return R, C, br, bc, (R // br, C // bc)
+
+
+def _scale_arg(scale, name, shape, device):
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scale).__name__}")
+    if scale.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32/bfloat16/float16, got {scale.dtype}")
+    if scale.device != device:
+        raise ValueError(f"{name} must be on {device} like the data, got {scale.device}")
+    if tuple(scale.shape) != tuple(shape) and not (len(shape) == 0 and scale.numel() == 1):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(scale.shape)}")
+    return scale.float()
+
+
+def quantize_fp8(x, dtype=torch.float8_e4m3fn, granularity="tensor", block_size=128, saturate=True, *, scale=None,
+                 backend=None):
+    """Scaled cast to fp8: ``q = fp8(x / scale)``, round to nearest even.
+
+    Args:
+        x: float32/bf16/fp16 ``[..., K]``. NaN stays NaN; +-inf saturates (or overflows, see ``saturate``).
+        dtype: torch.float8_e4m3fn (default), float8_e5m2, float8_e4m3fnuz or float8_e5m2fnuz.
+        granularity: "tensor" (one scale), "row" (one per row of the last dim: per-token for activations
+            ``[M, K]``, per-output-channel for weights ``[N, K]``) or "block".
+        block_size: for "block": an int b (1 x b blocks along the last dim, e.g. 128 for activations) or a pair
+            (block_rows, block_cols) over ``x`` viewed as ``[prod(leading dims), K]`` (e.g. (128, 128) for
+            weights). Must divide the dims.
+        saturate: clamp to the largest finite value (448 e4m3fn, 57344 e5m2, 240 e4m3fnuz, 57344 e5m2fnuz);
+            False keeps IEEE overflow: inf for e5m2, NaN for the formats without inf.
+        scale: optional precomputed fp32 scale of the shape returned below (static quantization); by default
+            ``scale = amax(finite |x|) / fp8_max`` per block, 1 for an all-zero block.
+    Returns:
+        ``(q, scale)``: q of x's shape in ``dtype``; scale fp32 of shape ``()`` (tensor), ``[..., 1]`` (row),
+        ``[..., K / b]`` (1 x b blocks) or ``[R / br, K / bc]`` (2-D blocks). ``x ~= q.float() * scale`` broadcast
+        per block; :func:`dequantize_fp8` inverts it.
+    """
+    check_float_tensor(x, "x")
+    check_fp8_dtype(dtype)
+    R, C, br, bc, sshape = fp8_layout(x.shape, granularity, block_size)
+    if scale is not None:
+        scale = _scale_arg(scale, "scale", sshape, x.device).reshape(R // br, C // bc)
+    if x.numel() == 0:
+        s = torch.ones(sshape, dtype=torch.float32, device=x.device) if scale is None else scale.reshape(sshape)
+        return torch.empty(x.shape, dtype=dtype, device=x.device), s
+    q, s = call("quantize_fp8", (x.reshape(R, C), scale, dtype, br, bc, bool(saturate)), x.device, backend)
+    return q.reshape(x.shape).view(dtype), s.reshape(sshape)
+
+
+def _infer_granularity(q, scale):
+    """(granularity, block_size) from the shapes returned by :func:`quantize_fp8`."""
+    if scale.numel() == 1:
+        return "tensor", None
+    K = q.shape[-1] if q.dim() else 1
+    if scale.dim() == q.dim() and tuple(scale.shape[:-1]) == tuple(q.shape[:-1]):
+        S = scale.shape[-1]
+        if S == 1:
+            return "row", None
+        if S == 0 or K % S:
+            raise ValueError(f"scale shape {tuple(scale.shape)} does not tile q of shape {tuple(q.shape)}: its last "
+                             f"dim {S} must divide {K}")
+        return "block", K // S
+    if scale.dim() == 2 and q.dim() >= 1:
+        R = q.numel() // max(K, 1)
+        G0, G1 = scale.shape
+        if G0 == 0 or G1 == 0 or R % G0 or K % G1:
+            raise ValueError(f"scale shape {tuple(scale.shape)} does not tile q of shape {tuple(q.shape)} "
+                             f"(viewed as [{R}, {K}])")
+        return "block", (R // G0, K // G1)
+    raise ValueError(f"scale shape {tuple(scale.shape)} matches no granularity for q of shape {tuple(q.shape)}: "
+                     "expected () (tensor), q.shape[:-1] + (1,) (row), q.shape[:-1] + (K/b,) or [R/br, K/bc] (block)")
+
+
+def dequantize_fp8(q, scale, out_dtype=torch.float32, granularity=None, block_size=None, *, backend=None):
+    """``float32(q) * scale`` per block, in ``out_dtype``.
+
+    Args:
+        q: a float8 tensor (any of the four fp8 dtypes) ``[..., K]``.
+        scale: fp32 scale as returned by :func:`quantize_fp8`.
+        granularity, block_size: as for :func:`quantize_fp8`; when ``granularity`` is None they are inferred from
+            the shapes of q and scale.
+    """
+    check_tensor(q, "q")
+    check_fp8_dtype(q.dtype, "q.dtype")
+    check_out_dtype(out_dtype)
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"scale must be a torch.Tensor, got {type(scale).__name__}")
+    if granularity is None:
+        granularity, inferred = _infer_granularity(q, scale)
+        block_size = inferred if block_size is None else block_size
+    R, C, br, bc, sshape = fp8_layout(q.shape, granularity, block_size if block_size is not None else 128, "q")
+    s = _scale_arg(scale, "scale", sshape, q.device).reshape(R // br, C // bc)
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    out = call("dequantize_fp8", (q.view(torch.uint8).reshape(R, C), s, q.dtype, br, bc, out_dtype), q.device,
+               backend)
+    return out.reshape(q.shape)
+
+
+def _scale_grid(scale, name, t2, lead_shape, dname):
+    """Normalize an fp8_mm scale to the 2-D grid ``[G0, G1]`` that tiles the 2-D operand ``t2 [R, K]``."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scale).__name__}")
+    if scale.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32/bfloat16/float16, got {scale.dtype}")
+    R, K = t2.shape
+    if scale.numel() == 1:
+        g = scale.reshape(1, 1)
+    elif scale.dim() == len(lead_shape) + 1 and tuple(scale.shape[:-1]) == tuple(lead_shape):
+        g = scale.reshape(R, scale.shape[-1])  # row ([..., 1]) or 1 x b blocks ([..., K / b])
+    elif scale.dim() == 1 and scale.shape[0] == R:
+        g = scale.reshape(R, 1)
+    elif scale.dim() == 2:
+        g = scale
+    else:
+        raise ValueError(f"{name} must be a single value, [{R}] / [{R}, 1] (per row), [{R}, K/b] or [{R}/br, K/bc] "
+                         f"(blocks) for {dname} of shape {tuple(lead_shape) + (K,)}, got {tuple(scale.shape)}")
+    G0, G1 = g.shape
+    if G0 == 0 or G1 == 0 or R % G0 or K % G1:
+        raise ValueError(f"{name} of shape {tuple(scale.shape)} must evenly tile {dname} viewed as [{R}, {K}]: "
+                         f"its dims must divide {R} and {K}")
+    return g.float().contiguous()
+
+
+def _granularity_of(ga, gb, M, N) -> str:
+    if ga.shape == (1, 1) and gb.shape == (1, 1):
+        return "tensor"
+    if ga.shape[1] == 1 and gb.shape[1] == 1 and ga.shape[0] in (1, M) and gb.shape[0] in (1, N):
+        return "row"
+    return "block"
+
+
+def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, backend=None):
+    """Scaled fp8 GEMM: ``(a_q * a_scale) @ (b_q * b_scale)^T + bias`` with fp32 accumulation.
+
+    Args:
+        a_q: float8 activations ``[M, K]`` (or ``[..., K]``, flattened).
+        a_scale: fp32 from :func:`quantize_fp8` of a: ``()`` tensor-wise, ``[M, 1]`` / ``[M]`` per token,
+            ``[M, K / 128]`` for 1x128 blocks (any 2-D grid that tiles a works).
+        b_q: float8 weight ``[N, K]`` (nn.Linear layout). The fp8 dtypes of a and b may differ.
+        b_scale: ``()``, ``[N, 1]`` / ``[N]`` per channel, ``[N / 128, K / 128]`` for 128x128 blocks.
+        out_dtype: float32/bfloat16/float16/float64. bias: float ``[N]`` or None, added in fp32.
+    Returns: ``[..., N]`` in out_dtype.
+    Runs ``torch._scaled_mm`` where the GPU has fp8 (see ``qkernels.explain("fp8_mm", ...)``), else the
+    emulated path (decode to fp32, then matmul) with the same semantics.
+    """
+    check_tensor(a_q, "a_q")
+    check_fp8_dtype(a_q.dtype, "a_q.dtype")
+    check_tensor(b_q, "b_q", dim=2)
+    check_fp8_dtype(b_q.dtype, "b_q.dtype")
+    check_out_dtype(out_dtype)
+    if a_q.dim() == 0:
+        raise ValueError("a_q must have at least 1 dim [..., K], got a 0-d tensor")
+    K = a_q.shape[-1]
+    if b_q.shape[1] != K:
+        raise ValueError(f"b_q must have shape [N, K] with K={K} (a_q's last dim), got {tuple(b_q.shape)}")
+    N = b_q.shape[0]
+    a2 = a_q.reshape(-1, K)
+    M = a2.shape[0]
+    ga = _scale_grid(a_scale, "a_scale", a2, a_q.shape[:-1], "a_q")
+    gb = _scale_grid(b_scale, "b_scale", b_q, b_q.shape[:-1], "b_q")
+    if bias is not None:
+        check_float_tensor(bias, "bias", dim=1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape [N] = [{N}], got {tuple(bias.shape)}")
+    for name, t in (("b_q", b_q), ("a_scale", a_scale), ("b_scale", b_scale), ("bias", bias)):
+        check_same_device("a_q", a_q, name, t)
+    gran = _granularity_of(ga, gb, M, N)
+    out = call("fp8_mm", (a2.view(torch.uint8), ga, a_q.dtype, b_q.view(torch.uint8), gb, b_q.dtype, bias, out_dtype),
+               a_q.device, backend, a_dtype=a_q.dtype, b_dtype=b_q.dtype, granularity=gran, out_dtype=out_dtype,
+               M=M, K=K, N=N)
+    return out.reshape(*a_q.shape[:-1], N)
+
+
+# ---- fake (meta) kernels ---------------------------------------------------------------------------------------
+if _ext.HAS_C:
+
+    @torch.library.register_fake("qkernels::quantize_fp8")
+    def _(x, scale, dtype, block_rows, block_cols, saturate):
+        grid = (x.shape[0] // block_rows, x.shape[1] // block_cols)
+        return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(grid, dtype=torch.float32)
+
+    @torch.library.register_fake("qkernels::dequantize_fp8")
+    def _(q, scale, dtype, block_rows, block_cols, out_dtype):
+        return q.new_empty(q.shape, dtype=out_dtype)
+
+    @torch.library.register_fake("qkernels::fp8_mm")
+    def _(a, a_scale, a_dtype, b, b_scale, b_dtype, bias, out_dtype):
+        torch._check(a.shape[1] == b.shape[1], lambda: "a and b must have the same K")
+        return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
