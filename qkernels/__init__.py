@@ -6,6 +6,8 @@ Public API (all backed by ``torch.ops.qkernels.*``; see ``qkernels.explain(op)``
   :func:`pack_int4`, :func:`unpack_int4`
 * dequant-GEMMs: :func:`int4_weight_only_mm` (W4A16), :func:`int8_weight_only_mm` (W8A16),
   :func:`int8_dynamic_mm` (W8A8)
+* GGUF (llama.cpp) blocks: :func:`gguf_quantize`, :func:`gguf_dequantize`, :func:`gguf_mm`; files and mixes in
+  :mod:`qkernels.gguf` (:func:`load_gguf`, :func:`export_gguf`)
 """
 
 from . import _ext, dispatch, reference
@@ -13,6 +15,9 @@ from .dispatch import explain
 from .ops import (
     choose_qparams_affine,
     dequantize_affine,
+    gguf_dequantize,
+    gguf_mm,
+    gguf_quantize,
     int4_weight_only_mm,
     int8_dynamic_mm,
     int8_weight_only_mm,
@@ -22,6 +27,9 @@ from .ops import (
     quantize_per_token_int8,
     unpack_int4,
 )
+
+from . import gguf  # noqa: E402  (after .ops: it builds on them)
+from .formats.gguf import export_gguf, load_gguf  # noqa: E402
 
 __version__ = "0.1.0"
 HAS_EXTENSION = _ext.HAS_C

@@ -175,6 +175,20 @@ def min_sm(major: int, minor: int = 0):
     return check
 
 
+# ggml type ids the C++ encoder implements (with and without an importance matrix)
+GGUF_CPU_ENCODE = (0, 1, 30, 2, 3, 6, 7, 8, 39, 12, 13, 14)
+
+
+def gguf_cpu_encoder(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+    ok, why = on_cpu("gguf_quantize")(dev, ctx)
+    if not ok:
+        return ok, why
+    t = ctx.get("type")
+    if t is not None and t not in GGUF_CPU_ENCODE:
+        return False, f"no C++ encoder for ggml type {t} (Q2_K/Q3_K encode in the reference)"
+    return True, "C++ CPU encoder"
+
+
 def standard_rules(op: str, cuda_archs=None) -> list[Rule]:
     """cuda -> triton -> cpu -> reference: the chain of every op that has no torch-native counterpart."""
     return [
@@ -199,6 +213,10 @@ TABLE: dict[str, list[Rule]] = {
     "int8_weight_only_mm": standard_rules("int8_weight_only_mm", min_sm(8, 0)),
     "quantize_per_token_int8": standard_rules("quantize_per_token_int8"),
     "int8_dynamic_mm": standard_rules("int8_dynamic_mm", min_sm(8, 0)),
+    # GGUF block formats (qkernels/ops/gguf.py); Q2_K/Q3_K encode only in the reference
+    "gguf_quantize": [Rule("cpu", gguf_cpu_encoder), Rule("reference", always)],
+    "gguf_dequantize": standard_rules("gguf_dequantize"),
+    "gguf_mm": standard_rules("gguf_mm"),
 }
 
 

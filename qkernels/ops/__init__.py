@@ -1,5 +1,6 @@
 """Public op functions: validate arguments -> pick a backend (qkernels.dispatch) -> run it."""
 
+from .gguf import gguf_dequantize, gguf_mm, gguf_quantize
 from .int_gemm import int4_weight_only_mm, int8_dynamic_mm, int8_weight_only_mm, quantize_per_token_int8
 from .int_quant import (
     choose_qparams_affine,

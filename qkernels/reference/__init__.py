@@ -6,7 +6,7 @@ csrc/ops.cpp). :data:`OPS` maps op name -> reference function; the ``reference``
 
 from __future__ import annotations
 
-from . import int_gemm, int_quant
+from . import gguf, int_gemm, int_quant
 
 OPS = {}
 
@@ -18,3 +18,4 @@ def _collect(module, names):
 
 _collect(int_quant, ["choose_qparams_affine", "quantize_affine", "dequantize_affine", "pack_int4", "unpack_int4"])
 _collect(int_gemm, ["int4_weight_only_mm", "int8_weight_only_mm", "quantize_per_token_int8", "int8_dynamic_mm"])
+_collect(gguf, ["gguf_quantize", "gguf_dequantize", "gguf_mm"])

@@ -1,0 +1,3 @@
+"""Quantized nn modules."""
+
+from .gguf_linear import GGUFLinear
