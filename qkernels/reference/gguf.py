@@ -91,7 +91,9 @@ def _abs_argmax_value(x: torch.Tensor):
     """(amax, max): largest |x| over the last dim and the signed value at its FIRST occurrence (ggml's strict >)."""
     ax = x.abs()
     idx = ax.argmax(dim=-1, keepdim=True)
-    return ax.gather(-1, idx).squeeze(-1), x.gather(-1, idx).squeeze(-1)
+    amax, mx = ax.gather(-1, idx).squeeze(-1), x.gather(-1, idx).squeeze(-1)
+    # ggml starts from max = +0.0f: an all-(+-)zero block gives +0 even if x[0] is -0 (gguf-py would give -0 there)
+    return amax, torch.where(amax > 0, mx, torch.zeros_like(mx))
 
 
 def _pack_nibbles_halves(q: torch.Tensor) -> torch.Tensor:
@@ -381,8 +383,9 @@ def _enc_sym(b, nmax):
 
 def _enc_asym(b, nmax):
     """Q4_1 (15) / Q5_1 (31): d = (max - min) / nmax, q = min(nmax, trunc((x - min)/d + 0.5))."""
-    mn = b.amin(-1)
-    mx = b.amax(-1)
+    # first occurrence, like ggml's strict-compare loop (only the sign of zero in all-zero blocks depends on it)
+    mn = b.gather(-1, b.argmin(-1, keepdim=True)).squeeze(-1)
+    mx = b.gather(-1, b.argmax(-1, keepdim=True)).squeeze(-1)
     d = (mx - mn) / nmax
     idv = torch.where(d != 0, _rdiv(1, torch.where(d != 0, d, torch.ones_like(d))), torch.zeros_like(d))
     q = torch.trunc((b - mn[:, None]) * idv[:, None] + 0.5).to(torch.int32).clamp(0, nmax)
