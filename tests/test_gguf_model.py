@@ -33,7 +33,7 @@ def tiny_llama(tied=False, seed=0, hidden=256, layers=3):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=512, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=128,
-                      rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                      rms_norm_eps=1e-5, rope_theta=10000.0,
                       tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial norms so a mixed-up norm would show
@@ -135,7 +135,6 @@ def test_export_quantized_reads_back_and_matches_the_dequantized_model(tmp_path,
         assert t.tensor_type.name == plan[t.name], t.name
         shape = tuple(int(v) for v in t.shape)[::-1]
         file_vals = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-        hf = qg.formats.gguf.gguf_to_hf_name(t.name) if hasattr(qg, "formats") else None
         from qkernels.formats.gguf import gguf_to_hf_name
 
         hf = gguf_to_hf_name(t.name)

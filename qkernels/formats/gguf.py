@@ -228,7 +228,7 @@ def _llama_config(reader):
         num_hidden_layers=int(need("block_count")), num_attention_heads=heads, num_key_value_heads=kv,
         head_dim=head_dim, max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
         rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_parameters={"rope_type": "default", "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0))},
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),  # transformers 5 maps it to rope_parameters
         tie_word_embeddings=tied,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
