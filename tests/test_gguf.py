@@ -47,12 +47,13 @@ def same_floats(a, b):
 # ---- oracles ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("with_imatrix", [False, True])
+# (type, with imatrix): the imatrix applies to the K-quants (docs/gguf.md)
+GOLDEN_CASES = [(n, False) for n in ALL] + [(n, True) for n in K_TYPES]
+
+
+@pytest.mark.parametrize("name,with_imatrix", GOLDEN_CASES)
 def test_reference_encoder_matches_llamacpp_golden(name, with_imatrix):
     """Bytes produced by llama.cpp's ggml-quants.c (benchmarks/gguf_llamacpp_oracle.py) on seeded data."""
-    if with_imatrix and name not in K_TYPES:
-        pytest.skip("llama.cpp takes an imatrix only for these in our implementation (see docs/gguf.md)")
     g = np.load(GOLDEN)
     x = torch.from_numpy(g["x"])
     im = torch.from_numpy(g["imatrix"]) if with_imatrix else None
@@ -64,11 +65,8 @@ def test_reference_encoder_matches_llamacpp_golden(name, with_imatrix):
 
 
 @needs_c
-@pytest.mark.parametrize("name", CPU_ENCODE)
-@pytest.mark.parametrize("with_imatrix", [False, True])
+@pytest.mark.parametrize("name,with_imatrix", [c for c in GOLDEN_CASES if c[0] in CPU_ENCODE])
 def test_cpp_encoder_matches_llamacpp_golden(name, with_imatrix):
-    if with_imatrix and name not in K_TYPES:
-        pytest.skip("imatrix applies to the K-quants")
     g = np.load(GOLDEN)
     x = torch.from_numpy(g["x"])
     im = torch.from_numpy(g["imatrix"]) if with_imatrix else None

@@ -231,7 +231,7 @@ def test_load_smollm2_q4_1_matches_gguf_py_dense_model():
             w = reverse_permute(w, cfg.num_attention_heads)
         elif t.name.endswith("attn_k.weight"):
             w = reverse_permute(w, cfg.num_key_value_heads)
-        sd[gguf_to_hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+        sd[gguf_to_hf_name(t.name)] = torch.from_numpy(np.array(w, np.float32))
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     dense.load_state_dict(sd, strict=False)
     with torch.no_grad():

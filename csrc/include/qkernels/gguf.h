@@ -187,23 +187,40 @@ QK_HD void decode_mxfp4(const uint8_t* b, float* y) {
 
 QK_HD void decode_q2_k(const uint8_t* b, float* y) {
   const uint8_t* sc = b;
-  const uint8_t* qs = b + 16;
   const float d = read_fp16(b + 80), dmin = read_fp16(b + 82);
-  for (int e = 0; e < 256; ++e) {
-    const int half = e / 128, shift = ((e % 128) / 32) * 2, l = e % 32, j = e / 16;
-    const float dl = d * (float)(sc[j] & 0xF), ml = dmin * (float)(sc[j] >> 4);
-    y[e] = dl * (float)((qs[32 * half + l] >> shift) & 3) - ml;
+  // element 128 h + 32 k + l sits in bits 2k..2k+1 of qs[32 h + l]; sub-block (16 values) j = e / 16
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* q = b + 16 + 32 * h;
+    for (int k = 0; k < 4; ++k) {
+      for (int half = 0; half < 2; ++half) {
+        const int j = 8 * h + 2 * k + half;
+        const float dl = d * (float)(sc[j] & 0xF), ml = dmin * (float)(sc[j] >> 4);
+        float* yo = y + 16 * j;
+        const uint8_t* qq = q + 16 * half;
+        for (int l = 0; l < 16; ++l) yo[l] = dl * (float)((qq[l] >> (2 * k)) & 3) - ml;
+      }
+    }
   }
 }
 
 QK_HD void decode_q3_k(const uint8_t* b, float* y) {
   const uint8_t* hm = b;
-  const uint8_t* qs = b + 32;
   const float d = read_fp16(b + 108);
-  for (int e = 0; e < 256; ++e) {
-    const int half = e / 128, k = e / 32, shift = (k % 4) * 2, l = e % 32;
-    const int q = ((qs[32 * half + l] >> shift) & 3) - (((hm[l] >> k) & 1) ? 0 : 4);
-    y[e] = (d * (float)q3_k_scale(e / 16, b + 96)) * (float)q;
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* q = b + 32 + 32 * h;
+    for (int k = 0; k < 4; ++k) {
+      const int bit = 4 * h + k;  // hmask bit of the 32 values 128 h + 32 k + [0, 32)
+      for (int half = 0; half < 2; ++half) {
+        const int j = 8 * h + 2 * k + half;
+        const float dl = d * (float)q3_k_scale(j, b + 96);
+        float* yo = y + 16 * j;
+        for (int l = 0; l < 16; ++l) {
+          const int i = 16 * half + l;
+          const int v = ((q[i] >> (2 * k)) & 3) - (((hm[i] >> bit) & 1) ? 0 : 4);
+          yo[l] = dl * (float)v;
+        }
+      }
+    }
   }
 }
 
@@ -238,15 +255,27 @@ QK_HD void decode_q5_k(const uint8_t* b, float* y) {
 }
 
 QK_HD void decode_q6_k(const uint8_t* b, float* y) {
-  const uint8_t* ql = b;
-  const uint8_t* qh = b + 128;
   const int8_t* sc = (const int8_t*)(b + 192);
   const float d = read_fp16(b + 208);
-  for (int e = 0; e < 256; ++e) {
-    const int half = e / 128, k = (e % 128) / 32, l = e % 32;
-    const uint8_t lo = ql[64 * half + 32 * (k & 1) + l];
-    const int v = ((k < 2 ? lo & 0xF : lo >> 4) | (((qh[32 * half + l] >> (2 * k)) & 3) << 4)) - 32;
-    y[e] = (d * (float)sc[e / 16]) * (float)v;
+  // element 128 h + 32 k + l: low 4 bits in ql[64 h + 32 (k & 1) + l] (low nibble for k < 2), high 2 bits in
+  // qh[32 h + l] >> 2k; scale sc[e / 16]
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* ql = b + 64 * h;
+    const uint8_t* qh = b + 128 + 32 * h;
+    for (int k = 0; k < 4; ++k) {
+      const uint8_t* lo = ql + 32 * (k & 1);
+      const int shift = k < 2 ? 0 : 4;
+      for (int half = 0; half < 2; ++half) {
+        const int j = 8 * h + 2 * k + half;
+        const float dl = d * (float)sc[j];
+        float* yo = y + 16 * j;
+        for (int l = 0; l < 16; ++l) {
+          const int i = 16 * half + l;
+          const int v = (((lo[i] >> shift) & 0xF) | (((qh[i] >> (2 * k)) & 3) << 4)) - 32;
+          yo[l] = dl * (float)v;
+        }
+      }
+    }
   }
 }
 
