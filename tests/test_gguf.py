@@ -307,3 +307,24 @@ def test_dispatch_routes_q2k_q3k_encoders_to_reference():
         assert qkernels.explain("gguf_mm", "cpu").backend == "cpu"
     with qkernels.dispatch.mock_device("sm90"):
         assert qkernels.explain("gguf_mm").backend == "reference"  # no CUDA kernel yet
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q3_K"])
+def test_noncontiguous_batched_and_empty(backend, name):
+    if backend == "cpu" and not HAS_C:
+        pytest.skip("no extension")
+    if backend == "cpu" and name == "Q3_K":
+        backend = None  # no C++ Q3_K encoder: let dispatch pick (reference), decode still runs in C++
+    x = torch.randn(256, 6).t()  # [6, 256] non-contiguous
+    want = qg.quantize(x.contiguous(), name, backend="reference")
+    got = qg.quantize(x, name, backend=backend)
+    assert torch.equal(got, want)
+    xb = torch.randn(2, 3, 256)
+    qb = qg.quantize(xb, name, backend=backend)
+    assert qb.shape[:2] == (2, 3)
+    assert torch.equal(qg.dequantize(qb, name, xb.shape, backend=backend).reshape(6, 256),
+                       qg.dequantize(qb.reshape(6, -1), name, (6, 256), backend="reference"))
+    e = qg.quantize(torch.randn(0, 256), name, backend=backend)
+    assert e.shape == (0, R.row_bytes(R.TYPES[name], 256))
+    assert qg.dequantize(e, name, (0, 256), backend=backend).shape == (0, 256)

@@ -104,7 +104,7 @@ def _pack_nibbles_halves(q: torch.Tensor) -> torch.Tensor:
 
 def _pack_bits_u32(bits: torch.Tensor) -> torch.Tensor:
     """[nb, 32] of 0/1 -> [nb, 4] uint8: bit j of the little-endian u32 is element j."""
-    w = (bits.to(torch.int64) << torch.arange(32, dtype=torch.int64)).sum(-1)
+    w = (bits.to(torch.int64) << torch.arange(32, dtype=torch.int64, device=bits.device)).sum(-1)
     return torch.stack([(w >> (8 * i)) & 0xFF for i in range(4)], dim=-1).to(torch.uint8)
 
 
@@ -120,7 +120,7 @@ def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """8 six-bit scales and mins -> 12 bytes (ggml get_scale_min_k4 layout)."""
     ls = ls.to(torch.int32)
     lm = lm.to(torch.int32)
-    b = torch.zeros(ls.shape[0], 12, dtype=torch.int32)
+    b = torch.zeros(ls.shape[0], 12, dtype=torch.int32, device=ls.device)
     b[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
     b[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
     b[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
@@ -137,7 +137,7 @@ def _unpack_scale_min_k4(b: torch.Tensor):
 def _pack_q3_scales(l: torch.Tensor) -> torch.Tensor:
     """16 six-bit values (already +32) -> 12 bytes (Q3_K layout)."""
     l = l.to(torch.int32)
-    b = torch.zeros(l.shape[0], 12, dtype=torch.int32)
+    b = torch.zeros(l.shape[0], 12, dtype=torch.int32, device=l.device)
     b[:, 0:8] = (l[:, 0:8] & 0xF) | ((l[:, 8:16] & 0xF) << 4)
     hi = l >> 4
     b[:, 8:12] = hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)
@@ -310,7 +310,7 @@ def _make_q3(x, nmax):
 def _make_qp(x, nmax, qw):
     """make_qp_quants: unsigned codes in [0, nmax] for non-negative x [B, n] with weights qw; returns (scale, L)."""
     B, n = x.shape
-    mx = torch.zeros(B)
+    mx = torch.zeros(B, device=x.device)
     for i in range(n):
         mx = torch.maximum(mx, x[:, i])
     zero = mx < GROUP_MAX_EPS
@@ -426,7 +426,7 @@ def _enc_mxfp4(b, qw=None):
     lg = torch.floor(torch.log2(amax.double()).float())
     e = torch.where(amax > 0, lg - 2 + 127, torch.zeros_like(lg)).clamp(0, 255).to(torch.int32)
     d = _e8m0_half(e)
-    kv = torch.tensor(KVALUES_MXFP4, dtype=torch.float32)
+    kv = torch.tensor(KVALUES_MXFP4, dtype=torch.float32, device=b.device)
     err = (kv[None, None, :] * d[:, None, None] - b[:, :, None]).abs()
     q = err.argmin(-1).to(torch.int32)  # first minimum, like best_index_mxfp4's strict <
     return torch.cat([e.to(torch.uint8)[:, None], _pack_nibbles_halves(q)], 1)
@@ -487,7 +487,7 @@ def _enc_q5_k(b, qw=None):
     d, dmin, sc, L = _q4k_q5k(b, 31, qw)
     Lr = L.reshape(nb, 4, 2, 32)
     hi = (Lr >> 4) & 1
-    qh = torch.zeros(nb, 32, dtype=torch.int32)
+    qh = torch.zeros(nb, 32, dtype=torch.int32, device=b.device)
     for n in range(4):
         qh = qh | (hi[:, n, 0] << (2 * n)) | (hi[:, n, 1] << (2 * n + 1))
     ql = Lr & 0xF
@@ -530,7 +530,7 @@ def _enc_q3_k(b, qw=None):
         iscale = _rdiv(-32, torch.where(has, max_scale, torch.ones_like(max_scale)))
         l = _nearest_int(iscale[:, None] * scales).clamp(-32, 31) + 32
         l = torch.where(has[:, None], l, torch.zeros_like(l))
-        sc_bytes = torch.where(has[:, None], _pack_q3_scales(l), torch.zeros(nb, 12, dtype=torch.uint8))
+        sc_bytes = torch.where(has[:, None], _pack_q3_scales(l), torch.zeros(nb, 12, dtype=torch.uint8, device=b.device))
         dv = torch.where(has, _rdiv(1, iscale), torch.zeros_like(iscale))
     else:
         sum_x2 = _seqsum(b * b)
@@ -548,7 +548,7 @@ def _enc_q3_k(b, qw=None):
     high = (L > 3).to(torch.int32)
     L = L - 4 * high
     hm = high.reshape(nb, 8, 32)
-    hmask = torch.zeros(nb, 32, dtype=torch.int32)
+    hmask = torch.zeros(nb, 32, dtype=torch.int32, device=b.device)
     for k in range(8):
         hmask = hmask | (hm[:, k] << k)
     return torch.cat([hmask.to(torch.uint8), _pack_2bit_k(L), sc_bytes, _fp16_bytes(dv)], 1)
@@ -565,8 +565,8 @@ def _enc_q2_k(b, qw=None):
         hs, hm = max_scale > 0, max_min > 0
         isc = _rdiv(15, torch.where(hs, max_scale, torch.ones_like(max_scale)))
         ism = _rdiv(15, torch.where(hm, max_min, torch.ones_like(max_min)))
-        ls = torch.where(hs[:, None], _nearest_int(isc[:, None] * scales), torch.zeros(nb, 16, dtype=torch.int32))
-        lm = torch.where(hm[:, None], _nearest_int(ism[:, None] * mins), torch.zeros(nb, 16, dtype=torch.int32))
+        ls = torch.where(hs[:, None], _nearest_int(isc[:, None] * scales), torch.zeros(nb, 16, dtype=torch.int32, device=b.device))
+        lm = torch.where(hm[:, None], _nearest_int(ism[:, None] * mins), torch.zeros(nb, 16, dtype=torch.int32, device=b.device))
         byte = (ls | (lm << 4)) & 0xFF  # uint8 stores, like y[i].scales[j] = l; ... |= (l << 4)
         dv = torch.where(hs, max_scale / 15, torch.zeros_like(max_scale))
         mv = torch.where(hm, max_min / 15, torch.zeros_like(max_min))
@@ -601,7 +601,7 @@ def _nib(qs):
 def _bits_u32(qh):
     w = qh.to(torch.int64)
     w = w[:, 0] | (w[:, 1] << 8) | (w[:, 2] << 16) | (w[:, 3] << 24)
-    return ((w[:, None] >> torch.arange(32)) & 1).to(torch.int32)
+    return ((w[:, None] >> torch.arange(32, device=w.device)) & 1).to(torch.int32)
 
 
 def _dec_q4_0(b):
@@ -627,14 +627,14 @@ def _dec_q8_0(b):
 
 
 def _dec_mxfp4(b):
-    kv = torch.tensor(KVALUES_MXFP4, dtype=torch.float32)
+    kv = torch.tensor(KVALUES_MXFP4, dtype=torch.float32, device=b.device)
     return _e8m0_half(b[:, 0])[:, None] * kv[_nib(b[:, 1:17]).long()]
 
 
 def _dec_q2_k(b):
     nb = b.shape[0]
     sc = b[:, 0:16].to(torch.int32)
-    q = b[:, 16:80].to(torch.int32).reshape(nb, 2, 1, 32) >> (2 * torch.arange(4)).reshape(1, 1, 4, 1)
+    q = b[:, 16:80].to(torch.int32).reshape(nb, 2, 1, 32) >> (2 * torch.arange(4, device=b.device)).reshape(1, 1, 4, 1)
     q = (q & 3).reshape(nb, 16, 16).to(torch.float32)
     dl = _read_fp16(b[:, 80:82])[:, None] * (sc & 0xF).to(torch.float32)
     ml = _read_fp16(b[:, 82:84])[:, None] * (sc >> 4).to(torch.float32)
@@ -644,9 +644,9 @@ def _dec_q2_k(b):
 def _dec_q3_k(b):
     nb = b.shape[0]
     hm = b[:, 0:32].to(torch.int32)
-    q = b[:, 32:96].to(torch.int32).reshape(nb, 2, 1, 32) >> (2 * torch.arange(4)).reshape(1, 1, 4, 1)
+    q = b[:, 32:96].to(torch.int32).reshape(nb, 2, 1, 32) >> (2 * torch.arange(4, device=b.device)).reshape(1, 1, 4, 1)
     q = (q & 3).reshape(nb, 256)
-    h = ((hm[:, None, :] >> torch.arange(8)[None, :, None]) & 1).reshape(nb, 256)
+    h = ((hm[:, None, :] >> torch.arange(8, device=b.device)[None, :, None]) & 1).reshape(nb, 256)
     qv = (q - 4 * (1 - h)).reshape(nb, 16, 16).to(torch.float32)
     dl = _read_fp16(b[:, 108:110])[:, None] * _unpack_q3_scales(b[:, 96:108]).to(torch.float32)
     return (dl[..., None] * qv).reshape(nb, 256)
@@ -716,7 +716,7 @@ def gguf_quantize(x: torch.Tensor, type: int, imatrix: torch.Tensor | None = Non
         return xf.to(torch.bfloat16).view(torch.uint8).reshape(rows, cols * 2).clone()
     nb = rows * cols // bs
     if nb == 0:
-        return torch.empty(rows, cols // bs * ts, dtype=torch.uint8)
+        return torch.empty(rows, cols // bs * ts, dtype=torch.uint8, device=x.device)
     blocks = xf.reshape(nb, bs)
     qw = None
     if imatrix is not None and type in IMATRIX_TYPES:
