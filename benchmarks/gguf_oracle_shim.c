@@ -1,3 +1,5 @@
+// The few ggml.c symbols ggml-quants.c needs, so benchmarks/gguf_llamacpp_oracle.py can build llama.cpp's quantizers
+// alone: row sizes of the block types we compare (ggml_row_size) and an abort handler.
 #include <stdio.h>
 #include <stdlib.h>
 #include <stddef.h>
