@@ -133,7 +133,7 @@ def speed_table():
              "|---|---|---|---|---|---|"]
     x1, x64 = torch.randn(1, K), torch.randn(64, K)
     for name in ["Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q2_K"]:
-        cpp = "cpu" if name != "Q2_K" else "reference"
+        cpp = "cpu"
         te = timeit(lambda: qg.quantize(w, name, backend=cpp), 3) * 1e3
         tr = timeit(lambda: qg.quantize(w[:256], name, backend="reference"), 1) * 1e3 * (N / 256)
         q = qg.quantize(w, name)

@@ -176,7 +176,7 @@ def min_sm(major: int, minor: int = 0):
 
 
 # ggml type ids the C++ encoder implements (with and without an importance matrix)
-GGUF_CPU_ENCODE = (0, 1, 30, 2, 3, 6, 7, 8, 39, 12, 13, 14)
+GGUF_CPU_ENCODE = (0, 1, 30, 2, 3, 6, 7, 8, 39, 10, 11, 12, 13, 14)
 
 
 def gguf_cpu_encoder(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
@@ -185,7 +185,7 @@ def gguf_cpu_encoder(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
         return ok, why
     t = ctx.get("type")
     if t is not None and t not in GGUF_CPU_ENCODE:
-        return False, f"no C++ encoder for ggml type {t} (Q2_K/Q3_K encode in the reference)"
+        return False, f"no C++ encoder for ggml type {t}"
     return True, "C++ CPU encoder"
 
 
@@ -213,7 +213,7 @@ TABLE: dict[str, list[Rule]] = {
     "int8_weight_only_mm": standard_rules("int8_weight_only_mm", min_sm(8, 0)),
     "quantize_per_token_int8": standard_rules("quantize_per_token_int8"),
     "int8_dynamic_mm": standard_rules("int8_dynamic_mm", min_sm(8, 0)),
-    # GGUF block formats (qkernels/ops/gguf.py); Q2_K/Q3_K encode only in the reference
+    # GGUF block formats (qkernels/ops/gguf.py)
     "gguf_quantize": [Rule("cpu", gguf_cpu_encoder), Rule("reference", always)],
     "gguf_dequantize": standard_rules("gguf_dequantize"),
     "gguf_mm": standard_rules("gguf_mm"),

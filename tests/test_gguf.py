@@ -20,7 +20,7 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "data", "gguf_llamacpp_golden.n
 
 ALL = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 GGUFPY_QUANTIZE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"]  # what gguf-py can encode
-CPU_ENCODE = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q4_K", "Q5_K", "Q6_K"]
+CPU_ENCODE = ALL
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
@@ -124,7 +124,7 @@ def test_cpp_encoder_matches_reference(name, dtype):
 
 
 @needs_c
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("name", K_TYPES)
 def test_cpp_encoder_imatrix_matches_reference(name):
     x = data_rows(8, 512, seed=4)
     im = torch.rand(512, generator=torch.Generator().manual_seed(5)) * 4
@@ -293,18 +293,21 @@ def test_cpp_ops_check_arguments():
         torch.ops.qkernels.gguf_dequantize(torch.zeros(1, 10, dtype=torch.uint8), 8, 1, 100, torch.float32)
     with pytest.raises(RuntimeError, match=r"data must have shape \[2, 34\]"):
         torch.ops.qkernels.gguf_dequantize(torch.zeros(1, 34, dtype=torch.uint8), 8, 2, 32, torch.float32)
-    with pytest.raises(RuntimeError, match=r"does not implement type 10"):
-        torch.ops.qkernels.gguf_quantize(torch.randn(1, 256), 10, None)
+    with pytest.raises(RuntimeError, match=r"type must be a supported ggml type id"):
+        torch.ops.qkernels.gguf_quantize(torch.randn(1, 256), 16, None)
+    with pytest.raises(RuntimeError, match=r"imatrix must have shape \[256\]"):
+        torch.ops.qkernels.gguf_quantize(torch.randn(1, 256), 12, torch.rand(255))
     with pytest.raises(RuntimeError, match=r"x must have shape \[M, K\] with K=64"):
         torch.ops.qkernels.gguf_mm(torch.randn(2, 32), torch.zeros(3, 68, dtype=torch.uint8), 8, 3, 64)
 
 
-def test_dispatch_routes_q2k_q3k_encoders_to_reference():
-    d = qkernels.explain("gguf_quantize", "cpu", type=10)
-    assert d.backend == "reference"
+def test_dispatch():
     if HAS_C:
-        assert qkernels.explain("gguf_quantize", "cpu", type=12).backend == "cpu"
+        for t in (2, 8, 10, 11, 12, 39):
+            assert qkernels.explain("gguf_quantize", "cpu", type=t).backend == "cpu"
         assert qkernels.explain("gguf_mm", "cpu").backend == "cpu"
+        assert qkernels.explain("gguf_dequantize", "cpu").backend == "cpu"
+    assert qkernels.explain("gguf_quantize", "cpu", type=12, backend="reference").backend == "reference"
     with qkernels.dispatch.mock_device("sm90"):
         assert qkernels.explain("gguf_mm").backend == "reference"  # no CUDA kernel yet
 
@@ -314,8 +317,6 @@ def test_dispatch_routes_q2k_q3k_encoders_to_reference():
 def test_noncontiguous_batched_and_empty(backend, name):
     if backend == "cpu" and not HAS_C:
         pytest.skip("no extension")
-    if backend == "cpu" and name == "Q3_K":
-        backend = None  # no C++ Q3_K encoder: let dispatch pick (reference), decode still runs in C++
     x = torch.randn(256, 6).t()  # [6, 256] non-contiguous
     want = qg.quantize(x.contiguous(), name, backend="reference")
     got = qg.quantize(x, name, backend=backend)

@@ -1,4 +1,4 @@
-// CPU kernels for GGUF block formats: decode (all types), encode (all types, llama.cpp's reference search) and the
+// CPU kernels for GGUF block formats: decode and encode (all types, llama.cpp's reference search) and the
 // dequant-GEMM gguf_mm. Per-block decode math: qkernels/gguf.h (shared with future CUDA kernels); encoders:
 // gguf_encode.h. Semantics: qkernels/reference/gguf.py.
 #include <ATen/ATen.h>
@@ -89,11 +89,7 @@ at::Tensor gguf_quantize_cpu(const at::Tensor& x, int64_t type, const std::optio
     TORCH_CHECK(imatrix->size(0) == cols, "imatrix must have shape [", cols, "] (one weight per column of x), got ",
                 imatrix->sizes());
   }
-  if (use_qw) {
-    TORCH_CHECK(t == Q4_K || t == Q5_K || t == Q6_K, "the C++ encoder takes an imatrix for Q4_K, Q5_K and Q6_K; "
-                "use the reference backend for type ", type);
-    qw = imatrix->to(at::kFloat).contiguous();
-  }
+  if (use_qw) qw = imatrix->to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   const float* wp = use_qw ? qw.data_ptr<float>() : nullptr;
   uint8_t* op = out.data_ptr<uint8_t>();
@@ -113,11 +109,13 @@ at::Tensor gguf_quantize_cpu(const at::Tensor& x, int64_t type, const std::optio
         case Q4_K: encode_q4_k(xb, wb, yb); break;
         case Q5_K: encode_q5_k(xb, wb, yb); break;
         case Q6_K: encode_q6_k(xb, wb, yb); break;
+        case Q2_K: encode_q2_k(xb, wb, yb); break;
+        case Q3_K: encode_q3_k(xb, wb, yb); break;
         default: unsupported = true; return;
       }
     }
   });
-  TORCH_CHECK(!unsupported, "the C++ encoder does not implement type ", type, " (Q2_K/Q3_K encode in the reference)");
+  TORCH_CHECK(!unsupported, "the C++ encoder does not implement type ", type);
   return out;
 }
 

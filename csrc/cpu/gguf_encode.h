@@ -216,6 +216,53 @@ inline float search_qp(int n, int nmax, const float* x, uint8_t* L, const float*
   return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
+// make_q3_quants(do_rmse = true): symmetric codes in [0, 2 nmax - 1] (value L - nmax), weights x^2, least-squares
+// scale refined by up to 5 coordinate-descent sweeps.
+inline float search_q3(int n, int nmax, const float* x, int8_t* L) {
+  float amax, mx;
+  abs_max(x, n, &amax, &mx);
+  if (amax < kGroupMaxEps) {
+    for (int i = 0; i < n; ++i) L[i] = 0;
+    return 0.f;
+  }
+  const float iscale = -nmax / mx;
+  float sumlx = 0, suml2 = 0;
+  int Li[256];
+  for (int i = 0; i < n; ++i) {
+    int l = nearest_int(iscale * x[i]);
+    l = l < -nmax ? -nmax : (l > nmax - 1 ? nmax - 1 : l);
+    Li[i] = l;
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * l;
+    suml2 += w * l * l;
+  }
+  for (int t = 0; t < 5; ++t) {
+    int changed = 0;
+    for (int i = 0; i < n; ++i) {
+      const float w = x[i] * x[i];
+      float slx = sumlx - w * x[i] * Li[i];
+      if (slx > 0) {
+        float sl2 = suml2 - w * Li[i] * Li[i];
+        int nl = nearest_int(x[i] * sl2 / slx);
+        nl = nl < -nmax ? -nmax : (nl > nmax - 1 ? nmax - 1 : nl);
+        if (nl != Li[i]) {
+          slx += w * x[i] * nl;
+          sl2 += w * nl * nl;
+          if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+            Li[i] = nl;
+            sumlx = slx;
+            suml2 = sl2;
+            ++changed;
+          }
+        }
+      }
+    }
+    if (!changed) break;
+  }
+  for (int i = 0; i < n; ++i) L[i] = (int8_t)(Li[i] + nmax);
+  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
 // ---- block encoders (x: block_size floats, qw: matching importance weights or nullptr) ---------------------------
 
 inline void encode_q8_0(const float* x, uint8_t* y) {
@@ -469,6 +516,138 @@ inline void encode_q6_k(const float* x, const float* qw, uint8_t* y) {
       qh[l] = (uint8_t)((a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6));
     }
   }
+}
+
+// Q2_K/Q3_K quant layout: per 128 values, byte l holds elems l, l+32, l+64, l+96 in bits 0-1, 2-3, 4-5, 6-7.
+inline void pack_2bit_k(const uint8_t* L, uint8_t* qs) {
+  for (int j = 0; j < 256; j += 128)
+    for (int l = 0; l < 32; ++l)
+      qs[j / 4 + l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6));
+}
+
+inline void encode_q2_k(const float* x, const float* qw, uint8_t* y) {
+  uint8_t L[256], sc[16];
+  float scales[16], mins[16], weights[16];
+  float dv, mv;
+  if (!qw) {
+    for (int j = 0; j < 16; ++j) {
+      for (int l = 0; l < 16; ++l) weights[l] = std::fabs(x[16 * j + l]);
+      scales[j] = search_qkx(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], -0.5f, 0.1f, 15, true);
+    }
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 16; ++j) {
+      if (scales[j] > max_scale) max_scale = scales[j];
+      if (mins[j] > max_min) max_min = mins[j];
+    }
+    for (int j = 0; j < 16; ++j) sc[j] = 0;
+    dv = mv = 0.f;
+    if (max_scale > 0) {
+      const float iscale = 15.f / max_scale;
+      for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)nearest_int(iscale * scales[j]);
+      dv = max_scale / 15.f;
+    }
+    if (max_min > 0) {
+      const float iscale = 15.f / max_min;
+      for (int j = 0; j < 16; ++j) sc[j] |= (uint8_t)(nearest_int(iscale * mins[j]) << 4);
+      mv = max_min / 15.f;
+    }
+  } else {
+    float sum_x2 = 0;
+    for (int j = 0; j < 256; ++j) sum_x2 += x[j] * x[j];
+    const float sigma2 = sum_x2 / 256;
+    float sw[16];
+    uint8_t Ls[16], Lm[16];
+    for (int j = 0; j < 16; ++j) {
+      for (int l = 0; l < 16; ++l) weights[l] = qw[16 * j + l] * std::sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]);
+      float s = 0;
+      for (int l = 0; l < 16; ++l) s += weights[l];
+      sw[j] = s;
+      scales[j] = search_qkx(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], -0.9f, 0.05f, 36, false);
+    }
+    dv = search_qp(16, 15, scales, Ls, sw);
+    mv = search_qp(16, 15, mins, Lm, sw);
+    for (int j = 0; j < 16; ++j) sc[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
+  }
+  memcpy(y, sc, 16);
+  store_fp16(y + 80, dv);
+  store_fp16(y + 82, mv);
+  const float df = fp16_round(dv), mf = fp16_round(mv);
+  for (int j = 0; j < 16; ++j) {
+    const float d = df * (sc[j] & 0xF);
+    if (!d) continue;
+    const float m = mf * (sc[j] >> 4);
+    for (int i = 0; i < 16; ++i) {
+      const int l = nearest_int((x[16 * j + i] + m) / d);
+      L[16 * j + i] = (uint8_t)(l < 0 ? 0 : (l > 3 ? 3 : l));
+    }
+  }
+  pack_2bit_k(L, y + 16);
+}
+
+inline void encode_q3_k(const float* x, const float* qw, uint8_t* y) {
+  int8_t L[256];
+  float scales[16];
+  uint8_t* sb = y + 96;  // 12 scale bytes
+  memset(sb, 0, 12);
+  auto put_scale = [&](int j, int l) {  // l already offset by 32, in [0, 63]
+    if (j < 8) sb[j] = (uint8_t)(l & 0xF);
+    else sb[j - 8] |= (uint8_t)((l & 0xF) << 4);
+    sb[j % 4 + 8] |= (uint8_t)((l >> 4) << (2 * (j / 4)));
+  };
+  float dv;
+  if (!qw) {
+    for (int j = 0; j < 16; ++j) scales[j] = search_q3(16, 4, x + 16 * j, L + 16 * j);
+    float amax, max_scale;
+    abs_max(scales, 16, &amax, &max_scale);
+    dv = 0.f;
+    if (max_scale) {
+      const float iscale = -32.f / max_scale;
+      for (int j = 0; j < 16; ++j) {
+        int l = nearest_int(iscale * scales[j]);
+        l = (l < -32 ? -32 : (l > 31 ? 31 : l)) + 32;
+        put_scale(j, l);
+      }
+      dv = 1 / iscale;
+    }
+  } else {
+    float sum_x2 = 0;
+    for (int j = 0; j < 256; ++j) sum_x2 += x[j] * x[j];
+    const float sigma2 = 2 * sum_x2 / 256;
+    float weights[16], sw[16];
+    int8_t Ls[16];
+    for (int j = 0; j < 16; ++j) {
+      for (int l = 0; l < 16; ++l) weights[l] = qw[16 * j + l] * std::sqrt(sigma2 + x[16 * j + l] * x[16 * j + l]);
+      float s = 0;
+      for (int l = 0; l < 16; ++l) s += weights[l];
+      sw[j] = s;
+      scales[j] = search_qx(16, 4, x + 16 * j, L + 16 * j, weights);
+    }
+    dv = search_qx(16, 32, scales, Ls, sw);
+    for (int j = 0; j < 16; ++j) put_scale(j, Ls[j]);
+  }
+  store_fp16(y + 108, dv);
+  const float df = fp16_round(dv);
+  for (int j = 0; j < 16; ++j) {
+    const float d = df * q3_k_scale(j, sb);
+    if (!d) continue;
+    for (int i = 0; i < 16; ++i) {
+      int l = nearest_int(x[16 * j + i] / d);
+      l = l < -4 ? -4 : (l > 3 ? 3 : l);
+      L[16 * j + i] = (int8_t)(l + 4);
+    }
+  }
+  uint8_t* hm = y;
+  memset(hm, 0, 32);
+  uint8_t Lu[256];
+  for (int j = 0; j < 256; ++j) {
+    int v = L[j];
+    if (v > 3) {
+      hm[j % 32] |= (uint8_t)(1 << (j / 32));
+      v -= 4;
+    }
+    Lu[j] = (uint8_t)v;
+  }
+  pack_2bit_k(Lu, y + 32);
 }
 
 }  // namespace gguf
