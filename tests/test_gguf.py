@@ -88,7 +88,8 @@ def test_encoder_matches_gguf_py(name, backend):
         x[12, 32 * b] = float(np.nextafter(np.float32(2.0 ** (3 * b - 12)), np.float32(0)))
     x[11, :32] = torch.linspace(-3, 3, 32)
     got = qg.quantize(x, name, backend=backend).numpy()
-    want = gguf.quants.quantize(x.numpy(), GT[name])
+    with np.errstate(all="ignore"):  # x[9, 5] overflows the fp16 scale of Q4_0..Q5_1 to inf, in both
+        want = gguf.quants.quantize(x.numpy(), GT[name])
     assert got.shape == want.shape and (got == want).all()
 
 
