@@ -61,7 +61,9 @@ def extensions():
     debug = os.environ.get("QKERNELS_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = opt + ["-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-sign-compare"]
+    # -ffp-contract=off: no silent a*b+c -> fma fusion (aarch64 has FMA in its baseline), so encoders stay bit-exact with
+    # their plain-PyTorch references and llama.cpp; explicit intrinsics still use FMA where a kernel wants it.
+    cxx_flags = opt + ["-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unused-function", "-Wno-sign-compare"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if _want_cuda():
         # csrc/cuda: kernels in .cu (nvcc, once per arch), their torch-facing host code in .cpp (the host compiler,

@@ -67,4 +67,13 @@ TORCH_LIBRARY(qkernels, m) {
   // dequant_fp4(a [M, K/2], ...) @ dequant_fp4(b [N, K/2], ...)^T + bias, fp32 -> out_dtype [M, N].
   m.def("fp4_mm(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, Tensor b_global_scale, "
         "str format, str element, Tensor? bias, ScalarType out_dtype) -> Tensor");
+
+  // ---- GGUF / llama.cpp block formats (csrc/cpu/gguf.cpp, reference: qkernels/reference/gguf.py) ----
+  // type is the ggml type id (Q4_0=2 ... Q6_K=14, MXFP4=39); data is uint8 [rows, cols/block*type_size], ggml's blocks.
+  // x [rows, cols] float -> blocks, llama.cpp's reference quantizer; imatrix [cols] = importance weights (K-quants).
+  m.def("gguf_quantize(Tensor x, int type, Tensor? imatrix) -> Tensor");
+  // blocks -> [rows, cols] in out_dtype, bit-identical to ggml's dequantize_row_* (decoded in fp32).
+  m.def("gguf_dequantize(Tensor data, int type, int rows, int cols, ScalarType out_dtype) -> Tensor");
+  // x [M, K] float @ dequant(data [N, K/block*type_size])^T -> [M, N] in x's dtype (fp32 accumulation).
+  m.def("gguf_mm(Tensor x, Tensor data, int type, int N, int K) -> Tensor");
 }

@@ -13,6 +13,8 @@ Public API (all backed by ``torch.ops.qkernels.*``; see ``qkernels.explain(op)``
   :func:`fp8_mm` (scaled fp8 GEMM: torch._scaled_mm where the GPU has fp8, emulated elsewhere)
 * fp4: :func:`fp4_encode`, :func:`fp4_decode` (e2m1 / e1m2 elements), :func:`quantize_fp4`,
   :func:`dequantize_fp4` (MXFP4, NVFP4), :func:`fp4_mm`
+* GGUF (llama.cpp) blocks: :func:`gguf_quantize`, :func:`gguf_dequantize`, :func:`gguf_mm`; files and mixes in
+  :mod:`qkernels.gguf` (:func:`load_gguf`, :func:`export_gguf`)
 """
 
 from . import _ext, dispatch, reference
@@ -26,6 +28,9 @@ from .ops import (
     fp4_encode,
     fp4_mm,
     fp8_mm,
+    gguf_dequantize,
+    gguf_mm,
+    gguf_quantize,
     int4_weight_only_mm,
     int8_dynamic_mm,
     int8_weight_only_mm,
@@ -49,6 +54,8 @@ from .nn import (
     quantize_,
 )
 from .formats import load_quantized, save_quantized
+from . import gguf  # noqa: E402  (after .ops: it builds on them)
+from .formats.gguf import export_gguf, load_gguf  # noqa: E402
 
 __version__ = "0.1.0"
 HAS_EXTENSION = _ext.HAS_C

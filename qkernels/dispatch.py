@@ -202,6 +202,20 @@ def min_sm(major: int, minor: int = 0):
     return check
 
 
+# ggml type ids the C++ encoder implements (with and without an importance matrix)
+GGUF_CPU_ENCODE = (0, 1, 30, 2, 3, 6, 7, 8, 39, 10, 11, 12, 13, 14)
+
+
+def gguf_cpu_encoder(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+    ok, why = on_cpu("gguf_quantize")(dev, ctx)
+    if not ok:
+        return ok, why
+    t = ctx.get("type")
+    if t is not None and t not in GGUF_CPU_ENCODE:
+        return False, f"no C++ encoder for ggml type {t}"
+    return True, "C++ CPU encoder"
+
+
 def standard_rules(op: str, cuda_archs=None) -> list[Rule]:
     """cuda -> triton -> cpu -> reference: the chain of every op that has no torch-native counterpart."""
     return [
@@ -305,6 +319,10 @@ TABLE: dict[str, list[Rule]] = {
     "dequantize_fp4": standard_rules("dequantize_fp4"),
     # fp4 GEMM: block-scaled torch._scaled_mm on sm100, emulated on sm90 and below, ROCm, CPU
     "fp4_mm": scaled_mm_rules("fp4_mm", fp4_native),
+    # GGUF block formats (qkernels/ops/gguf.py)
+    "gguf_quantize": [Rule("cpu", gguf_cpu_encoder), Rule("reference", always)],
+    "gguf_dequantize": standard_rules("gguf_dequantize"),
+    "gguf_mm": standard_rules("gguf_mm"),
 }
 
 

@@ -6,7 +6,7 @@ csrc/ops.cpp). :data:`OPS` maps op name -> reference function; the ``reference``
 
 from __future__ import annotations
 
-from . import float4, float8, int_gemm, int_quant
+from . import float4, float8, gguf, int_gemm, int_quant
 
 OPS = {}
 
@@ -20,3 +20,4 @@ _collect(int_quant, ["choose_qparams_affine", "quantize_affine", "dequantize_aff
 _collect(int_gemm, ["int4_weight_only_mm", "int8_weight_only_mm", "quantize_per_token_int8", "int8_dynamic_mm"])
 _collect(float8, ["quantize_fp8", "dequantize_fp8", "fp8_mm"])
 _collect(float4, ["fp4_encode", "fp4_decode", "quantize_fp4", "dequantize_fp4", "fp4_mm"])
+_collect(gguf, ["gguf_quantize", "gguf_dequantize", "gguf_mm"])
