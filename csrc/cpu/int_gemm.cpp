@@ -84,13 +84,19 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
     TORCH_CHECK(zero_point->sizes() == scale.sizes(), "zero_point must have the shape of scale ", scale.sizes(),
                 ", got ", zero_point->sizes());
     check_same_device(x, *zero_point, "x", "zero_point");
-    if (zero_point->numel() > 0) {
-      auto mm = at::aminmax(*zero_point);
-      const int64_t zmin = std::get<0>(mm).item<int>(), zmax = std::get<1>(mm).item<int>();
-      TORCH_CHECK(zmin >= -8 && zmax <= 16, "zero_point values must be in [-8, 16] for int4 weights, got [", zmin,
-                  ", ", zmax, "]");
+    // one pass builds the int8 effective zero points and range-checks them (an ATen add + aminmax cost ~50 us)
+    auto zc = zero_point->contiguous();
+    zz = at::empty({N, G}, x.options().dtype(at::kChar));
+    const int32_t* zp = zc.data_ptr<int32_t>();
+    int8_t* zo = zz.data_ptr<int8_t>();
+    int32_t zmin = N * G > 0 ? zp[0] : 0, zmax = zmin;
+    for (int64_t i = 0; i < N * G; ++i) {
+      zmin = std::min(zmin, zp[i]);
+      zmax = std::max(zmax, zp[i]);
+      zo[i] = (int8_t)(zp[i] + (is_signed ? 8 : 0));
     }
-    zz = (*zero_point + (is_signed ? 8 : 0)).to(at::kChar).contiguous();
+    TORCH_CHECK(zmin >= -8 && zmax <= 16, "zero_point values must be in [-8, 16] for int4 weights, got [", zmin, ", ",
+                zmax, "]");
   } else {
     zz = at::full({N, G}, is_signed ? 8 : 0, x.options().dtype(at::kChar));
   }
@@ -106,11 +112,13 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   if (cpu::cpu_has_avx2_fma() && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
     // within each 32-block: the 16 even elements, then the 16 odd ones (low nibbles, then high nibbles)
     auto xp = xf.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous();
+    auto xsum = xf.view({M, G, group_size}).sum(-1).contiguous();
     const float* xpp = xp.data_ptr<float>();
+    const float* xs = xsum.data_ptr<float>();
     float* o = out.data_ptr<float>();
     const uint8_t mask = is_signed ? 0x88 : 0x00;
     for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) {
-      cpu::w4a16_rows_avx2(xpp, M, K, w, s, z, K, group_size, mask, o, N, n0, n1);
+      cpu::w4a16_rows_avx2(xpp, M, K, xs, w, s, z, K, group_size, mask, o, N, n0, n1);
     });
   } else if (cpu::cpu_has_avx2_fma() && K % 32 == 0 && group_size % 32 == 0) {
     const uint8_t mask = is_signed ? 0x88 : 0x00;

@@ -8,10 +8,11 @@ namespace cpu {
 bool cpu_has_avx2_fma();
 
 // out[m, n] = sum_g scale[n, g] * sum_{k in g} (code(w[n, k]) - zz[n, g]) * x[m, k]  for n in [n0, n1), all m < M.
-// xp: fp32 [M, ldx], each 32-element block permuted to (evens, odds) to match the nibble order.
+// xp: fp32 [M, ldx], each 32-element block permuted to (evens, odds) to match the nibble order; xsum: fp32
+// [M, K/g], the sum of x over each quantization group.
 // w: [N, K/2] packed nibbles, XOR'd with xor_mask (0x88 turns signed nibbles into value + 8); zz: int8 [N, K/g]
 // effective zero point (zero_point + 8 for signed codes). Needs K % 32 == 0 and group_size % 32 == 0.
-void w4a16_rows_avx2(const float* xp, int64_t M, int64_t ldx, const uint8_t* w, const float* scale,
+void w4a16_rows_avx2(const float* xp, int64_t M, int64_t ldx, const float* xsum, const uint8_t* w, const float* scale,
                      const int8_t* zz, int64_t K, int64_t group_size, uint8_t xor_mask, float* out, int64_t ldo,
                      int64_t n0, int64_t n1);
 
