@@ -156,7 +156,7 @@ class QuantLinear(nn.Module):
         if isinstance(self.scheme, Fp8Dynamic):
             return "fp8_mm"
         if isinstance(self.scheme, Fp4):
-            return "fp4_mm"
+            return "dequantize_fp4" if self.scheme.weight_only else "fp4_mm"
         return {"int4": "int4_weight_only_mm", "int8": "int8_weight_only_mm", "int8_grouped": "dequantize_affine"}[
             self.kind]
 
@@ -393,6 +393,10 @@ class QuantLinear(nn.Module):
             a_q, a_scale = quantize_fp8(x, FP8_WEIGHT_DTYPE, gran, block if block is not None else 128)
             return fp8_mm(a_q, a_scale, self.qweight.view(FP8_WEIGHT_DTYPE), self.scale, x.dtype, self.bias)
         fmt = scheme.format
+        if scheme.weight_only:
+            w = dequantize_fp4(self.qweight, self.scale, self.global_scale, fmt, out_dtype=x.dtype)
+            out = F.linear(x, w)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
         a_p, a_s, a_g = quantize_fp4(x, fmt)  # activations in the weight's format, nvfp4: per-call global scale
         return fp4_mm(a_p, a_s, self.qweight, self.scale, x.dtype, self.bias, format=fmt, a_global_scale=a_g,
                       b_global_scale=self.global_scale)

@@ -165,13 +165,18 @@ class Fp8Dynamic(Scheme):
 class Fp4(Scheme):
     """W4A4 fp4 e2m1: ``mxfp4`` (OCP MX v1.0: 32-element blocks, e8m0 scales) or ``nvfp4`` (16-element blocks,
     e4m3fn scales + an fp32 tensor scale) weights; activations quantized at run time to the same format (nvfp4: with
-    a per-call tensor scale). Runs :func:`qkernels.fp4_mm` (block-scaled ``torch._scaled_mm`` on sm100)."""
+    a per-call tensor scale). Runs :func:`qkernels.fp4_mm` (block-scaled ``torch._scaled_mm`` on sm100).
+
+    ``weight_only=True`` (W4A16, e.g. llm-compressor's NVFP4A16 / MXFP4A16): activations stay float; the forward
+    decodes the weight (:func:`qkernels.dequantize_fp4`, exact) and runs ``F.linear``."""
 
     format: str = "nvfp4"
+    weight_only: bool = False
     name: ClassVar[str] = "fp4"
 
     def __post_init__(self):
         _check_choice("format", "Fp4", self.format, ("mxfp4", "nvfp4"))
+        _check_bool("weight_only", "Fp4", self.weight_only)
 
     def check_shape(self, in_features, out_features):
         why = super().check_shape(in_features, out_features)
