@@ -159,6 +159,9 @@ def test_non_contiguous_input_no_bias_and_empty():
         assert not x.is_contiguous()
         assert rel(q(x), expected(q, x)) < 1e-5
         assert q.bias is None and "bias=False" in repr(q)
+        for dtype in (torch.float32, torch.bfloat16):
+            empty = q(torch.randn(2, 0, 256, dtype=dtype))
+            assert empty.shape == (2, 0, 128) and empty.dtype == dtype
 
 
 def test_non_finite_activations_propagate():

@@ -382,6 +382,8 @@ class QuantLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != K:
             raise ValueError(f"x must have shape [..., K] with K={K} (in_features), got {tuple(x.shape)}")
         scheme = self.scheme
+        if x.numel() == 0:  # no tokens: fp8_mm / fp4_mm reject empty operands (their scale grids cannot tile 0 rows)
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         if isinstance(scheme, Fp8WeightOnly):
             # W8A16: x stays float; dequantize the weight to x's dtype, then the float GEMM (exact decode, no fused
             # fp8-weight kernel in qkernels yet)
