@@ -11,14 +11,15 @@ scheme                                     buffers
 ``Int8WeightOnly()`` / ``Int8Dynamic()``   ``qweight`` int8 ``[N, K]``, ``scale`` fp32 ``[N]``
 ``Int8WeightOnly(group_size, symmetric)``  ``qweight`` int8 ``[N, K]``, ``scale`` fp32 ``[N, K/g]``,
   (grouped / asymmetric)                   ``zero_point`` int32 ``[N, K/g]`` (absent when symmetric)
-``Fp8WeightOnly()``, ``Fp8Dynamic("row")``  ``qweight`` uint8 ``[N, K]`` (the bits of float8_e4m3fn codes), ``scale`` fp32
-                                           ``[N, 1]`` (per output channel)
+``Fp8WeightOnly()`` /                      ``qweight`` uint8 ``[N, K]`` (the bits of float8_e4m3fn codes), ``scale``
+  ``Fp8Dynamic("row")``                    fp32 ``[N, 1]`` (per output channel)
 ``Fp8Dynamic("tensor")``                   ``qweight`` as above, ``scale`` fp32 ``[]`` (one per tensor)
 ``Fp8Dynamic("block")``                    ``qweight`` as above, ``scale`` fp32 ``[N/128, K/128]`` (128x128 blocks)
 ``Fp4("mxfp4")``                           ``qweight`` uint8 ``[N, K/2]`` (e2m1 codes, element 2i in the low nibble),
                                            ``scale`` uint8 ``[N, K/32]`` (the bits of float8_e8m0fnu block scales)
 ``Fp4("nvfp4")``                           ``qweight`` as above, ``scale`` uint8 ``[N, K/16]`` (the bits of
                                            float8_e4m3fn block scales), ``global_scale`` fp32 ``[]``
+                                           (``Fp4(..., weight_only=True)``: the same buffers)
 any, with ``act_order=True``               ``input_perm`` int64 ``[K]``: the columns of the stored weight are the
                                            input features ``input_perm`` (GPTQ act-order), forward gathers
                                            ``x[..., input_perm]`` so every quantization group is contiguous
