@@ -4,12 +4,13 @@ qkernels.formats.compressed_tensors. Dequantized weights must match the package'
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import qkernels
 from .formats_fixtures import tiny_llama, write_model_dir
 from qkernels.formats import CheckpointError, compressed_tensors as ct
 from qkernels.formats._common import unpack_bits
-from qkernels.nn import Int4WeightOnly, Int8WeightOnly, QuantLinear
+from qkernels.nn import Fp4, Int4WeightOnly, Int8WeightOnly, QuantLinear
 
 ctpkg = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor  # noqa: E402
@@ -109,13 +110,101 @@ def test_model_dir(tmp_path):
     assert float((out - exp).norm() / exp.norm()) < 1e-4
 
 
-def test_nvfp4_not_yet(tmp_path):
-    t = {"l.weight_packed": torch.zeros(8, 16, dtype=torch.uint8), "l.weight_scale": torch.ones(8, 2)}
-    cfg = ct_config(fmt="nvfp4-pack-quantized")
-    cfg["config_groups"]["group_0"]["weights"] = {"num_bits": 4, "type": "float", "strategy": "tensor_group",
-                                                  "group_size": 16, "symmetric": True}
-    with pytest.raises(NotImplementedError, match="nvfp4-pack-quantized layers load once the fp4 ops land"):
-        ct.convert(t, cfg)
+# ---- nvfp4-pack-quantized: fixtures from the package's own compressor, checked against its decompressor ----------
+def nvfp4_layer(N, K, seed=0, acts=True):
+    """(layer tensors written by NVFP4PackedCompressor, the package's decompressed bf16 weight, scheme dict)."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization.quant_scheme import NVFP4, NVFP4A16
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.05
+    preset = NVFP4 if acts else NVFP4A16
+    scheme = QuantizationScheme(targets=["Linear"], **preset)
+    gs = generate_gparam(w.min(), w.max())
+    wg = w.reshape(N, K // 16, 16)
+    scale, _ = calculate_qparams(wg.amin(-1), wg.amax(-1), scheme.weights, global_scale=gs)
+    t = NVFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": gs}, scheme)
+    if acts:
+        t["input_global_scale"] = torch.tensor([1234.5])  # calibrated activation scale: not used by qkernels
+    ref = NVFP4PackedCompressor.decompress(dict(t), scheme)["weight"]
+    return dict(t), ref, scheme.model_dump(mode="json")
+
+
+def nvfp4_config(acts=True):
+    from compressed_tensors.quantization.quant_scheme import NVFP4, NVFP4A16
+
+    scheme = QuantizationScheme(targets=["Linear"], **(NVFP4 if acts else NVFP4A16)).model_dump(mode="json")
+    qcfg = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": scheme}, "ignore": ["lm_head"]}
+    QuantizationConfig.model_validate(qcfg)
+    return qcfg
+
+
+@pytest.mark.parametrize("acts", [True, False], ids=["NVFP4", "NVFP4A16"])
+def test_nvfp4_layer_matches_package(acts):
+    N, K = 48, 96
+    t, ref, _ = nvfp4_layer(N, K, seed=3, acts=acts)
+    assert t["weight_packed"].dtype == torch.uint8 and t["weight_scale"].dtype == torch.float8_e4m3fn
+    layers, rest = ct.convert({f"l.{k}": v for k, v in t.items()}, nvfp4_config(acts))
+    assert rest == {}  # input_global_scale consumed
+    q = layers["l"]
+    assert q.scheme == Fp4("nvfp4", weight_only=not acts)
+    # the packing is ours exactly: same bytes, same e4m3 block scales; the global scale is inverted
+    assert torch.equal(q.qweight, t["weight_packed"]) and torch.equal(q.scale, t["weight_scale"].view(torch.uint8))
+    assert torch.equal(q.global_scale, 1.0 / t["weight_global_scale"].reshape(()))
+    w = q.dequantize()
+    # the package decompresses to bf16: identical after rounding ours to bf16
+    assert ref.dtype == torch.bfloat16 and torch.equal(w.bfloat16(), ref)
+    # and in fp32 within one rounding of the reciprocal of the package's formula code * (scale / global_scale)
+    codes = qkernels.fp4_decode(t["weight_packed"], out_dtype=torch.float64)
+    exact = codes * (t["weight_scale"].double().repeat_interleave(16, 1) / t["weight_global_scale"].double())
+    assert float(((w.double() - exact).abs() / exact.abs().clamp_min(1e-30))[exact != 0].max()) < 2**-22
+    x = torch.randn(5, K)
+    exp = F.linear(x.double(), w.double())
+    assert float((q(x).double() - exp).norm() / exp.norm()) < (0.2 if acts else 1e-5)
+
+
+def test_nvfp4_model_dir(tmp_path):
+    model = tiny_llama()
+    seeds = iter(range(100))
+
+    def layer(name, lin):
+        t, _, _ = nvfp4_layer(lin.out_features, lin.in_features, seed=next(seeds), acts=False)
+        # the package's formula in fp64 (its decompressor rounds to bf16, checked per layer above)
+        codes = qkernels.fp4_decode(t["weight_packed"], out_dtype=torch.float64)
+        return t, (codes * (t["weight_scale"].double().repeat_interleave(16, 1) / t["weight_global_scale"].double()))
+
+    ref = write_model_dir(tmp_path, model, nvfp4_config(acts=False), layer)
+    loaded = qkernels.load_quantized(str(tmp_path))
+    names = [n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)]
+    assert len(names) == 14
+    for n in names:
+        assert torch.allclose(loaded.get_submodule(n).dequantize(), ref.get_submodule(n).weight, rtol=2**-22, atol=0)
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        out, exp = loaded(ids).logits, ref(ids).logits
+    assert float((out - exp).norm() / exp.norm()) < 1e-4
+
+
+def test_nvfp4_bad_inputs():
+    t, _, _ = nvfp4_layer(32, 64)
+    good = {f"l.{k}": v for k, v in t.items()}
+    cfg = nvfp4_config()
+    for key, bad, match in [
+        ("l.weight_scale", t["weight_scale"][:, :2], r"l.weight_scale must have shape \(32, 4\), got \(32, 2\)"),
+        ("l.weight_scale", t["weight_scale"].float(), "l.weight_scale must have dtype float8_e4m3fn"),
+        ("l.weight_packed", t["weight_packed"].to(torch.int32), "l.weight_packed must have dtype uint8"),
+        ("l.weight_global_scale", torch.zeros(1), "l.weight_global_scale must be positive"),
+        ("l.weight_global_scale", torch.ones(2), "l.weight_global_scale must have one element"),
+        ("l.weight_global_scale", torch.tensor([float("nan")]), "l.weight_global_scale contains NaN"),
+    ]:
+        with pytest.raises(CheckpointError, match=match):
+            ct.convert({**good, key: bad}, cfg)
+    bad_cfg = nvfp4_config()
+    bad_cfg["config_groups"]["group_0"]["weights"]["group_size"] = 32
+    with pytest.raises(NotImplementedError, match="nvfp4-pack-quantized weights must be"):
+        ct.convert(good, bad_cfg)
 
 
 def test_bad_inputs():

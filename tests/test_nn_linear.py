@@ -148,11 +148,12 @@ def test_cuda_matches_cpu(scheme):
 
 
 @pytest.mark.parametrize("scheme", [Fp8WeightOnly(), Fp8Dynamic("tensor"), Fp4("mxfp4")], ids=repr)
-def test_pending_schemes_raise(scheme):
-    with pytest.raises(NotImplementedError, match="lands with the fp(8|4) ops"):
-        QuantLinear.from_linear(make_linear(K=256), scheme)
-    with pytest.raises(NotImplementedError, match="lands with the"):
-        QuantLinear(256, 64, scheme)
+def test_float_schemes_build(scheme):
+    """The fp8/fp4 schemes build like the integer ones (their numerics: tests/test_nn_float_schemes.py)."""
+    q = QuantLinear.from_linear(make_linear(K=256), scheme)
+    assert q.kind in ("fp8", "fp4") and q.qweight.dtype == torch.uint8
+    assert rel(q.dequantize(), make_linear(K=256).weight) < 0.2
+    assert QuantLinear(256, 64, scheme).in_features == 256
 
 
 def test_bad_inputs():

@@ -33,6 +33,7 @@ def test_defaults_and_frozen():
     (lambda: Fp8Dynamic(granularity="col"),
      r"Fp8Dynamic\.granularity must be one of \('row', 'tensor', 'block'\), got 'col'"),
     (lambda: Fp4(format="fp4"), r"Fp4\.format must be one of \('mxfp4', 'nvfp4'\), got 'fp4'"),
+    (lambda: Fp4(weight_only=1), r"Fp4\.weight_only must be a bool, got 1"),
 ])
 def test_bad_fields(make, match):
     with pytest.raises(ValueError, match=match):
@@ -51,7 +52,8 @@ def test_unknown_field():
 
 
 @pytest.mark.parametrize("s", [Int4WeightOnly(32, True), Int8WeightOnly(), Int8WeightOnly(64, False), Int8Dynamic(),
-                               Fp8WeightOnly(), Fp8Dynamic("block"), Fp4("mxfp4")])
+                               Fp8WeightOnly(), Fp8Dynamic("block"), Fp4("mxfp4"),
+                               Fp4("nvfp4", weight_only=True)])
 def test_dict_round_trip(s):
     assert Scheme.from_dict(s.to_dict()) == s
     assert s.name in SCHEMES

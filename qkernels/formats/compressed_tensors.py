@@ -14,7 +14,20 @@
 * ``weight_g_idx`` int ``[K]`` (``actorder``): the group of each input feature, as in GPTQ.
 * ``W = scale * (q - zero_point)``.
 
-``nvfp4-pack-quantized`` layers are not converted yet: they raise NotImplementedError until the fp4 ops land.
+``nvfp4-pack-quantized`` layout per layer (compressed_tensors/compressors/nvfp4/{base,helpers}.py; weights
+``num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric``):
+
+* ``weight_packed`` uint8 ``[N, K/2]``: e2m1 codes (sign bit 3, magnitude index 0..7 for 0, 0.5, ..., 6), element 2i
+  in the low nibble: exactly qkernels' fp4 packing.
+* ``weight_scale`` float8_e4m3fn ``[N, K/16]``, ``weight_global_scale`` fp32 ``[1]``. The package's global scale
+  is the *inverse* of ours: it multiplies the block scales up into the e4m3 range at quantization
+  (``448 * 6 / amax``) and dequantizes as ``code * (weight_scale / weight_global_scale)``. qkernels stores
+  ``global_scale = 1 / weight_global_scale`` (fp32) and computes ``code * (weight_scale * global_scale)``: the same
+  value up to one fp32 rounding of the reciprocal (relative 2^-24), far below the bf16 the package decompresses to.
+* ``input_activations`` nvfp4 (llm-compressor "NVFP4", W4A4) -> ``Fp4("nvfp4")``: activations are quantized to
+  nvfp4 at run time with a per-call tensor scale; the checkpoint's calibrated ``input_global_scale`` is not used
+  (it only changes the activation tensor scale). No ``input_activations`` ("NVFP4A16") ->
+  ``Fp4("nvfp4", weight_only=True)``.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import torch
 from ._common import (
     CheckpointError,
     FLOATS,
+    check_finite,
     check_shape,
     group_perm,
     need,
@@ -73,14 +87,23 @@ def parse_config(qcfg: dict) -> list[tuple[list[str], dict, str]]:
             if g.get("input_activations"):
                 raise NotImplementedError(f"config group {gname!r}: activation quantization with pack-quantized "
                                           "weights is not supported")
-        out.append((list(g.get("targets") or []), w, fmt))
+        if fmt == "nvfp4-pack-quantized":
+            want = {"num_bits": 4, "type": "float", "group_size": 16}
+            for args, what in ((w, "weights"), (g.get("input_activations"), "input_activations")):
+                if args is None and what == "input_activations":
+                    continue
+                got = {k: args.get(k) for k in want}
+                if got != want or args.get("symmetric", True) is not True:
+                    raise NotImplementedError(f"config group {gname!r}: nvfp4-pack-quantized {what} must be "
+                                              f"{want} symmetric (NVFP4), got {got}, symmetric={args.get('symmetric')}")
+        out.append((list(g.get("targets") or []), w, fmt, bool(g.get("input_activations"))))
     return out
 
 
 def _group_for(name: str, groups):
-    for targets, w, fmt in groups:
+    for targets, w, fmt, acts in groups:
         if any(_matches(t, name) for t in targets):
-            return w, fmt
+            return w, fmt, acts
     raise CheckpointError(f"{name}: no config group targets this layer")
 
 
@@ -138,13 +161,45 @@ def convert_layer(name: str, tensors: dict, w: dict):
     return to_quant_linear(name, q, scale.contiguous(), zp, bits, perm, tensors.get(f"{name}.bias"))
 
 
+def convert_nvfp4_layer(name: str, tensors: dict, quantized_acts: bool):
+    """One ``nvfp4-pack-quantized`` layer -> ``QuantLinear`` with ``Fp4("nvfp4")`` (see the module docstring)."""
+    from ..nn.linear import QuantLinear
+    from ..nn.schemes import Fp4
+
+    packed = need(tensors, f"{name}.weight_packed", (torch.uint8,), 2)
+    N, K = packed.shape[0], packed.shape[1] * 2
+    scale = need(tensors, f"{name}.weight_scale", (torch.float8_e4m3fn,), 2)
+    check_shape(f"{name}.weight_scale", scale, (N, K // 16))
+    gkey = f"{name}.weight_global_scale"
+    g = need(tensors, gkey, FLOATS, tensors[gkey].dim() if gkey in tensors else 1)
+    if g.numel() != 1:
+        raise CheckpointError(f"{gkey} must have one element, got shape {tuple(g.shape)}")
+    if f"{name}.weight_shape" in tensors and tensors[f"{name}.weight_shape"].tolist() != [N, K]:
+        raise CheckpointError(f"{name}.weight_shape must be [{N}, {K}] (from weight_packed), got "
+                              f"{tensors[f'{name}.weight_shape'].tolist()}")
+    check_finite(f"{name}.weight_scale", scale)
+    check_finite(gkey, g)
+    gf = g.float().reshape(())
+    if not bool(gf > 0):
+        raise CheckpointError(f"{gkey} must be positive, got {float(gf)}")
+    scheme = Fp4("nvfp4", weight_only=not quantized_acts)
+    why = scheme.check_shape(K, N)
+    if why:
+        raise CheckpointError(f"{name}: an nvfp4 layer [{N}, {K}] cannot be held as {scheme!r}: {why}")
+    # compressed-tensors divides the block scales by its global scale; qkernels multiplies by its own: invert
+    return QuantLinear.from_float_codes(packed, scale, scheme, tensors.get(f"{name}.bias"), 1.0 / gf)
+
+
 def convert(tensors: dict, qcfg: dict):
     groups = parse_config(qcfg)
     layers, used = {}, set()
     for name in prefixes(tensors, "weight_packed"):
-        w, fmt = _group_for(name, groups)
+        w, fmt, acts = _group_for(name, groups)
         if fmt == "nvfp4-pack-quantized":
-            raise NotImplementedError(f"{name}: nvfp4-pack-quantized layers load once the fp4 ops land in qkernels")
+            layers[name] = convert_nvfp4_layer(name, tensors, acts)
+            used |= {f"{name}.{s}" for s in ("weight_packed", "weight_scale", "weight_global_scale", "weight_shape",
+                                             "input_global_scale", "bias")}
+            continue
         layers[name] = convert_layer(name, tensors, w)
         used |= {f"{name}.{s}" for s in ("weight_packed", "weight_shape", "weight_scale", "weight_zero_point",
                                          "weight_g_idx", "bias")}

@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch import nn
 
-from .linear import QuantLinear, _pending_error
+from .linear import QuantLinear
 from .schemes import Scheme
 
 logger = logging.getLogger("qkernels.nn")
@@ -35,7 +35,8 @@ def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, 
 
     Args:
         model: any ``nn.Module`` (a transformers model, a Sequential, a single Linear's parent...).
-        scheme: e.g. ``Int4WeightOnly(group_size=128)``, ``Int8WeightOnly()``, ``Int8Dynamic()``.
+        scheme: e.g. ``Int4WeightOnly(group_size=128)``, ``Int8WeightOnly()``, ``Int8Dynamic()``,
+            ``Fp8Dynamic("row")``, ``Fp4("nvfp4")``.
         filter_fn: ``filter_fn(module, fully_qualified_name) -> bool`` picks the Linears to quantize. The default
             takes every ``nn.Linear`` except the output embedding (``lm_head``); embeddings are never Linears and stay.
     Layers whose shape the scheme cannot take (e.g. in_features not divisible by the group size) are skipped with a
@@ -46,8 +47,6 @@ def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(scheme, Scheme):
         raise TypeError(f"scheme must be a qkernels.nn scheme (e.g. Int4WeightOnly()), got {type(scheme).__name__}")
-    if scheme.pending:
-        raise _pending_error(scheme)
     if filter_fn is None:
         filter_fn = default_filter(model)
     if isinstance(model, nn.Linear):

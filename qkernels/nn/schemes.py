@@ -5,8 +5,8 @@ A scheme is a recipe (what to quantize, to which format, at which granularity), 
 a given shape can take the scheme (``quantize_`` skips, with a logged reason, the layers that cannot).
 
 Integer schemes run on the integer ops (:func:`qkernels.int4_weight_only_mm`, :func:`qkernels.int8_weight_only_mm`,
-:func:`qkernels.int8_dynamic_mm`). The fp8/fp4 schemes are defined and validated here, but building a QuantLinear
-from them raises ``NotImplementedError`` until the fp8/fp4 ops land.
+:func:`qkernels.int8_dynamic_mm`); the fp8 / fp4 schemes on :func:`qkernels.dequantize_fp8`, :func:`qkernels.fp8_mm`
+and :func:`qkernels.fp4_mm` (see docs/float_formats.md).
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ class Scheme:
     """Base class. ``name`` identifies the scheme in saved quantization configs."""
 
     name: ClassVar[str] = "scheme"
-    #: the op family ("fp8", "fp4") this scheme still waits for, None when its QuantLinear works
-    pending: ClassVar[str | None] = None
 
     def check_shape(self, in_features: int, out_features: int) -> str | None:
         """None if a Linear ``[out_features, in_features]`` can take this scheme, else the reason it cannot."""
@@ -135,20 +133,21 @@ class Int8Dynamic(Scheme):
 
 @dataclass(frozen=True)
 class Fp8WeightOnly(Scheme):
-    """W8A16 with fp8 e4m3 weights, per-channel scales. Needs the fp8 ops (not yet in qkernels)."""
+    """W8A16 with fp8 e4m3fn weights and fp32 per-output-channel scales; activations stay float. The forward
+    decodes the weight to x's dtype (:func:`qkernels.dequantize_fp8`, exact) and runs ``F.linear``."""
 
     name: ClassVar[str] = "fp8_weight_only"
-    pending: ClassVar[str | None] = "fp8"
 
 
 @dataclass(frozen=True)
 class Fp8Dynamic(Scheme):
-    """W8A8 fp8 e4m3: weight scales per ``granularity`` ("row": per output channel, "tensor", "block": 128x128
-    blocks as in DeepSeek-V3), activations per token/tensor/1x128 block. Needs the fp8 ops (not yet in qkernels)."""
+    """W8A8 fp8 e4m3fn: fp32 weight scales per ``granularity`` ("row": per output channel, "tensor", "block": 128x128
+    blocks as in DeepSeek-V3, arXiv:2412.19437); activations quantized at run time per token / per tensor / per 1x128
+    block to match. Runs :func:`qkernels.fp8_mm` (``torch._scaled_mm`` where the GPU has fp8, see
+    ``qkernels.explain("fp8_mm", device)``)."""
 
     granularity: str = "row"
     name: ClassVar[str] = "fp8_dynamic"
-    pending: ClassVar[str | None] = "fp8"
 
     def __post_init__(self):
         _check_choice("granularity", "Fp8Dynamic", self.granularity, ("row", "tensor", "block"))
@@ -164,15 +163,20 @@ class Fp8Dynamic(Scheme):
 
 @dataclass(frozen=True)
 class Fp4(Scheme):
-    """fp4 e2m1 weights: ``mxfp4`` (OCP MX: 32-element blocks, e8m0 scales) or ``nvfp4`` (16-element blocks,
-    e4m3 scales + fp32 tensor scale). Needs the fp4 ops (not yet in qkernels)."""
+    """W4A4 fp4 e2m1: ``mxfp4`` (OCP MX v1.0: 32-element blocks, e8m0 scales) or ``nvfp4`` (16-element blocks,
+    e4m3fn scales + an fp32 tensor scale) weights; activations quantized at run time to the same format (nvfp4: with
+    a per-call tensor scale). Runs :func:`qkernels.fp4_mm` (block-scaled ``torch._scaled_mm`` on sm100).
+
+    ``weight_only=True`` (W4A16, e.g. llm-compressor's NVFP4A16 / MXFP4A16): activations stay float; the forward
+    decodes the weight (:func:`qkernels.dequantize_fp4`, exact) and runs ``F.linear``."""
 
     format: str = "nvfp4"
+    weight_only: bool = False
     name: ClassVar[str] = "fp4"
-    pending: ClassVar[str | None] = "fp4"
 
     def __post_init__(self):
         _check_choice("format", "Fp4", self.format, ("mxfp4", "nvfp4"))
+        _check_bool("weight_only", "Fp4", self.weight_only)
 
     def check_shape(self, in_features, out_features):
         why = super().check_shape(in_features, out_features)
