@@ -493,3 +493,12 @@ def test_gpu_native_fp8_mm(gran):
     out = qkernels.fp8_mm(aq, as_, wq, ws, torch.bfloat16)
     want = _ref_mm(aq.cpu(), as_.cpu(), wq.cpu(), ws.cpu(), None, torch.float64)
     assert rel_err(out.cpu(), want) < 8e-3, str(d)
+
+
+def test_fp8_mm_empty_batch():
+    # a batch with no tokens is a valid input (e.g. an empty micro-batch): empty output, no error
+    w = torch.randn(16, 256)
+    wq, ws = qkernels.quantize_fp8(w, granularity="row")
+    for shape in [(0, 256), (2, 0, 256)]:
+        xq, xs = qkernels.quantize_fp8(torch.randn(*shape), granularity="row")
+        assert qkernels.fp8_mm(xq, xs, wq, ws).shape == (*shape[:-1], 16)

@@ -191,7 +191,8 @@ def _scale_grid(scale, name, t2, lead_shape, dname):
         raise ValueError(f"{name} must be a single value, [{R}] / [{R}, 1] (per row), [{R}, K/b] or [{R}/br, K/bc] "
                          f"(blocks) for {dname} of shape {tuple(lead_shape) + (K,)}, got {tuple(scale.shape)}")
     G0, G1 = g.shape
-    if G0 == 0 or G1 == 0 or R % G0 or K % G1:
+    # an empty operand (R == 0, e.g. a batch with no tokens) has an empty per-row grid
+    if G1 == 0 or K % G1 or (G0 == 0 and R != 0) or (G0 != 0 and R % G0):
         raise ValueError(f"{name} of shape {tuple(scale.shape)} must evenly tile {dname} viewed as [{R}, {K}]: "
                          f"its dims must divide {R} and {K}")
     return g.float().contiguous()
