@@ -175,6 +175,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig = GPT
         scale = torch.cat(scales, 1)
         zp = None if qc.symmetric else torch.cat(zeros, 1)
         g_idx = ar // g
+        if perm is not None and qc.group_size == -1:  # one group per row: the order does not matter at run time
+            Q, perm = Q[:, torch.argsort(perm)], None
         if perm is not None:
             g_idx = torch.empty_like(ar)
             g_idx[perm] = ar // g

@@ -162,7 +162,7 @@ def finetune(model: nn.Module, windows: torch.Tensor, steps: int = 50, lr: float
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

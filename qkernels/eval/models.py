@@ -92,3 +92,16 @@ def tiny_llama(vocab_size: int = 256, hidden: int = 64, layers: int = 2, heads: 
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (ids 0..255 = bytes, 256 = BOS, 257 = EOS) built offline (tests, smoke runs)."""
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    tok = Tokenizer(tmodels.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
