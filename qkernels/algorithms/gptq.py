@@ -16,6 +16,7 @@ Transformers", ICLR 2023, arXiv:2210.17323 (Algorithm 1), following the structur
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -111,9 +112,28 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
     raise RuntimeError("GPTQ: Hessian is not positive definite even with 1000x dampening")
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """The column loop runs thousands of small ops: on CPU, one thread avoids an OpenMP barrier per op (which costs
+    milliseconds whenever the cores are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @torch.no_grad()
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> GPTQResult:
     """Quantizes one weight ``W`` float ``[N, K]`` given its input Hessian ``H`` fp32 ``[K, K]``."""
+    if W.device.type == "cpu":
+        with _one_thread():
+            return _gptq_quantize_weight(W, H, cfg)
+    return _gptq_quantize_weight(W, H, cfg)
+
+
+def _gptq_quantize_weight(W, H, cfg):
     qc = cfg.quant
     W = W.detach().float().clone()
     N, K = W.shape
@@ -160,7 +180,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig = GPT
             Q[:, col] = q[:, 0]
             err = (w - deq[:, 0]) / d
             loss += float((err * err).sum()) / 2
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 

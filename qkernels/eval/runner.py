@@ -40,8 +40,8 @@ class EvalConfig:
     gptq_act_order: bool = True
     gptq_true_sequential: bool = True
     awq_grid: int = 20
-    qat_steps: int = 40
-    qat_lr: float = 2e-5
+    qat_steps: int = 16
+    qat_lr: float = 5e-5
     qat_tokens: int = 8192
     eval_fraction: float = 0.3
     out: str = "qkernels_eval"
