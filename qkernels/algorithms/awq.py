@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._layers import UnsupportedModel, capture_layer_inputs, check_finite, decoder_layers, layer_forward
-from .rtn import INT4_G128, QuantConfig, _pad_cols, fake_quantize, quantizable_linears, rtn_quantize_model, \
+from .rtn import INT4_G128, QuantConfig, _one_thread, _pad_cols, fake_quantize, quantizable_linears, rtn_quantize_model, \
     set_module, to_quantized_linear
 
 log = logging.getLogger("qkernels.algorithms")
@@ -222,7 +222,8 @@ def awq_quantize_model(model: nn.Module, calib_batches: list[torch.Tensor], cfg:
         log.debug("AWQ layer %d alphas %s", li, res["alphas"])
         inps = res["outs"]
         if quantize:
-            for n, m in list(layer.named_modules()):
-                if isinstance(m, nn.Linear):
-                    set_module(layer, n, to_quantized_linear(m, cfg.quant))
+            with _one_thread():
+                for n, m in list(layer.named_modules()):
+                    if isinstance(m, nn.Linear):
+                        set_module(layer, n, to_quantized_linear(m, cfg.quant))
     return model

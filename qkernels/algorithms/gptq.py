@@ -16,7 +16,6 @@ Transformers", ICLR 2023, arXiv:2210.17323 (Algorithm 1), following the structur
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -25,7 +24,8 @@ from torch import nn
 
 from .. import ops
 from ._layers import capture_layer_inputs, check_finite, decoder_layers, layer_forward
-from .rtn import INT4_G128, QuantConfig, _pad_cols, quantize_with, quantizable_linears, set_module, to_quantized_linear
+from .rtn import (INT4_G128, QuantConfig, _one_thread, _pad_cols, quantizable_linears, quantize_with, set_module,
+                  to_quantized_linear)
 
 log = logging.getLogger("qkernels.algorithms")
 
@@ -110,18 +110,6 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
         log.warning("GPTQ: Hessian not positive definite with damp=%.3g, retrying with 10x", float(damp))
         damp = damp * 10 if damp > 0 else 1e-6 * torch.mean(torch.diag(H)).clamp(min=1e-8)
     raise RuntimeError("GPTQ: Hessian is not positive definite even with 1000x dampening")
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The column loop runs thousands of small ops: on CPU, one thread avoids an OpenMP barrier per op (which costs
-    milliseconds whenever the cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @torch.no_grad()

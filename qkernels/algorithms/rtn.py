@@ -8,6 +8,7 @@ multiple of it) is allowed and padded with zeros, which leave its range unchange
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -46,6 +47,18 @@ class QuantConfig:
 
 INT8_WEIGHT_ONLY = QuantConfig(8, -1, True)
 INT4_G128 = QuantConfig(4, 128, True)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """For loops of many small ops on CPU (GPTQ's columns, per-layer RTN): one thread avoids an OpenMP barrier per
+    op, which costs milliseconds whenever the cores are shared with other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _pad_cols(w: torch.Tensor, g: int) -> torch.Tensor:
@@ -119,6 +132,7 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 @torch.no_grad()
 def rtn_quantize_model(model: nn.Module, cfg: QuantConfig = INT4_G128) -> nn.Module:
     """Replaces every quantizable linear of ``model`` (in place) by its RTN-quantized version; returns ``model``."""
-    for name, lin in quantizable_linears(model).items():
-        set_module(model, name, to_quantized_linear(lin, cfg))
+    with _one_thread():
+        for name, lin in quantizable_linears(model).items():
+            set_module(model, name, to_quantized_linear(lin, cfg))
     return model
