@@ -32,14 +32,14 @@ class EvalConfig:
     ctx: int = 512
     eval_tokens: int = 4096
     calib_tokens: int = 4096
-    awq_calib_tokens: int = 2048
+    awq_calib_tokens: int = 1024
     calib_ctx: int = 512
     batch_size: int = 4
     group_size: int = 128
     symmetric: bool = True
     gptq_act_order: bool = True
     gptq_true_sequential: bool = True
-    awq_grid: int = 20
+    awq_grid: int = 10
     qat_steps: int = 16
     qat_lr: float = 5e-5
     qat_tokens: int = 8192
