@@ -1,0 +1,291 @@
+"""GPTQ: post-training weight quantization with second-order error compensation.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", ICLR 2023, arXiv:2210.17323 (Algorithm 1), following the structure of the authors' reference code:
+
+* per linear layer, ``H = 2 X X^T / n`` from the calibration inputs ``X`` ``[K, n]`` of that layer;
+* dampening ``H += damp * mean(diag H) * I`` (1% by default), dead inputs (``H_kk = 0``) get ``H_kk = 1``, ``W_:,k = 0``;
+* the upper Cholesky factor of ``H^-1`` drives the column-by-column quantization; errors are spread to the
+  not-yet-quantized columns lazily, in blocks of 128 columns (``W[:, i2:] -= Err @ Hinv[i1:i2, i2:]``);
+* act-order (``desc_act``): columns are processed by decreasing ``H_kk``; groups are then either formed in that
+  order (``perm`` + ``g_idx``) or fixed beforehand on the original order (``static_groups``);
+* the model is processed decoder layer by decoder layer; each layer sees inputs computed by the already
+  quantized previous layers, and (``true_sequential``) its q/k/v, o, gate/up and down projections are quantized in
+  execution order, each group's Hessian taken with the earlier groups already quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import ops
+from ._layers import capture_layer_inputs, check_finite, decoder_layers, layer_forward
+from .rtn import (INT4_G128, QuantConfig, _one_thread, _pad_cols, quantizable_linears, quantize_with, set_module,
+                  to_quantized_linear)
+
+log = logging.getLogger("qkernels.algorithms")
+
+# quantization order inside a Llama-style decoder layer (names relative to the layer)
+LLAMA_SEQUENTIAL = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    quant: QuantConfig = INT4_G128
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.damp_percent < 1:
+            raise ValueError(f"damp_percent must be in [0, 1), got {self.damp_percent}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+
+@dataclass
+class GPTQResult:
+    """q int8 ``[N, Kp]`` (stored column order), scale fp32 ``[N, G]``, zero_point int32 ``[N, G]`` or None,
+    perm int64 ``[K]`` or None (stored column j = input column perm[j]), g_idx int32 ``[K]`` (group of each input
+    column, GPTQ checkpoint convention), loss = sum of the per-column objective."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    perm: torch.Tensor | None
+    g_idx: torch.Tensor
+    loss: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _group_qparams(w: torch.Tensor, cfg: QuantConfig):
+    """scale/zero_point ``[N, 1]`` for the columns ``w`` ``[N, k]`` forming one group."""
+    s, z = ops.choose_qparams_affine(w.contiguous(), cfg.bits, w.shape[1], cfg.symmetric)
+    return s, None if cfg.symmetric else z
+
+
+class Hessian:
+    """Accumulates ``H = 2/n * sum x x^T`` over the rows ``x`` of a layer's inputs ``[..., K]``."""
+
+    def __init__(self, K: int, device=None):
+        self.H = torch.zeros(K, K, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        check_finite(x, "a GPTQ layer input")
+        self.H.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.n == 0:
+            raise RuntimeError("no calibration inputs reached this layer")
+        return self.H * (2.0 / self.n)
+
+
+def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1``; raises the dampening 10x (up to 3 times) if H is not PD."""
+    diag = torch.arange(H.shape[0], device=H.device)
+    damp = damp_percent * torch.mean(torch.diag(H))
+    for attempt in range(4):
+        Hd = H.double().clone()
+        Hd[diag, diag] += damp
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U.float()
+        log.warning("GPTQ: Hessian not positive definite with damp=%.3g, retrying with 10x", float(damp))
+        damp = damp * 10 if damp > 0 else 1e-6 * torch.mean(torch.diag(H)).clamp(min=1e-8)
+    raise RuntimeError("GPTQ: Hessian is not positive definite even with 1000x dampening")
+
+
+@torch.no_grad()
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> GPTQResult:
+    """Quantizes one weight ``W`` float ``[N, K]`` given its input Hessian ``H`` fp32 ``[K, K]``."""
+    if W.device.type == "cpu":
+        with _one_thread():
+            return _gptq_quantize_weight(W, H, cfg)
+    return _gptq_quantize_weight(W, H, cfg)
+
+
+def _gptq_quantize_weight(W, H, cfg):
+    qc = cfg.quant
+    W = W.detach().float().clone()
+    N, K = W.shape
+    if H.shape != (K, K):
+        raise ValueError(f"H must have shape [K, K] = {(K, K)}, got {tuple(H.shape)}")
+    if not torch.isfinite(W).all() or not torch.isfinite(H).all():
+        raise ValueError("GPTQ: NaN or inf in the weight or the Hessian")
+    g = qc.group(K)
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static = None
+    if cfg.static_groups and qc.group_size != -1:
+        static = [_group_qparams(W[:, i:i + g], qc) for i in range(0, K, g)]
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = _inverse_cholesky(H, cfg.damp_percent)
+
+    Q = torch.zeros_like(W)
+    scales, zeros = [], []
+    s = z = None
+    loss = 0.0
+    for i1 in range(0, K, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                s, z = static[int(perm[col] if perm is not None else col) // g]
+            elif col % g == 0:
+                # the group's range is taken from the columns as updated so far (earlier errors included)
+                s, z = _group_qparams(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], qc)
+                scales.append(s)
+                zeros.append(z)
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q, deq = quantize_with(w.unsqueeze(1), s, z, qc, g)
+            Q[:, col] = q[:, 0]
+            err = (w - deq[:, 0]) / d
+            loss += float((err * err).sum()) / 2
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    ar = torch.arange(K, device=W.device)
+    if static is not None:
+        scale = torch.cat([p[0] for p in static], 1)
+        zp = None if qc.symmetric else torch.cat([p[1] for p in static], 1)
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        perm, g_idx = None, ar // g
+    else:
+        scale = torch.cat(scales, 1)
+        zp = None if qc.symmetric else torch.cat(zeros, 1)
+        g_idx = ar // g
+        if perm is not None and qc.group_size == -1:  # one group per row: the order does not matter at run time
+            Q, perm = Q[:, torch.argsort(perm)], None
+        if perm is not None:
+            g_idx = torch.empty_like(ar)
+            g_idx[perm] = ar // g
+    q = _pad_cols(Q, g).to(torch.int8)
+    return GPTQResult(q, scale, zp, perm, g_idx.to(torch.int32), loss)
+
+
+def _sequential_groups(layer: nn.Module, names: list[str], true_sequential: bool) -> list[list[str]]:
+    if true_sequential and all(n in names for grp in LLAMA_SEQUENTIAL for n in grp):
+        rest = [n for n in names if not any(n in grp for grp in LLAMA_SEQUENTIAL)]
+        return LLAMA_SEQUENTIAL + ([rest] if rest else [])
+    return [names]
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: nn.Module, calib_batches: list[torch.Tensor], cfg: GPTQConfig = GPTQConfig(),
+                        progress: bool = True) -> nn.Module:
+    """Quantizes every linear of the decoder layers of ``model`` in place with GPTQ; returns ``model``.
+
+    Args:
+        calib_batches: int64 token ids ``[B, L]`` (at least one batch).
+    """
+    from tqdm.auto import tqdm
+
+    if not calib_batches:
+        raise ValueError("calib_batches must hold at least one [B, L] batch of token ids, got none")
+    quantizable_linears(model)  # clear error for a model without linears
+    layers = decoder_layers(model)
+    inps, kws = capture_layer_inputs(model, calib_batches)
+    for li, layer in enumerate(tqdm(layers, desc="GPTQ layers", disable=not progress)):
+        for x in inps:
+            check_finite(x, f"the input of decoder layer {li}")
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        for names in _sequential_groups(layer, list(linears), cfg.true_sequential):
+            hess = {n: Hessian(linears[n].in_features, linears[n].weight.device) for n in names}
+            shared: dict[int, tuple] = {}  # q/k/v (gate/up) read the same input: one X^T X for all of them
+
+            def make_hook(n):
+                def hook(_mod, args, _out):
+                    x = args[0]
+                    key = id(x)
+                    if key not in shared:
+                        h = Hessian(x.shape[-1], x.device)
+                        h.add(x)
+                        shared[key] = (x, h.H)
+                    hess[n].H += shared[key][1]
+                    hess[n].n += x.reshape(-1, x.shape[-1]).shape[0]
+                return hook
+
+            hooks = [linears[n].register_forward_hook(make_hook(n)) for n in names]
+            try:
+                for x, kw in zip(inps, kws):
+                    layer_forward(layer, x, kw)
+                    shared.clear()
+            finally:
+                for h in hooks:
+                    h.remove()
+            for n in names:
+                res = gptq_quantize_weight(linears[n].weight, hess[n].value(), cfg)
+                log.debug("GPTQ layer %d %s: loss %.4g", li, n, res.loss)
+                set_module(layer, n, to_quantized_linear(linears[n], cfg.quant, res.q, res.scale, res.zero_point,
+                                                         res.perm))
+        outs = [layer_forward(layer, x, kw) for x, kw in zip(inps, kws)]
+        for o in outs:
+            check_finite(o, f"the output of quantized decoder layer {li}")
+        inps = outs
+    return model
+
+
+def export_gptq_tensors(res: GPTQResult, bits: int, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One layer in the published GPTQ checkpoint layout (AutoGPTQ / GPTQModel "v1", 4-bit or 8-bit, sym or asym):
+
+    * ``qweight`` int32 ``[K * bits / 32, N]``: unsigned codes ``u = q + 2^(bits-1)`` packed along K, element
+      ``k`` of a word at bits ``bits * (k % (32/bits))``;
+    * ``qzeros`` int32 ``[G, N * bits / 32]``: ``zero - 1`` packed along N (v1's historical off-by-one);
+    * ``scales`` fp16 ``[G, N]``; ``g_idx`` int32 ``[K]``: the group of each input column (original order).
+    Dequantization: ``W[n, k] = scales[g_idx[k], n] * (u[k, n] - zero[g_idx[k], n])``.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8 for GPTQ export (3-bit needs an interleaved layout), got {bits}")
+    q = res.q[:, : res.g_idx.numel()]
+    K = res.g_idx.numel()
+    if res.perm is not None:  # back to the original column order
+        q = q[:, torch.argsort(res.perm)]
+    off = 1 << (bits - 1)
+    per = 32 // bits
+    N = q.shape[0]
+    if K % per or N % per:
+        raise ValueError(f"K={K} and N={N} must be multiples of {per} for {bits}-bit GPTQ packing")
+    u = (q.to(torch.int64) + off).t().contiguous()  # [K, N]
+    zero = torch.full_like(res.scale, off, dtype=torch.int64) if res.zero_point is None \
+        else res.zero_point.to(torch.int64) + off  # [N, G]
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    qweight = (u.reshape(K // per, per, N) << shifts.view(1, per, 1)).sum(1)
+    qzeros = (((zero.t() - 1) & ((1 << bits) - 1)).reshape(zero.shape[1], N // per, per) << shifts).sum(-1)
+
+    def i32(t):  # two's complement wrap of the packed 32-bit words
+        return ((t + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32)
+
+    out = {"qweight": i32(qweight), "qzeros": i32(qzeros), "scales": res.scale.t().contiguous().half(),
+           "g_idx": res.g_idx.to(torch.int32)}
+    if bias is not None:
+        out["bias"] = bias.detach().half()
+    return out

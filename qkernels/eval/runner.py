@@ -1,0 +1,191 @@
+"""The offline comparison behind ``qkernels eval``: float vs int8 weight-only vs int4 RTN / GPTQ / AWQ (/ QAT)
+on one model and one text; prints a table, writes results.json and a plot of dPPL vs bits per weight."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..algorithms import AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quantize_model, gptq_quantize_model, \
+    rtn_quantize_model
+from ..algorithms import qat as qat_mod
+from . import data, metrics, models
+
+log = logging.getLogger("qkernels.eval")
+
+DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "gptq-int4", "awq-int4")
+ALL_SCHEMES = DEFAULT_SCHEMES + ("qat-int4",)
+
+
+@dataclass
+class EvalConfig:
+    model: str | None = None
+    text: str | None = None
+    schemes: tuple = DEFAULT_SCHEMES
+    ctx: int = 512
+    eval_tokens: int = 4096
+    calib_tokens: int = 4096
+    awq_calib_tokens: int = 1024
+    calib_ctx: int = 512
+    batch_size: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    gptq_act_order: bool = True
+    gptq_true_sequential: bool = True
+    awq_grid: int = 10
+    qat_steps: int = 16
+    qat_lr: float = 5e-5
+    qat_tokens: int = 8192
+    eval_fraction: float = 0.3
+    out: str = "qkernels_eval"
+    progress: bool = True
+    lm_eval: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class _Clock:
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> dict:
+        return {"wall_s": round(time.perf_counter() - self.wall, 2), "cpu_s": round(time.process_time() - self.cpu, 2)}
+
+
+def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows):
+    q4 = QuantConfig(4, cfg.group_size, cfg.symmetric)
+    if name == "float":
+        return base
+    m = copy.deepcopy(base)
+    if name == "int8":
+        return rtn_quantize_model(m, QuantConfig(8, -1, True))
+    if name == "rtn-int4":
+        return rtn_quantize_model(m, q4)
+    if name == "gptq-int4":
+        return gptq_quantize_model(m, calib["gptq"], GPTQConfig(q4, act_order=cfg.gptq_act_order,
+                                                        true_sequential=cfg.gptq_true_sequential),
+                                   progress=cfg.progress)
+    if name == "awq-int4":
+        return awq_quantize_model(m, calib["awq"], AWQConfig(q4, n_grid=cfg.awq_grid), progress=cfg.progress)
+    if name == "qat-int4":
+        qat_mod.prepare(m, QATScheme(q4))
+        losses = qat_mod.finetune(m, qat_windows, steps=cfg.qat_steps, lr=cfg.qat_lr, teacher=base,
+                                  progress=cfg.progress)
+        log.info("QAT loss %.4f -> %.4f", losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
+        return qat_mod.convert(m)
+    raise ValueError(f"unknown scheme {name!r}; choose from {ALL_SCHEMES}")
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Runs the comparison; returns the results dict (also written to ``cfg.out``/results.json)."""
+    for s in cfg.schemes:
+        if s not in ALL_SCHEMES:
+            raise ValueError(f"unknown scheme {s!r}; choose from {ALL_SCHEMES}")
+    total = _Clock()
+    torch.manual_seed(0)
+    clk = _Clock()
+    base, tok = models.load_model(cfg.model)
+    t_load = clk.read()
+    cal_text, ev_text = data.split_text(data.load_text(cfg.text), cfg.eval_fraction)
+    bos = data.bos_id(tok)
+    ev = data.windows(data.tokenize(tok, ev_text), cfg.ctx, cfg.eval_tokens, bos, "evaluation")
+    cal_ids = data.tokenize(tok, cal_text)
+    cal = data.windows(cal_ids, cfg.calib_ctx, cfg.calib_tokens, bos, "calibration")
+    n_awq = max(1, cfg.awq_calib_tokens // (cfg.calib_ctx - 1))  # AWQ's grid search costs ~n_grid forwards
+    calib = {"gptq": data.batches(cal, cfg.batch_size), "awq": data.batches(cal[:n_awq], cfg.batch_size)}
+    qat_windows = data.windows(cal_ids, cfg.calib_ctx, cfg.qat_tokens, bos, "calibration")
+    log.info("model loaded in %.1fs; eval windows %s, calibration windows %s", t_load["wall_s"], tuple(ev.shape),
+             tuple(cal.shape))
+
+    rows, ref_top1, float_ppl = [], None, None
+    schemes = list(cfg.schemes)
+    if "float" not in schemes:
+        schemes.insert(0, "float")  # the reference for dPPL and agreement
+    for name in schemes:
+        clk = _Clock()
+        m = _quantize(name, base, cfg, calib, qat_windows)
+        t_q = clk.read()
+        res, top1 = metrics.evaluate_lm(m, ev, cfg.batch_size, ref_top1, cfg.progress, desc=f"eval {name}")
+        if name == "float":
+            ref_top1, float_ppl = top1, res["ppl"]
+            res["top1_agree"] = 1.0
+        row = {"scheme": name, "bits_per_weight": metrics.bits_per_weight(m),
+               "size_mb": metrics.model_size_bytes(m) / 1e6, **res,
+               "dppl_pct": 100.0 * (res["ppl"] / float_ppl - 1.0), "quantize_time": t_q}
+        rows.append(row)
+        print(_format_row(row), flush=True)
+        if cfg.lm_eval:
+            row["lm_eval"] = run_lm_eval(m, tok, cfg.lm_eval)
+        if m is not base:
+            del m
+    out = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "rows": rows,
+           "data": {"eval_windows": list(ev.shape), "calib_windows": list(cal.shape), "bos": bos},
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None},
+           "time": {"load": t_load, "total": total.read()}}
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    out["plot"] = plot(rows, os.path.join(cfg.out, "dppl_vs_bits.png"))
+    return out
+
+
+HEADER = f"{'scheme':<10} {'bits/w':>7} {'size MB':>8} {'PPL':>8} {'dPPL %':>8} {'top1 agree':>10} {'tok/s':>7} {'quant s':>8}"
+
+
+def _format_row(r: dict) -> str:
+    return (f"{r['scheme']:<10} {r['bits_per_weight']:>7.2f} {r['size_mb']:>8.1f} {r['ppl']:>8.3f} "
+            f"{r['dppl_pct']:>8.2f} {r['top1_agree']:>10.4f} {r['tokens_per_s']:>7.1f} {r['quantize_time']['wall_s']:>8.1f}")
+
+
+def format_table(rows: list[dict]) -> str:
+    return "\n".join([HEADER] + [_format_row(r) for r in rows])
+
+
+def plot(rows: list[dict], path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["bits_per_weight"], r["dppl_pct"], s=40)
+        ax.annotate(r["scheme"], (r["bits_per_weight"], r["dppl_pct"]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("stored bits per weight (linear layers)")
+    ax.set_ylabel("perplexity increase vs float (%)")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_title("quality vs size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_lm_eval(model, tokenizer, tasks: str) -> dict:
+    """Hands ``model`` to lm-evaluation-harness; returns its results or ``{"error": why}``."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        msg = "lm-eval is not installed (pip install lm-eval); skipped --lm-eval"
+        log.warning(msg)
+        return {"error": msg}
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+        res = lm_eval.simple_evaluate(model=lm, tasks=[t for t in tasks.split(",") if t])
+        return res.get("results", {})
+    except Exception as e:  # noqa: BLE001 - datasets are fetched from a hub; offline that fails
+        msg = f"lm-eval could not run {tasks!r}: {type(e).__name__}: {e} (its task data must be available offline)"
+        log.warning(msg)
+        return {"error": msg}

@@ -1,0 +1,143 @@
+"""Evaluation metrics, data splitting, model loading errors and a CLI smoke run on a tiny random Llama."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from qkernels.algorithms import QuantConfig, rtn_quantize_model  # noqa: E402
+from qkernels.eval import data, metrics, models, runner  # noqa: E402
+
+
+def test_pydoc_text_split_is_deterministic_and_disjoint():
+    text = data.pydoc_text()
+    assert len(text) > 100_000
+    cal, ev = data.split_text(text, 0.3)
+    assert cal + ev == text and cal.endswith("\n")
+    assert abs(len(ev) / len(text) - 0.3) < 0.01
+    assert data.split_text(data.pydoc_text(), 0.3) == (cal, ev)
+    with pytest.raises(ValueError, match="eval_fraction"):
+        data.split_text(text, 1.5)
+
+
+def test_windows_and_too_short_text():
+    ids = torch.arange(100)
+    w = data.windows(ids, 10, None, 7, "evaluation")
+    assert w.shape == (11, 10) and torch.all(w[:, 0] == 7) and torch.equal(w[0, 1:], torch.arange(9))
+    assert data.windows(ids, 10, 20, 7, "evaluation").shape == (2, 10)
+    assert data.windows(ids, 10, None, None, "evaluation").shape == (10, 10)
+    with pytest.raises(ValueError, match="calibration text is too short: it has 5 tokens"):
+        data.windows(torch.arange(5), 10, None, 1, "calibration")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = models.tiny_llama(vocab_size=258, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    w = torch.randint(0, 258, (3, 17), generator=torch.Generator().manual_seed(0))
+    return m, w
+
+
+def test_evaluate_lm_matches_manual(tiny):
+    m, w = tiny
+    res, top1 = metrics.evaluate_lm(m, w, batch_size=2, progress=False)
+    with torch.no_grad():
+        logits = m(w).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 258), w[:, 1:].reshape(-1))
+    assert math.isclose(res["ppl"], math.exp(float(nll)), rel_tol=1e-5)
+    assert res["n_scored"] == 3 * 16
+    assert math.isclose(res["top1_acc"], float((logits.argmax(-1) == w[:, 1:]).float().mean()), rel_tol=1e-6)
+    res2, _ = metrics.evaluate_lm(m, w, batch_size=3, ref_top1=top1, progress=False)
+    assert res2["top1_agree"] == 1.0 and res2["tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="windows must be"):
+        metrics.evaluate_lm(m, w[:, :1], progress=False)
+
+
+def test_size_and_bits_per_weight(tiny):
+    import copy
+
+    m, _ = tiny
+    assert metrics.bits_per_weight(m) == 32.0
+    q = rtn_quantize_model(copy.deepcopy(m), QuantConfig(4, 32, True))
+    # int4 codes + one fp32 scale per 32 weights (symmetric: no zero points stored)
+    assert metrics.bits_per_weight(q) == pytest.approx(4 + 32 / 32)
+    qa = rtn_quantize_model(copy.deepcopy(m), QuantConfig(4, 32, False))
+    assert metrics.bits_per_weight(qa) == pytest.approx(4 + 64 / 32)
+    q8 = rtn_quantize_model(copy.deepcopy(m), QuantConfig(8, -1, True))
+    assert 8 < metrics.bits_per_weight(q8) < 9
+    assert metrics.model_size_bytes(q) < metrics.model_size_bytes(m)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.load_model(str(tmp_path / "nope"))
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"\.gguf"):
+        models.load_model(str(f))
+
+
+def test_lm_eval_missing_is_reported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
+    out = runner.run_lm_eval(None, None, "hellaswag")
+    assert "lm-eval is not installed" in out["error"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    m = models.tiny_llama(vocab_size=258, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    m.config.bos_token_id, m.config.eos_token_id = 256, 257
+    m.save_pretrained(d)
+    models.tiny_tokenizer().save_pretrained(d)
+    text = d / "text.txt"
+    text.write_text(data.pydoc_text()[:12000])
+    return d, text
+
+
+def test_cli_smoke(tiny_dir, tmp_path, capsys):
+    from qkernels.cli import main
+
+    d, text = tiny_dir
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", str(d), "--text", str(text), "--ctx", "64", "--eval-tokens", "256",
+               "--calib-tokens", "256", "--awq-calib-tokens", "128", "--calib-ctx", "64", "--group-size", "32",
+               "--awq-grid", "4", "--qat", "--qat-steps", "2", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    schemes = [r["scheme"] for r in res["rows"]]
+    assert schemes == ["float", "int8", "rtn-int4", "gptq-int4", "awq-int4", "qat-int4"]
+    for r in res["rows"]:
+        assert r["ppl"] > 1 and math.isfinite(r["dppl_pct"]) and 0 <= r["top1_agree"] <= 1
+        assert r["scheme"] in printed
+    assert res["rows"][0]["dppl_pct"] == 0 and res["rows"][0]["bits_per_weight"] == 32
+    assert res["rows"][2]["bits_per_weight"] == pytest.approx(5.0)
+    assert (out / "dppl_vs_bits.png").stat().st_size > 1000
+
+
+def test_cli_errors(tiny_dir, tmp_path, capsys):
+    from qkernels.cli import main
+
+    d, _ = tiny_dir
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n" * 3)
+    rc = main(["eval", "--model", str(d), "--text", str(short), "--schemes", "float", "--ctx", "64",
+               "--no-progress", "--out", str(tmp_path / "o")])
+    assert rc == 1
+    assert "text is too short" in capsys.readouterr().err
+    assert main([]) == 2
+    rc = main(["eval", "--model", str(d), "--schemes", "float,bogus", "--no-progress", "--out", str(tmp_path / "o")])
+    assert rc == 1 and "unknown scheme" in capsys.readouterr().err
+
+
+def test_python_m_entry_point():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    r = subprocess.run([sys.executable, "-m", "qkernels", "eval", "--help"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and "--lm-eval" in r.stdout
