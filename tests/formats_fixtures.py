@@ -134,6 +134,20 @@ def tiny_llama(seed=0, tie=False, hidden=64, intermediate=128):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))  # token ids for tiny_llama
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def quant_names(model):
+    from qkernels.nn import QuantLinear
+
+    return sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
+
+
 def write_model_dir(path, model, qcfg, layer_fn, skip=("lm_head",)):
     """Write ``model`` as a transformers directory where each Linear (except ``skip``) is replaced by the tensors
     ``layer_fn(name, linear) -> (tensors, float weight)``. Returns the float reference model (same architecture, the

@@ -12,6 +12,7 @@ from torch import nn
 
 import qkernels
 from qkernels.nn import Fp4, Fp8Dynamic, Fp8WeightOnly, Int8WeightOnly, QuantLinear
+from .formats_fixtures import IDS, logits, quant_names, tiny_llama  # noqa: F401
 from qkernels.nn.linear import FP8_WEIGHT_DTYPE
 
 from .conftest import requires_sm
@@ -178,26 +179,6 @@ def test_non_finite_activations_propagate():
 
 
 # ---- quantize_ on a tiny transformers Llama, save/load, compile --------------------------------------------------
-def tiny_llama(hidden=64, intermediate=128, seed=0):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=intermediate,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def quant_names(model):
-    return sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
-
 
 # logits relative error vs the float model (2 layers of random weights; W4A4 rounds every activation too)
 LLAMA_ERR = {"fp8_weight_only": 0.08, "fp8_dynamic": 0.1, "fp4": 0.45}  # measured: 0.049, 0.044-0.067, 0.16-0.32
@@ -206,7 +187,7 @@ LLAMA_ERR = {"fp8_weight_only": 0.08, "fp8_dynamic": 0.1, "fp4": 0.45}  # measur
 @pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
 def test_quantize_llama_save_load(tmp_path, scheme, caplog):
     # hidden 128 / intermediate 256 so that 128x128 blocks fit q/o/gate/up/down; k/v (out 64) are skipped by "block"
-    model = tiny_llama(128, 256)
+    model = tiny_llama(hidden=128, intermediate=256)
     ref = logits(model)
     with caplog.at_level(logging.WARNING, logger="qkernels.nn"):
         qkernels.quantize_(model, scheme)

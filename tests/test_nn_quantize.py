@@ -10,30 +10,12 @@ from torch import nn
 
 import qkernels
 from qkernels.nn import Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantLinear
+from .formats_fixtures import IDS, logits, quant_names, tiny_llama  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-def tiny_llama(tie=False, intermediate=128, seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
-
-
-def quant_names(model):
-    return sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
 
 
 @pytest.mark.parametrize("scheme, tol", [(Int4WeightOnly(32), 0.2), (Int8WeightOnly(), 0.02), (Int8Dynamic(), 0.05)],
