@@ -158,9 +158,13 @@ def plot(rows: list[dict], path: str) -> str | None:
         log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
+    placed = []  # label positions so far: schemes with nearly equal (bits, dPPL) get their labels stacked
     for r in rows:
-        ax.scatter(r["bits_per_weight"], r["dppl_pct"], s=40)
-        ax.annotate(r["scheme"], (r["bits_per_weight"], r["dppl_pct"]), textcoords="offset points", xytext=(5, 5))
+        x, y = r["bits_per_weight"], r["dppl_pct"]
+        ax.scatter(x, y, s=40)
+        near = sum(1 for px, py in placed if abs(px - x) < 0.5 and abs(py - y) < 3.0)
+        placed.append((x, y))
+        ax.annotate(r["scheme"], (x, y), textcoords="offset points", xytext=(5, 5 - 12 * near))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("stored bits per weight (linear layers)")
     ax.set_ylabel("perplexity increase vs float (%)")
