@@ -18,6 +18,7 @@
 
 #include "int_gemm_kernels.h"
 #include "qkernels/check.h"
+#include "qkernels/int_checks.h"
 #include "qkernels/int_gemm.h"
 #include "qkernels/int_quant.h"
 
@@ -36,11 +37,6 @@ int64_t small_m_threshold() {
 }
 // Rows of W per dequantized tile: 32 x 4096 fp32 = 512 KiB, about one L2.
 constexpr int64_t kTileN = 32;
-
-void check_x(const at::Tensor& x) {
-  check_float_input(x, "x");
-  check_dim(x, 2, "x");
-}
 
 // Parallel over N in tiles; f(n0, n1) handles weight rows [n0, n1).
 template <typename F>
@@ -63,27 +59,13 @@ void tiled_dequant_mm(const at::Tensor& xf, int64_t N, int64_t K, at::Tensor& ou
 
 at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                                    const std::optional<at::Tensor>& zero_point, int64_t group_size, bool is_signed) {
-  check_x(x);
-  check_dtype(packed_w, at::kByte, "packed_w");
-  check_dim(packed_w, 2, "packed_w");
+  check_int4_mm_args(x, packed_w, scale, zero_point, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = packed_w.size(0);
-  TORCH_CHECK(packed_w.size(1) * 2 == K, "packed_w must have shape [N, K/2] = [", N, ", ", K / 2, "] for x with K=", K,
-              ", got ", packed_w.sizes());
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "group_size ", group_size, " must be positive and divide K=", K);
   const int64_t G = K / group_size;
-  check_float_input(scale, "scale");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G, "scale must have shape [N, K/group_size] = [",
-              N, ", ", G, "], got ", scale.sizes());
-  check_same_device(x, packed_w, "x", "packed_w");
-  check_same_device(x, scale, "x", "scale");
   auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
   // zz = zero_point (+8 for signed codes, whose nibbles the kernels XOR with 8 to make them value + 8)
   at::Tensor zz;
   if (zero_point.has_value()) {
-    check_dtype(*zero_point, at::kInt, "zero_point");
-    TORCH_CHECK(zero_point->sizes() == scale.sizes(), "zero_point must have the shape of scale ", scale.sizes(),
-                ", got ", zero_point->sizes());
-    check_same_device(x, *zero_point, "x", "zero_point");
     // one pass builds the int8 effective zero points and range-checks them (an ATen add + aminmax cost ~50 us)
     auto zc = zero_point->contiguous();
     zz = at::empty({N, G}, x.options().dtype(at::kChar));
@@ -144,15 +126,8 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
 }
 
 at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, const at::Tensor& scale) {
-  check_x(x);
-  check_dtype(q_w, at::kChar, "q_w");
-  check_dim(q_w, 2, "q_w");
+  check_int8_mm_args(x, q_w, scale, "scale");
   const int64_t M = x.size(0), K = x.size(1), N = q_w.size(0);
-  TORCH_CHECK(q_w.size(1) == K, "q_w must have shape [N, K] with K=", K, " (x's last dim), got ", q_w.sizes());
-  check_float_input(scale, "scale");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N, "scale must have shape [N] = [", N, "], got ", scale.sizes());
-  check_same_device(x, q_w, "x", "q_w");
-  check_same_device(x, scale, "x", "scale");
   auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out.to(x.scalar_type());
   if (K == 0) return out.zero_().to(x.scalar_type());
@@ -177,7 +152,7 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, c
 
 // Rows with NaN/inf get scale NaN and codes 0, so the GEMM output row is NaN rather than silently finite.
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor& x) {
-  check_x(x);
+  check_x_2d(x);
   const int64_t M = x.size(0), K = x.size(1);
   auto q = at::empty({M, K}, x.options().dtype(at::kChar));
   auto scale = at::empty({M}, x.options().dtype(at::kFloat));
@@ -214,16 +189,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor&
 }
 
 at::Tensor int8_dynamic_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, const at::Tensor& w_scale) {
-  check_x(x);
-  check_dtype(q_w, at::kChar, "q_w");
-  check_dim(q_w, 2, "q_w");
+  check_int8_mm_args(x, q_w, w_scale, "w_scale");
   const int64_t M = x.size(0), K = x.size(1), N = q_w.size(0);
-  TORCH_CHECK(q_w.size(1) == K, "q_w must have shape [N, K] with K=", K, " (x's last dim), got ", q_w.sizes());
-  check_float_input(w_scale, "w_scale");
-  TORCH_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape [N] = [", N, "], got ",
-              w_scale.sizes());
-  check_same_device(x, q_w, "x", "q_w");
-  check_same_device(x, w_scale, "x", "w_scale");
   TORCH_CHECK(K < (1 << 17), "K=", K, " is too large for exact int32 accumulation (needs K < 131072)");
   auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out.to(x.scalar_type());

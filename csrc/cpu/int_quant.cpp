@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "qkernels/check.h"
+#include "qkernels/int_checks.h"
 #include "qkernels/int_quant.h"
 
 namespace qkernels {
@@ -56,18 +57,7 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_affine_cpu(const at::Tensor& w
 
 at::Tensor quantize_affine_cpu(const at::Tensor& w, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                                int64_t bits, int64_t group_size, bool is_signed, bool float_zero_point) {
-  check_float_input(w, "w");
-  check_bits(bits);
-  check_groups(w, group_size, "w");
-  check_dtype(scale, at::kFloat, "scale");
-  check_group_params(w, scale, group_size, "w", "scale");
-  TORCH_CHECK(!float_zero_point || zero_point.has_value(), "zero_point (the group minimum) is required when "
-              "float_zero_point=True");
-  TORCH_CHECK(!float_zero_point || !is_signed, "float_zero_point=True uses unsigned codes; pass is_signed=False");
-  if (zero_point.has_value()) {
-    check_dtype(*zero_point, float_zero_point ? at::kFloat : at::kInt, "zero_point");
-    check_group_params(w, *zero_point, group_size, "w", "zero_point");
-  }
+  check_quantize_affine_args(w, scale, zero_point, bits, group_size, is_signed, float_zero_point);
   // a NaN would reach a float->int conversion (undefined behaviour), so refuse it up front
   TORCH_CHECK(w.numel() == 0 || at::isfinite(w).all().item<bool>(), "w contains NaN or inf; quantization needs finite values");
   auto wc = w.contiguous();
@@ -106,20 +96,7 @@ at::Tensor quantize_affine_cpu(const at::Tensor& w, const at::Tensor& scale, con
 
 at::Tensor dequantize_affine_cpu(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                                  int64_t group_size, bool float_zero_point, at::ScalarType out_dtype) {
-  TORCH_CHECK(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte, "q must be int8 or uint8, got ",
-              q.scalar_type());
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf ||
-                  out_dtype == at::kDouble,
-              "out_dtype must be a floating dtype, got ", out_dtype);
-  check_groups(q, group_size, "q");
-  check_dtype(scale, at::kFloat, "scale");
-  check_group_params(q, scale, group_size, "q", "scale");
-  TORCH_CHECK(!float_zero_point || zero_point.has_value(), "zero_point (the group minimum) is required when "
-              "float_zero_point=True");
-  if (zero_point.has_value()) {
-    check_dtype(*zero_point, float_zero_point ? at::kFloat : at::kInt, "zero_point");
-    check_group_params(q, *zero_point, group_size, "q", "zero_point");
-  }
+  check_dequantize_affine_args(q, scale, zero_point, group_size, float_zero_point, out_dtype);
   auto qc = q.contiguous();
   auto sc = scale.contiguous();
   at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();

@@ -10,6 +10,7 @@
 
 #include "launchers.h"
 #include "qkernels/check.h"
+#include "qkernels/int_checks.h"
 
 namespace qkernels {
 
@@ -25,11 +26,6 @@ at::Tensor dequantize_affine_cuda(const at::Tensor& q, const at::Tensor& scale,
 namespace {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-void check_x(const at::Tensor& x) {
-  check_float_input(x, "x");
-  check_dim(x, 2, "x");
-}
 
 // Device attributes through the runtime API: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers that a
 // bare CUDA toolkit (as on the CI and build machines) may not ship.
@@ -86,27 +82,10 @@ at::Tensor run_mma(const at::Tensor& xc, const at::Tensor& wc, const at::Tensor&
 
 at::Tensor int4_weight_only_mm_cuda(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                                     const std::optional<at::Tensor>& zero_point, int64_t group_size, bool is_signed) {
-  check_x(x);
-  check_dtype(packed_w, at::kByte, "packed_w");
-  check_dim(packed_w, 2, "packed_w");
+  check_int4_mm_args(x, packed_w, scale, zero_point, group_size);
+  // no zero-point range check here (it would cost a device sync per call): the decode is exact for any int32 zero
+  // point with |q - zero_point| < 2^22, far beyond int4's [-8, 16] that the public API documents
   const int64_t M = x.size(0), K = x.size(1), N = packed_w.size(0);
-  TORCH_CHECK(packed_w.size(1) * 2 == K, "packed_w must have shape [N, K/2] = [", N, ", ", K / 2, "] for x with K=",
-              K, ", got ", packed_w.sizes());
-  TORCH_CHECK(group_size > 0 && K % group_size == 0, "group_size ", group_size, " must be positive and divide K=", K);
-  const int64_t G = K / group_size;
-  check_float_input(scale, "scale");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G,
-              "scale must have shape [N, K/group_size] = [", N, ", ", G, "], got ", scale.sizes());
-  check_same_device(x, packed_w, "x", "packed_w");
-  check_same_device(x, scale, "x", "scale");
-  if (zero_point.has_value()) {
-    check_dtype(*zero_point, at::kInt, "zero_point");
-    TORCH_CHECK(zero_point->sizes() == scale.sizes(), "zero_point must have the shape of scale ", scale.sizes(),
-                ", got ", zero_point->sizes());
-    check_same_device(x, *zero_point, "x", "zero_point");
-    // no range check here (it would cost a device sync per call): the decode is exact for any int32 zero point
-    // with |q - zero_point| < 2^22, far beyond int4's [-8, 16] that the public API documents
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   check_capability("int4_weight_only_mm");
   if (M == 0 || N == 0) return at::empty({M, N}, x.options());
@@ -126,15 +105,8 @@ at::Tensor int4_weight_only_mm_cuda(const at::Tensor& x, const at::Tensor& packe
 }
 
 at::Tensor int8_weight_only_mm_cuda(const at::Tensor& x, const at::Tensor& q_w, const at::Tensor& scale) {
-  check_x(x);
-  check_dtype(q_w, at::kChar, "q_w");
-  check_dim(q_w, 2, "q_w");
+  check_int8_mm_args(x, q_w, scale, "scale");
   const int64_t M = x.size(0), K = x.size(1), N = q_w.size(0);
-  TORCH_CHECK(q_w.size(1) == K, "q_w must have shape [N, K] with K=", K, " (x's last dim), got ", q_w.sizes());
-  check_float_input(scale, "scale");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == N, "scale must have shape [N] = [", N, "], got ", scale.sizes());
-  check_same_device(x, q_w, "x", "q_w");
-  check_same_device(x, scale, "x", "scale");
   const c10::cuda::CUDAGuard guard(x.device());
   check_capability("int8_weight_only_mm");
   if (M == 0 || N == 0) return at::empty({M, N}, x.options());

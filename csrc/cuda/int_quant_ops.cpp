@@ -9,6 +9,7 @@
 
 #include "launchers.h"
 #include "qkernels/check.h"
+#include "qkernels/int_checks.h"
 
 namespace qkernels {
 
@@ -25,16 +26,6 @@ DType to_dtype(at::ScalarType t) {
 }  // namespace cuda
 
 namespace {
-
-void check_zero_point(const at::Tensor& w, const std::optional<at::Tensor>& zero_point, int64_t group_size,
-                      bool float_zero_point, const char* wname) {
-  TORCH_CHECK(!float_zero_point || zero_point.has_value(), "zero_point (the group minimum) is required when "
-              "float_zero_point=True");
-  if (zero_point.has_value()) {
-    check_dtype(*zero_point, float_zero_point ? at::kFloat : at::kInt, "zero_point");
-    check_group_params(w, *zero_point, group_size, wname, "zero_point");
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> choose_qparams_affine_cuda(const at::Tensor& w, int64_t bits, int64_t group_size,
                                                               bool symmetric, bool is_signed, bool float_zero_point) {
@@ -62,13 +53,7 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_affine_cuda(const at::Tensor& 
 
 at::Tensor quantize_affine_cuda(const at::Tensor& w, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point,
                                 int64_t bits, int64_t group_size, bool is_signed, bool float_zero_point) {
-  check_float_input(w, "w");
-  check_bits(bits);
-  check_groups(w, group_size, "w");
-  check_dtype(scale, at::kFloat, "scale");
-  check_group_params(w, scale, group_size, "w", "scale");
-  TORCH_CHECK(!float_zero_point || !is_signed, "float_zero_point=True uses unsigned codes; pass is_signed=False");
-  check_zero_point(w, zero_point, group_size, float_zero_point, "w");
+  check_quantize_affine_args(w, scale, zero_point, bits, group_size, is_signed, float_zero_point);
   const c10::cuda::CUDAGuard guard(w.device());
   // a NaN would reach a float->int conversion (undefined behaviour), so refuse it up front, as on CPU
   TORCH_CHECK(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
@@ -132,15 +117,7 @@ at::Tensor unpack_int4_cuda(const at::Tensor& packed, bool is_signed) {
 at::Tensor dequantize_affine_cuda(const at::Tensor& q, const at::Tensor& scale,
                                   const std::optional<at::Tensor>& zero_point, int64_t group_size,
                                   bool float_zero_point, at::ScalarType out_dtype) {
-  TORCH_CHECK(q.scalar_type() == at::kChar || q.scalar_type() == at::kByte, "q must be int8 or uint8, got ",
-              q.scalar_type());
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf ||
-                  out_dtype == at::kDouble,
-              "out_dtype must be a floating dtype, got ", out_dtype);
-  check_groups(q, group_size, "q");
-  check_dtype(scale, at::kFloat, "scale");
-  check_group_params(q, scale, group_size, "q", "scale");
-  check_zero_point(q, zero_point, group_size, float_zero_point, "q");
+  check_dequantize_affine_args(q, scale, zero_point, group_size, float_zero_point, out_dtype);
   const c10::cuda::CUDAGuard guard(q.device());
   auto qc = q.contiguous();
   auto sc = scale.contiguous();
