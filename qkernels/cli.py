@@ -34,7 +34,11 @@ def _eval_parser(sub):
     p.add_argument("--qat-lr", type=float, default=d.qat_lr)
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
     p.add_argument("--out", default=d.out, help="output folder for results.json and the plot (default %(default)s)")
-    p.add_argument("--lm-eval", metavar="TASKS", help="also run lm-evaluation-harness tasks (needs lm-eval + data)")
+    p.add_argument("--lm-eval", metavar="TASKS",
+                   help="also run lm-evaluation-harness tasks on every scheme (needs lm-eval; offline: the built-in "
+                        "qkernels_pydoc_cloze task, or tasks of --lm-eval-include)")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="folder of extra lm-eval task YAMLs (offline data)")
+    p.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N items per lm-eval task")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -44,7 +48,7 @@ def _eval_parser(sub):
 def _run_eval(a) -> int:
     import torch
 
-    from .eval.runner import EvalConfig, format_table, run
+    from .eval.runner import EvalConfig, format_lm_eval, format_table, run
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -55,10 +59,13 @@ def _run_eval(a) -> int:
                      calib_tokens=a.calib_tokens, awq_calib_tokens=a.awq_calib_tokens, calib_ctx=a.calib_ctx,
                      batch_size=a.batch_size, group_size=a.group_size, symmetric=not a.asym,
                      gptq_act_order=not a.no_act_order, awq_grid=a.awq_grid, qat_steps=a.qat_steps, qat_lr=a.qat_lr,
-                     eval_fraction=a.eval_fraction, out=a.out, progress=not a.no_progress, lm_eval=a.lm_eval)
+                     eval_fraction=a.eval_fraction, out=a.out, progress=not a.no_progress, lm_eval=a.lm_eval,
+                     lm_eval_include=a.lm_eval_include, lm_eval_limit=a.lm_eval_limit)
     res = run(cfg)
     print()
     print(format_table(res["rows"]))
+    if cfg.lm_eval:
+        print("\nlm-eval:\n" + format_lm_eval(res["rows"]))
     t = res["time"]["total"]
     print(f"\ntotal {t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU; results in {cfg.out}/results.json"
           + (f", plot {res['plot']}" if res.get("plot") else ""))

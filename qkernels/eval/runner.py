@@ -17,6 +17,7 @@ from ..algorithms import AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quan
     rtn_quantize_model
 from ..algorithms import qat as qat_mod
 from . import data, metrics, models
+from .lm_eval_bridge import run_lm_eval
 
 log = logging.getLogger("qkernels.eval")
 
@@ -47,6 +48,8 @@ class EvalConfig:
     out: str = "qkernels_eval"
     progress: bool = True
     lm_eval: str | None = None
+    lm_eval_include: str | None = None
+    lm_eval_limit: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -121,7 +124,8 @@ def run(cfg: EvalConfig) -> dict:
         rows.append(row)
         print(_format_row(row), flush=True)
         if cfg.lm_eval:
-            row["lm_eval"] = run_lm_eval(m, tok, cfg.lm_eval)
+            row["lm_eval"] = run_lm_eval(m, tok, cfg.lm_eval, eval_text=ev_text, include_path=cfg.lm_eval_include,
+                                           limit=cfg.lm_eval_limit)
         if m is not base:
             del m
     out = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "rows": rows,
@@ -146,6 +150,22 @@ def _format_row(r: dict) -> str:
 
 def format_table(rows: list[dict]) -> str:
     return "\n".join([HEADER] + [_format_row(r) for r in rows])
+
+
+def format_lm_eval(rows: list[dict]) -> str:
+    """The --lm-eval results: one line per (scheme, task) with acc / acc_norm and the number of items."""
+    lines = []
+    for r in rows:
+        res = r.get("lm_eval")
+        if not res:
+            continue
+        if "error" in res:
+            lines.append(f"{r['scheme']:<10} lm-eval error: {res['error']}")
+            continue
+        for task, m in res.items():
+            vals = " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "n" and isinstance(v, float))
+            lines.append(f"{r['scheme']:<10} {task:<24} {vals} (n={m.get('n')})")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str) -> str | None:
@@ -174,22 +194,3 @@ def plot(rows: list[dict], path: str) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def run_lm_eval(model, tokenizer, tasks: str) -> dict:
-    """Hands ``model`` to lm-evaluation-harness; returns its results or ``{"error": why}``."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        msg = "lm-eval is not installed (pip install lm-eval); skipped --lm-eval"
-        log.warning(msg)
-        return {"error": msg}
-    try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
-        res = lm_eval.simple_evaluate(model=lm, tasks=[t for t in tasks.split(",") if t])
-        return res.get("results", {})
-    except Exception as e:  # noqa: BLE001 - datasets are fetched from a hub; offline that fails
-        msg = f"lm-eval could not run {tasks!r}: {type(e).__name__}: {e} (its task data must be available offline)"
-        log.warning(msg)
-        return {"error": msg}
