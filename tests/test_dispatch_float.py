@@ -32,6 +32,13 @@ def test_casts_on_rocm_use_triton(op):
     assert d.backend == "triton" and any(b == "cuda" for b, _ in d.rejected), str(d)
 
 
+@pytest.mark.skipif(not qkernels._ext.compiled_cuda_archs(), reason="extension built without CUDA")
+@pytest.mark.parametrize("op", CASTS + ["fp8_mm", "fp4_mm", "quantize_per_token_int8", "int8_dynamic_mm"])
+def test_cuda_build_registers_kernels(op):
+    # a CUDA build (compiled, even on a machine without a GPU) registers every kernel under the CUDA key
+    assert qkernels._ext.has_kernel(op, "CUDA")
+
+
 def _fp8_ctx(**kw):
     ctx = dict(a_dtype=torch.float8_e4m3fn, b_dtype=torch.float8_e4m3fn, granularity="tensor",
                out_dtype=torch.bfloat16, M=64, K=1024, N=256, assume_compiled=True)
