@@ -281,7 +281,9 @@ def fp8_native_blockwise(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
     if not hasattr(torch.nn.functional, "scaled_mm") or not _cuda_at_least(12, 9):
         return False, f"native block-wise fp8 needs torch.nn.functional.scaled_mm and CUDA 12.9+, have torch " \
                       f"{torch.__version__} with CUDA {torch.version.cuda}"
-    a_blocks, b_blocks = ctx.get("a_blocks", (1, 128)), ctx.get("b_blocks", (128, 128))
+    a_blocks, b_blocks = ctx.get("a_blocks"), ctx.get("b_blocks")
+    if a_blocks is None or b_blocks is None:
+        return False, "block shapes not given (a_blocks, b_blocks): native block-wise fp8 not considered"
     if tuple(a_blocks) != (1, 128) or tuple(b_blocks) not in ((1, 128), (128, 128)):
         return False, f"native block-wise fp8 takes 1x128 activation blocks and 1x128 or 128x128 weight blocks, got " \
                       f"{tuple(a_blocks)} and {tuple(b_blocks)}"
