@@ -19,19 +19,12 @@ import qkernels
 from qkernels import reference as ref
 
 from .conftest import cuda_capability, requires_sm
+from .test_cuda_kernels import _no_tf32  # noqa: F401  (autouse fixture: fp32 GEMMs without TF32)
 
 pytestmark = [pytest.mark.gpu, requires_sm(8, 0)]
 DEV = "cuda"
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _edge_values(n_random=994):

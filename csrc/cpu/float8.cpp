@@ -58,9 +58,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
   auto q = at::empty({R, C}, x.options().dtype(at::kByte));
   at::Tensor s;
   if (scale.has_value()) {
-    check_scale_grid(*scale, grid, "scale");
-    check_same_device(x, *scale, "x", "scale");
-    s = scale->contiguous().clone();  // a fresh output: the op must not alias its input
+    s = checked_scale_copy(x, *scale, grid);
   } else {
     s = at::empty({grid[0], nbc}, x.options().dtype(at::kFloat));
   }

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "convert.cuh"
+#include "elementwise.cuh"
 #include "launchers.h"
 #include "qkernels/float4.h"
 #include "qkernels/float8.h"
@@ -31,20 +32,6 @@
 namespace qkernels {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kVec = 8;
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-unsigned grid_for(int64_t work) {
-  return (unsigned)std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 1 << 20));
-}
-
-bool aligned_to(const void* p, size_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
 template <typename F>
 void dispatch_input(DType t, const F& f) {  // the three float input dtypes of the casts

@@ -50,9 +50,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cuda(const at::Tensor& x, const 
   auto q = at::empty({R, C}, x.options().dtype(at::kByte));
   at::Tensor s;
   if (scale.has_value()) {
-    check_scale_grid(*scale, grid, "scale");
-    check_same_device(x, *scale, "x", "scale");
-    s = scale->contiguous().clone();  // a fresh output: the op must not alias its input
+    s = checked_scale_copy(x, *scale, grid);
     if (R == 0 || C == 0) return {q, s};
   } else {
     s = at::zeros({grid[0], grid[1]}, x.options().dtype(at::kFloat));

@@ -12,26 +12,13 @@
 #include <type_traits>
 
 #include "convert.cuh"
+#include "elementwise.cuh"
 #include "launchers.h"
 #include "qkernels/int_quant.h"
 
 namespace qkernels {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kVec = 8;
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-unsigned grid_for(int64_t work) {
-  return (unsigned)std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 1 << 20));
-}
-
-bool aligned_to(const void* p, size_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
 // fp32 / fp16 / bf16 (and fp64 where `with_double`) by DType; f receives a value of the element type.
 template <typename F>

@@ -43,6 +43,13 @@ inline void check_scale_grid(const at::Tensor& s, std::array<int64_t, 2> grid, c
               grid[1], "], got ", s.sizes());
 }
 
+// A given quantize_fp8 scale: checked against the grid and copied (the op's output must not alias its input).
+inline at::Tensor checked_scale_copy(const at::Tensor& x, const at::Tensor& scale, std::array<int64_t, 2> grid) {
+  check_scale_grid(scale, grid, "scale");
+  check_same_device(x, scale, "x", "scale");
+  return scale.contiguous().clone();
+}
+
 // Scale grid [G0, G1] of a matrix [R, C] -> block sizes; the grid must tile the matrix exactly.
 inline std::array<int64_t, 2> blocks_from_grid(const at::Tensor& t, const at::Tensor& s, const char* tname,
                                                const char* sname) {
