@@ -182,6 +182,15 @@ def test_int8_dynamic_mm_cuda_matches_cpu_kernel(xdtype, M, N, K):
     assert qkernels.explain("int8_dynamic_mm", DEV).backend == "cuda"
 
 
+@pytest.mark.parametrize("M,N,K", [(1, 40, 64), (17, 64, 100), (300, 256, 1024)])
+def test_int8_dynamic_mm_triton_matches_cpu_kernel(M, N, K):
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    q_w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEV)
+    w_s = torch.rand(N, device=DEV) * 0.01 + 1e-3
+    out = _op("triton", "int8_dynamic_mm")(x, q_w, w_s)
+    assert torch.equal(out.cpu(), torch.ops.qkernels.int8_dynamic_mm(x.cpu(), q_w.cpu(), w_s.cpu()))
+
+
 def test_w8a8_nan_row():
     x = torch.randn(20, 64, device=DEV)
     x[3, 5] = float("nan")

@@ -24,8 +24,8 @@ def test_casts_and_w8a8_use_cuda_kernels_when_compiled(device, op):
     assert d.backend == "cuda", str(d)
 
 
-@pytest.mark.parametrize("op", CASTS)
-def test_casts_on_rocm_use_triton(op):
+@pytest.mark.parametrize("op", CASTS + ["quantize_per_token_int8", "int8_dynamic_mm"])
+def test_casts_and_w8a8_on_rocm_use_triton(op):
     pytest.importorskip("triton")
     with dispatch.mock_device("gfx942"):
         d = qkernels.explain(op, assume_compiled=True)

@@ -131,3 +131,36 @@ def test_public_api_forced_triton_casts():
     p_ref, sc_ref, g_ref = qkernels.quantize_fp4(x, "nvfp4", backend="reference")
     assert torch.equal(p, p_ref) and torch.equal(sc, sc_ref) and torch.equal(g, g_ref)
     assert qkernels.explain("quantize_fp4", "cpu", backend="triton").backend == "triton"
+
+
+# ---- W8A8 (qkernels/triton/int8_dynamic.py): bit-identical to the C++ CPU kernel -----------------------------------
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", [(1, 24, 64), (19, 70, 100)])
+def test_w8a8_matches_cpu_kernel(xdtype, M, N, K):
+    x = (torch.randn(M, K) * 3).to(xdtype)
+    x[0, :] = 0.0  # all-zero row: scale 1
+    if M > 2:
+        x[2, 7] = float("inf")  # non-finite row: NaN scale, zero codes, NaN outputs
+        x[1, 3] = 1e-39
+    q_w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    w_s = torch.rand(N) * 0.01 + 1e-3
+    q, s = qtriton.get("quantize_per_token_int8")(x)
+    q_ref, s_ref = ref.OPS["quantize_per_token_int8"](x)
+    assert torch.equal(q, q_ref) and torch.equal(torch.isnan(s), torch.isnan(s_ref))
+    assert torch.equal(torch.nan_to_num(s), torch.nan_to_num(s_ref))
+    out = qtriton.get("int8_dynamic_mm")(x, q_w, w_s)
+    assert out.dtype == xdtype
+    if qkernels._ext.has_kernel("int8_dynamic_mm", "CPU"):
+        cpu = torch.ops.qkernels.int8_dynamic_mm(x, q_w, w_s)
+        assert torch.equal(torch.isnan(out), torch.isnan(cpu)) and torch.equal(torch.nan_to_num(out),
+                                                                              torch.nan_to_num(cpu))
+    want = ref.OPS["int8_dynamic_mm"](x, q_w, w_s)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    assert _rel(out[finite], want[finite]) < {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[xdtype]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
