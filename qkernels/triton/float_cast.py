@@ -63,7 +63,8 @@ def _encoder(fmt, saturate: bool) -> dict:
 
 # the NVFP4 block scale encoder: e4m3fn, saturating
 _S = _encoder(torch.float8_e4m3fn, True)
-_S_MIN_NORMAL, _S_MAGIC_BITS, _S_MAGIC = (tl.constexpr(_S[k]) for k in ("ENC_MIN_NORMAL", "ENC_MAGIC_BITS", "ENC_MAGIC"))
+_S_MIN_NORMAL, _S_MAGIC_BITS = (tl.constexpr(_S[k]) for k in ("ENC_MIN_NORMAL", "ENC_MAGIC_BITS"))
+_S_MAGIC = tl.constexpr(_S["ENC_MAGIC"])
 _S_ROUND_HALF, _S_SHIFT, _S_REBIAS = (tl.constexpr(_S[k]) for k in ("ENC_ROUND_HALF", "ENC_SHIFT", "ENC_REBIAS"))
 _S_MAX_CODE, _S_OVF, _S_NBITS = (tl.constexpr(_S[k]) for k in ("ENC_MAX_CODE", "ENC_OVF", "ENC_NBITS"))
 _S_NAN_POS, _S_NAN_NEG, _S_ZERO_MASK = (tl.constexpr(_S[k]) for k in ("ENC_NAN_POS", "ENC_NAN_NEG", "ENC_ZERO_MASK"))
