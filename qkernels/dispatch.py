@@ -261,9 +261,41 @@ def fp8_native(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
         if ctx.get("out_dtype", torch.bfloat16) != torch.bfloat16:
             return False, "row-wise torch._scaled_mm produces bfloat16 only; use out_dtype=torch.bfloat16"
     elif gran == "block":
-        # torch's block-wise recipes need specific scale layouts per arch; not wired up until tested on hardware
-        return False, "block-wise fp8 scales use the emulated path (native block-wise _scaled_mm is not wired up)"
+        return fp8_native_blockwise(dev, ctx)
     return True, f"torch._scaled_mm ({names}, {gran}-wise scales) on {dev}"
+
+
+def _cuda_at_least(major: int, minor: int) -> bool:
+    try:
+        return tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
+def fp8_native_blockwise(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+    """DeepSeek-V3-style block scales on sm90: torch.nn.functional.scaled_mm with ScalingType.BlockWise1x128 for the
+    activation and BlockWise1x128 / BlockWise128x128 for the weight (cuBLASLt 12.9+, bf16 output; the recipes torch's
+    own scaled_mm tests run on sm90). Other block shapes, archs and dtypes keep the emulation."""
+    if dev.kind != "cuda" or dev.capability != (9, 0):
+        return False, f"block-wise fp8 scales run natively on sm90 only (cuBLAS block-wise recipes), this is {dev}"
+    if not hasattr(torch.nn.functional, "scaled_mm") or not _cuda_at_least(12, 9):
+        return False, f"native block-wise fp8 needs torch.nn.functional.scaled_mm and CUDA 12.9+, have torch " \
+                      f"{torch.__version__} with CUDA {torch.version.cuda}"
+    a_blocks, b_blocks = ctx.get("a_blocks"), ctx.get("b_blocks")
+    if a_blocks is None or b_blocks is None:
+        return False, "block shapes not given (a_blocks, b_blocks): native block-wise fp8 not considered"
+    if tuple(a_blocks) != (1, 128) or tuple(b_blocks) not in ((1, 128), (128, 128)):
+        return False, f"native block-wise fp8 takes 1x128 activation blocks and 1x128 or 128x128 weight blocks, got " \
+                      f"{tuple(a_blocks)} and {tuple(b_blocks)}"
+    if ctx.get("a_dtype", torch.float8_e4m3fn) != torch.float8_e4m3fn or ctx.get(
+            "b_dtype", torch.float8_e4m3fn) != torch.float8_e4m3fn:
+        return False, "native block-wise fp8 takes float8_e4m3fn operands"
+    if tuple(b_blocks) == (128, 128) and ctx.get("K", 512) % 512:
+        # 128x128 weight scales are laid out with K/128 padded to a multiple of 4; keep to shapes that need no padding
+        return False, f"native 128x128 block-wise fp8 needs K % 512 == 0 here, got K={ctx.get('K')}"
+    if ctx.get("out_dtype", torch.bfloat16) != torch.bfloat16:
+        return False, "block-wise scaled_mm produces bfloat16 only; use out_dtype=torch.bfloat16"
+    return True, f"torch.nn.functional.scaled_mm (block-wise 1x128 x {b_blocks[0]}x{b_blocks[1]}) on {dev}"
 
 
 def fp4_native(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
@@ -282,10 +314,25 @@ def emulated(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
     return True, "emulated: decode to fp32 and matmul in plain PyTorch (qkernels.reference)"
 
 
+def unless_native(native):
+    """For the emulated CUDA GEMMs (decode + cuBLAS sgemm): only where the hardware path cannot run (or when forced)."""
+
+    def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+        if ctx.get("forced") == "cuda":
+            return True, "emulated CUDA kernel (forced)"
+        ok, why = native(dev, ctx)
+        if ok:
+            return False, "the hardware path runs here; the CUDA kernel is only the emulation"
+        return True, f"emulated CUDA kernel (decode + cuBLAS sgemm): {why}"
+
+    return check
+
+
 def scaled_mm_rules(op: str, native) -> list[Rule]:
-    """cuda -> triton -> native torch._scaled_mm -> C++ CPU emulation -> plain-PyTorch emulation."""
+    """cuda (emulation, where native cannot run) -> triton -> native torch._scaled_mm -> C++ CPU emulation ->
+    plain-PyTorch emulation."""
     return [
-        Rule("cuda", compiled(op)),
+        Rule("cuda", compiled(op, unless_native(native))),
         Rule("triton", on_triton(op)),
         Rule("native", native),
         Rule("cpu", on_cpu(op)),
@@ -307,17 +354,19 @@ TABLE: dict[str, list[Rule]] = {
     "int8_weight_only_mm": standard_rules("int8_weight_only_mm", min_sm(8, 0)),
     "quantize_per_token_int8": standard_rules("quantize_per_token_int8"),
     "int8_dynamic_mm": standard_rules("int8_dynamic_mm", min_sm(8, 0)),
-    # fp8 casts (qkernels/ops/float8.py): software conversion everywhere (GPUs run the plain-PyTorch cast)
+    # fp8 casts (qkernels/ops/float8.py): CUDA (hardware cvt for saturating e4m3fn/e5m2 on sm89+, software
+    # elsewhere), Triton (software conversion; the ROCm path), C++ CPU
     "quantize_fp8": standard_rules("quantize_fp8"),
     "dequantize_fp8": standard_rules("dequantize_fp8"),
-    # fp8 GEMM: torch._scaled_mm on sm89/sm90/sm100 and gfx942 (fnuz), emulated on sm80, gfx90a, CPU
+    # fp8 GEMM: torch._scaled_mm on sm89/sm90/sm100 and gfx942 (fnuz), block-wise scaled_mm on sm90; emulated
+    # (CUDA decode + cuBLAS on NVIDIA, plain PyTorch on ROCm) where those cannot run
     "fp8_mm": scaled_mm_rules("fp8_mm", fp8_native),
-    # fp4 elements and MXFP4/NVFP4 blocks (qkernels/ops/float4.py)
+    # fp4 elements and MXFP4/NVFP4 blocks (qkernels/ops/float4.py): CUDA (e2m1 cvt on sm100a), Triton, C++ CPU
     "fp4_encode": standard_rules("fp4_encode"),
     "fp4_decode": standard_rules("fp4_decode"),
     "quantize_fp4": standard_rules("quantize_fp4"),
     "dequantize_fp4": standard_rules("dequantize_fp4"),
-    # fp4 GEMM: block-scaled torch._scaled_mm on sm100, emulated on sm90 and below, ROCm, CPU
+    # fp4 GEMM: block-scaled torch._scaled_mm on sm100, emulated (CUDA decode + cuBLAS) on sm90 and below
     "fp4_mm": scaled_mm_rules("fp4_mm", fp4_native),
     # GGUF block formats (qkernels/ops/gguf.py)
     "gguf_quantize": [Rule("cpu", gguf_cpu_encoder), Rule("reference", always)],

@@ -74,14 +74,51 @@ def gemms(backend, dev="cuda"):
                 check(f"{backend} W8A16 {dtype} N={N} K={K} M={M}", e < TOL[dtype], f"rel err {e:.2e}")
 
 
+def float_casts(backend, dev="cuda"):
+    """fp8 / fp4 casts bit-exact vs the reference (tests/test_cuda_float_kernels.py has the full set)."""
+    if backend == "cuda":
+        ops = torch.ops.qkernels
+        get = lambda name: getattr(ops, name)  # noqa: E731
+    else:
+        from qkernels import triton as qtriton
+
+        get = qtriton.get
+    x = torch.randn(64, 512, device=dev) * torch.exp2(torch.randint(-12, 12, (64, 1), device=dev).float())
+    x[0, 0], x[1, 1], x[2, 2] = float("nan"), float("inf"), 1e-40
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
+        for blocks in ((64, 512), (1, 512), (1, 128), (32, 128)):
+            for sat in (True, False):
+                got = get("quantize_fp8")(x, None, dtype, *blocks, sat)
+                want = ref.OPS["quantize_fp8"](x, None, dtype, *blocks, sat)
+                check(f"{backend} quantize_fp8 {dtype} {blocks} sat={sat}",
+                      torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+    for fmt in ("mxfp4", "nvfp4"):
+        for elem in ("e2m1", "e1m2"):
+            got = get("quantize_fp4")(x, fmt, elem, None)
+            want = ref.OPS["quantize_fp4"](x, fmt, elem, None)
+            check(f"{backend} quantize_fp4 {fmt} {elem}", all(torch.equal(a, b) for a, b in zip(got, want)))
+
+
+def w8a8(dev="cuda"):
+    for M, N, K in ((1, 40, 64), (17, 64, 100), (300, 256, 1024)):
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        q_w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
+        w_s = torch.rand(N, device=dev) * 0.01
+        out = torch.ops.qkernels.int8_dynamic_mm(x, q_w, w_s)
+        cpu = torch.ops.qkernels.int8_dynamic_mm(x.cpu(), q_w.cpu(), w_s.cpu())
+        check(f"W8A8 CUDA == CPU M={M} N={N} K={K}", torch.equal(out.cpu(), cpu))
+
+
 def main():
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
-    sections = [("quant ops (CUDA)", quant_ops), ("GEMMs (CUDA)", lambda: gemms("cuda"))]
+    sections = [("quant ops (CUDA)", quant_ops), ("GEMMs (CUDA)", lambda: gemms("cuda")),
+                ("fp8/fp4 casts (CUDA)", lambda: float_casts("cuda")), ("W8A8 (CUDA)", w8a8)]
     try:
         import triton  # noqa: F401
 
         sections.append(("GEMMs (Triton)", lambda: gemms("triton")))
+        sections.append(("fp8/fp4 casts (Triton)", lambda: float_casts("triton")))
     except ImportError:
         print("triton not installed: Triton GEMMs skipped")
     for name, fn in sections:

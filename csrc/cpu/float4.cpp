@@ -13,27 +13,10 @@
 #include "emulated_mm.h"
 #include "qkernels/check.h"
 #include "qkernels/float4.h"
+#include "qkernels/float_checks.h"
 
 namespace qkernels {
 namespace {
-
-MiniFloat element_format(c10::string_view element) {
-  if (element == "e2m1") return minifloat_format(kE2M1);
-  if (element == "e1m2") return minifloat_format(kE1M2);
-  TORCH_CHECK(false, "element must be 'e2m1' or 'e1m2', got '", std::string(element), "'");
-}
-
-// true for NVFP4 (e4m3 scales of 16 elements), false for MXFP4 (e8m0 scales of 32)
-bool is_nv(c10::string_view format) {
-  if (format == "mxfp4") return false;
-  if (format == "nvfp4") return true;
-  TORCH_CHECK(false, "format must be 'mxfp4' or 'nvfp4', got '", std::string(format), "'");
-}
-
-void check_out_dtype(at::ScalarType dt) {
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-              "out_dtype must be float32, bfloat16, float16 or float64, got ", dt);
-}
 
 // 16 nibble values of an element format
 std::array<float, 16> nibble_table(const MiniFloat& f) {
@@ -80,16 +63,13 @@ float finite_amax(const T* src, int64_t n) {
 }
 
 float global_scale_value(const at::Tensor& g, const char* name) {
-  check_dtype(g, at::kFloat, name);
-  TORCH_CHECK(g.numel() == 1, name, " must have one element (a per-tensor fp32 scale), got shape ", g.sizes());
+  check_global_scale(g, name);
   return g.item<float>();
 }
 
 at::Tensor fp4_encode_cpu(const at::Tensor& x, c10::string_view element) {
-  check_float_input(x, "x");
-  const MiniFloat f = element_format(element);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "the last dim of x must be even to pack two fp4 per byte, got ",
-              "shape ", x.sizes());
+  check_fp4_encode_input(x);
+  const MiniFloat f = fp4_element_format(element);
   auto shape = x.sizes().vec();
   shape.back() /= 2;
   auto out = at::empty(shape, x.options().dtype(at::kByte));
@@ -107,10 +87,8 @@ at::Tensor fp4_encode_cpu(const at::Tensor& x, c10::string_view element) {
 }
 
 at::Tensor fp4_decode_cpu(const at::Tensor& packed, c10::string_view element, at::ScalarType out_dtype) {
-  check_dtype(packed, at::kByte, "packed");
-  TORCH_CHECK(packed.dim() >= 1, "packed must have at least 1 dim, got a 0-d tensor");
-  check_out_dtype(out_dtype);
-  const auto t = nibble_table(element_format(element));
+  check_fp4_decode_input(packed, out_dtype);
+  const auto t = nibble_table(fp4_element_format(element));
   auto shape = packed.sizes().vec();
   shape.back() *= 2;
   auto out = at::empty(shape, packed.options().dtype(out_dtype));
@@ -132,14 +110,11 @@ at::Tensor fp4_decode_cpu(const at::Tensor& packed, c10::string_view element, at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor& x, c10::string_view format,
                                                                 c10::string_view element,
                                                                 const std::optional<at::Tensor>& global_scale) {
-  check_float_input(x, "x");
-  check_dim(x, 2, "x");
-  const bool nv = is_nv(format);
-  const MiniFloat f = element_format(element);
+  const bool nv = fp4_is_nv(format);
+  const MiniFloat f = fp4_element_format(element);
   const int64_t B = nv ? kNVBlock : kMXBlock;
+  check_quantize_fp4_input(x, format, B);
   const int64_t R = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % B == 0, "the last dim of x (", K, ") must be a multiple of the ", std::string(format), " block size ",
-              B);
   auto xc = x.contiguous();
   const int64_t nb = K / B;
   auto packed = at::empty({R, K / 2}, x.options().dtype(at::kByte));
@@ -195,21 +170,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
   return {packed, scale, gt};
 }
 
-// checks packed [R, K/2] against scale [R, K/B]; returns K
-int64_t check_fp4_operand(const at::Tensor& packed, const at::Tensor& scale, int64_t B, const char* pname,
-                          const char* sname) {
-  check_dtype(packed, at::kByte, pname);
-  check_dim(packed, 2, pname);
-  check_dtype(scale, at::kByte, sname);
-  const int64_t R = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(K % B == 0, "the unpacked last dim of ", pname, " (", K, ") must be a multiple of the block size ", B);
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == R && scale.size(1) == K / B, sname, " must have shape [", R, ", ",
-              K / B, "] (one scale per ", B, " elements of ", pname, " ", packed.sizes(), " unpacked), got ",
-              scale.sizes());
-  check_same_device(packed, scale, pname, sname);
-  return K;
-}
-
 // decodes row r of a block-scaled fp4 matrix into dst[K] (fp32, the exact product value * block scale)
 struct Fp4Rows {
   const uint8_t* p;
@@ -234,9 +194,9 @@ struct Fp4Rows {
 
 at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& global_scale,
                               c10::string_view format, c10::string_view element, at::ScalarType out_dtype) {
-  const bool nv = is_nv(format);
-  const MiniFloat f = element_format(element);
-  check_out_dtype(out_dtype);
+  const bool nv = fp4_is_nv(format);
+  const MiniFloat f = fp4_element_format(element);
+  check_float_out_dtype(out_dtype);
   const int64_t B = nv ? kNVBlock : kMXBlock;
   const int64_t K = check_fp4_operand(packed, scale, B, "packed", "scale");
   const float g = global_scale_value(global_scale, "global_scale");
@@ -262,22 +222,13 @@ at::Tensor fp4_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::
                       const at::Tensor& b, const at::Tensor& b_scale, const at::Tensor& b_global_scale,
                       c10::string_view format, c10::string_view element, const std::optional<at::Tensor>& bias,
                       at::ScalarType out_dtype) {
-  const bool nv = is_nv(format);
-  const MiniFloat f = element_format(element);
-  check_out_dtype(out_dtype);
+  const bool nv = fp4_is_nv(format);
+  const MiniFloat f = fp4_element_format(element);
   const int64_t B = nv ? kNVBlock : kMXBlock;
-  const int64_t K = check_fp4_operand(a, a_scale, B, "a", "a_scale");
-  const int64_t Kb = check_fp4_operand(b, b_scale, B, "b", "b_scale");
-  TORCH_CHECK(Kb == K, "b must have shape [N, K/2] = [", b.size(0), ", ", K / 2, "] to match a, got ", b.sizes());
-  check_same_device(a, b, "a", "b");
+  const int64_t K = check_fp4_mm_args(a, a_scale, a_global_scale, b, b_scale, b_global_scale, B, bias, out_dtype);
   const float ga = global_scale_value(a_global_scale, "a_global_scale");
   const float gb = global_scale_value(b_global_scale, "b_global_scale");
   const int64_t M = a.size(0), N = b.size(0);
-  if (bias.has_value()) {
-    check_float_input(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [N] = [", N, "], got ", bias->sizes());
-    check_same_device(a, *bias, "a", "bias");
-  }
   auto ac = a.contiguous(), asc = a_scale.contiguous(), bc = b.contiguous(), bsc = b_scale.contiguous();
   const auto t = nibble_table(f);
   const Fp4Rows ra{ac.data_ptr<uint8_t>(), asc.data_ptr<uint8_t>(), K, B, nv, ga, t};

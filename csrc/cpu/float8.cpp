@@ -12,42 +12,10 @@
 #include "emulated_mm.h"
 #include "qkernels/check.h"
 #include "qkernels/float8.h"
+#include "qkernels/float_checks.h"
 
 namespace qkernels {
 namespace {
-
-// fp8 torch dtype -> float8.h format id.
-int fp8_format_id(at::ScalarType dt, const char* name) {
-  switch (dt) {
-    case at::ScalarType::Float8_e4m3fn: return kE4M3FN;
-    case at::ScalarType::Float8_e5m2: return kE5M2;
-    case at::ScalarType::Float8_e4m3fnuz: return kE4M3FNUZ;
-    case at::ScalarType::Float8_e5m2fnuz: return kE5M2FNUZ;
-    default:
-      TORCH_CHECK(false, name, " must be one of float8_e4m3fn, float8_e5m2, float8_e4m3fnuz, float8_e5m2fnuz, got ",
-                  dt);
-  }
-}
-
-void check_out_dtype(at::ScalarType dt) {
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
-              "out_dtype must be float32, bfloat16, float16 or float64, got ", dt);
-}
-
-// block sizes that tile a [R, C] matrix; returns the scale grid shape
-std::array<int64_t, 2> check_blocks(const at::Tensor& t, int64_t br, int64_t bc, const char* name) {
-  check_dim(t, 2, name);
-  TORCH_CHECK(br > 0 && bc > 0, "block_rows and block_cols must be positive, got ", br, " and ", bc);
-  TORCH_CHECK(t.size(0) % br == 0, "block_rows ", br, " must divide dim 0 of ", name, " (", t.size(0), ")");
-  TORCH_CHECK(t.size(1) % bc == 0, "block_cols ", bc, " must divide dim 1 of ", name, " (", t.size(1), ")");
-  return {t.size(0) / br, t.size(1) / bc};
-}
-
-void check_scale_grid(const at::Tensor& s, std::array<int64_t, 2> grid, const char* name) {
-  check_dtype(s, at::kFloat, name);
-  TORCH_CHECK(s.dim() == 2 && s.size(0) == grid[0] && s.size(1) == grid[1], name, " must have shape [", grid[0], ", ",
-              grid[1], "], got ", s.sizes());
-}
 
 // Inner loops as functions of plain values: captured references (and uint8_t stores, which may alias anything)
 // would otherwise force reloads of the loop bound and encoder constants every element and block vectorization.
@@ -90,9 +58,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
   auto q = at::empty({R, C}, x.options().dtype(at::kByte));
   at::Tensor s;
   if (scale.has_value()) {
-    check_scale_grid(*scale, grid, "scale");
-    check_same_device(x, *scale, "x", "scale");
-    s = scale->contiguous().clone();  // a fresh output: the op must not alias its input
+    s = checked_scale_copy(x, *scale, grid);
   } else {
     s = at::empty({grid[0], nbc}, x.options().dtype(at::kFloat));
   }
@@ -137,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
 at::Tensor dequantize_fp8_cpu(const at::Tensor& q, const at::Tensor& scale, at::ScalarType dtype, int64_t block_rows,
                               int64_t block_cols, at::ScalarType out_dtype) {
   check_dtype(q, at::kByte, "q");
-  check_out_dtype(out_dtype);
+  check_float_out_dtype(out_dtype);
   const MiniFloat fmt = minifloat_format(fp8_format_id(dtype, "dtype"));
   const auto grid = check_blocks(q, block_rows, block_cols, "q");
   check_scale_grid(scale, grid, "scale");
@@ -164,41 +130,13 @@ at::Tensor dequantize_fp8_cpu(const at::Tensor& q, const at::Tensor& scale, at::
   return out;
 }
 
-// Scale grid [G0, G1] of a matrix [R, C] -> block sizes; the grid must tile the matrix exactly.
-std::array<int64_t, 2> blocks_from_grid(const at::Tensor& t, const at::Tensor& s, const char* tname,
-                                        const char* sname) {
-  check_dtype(s, at::kFloat, sname);
-  TORCH_CHECK(s.dim() == 2, sname, " must be 2-D [", tname, ".size(0) / block_rows, ", tname,
-              ".size(1) / block_cols], got shape ", s.sizes());
-  const int64_t R = t.size(0), C = t.size(1), G0 = s.size(0), G1 = s.size(1);
-  const bool ok = G0 > 0 && G1 > 0 && R % G0 == 0 && C % G1 == 0;
-  TORCH_CHECK(ok || (R == 0 && G0 == 0) || (C == 0 && G1 == 0), sname, " shape ", s.sizes(),
-              " must evenly tile ", tname, " of shape ", t.sizes(), " (each dim a divisor of ", tname, "'s)");
-  return {ok ? R / G0 : 1, ok ? C / G1 : 1};
-}
-
 at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::ScalarType a_dtype, const at::Tensor& b,
                       const at::Tensor& b_scale, at::ScalarType b_dtype, const std::optional<at::Tensor>& bias,
                       at::ScalarType out_dtype) {
-  check_dtype(a, at::kByte, "a");
-  check_dtype(b, at::kByte, "b");
-  check_dim(a, 2, "a");
-  check_dim(b, 2, "b");
-  check_out_dtype(out_dtype);
+  const Fp8MmBlocks blk = check_fp8_mm_args(a, a_scale, a_dtype, b, b_scale, b_dtype, bias, out_dtype);
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  TORCH_CHECK(b.size(1) == K, "b must have shape [N, K] with K=", K, " (a's dim 1), got ", b.sizes());
-  const MiniFloat fa = minifloat_format(fp8_format_id(a_dtype, "a_dtype"));
-  const MiniFloat fb = minifloat_format(fp8_format_id(b_dtype, "b_dtype"));
-  const auto ba = blocks_from_grid(a, a_scale, "a", "a_scale");
-  const auto bb = blocks_from_grid(b, b_scale, "b", "b_scale");
-  if (bias.has_value()) {
-    check_float_input(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [N] = [", N, "], got ", bias->sizes());
-    check_same_device(a, *bias, "a", "bias");
-  }
-  check_same_device(a, a_scale, "a", "a_scale");
-  check_same_device(a, b, "a", "b");
-  check_same_device(a, b_scale, "a", "b_scale");
+  const MiniFloat fa = blk.fa, fb = blk.fb;
+  const auto ba = blk.ba, bb = blk.bb;
   const auto la = decode_table(fa), lb = decode_table(fb);
   auto ac = a.contiguous(), bc = b.contiguous(), asc = a_scale.contiguous(), bsc = b_scale.contiguous();
   const uint8_t *ap = ac.data_ptr<uint8_t>(), *bp = bc.data_ptr<uint8_t>();

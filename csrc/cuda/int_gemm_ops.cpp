@@ -1,6 +1,6 @@
-// CUDA entry points for the integer dequant-GEMMs W4A16 / W8A16: argument checks (mirroring csrc/cpu/int_gemm.cpp),
-// the choice between the tensor-core decode kernel and dequantize + cuBLAS (see int_gemm.cu), the capability switch,
-// device guard, current stream, launch checks and TORCH_LIBRARY_IMPL.
+// CUDA entry points for the integer GEMMs W4A16 / W8A16 (dequant) and W8A8 (int8 x int8 on cuBLAS): argument checks
+// (mirroring csrc/cpu/int_gemm.cpp), the choice between the tensor-core decode kernel and dequantize + cuBLAS (see
+// int_gemm.cu), the capability switch, device guard, current stream, launch checks and TORCH_LIBRARY_IMPL.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,6 +8,9 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
+#include "capability.h"
 #include "launchers.h"
 #include "qkernels/check.h"
 #include "qkernels/int_checks.h"
@@ -27,39 +30,8 @@ namespace {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// Device attributes through the runtime API: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers that a
-// bare CUDA toolkit (as on the CI and build machines) may not ship.
-int device_attribute(cudaDeviceAttr attr) {
-  int dev = 0, value = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, dev));
-  return value;
-}
-
-// Capability switch over the archs this build targets (setup.py passes -DQK_ENABLE_SMxx per TORCH_CUDA_ARCH_LIST
-// entry); the mma.sync kernel itself is the same source for every sm80+ arch. Which binary actually loads on a given
-// minor is the driver's business; qkernels.dispatch.arch_runs mirrors it.
-void check_capability(const char* op) {
-  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor);
-  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor);
-  switch (major) {
-#if defined(QK_ENABLE_SM80) || defined(QK_ENABLE_SM86) || defined(QK_ENABLE_SM87) || defined(QK_ENABLE_SM89)
-    case 8: return;
-#endif
-#if defined(QK_ENABLE_SM90)
-    case 9: return;
-#endif
-#if defined(QK_ENABLE_SM100) || defined(QK_ENABLE_SM103)
-    case 10: return;
-#endif
-#if defined(QK_ENABLE_SM120) || defined(QK_ENABLE_SM121)
-    case 12: return;
-#endif
-    default: break;
-  }
-  TORCH_CHECK_NOT_IMPLEMENTED(false, op, " CUDA kernel not implemented for capability ", major, ".", minor,
-                              " (not in this build's TORCH_CUDA_ARCH_LIST)");
-}
+using cuda::check_capability;
+using cuda::device_attribute;
 
 bool decode_path(const at::Tensor& xc, const at::Tensor& wc, int64_t K, int64_t group_size) {
   const bool half_x = xc.scalar_type() == at::kHalf || xc.scalar_type() == at::kBFloat16;
@@ -121,11 +93,53 @@ at::Tensor int8_weight_only_mm_cuda(const at::Tensor& x, const at::Tensor& q_w, 
   return at::mm(xc, wd.t());
 }
 
+
+// Rows with NaN/inf get scale NaN and codes 0, as on CPU.
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cuda(const at::Tensor& x) {
+  check_x_2d(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto q = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, scale};
+  auto xc = x.contiguous();
+  cuda::launch_quantize_per_token_int8(cuda::to_dtype(x.scalar_type()), xc.data_ptr(), M, K, q.data_ptr<int8_t>(),
+                                       scale.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {q, scale};
+}
+
+// W8A8: the per-token quantize kernel, then cuBLAS int8 x int8 -> int32 (torch._int_mm, exact), then the fp32
+// epilogue acc * x_scale[m] * w_scale[n] in the CPU kernel's order. _int_mm wants more than 16 rows and K, N
+// multiples of 8: operands are zero-padded up to that (zero rows/columns add nothing to the exact int32 sums).
+at::Tensor int8_dynamic_mm_cuda(const at::Tensor& x, const at::Tensor& q_w, const at::Tensor& w_scale) {
+  check_int8_mm_args(x, q_w, w_scale, "w_scale");
+  const int64_t M = x.size(0), K = x.size(1), N = q_w.size(0);
+  TORCH_CHECK(K < (1 << 17), "K=", K, " is too large for exact int32 accumulation (needs K < 131072)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_capability("int8_dynamic_mm");
+  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
+  if (K == 0) return at::zeros({M, N}, x.options());
+  auto [qx, sx] = quantize_per_token_int8_cuda(x);
+  auto round_up = [](int64_t v, int64_t m) { return (v + m - 1) / m * m; };
+  const int64_t Mp = std::max<int64_t>(M, 32), Kp = round_up(K, 8), Np = round_up(N, 8);
+  at::Tensor a = qx, w = q_w.contiguous();
+  if (Mp != M || Kp != K) a = at::constant_pad_nd(qx, {0, Kp - K, 0, Mp - M}, 0);
+  if (Np != N || Kp != K) w = at::constant_pad_nd(w, {0, Kp - K, 0, Np - N}, 0);
+  // w.t() is the column-major [K, N] operand cuBLAS's int8 GEMM takes without a copy
+  auto acc = at::_int_mm(a, w.t());
+  if (Mp != M || Np != N) acc = acc.narrow(0, 0, M).narrow(1, 0, N);
+  auto out = acc.to(at::kFloat).mul_(sx.unsqueeze(1)).mul_(w_scale.to(at::kFloat).unsqueeze(0));
+  return out.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkernels, CUDA, m) {
   m.impl("int4_weight_only_mm", &int4_weight_only_mm_cuda);
   m.impl("int8_weight_only_mm", &int8_weight_only_mm_cuda);
+  m.impl("quantize_per_token_int8", &quantize_per_token_int8_cuda);
+  m.impl("int8_dynamic_mm", &int8_dynamic_mm_cuda);
 }
 
 }  // namespace qkernels

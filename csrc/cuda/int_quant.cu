@@ -12,26 +12,13 @@
 #include <type_traits>
 
 #include "convert.cuh"
+#include "elementwise.cuh"
 #include "launchers.h"
 #include "qkernels/int_quant.h"
 
 namespace qkernels {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kVec = 8;
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-unsigned grid_for(int64_t work) {
-  return (unsigned)std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, 1 << 20));
-}
-
-bool aligned_to(const void* p, size_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
 // fp32 / fp16 / bf16 (and fp64 where `with_double`) by DType; f receives a value of the element type.
 template <typename F>
@@ -166,6 +153,36 @@ __global__ void unpack_int4_kernel(const uint8_t* __restrict__ in, bool is_signe
   }
 }
 
+
+// ---- quantize_per_token_int8: one warp per row ---------------------------------------------------------------------
+// Same arithmetic as csrc/cpu/int_gemm.cpp: scale = amax / 127 (1 if 0), q = clamp(rne(x / scale), -127, 127); a row
+// with NaN/inf gets scale NaN and zero codes.
+template <typename T>
+__global__ void quantize_per_token_int8_kernel(const T* __restrict__ x, int64_t M, int64_t K, int8_t* __restrict__ q,
+                                               float* __restrict__ scale) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+  for (int64_t m = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; m < M; m += warps) {
+    const T* row = x + m * K;
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = lane; k < K; k += 32) {
+      const float v = to_f32(row[k]);
+      finite &= isfinite(v);
+      amax = fmaxf(amax, fabsf(v));
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    finite = __all_sync(0xffffffffu, finite);
+    float s = amax / 127.f;
+    s = s > 0.f ? s : 1.f;
+    if (lane == 0) scale[m] = finite ? s : __int_as_float(0x7FC00000);
+    int8_t* qr = q + m * K;
+    for (int64_t k = lane; k < K; k += 32)
+      qr[k] = finite ? (int8_t)clampf(round_half_even(to_f32(row[k]) / s), -127.f, 127.f) : (int8_t)0;
+  }
+}
+
 }  // namespace
 
 void launch_choose_qparams(DType wt, const void* w, int64_t ngroups, int64_t group_size, int bits, bool symmetric,
@@ -251,6 +268,17 @@ void launch_unpack_int4(const uint8_t* in, bool is_signed, int64_t n_in, uint8_t
   } else {
     unpack_int4_kernel<1><<<grid_for(n_in), kThreads, 0, stream>>>(in, is_signed, n_in, out);
   }
+}
+
+void launch_quantize_per_token_int8(DType xt, const void* x, int64_t M, int64_t K, int8_t* q, float* scale,
+                                    cudaStream_t stream) {
+  dispatch_float(xt, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same<T, double>::value) {
+      quantize_per_token_int8_kernel<T><<<grid_for(M * 32), kThreads, 0, stream>>>(static_cast<const T*>(x), M, K, q,
+                                                                                   scale);
+    }
+  });
 }
 
 }  // namespace cuda

@@ -25,11 +25,34 @@ def _native_fp8_mm(a, a_scale, a_dtype, b, b_scale, b_dtype, bias, out_dtype):
         if bias is not None:
             out = out + bias.float()
         return out.to(out_dtype)
+    if a_scale.shape[1] > 1 or b_scale.shape[1] > 1:
+        return _native_fp8_mm_blockwise(a8, b8, a_scale, b_scale, bias)
     # row-wise (scale_a [M, 1], scale_b [1, N] fp32; bf16 output, bf16 bias fused): the table routes only bf16 here
     sa = a_scale.float().expand(M, 1).contiguous()
     sb = b_scale.float().reshape(-1).expand(N).reshape(1, N).contiguous()
     return torch._scaled_mm(a8, b8.t(), sa, sb, bias=None if bias is None else bias.to(torch.bfloat16),
                             out_dtype=torch.bfloat16).to(out_dtype)
+
+
+def _native_fp8_mm_blockwise(a8, b8, a_scale, b_scale, bias):
+    """sm90 block-wise fp8 (dispatch.fp8_native_blockwise): a_scale [M, K/128] (1x128 blocks), b_scale [N, K/128]
+    (1x128) or [N/128, K/128] (128x128). Scale layouts as in torch's own scaled_mm samples
+    (torch/testing/_internal/common_methods_invocations.py, sample_inputs_scaled_mm_v2): 1x128 scales "outer-dim
+    major" ([K/128, rows] contiguous, seen transposed), 128x128 scales [N/128, K/128] contiguous, seen transposed.
+    bf16 result; the bias is added in fp32 like the emulation, then rounded once more to bf16."""
+    from torch.nn.functional import ScalingType, SwizzleType, scaled_mm
+
+    N = b8.shape[0]
+    sa = a_scale.float().t().contiguous().t()
+    if b_scale.shape[0] == N:
+        sb, rb = b_scale.float().t().contiguous().t(), ScalingType.BlockWise1x128
+    else:
+        sb, rb = b_scale.float().contiguous().t(), ScalingType.BlockWise128x128
+    out = scaled_mm(a8, b8.t(), sa, ScalingType.BlockWise1x128, sb, rb, swizzle_a=SwizzleType.NO_SWIZZLE,
+                    swizzle_b=SwizzleType.NO_SWIZZLE, output_dtype=torch.bfloat16)
+    if bias is not None:
+        out = (out.float() + bias.float()).to(torch.bfloat16)
+    return out
 
 
 def _to_blocked(scale):

@@ -198,6 +198,12 @@ def _scale_grid(scale, name, t2, lead_shape, dname):
     return g.float().contiguous()
 
 
+def _blocks_of(grid, R, K) -> tuple[int, int]:
+    """(block_rows, block_cols) of a scale grid tiling [R, K] (1 along an empty dim)."""
+    G0, G1 = grid.shape
+    return (R // G0 if G0 else 1), (K // G1 if G1 else 1)
+
+
 def _granularity_of(ga, gb, M, N) -> str:
     if ga.shape == (1, 1) and gb.shape == (1, 1):
         return "tensor"
@@ -244,7 +250,7 @@ def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, b
     gran = _granularity_of(ga, gb, M, N)
     out = call("fp8_mm", (a2.view(torch.uint8), ga, a_q.dtype, b_q.view(torch.uint8), gb, b_q.dtype, bias, out_dtype),
                a_q.device, backend, a_dtype=a_q.dtype, b_dtype=b_q.dtype, granularity=gran, out_dtype=out_dtype,
-               M=M, K=K, N=N)
+               M=M, K=K, N=N, a_blocks=_blocks_of(ga, M, K), b_blocks=_blocks_of(gb, N, K))
     return out.reshape(*a_q.shape[:-1], N)
 
 

@@ -18,6 +18,14 @@ MODULES: dict[str, str] = {
     "dequantize_affine": "int_quant",
     "int4_weight_only_mm": "int_gemm",
     "int8_weight_only_mm": "int_gemm",
+    "quantize_per_token_int8": "int8_dynamic",
+    "int8_dynamic_mm": "int8_dynamic",
+    "quantize_fp8": "float_cast",
+    "dequantize_fp8": "float_cast",
+    "fp4_encode": "float_cast",
+    "fp4_decode": "float_cast",
+    "quantize_fp4": "float_cast",
+    "dequantize_fp4": "float_cast",
 }
 _loaded: set[str] = set()
 

@@ -1,0 +1,60 @@
+"""The Triton cast and W8A8 kernels compile for real GPU targets (NVIDIA sm90 / sm100, AMD gfx942), checked
+offline: triton.compile needs no GPU. The interpreter tests (tests/test_triton.py) check the numerics on CPU but run
+numpy, not the compiler; this catches what only code generation rejects. Results on a GPU:
+tests/test_cuda_float_kernels.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":  # pragma: no cover
+    pytest.skip("the interpreter replaces the compiler", allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from qkernels.triton import float_cast as fc  # noqa: E402
+from qkernels.triton import int8_dynamic as i8  # noqa: E402
+
+TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm100": GPUTarget("cuda", 100, 32),
+           "gfx942": GPUTarget("hip", "gfx942", 64)}
+
+
+def _compile(fn, types: dict, consts: dict, target):
+    sig = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+
+
+def _cases():
+    enc8 = fc._encoder(torch.float8_e4m3fnuz, False)
+    enc4 = fc._encoder("e2m1", True)
+    return {
+        "quantize_fp8": (fc._quantize_fp8_kernel, {"x_ptr": "*i16", "s_ptr": "*fp32", "q_ptr": "*u8", "n": "i64",
+                                                   "C": "i32", "br": "i32", "bc": "i32", "nbc": "i32"},
+                         {"IN_BF16": True, "BLOCK": 1024, **enc8}),
+        "quantize_fp4": (fc._quantize_fp4_kernel, {"x_ptr": "*fp16", "g_ptr": "*fp32", "e4m3_lut_ptr": "*fp32",
+                                                   "packed_ptr": "*u8", "scale_ptr": "*u8", "nblocks": "i32"},
+                         {"ELEM_MAX": 6.0, "ELEM_EMAX": 2, "B": 16, "NV": True, "IN_BF16": False, "NBP": 32, **enc4}),
+        "dequantize_fp4": (fc._dequantize_fp4_kernel, {"p_ptr": "*u8", "s_ptr": "*u8", "g_ptr": "*fp32",
+                                                       "elem_lut_ptr": "*fp32", "e4m3_lut_ptr": "*fp32",
+                                                       "out_ptr": "*i16", "n_bytes": "i64"},
+                           {"B": 32, "NV": False, "OUT_BF16": True, "BLOCK": 1024}),
+        "int8_mm": (i8._int8_mm_kernel, {"a_ptr": "*i8", "w_ptr": "*i8", "sa_ptr": "*fp32", "sw_ptr": "*fp32",
+                                         "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"},
+                    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}),
+    }
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("kernel", ["quantize_fp8", "quantize_fp4", "dequantize_fp4", "int8_mm"])
+def test_kernel_compiles(kernel, target):
+    fn, types, consts = _cases()[kernel]
+    k = _compile(fn, types, consts, TARGETS[target])
+    asm = k.asm.get("ptx") or k.asm.get("amdgcn") or ""
+    assert asm
+    if kernel == "int8_mm":  # the int8 dot must reach the tensor cores / matrix cores
+        assert "mma" in asm or "mfma" in asm
