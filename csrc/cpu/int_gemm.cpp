@@ -96,34 +96,45 @@ at::Tensor int4_effective_zero_points(const std::optional<at::Tensor>& zero_poin
   return zz;
 }
 
-// x [M, K] (any float dtype) -> fp32 with each 16-block permuted to (8 evens, 8 odds), the order in which the AVX2
-// int4 kernel decodes nibbles, and the per-group sums of x (accumulated in double: the zero-point correction
-// zz * sum(x) is subtracted from the dot product, so its rounding error must stay below the GEMM's).
-std::tuple<at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& x, int64_t group_size) {
+// x [M, K] (any float dtype) -> what the AVX2 int4 kernel reads: x' = x * 2^-(E_m + 28) in fp32, E_m the binary
+// exponent of the row's largest |x| (clamped to +-100), with each 16-block permuted to (8 evens, 8 odds), the order
+// in which the kernel decodes nibbles; the per-group sums of x' (accumulated in double, then rounded once); and the
+// per-row factors 2^E_m that undo the scaling. The kernel's codes carry a factor 2^28 (q * 2^28 from the top bits of
+// int32 lanes), so x'-products equal x-products; scaling each row to a largest |x'| near 2^-28 keeps every product
+// and sum far from fp32 overflow and underflow, and as powers of two the factors are exact.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& x, int64_t group_size) {
   const int64_t M = x.size(0), K = x.size(1), G = K / group_size;
   auto xc = x.contiguous();
   auto xp = at::empty({M, K}, x.options().dtype(at::kFloat));
   auto xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+  auto row_scale = at::empty({M}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int4_prepare_x", [&] {
     const scalar_t* src = xc.data_ptr<scalar_t>();
     float* dst = xp.data_ptr<float>();
     float* sums = xsum.data_ptr<float>();
+    float* rs = row_scale.data_ptr<float>();
     for (int64_t m = 0; m < M; ++m) {
       const scalar_t* row = src + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
+      // NaN/inf rows keep E = 0: their outputs stay NaN/inf as in the reference
+      const int e = (amax > 0.f && std::isfinite(amax)) ? std::clamp(std::ilogb(amax), -100, 100) : 0;
+      const float down = std::ldexp(1.f, -e), bits = std::ldexp(1.f, -28);
+      rs[m] = std::ldexp(1.f, e);
       float* prow = dst + m * K;
       for (int64_t b = 0; b < K; b += 16)
         for (int64_t j = 0; j < 8; ++j) {
-          prow[b + j] = static_cast<float>(row[b + 2 * j]);
-          prow[b + 8 + j] = static_cast<float>(row[b + 2 * j + 1]);
+          prow[b + j] = static_cast<float>(row[b + 2 * j]) * down * bits;
+          prow[b + 8 + j] = static_cast<float>(row[b + 2 * j + 1]) * down * bits;
         }
       for (int64_t g = 0; g < G; ++g) {
         double acc = 0.0;
         for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) acc += static_cast<float>(row[k]);
-        sums[m * G + g] = (float)acc;
+        sums[m * G + g] = (float)(acc * (double)down);
       }
     }
   });
-  return {xp, xsum};
+  return {xp, xsum, row_scale};
 }
 
 // Generic path: dequantize rows [n0, n1) with `decode_row(n, dst)` into a tile, then out[:, n0:n1] = x @ tile^T.
@@ -154,16 +165,16 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const uint8_t* w = wc.data_ptr<uint8_t>();
 
   if (avx2 && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
-    auto [xp, xsum] = int4_prepare_x(x, group_size);
+    auto [xp, xsum, row_scale] = int4_prepare_x(x, group_size);
     at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
     const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
     const float* xpp = xp.data_ptr<float>();
     const float* xs = xsum.data_ptr<float>();
+    const float* rs = row_scale.data_ptr<float>();
     float* o = out.data_ptr<float>();
     std::atomic<bool> bad{false};
     for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
-      if (cpu::w4a16_rows_avx2(xpp, M, xs, w, s, zp, is_signed ? 8 : 0, is_signed, K, group_size, o, N, n0, n1))
-        bad = true;
+      if (cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1)) bad = true;
     });
     if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
     return out.to(x.scalar_type());

@@ -45,20 +45,29 @@ QK_AVX2 inline __m256 i8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_c
 constexpr int kRowBlock = 4;  // weight rows per block (NR * the number of NR-tiles per block)
 constexpr int64_t kPrefetchStep = 64;
 
-// int4: per 32-k step and weight row, two pmovzxbd loads spread 16 code bytes into 32-bit lanes; "& 0xF" gives the
-// low nibbles (elements k, k+2, ..), ">> 4" the high ones (k+1, k+3, ..), cvtdq2ps makes exact floats: the fields
-// u = q (+ 8 for signed codes, via XOR 0x88 on the bytes). x is permuted to match, per 16-block evens then odds.
-// The zero point is applied once per group: sum_k (u_k - zz) x_k = sum_k u_k x_k - zz * sum_k x_k, with the group
-// sums of x precomputed per call. Returns true when a zero point lies outside [-8, 16] (the range of the other
-// paths, checked here so that the decode path needs no separate pass over the zero points).
 template <int NR, int MT>
 constexpr int kChains = NR * MT >= 8 ? 1 : 2;
 
+// int4: per 32-k step and weight row, the 16 code bytes are broadcast to both 128-bit lanes and two pshufb put
+// bytes 0-7 and 8-15 into the top byte of 32-bit lanes. There a nibble is the sign-carrying top of an int32: the high
+// nibble (& 0xF0000000) and the low one (<< 4) become q * 2^28 exactly, sign included, so cvtdq2ps gives signed codes
+// without a sign-extension step (unsigned codes are XOR'd with 0x88 first: u - 8). x comes scaled by 2^-28 (and by a
+// power of two per row that keeps it far from fp32 under/overflow; int4_prepare_x), so every product equals the
+// unscaled one. Centred codes also keep the zero-point correction small: the kernel sums q x per group and subtracts
+// (zero_point - code offset) * sum(x) per group, which is zero for symmetric signed weights and at most 8 * sum(x)
+// otherwise (u_k = q_k + 8 with a correction of zz * sum(x) cancels much more). x is permuted to match the decode
+// order: per 16-block, the 8 even elements then the 8 odd ones. Returns true when a zero point lies outside
+// [-8, 16] (the range of the other paths, checked here so that no separate pass over the zero points is needed).
 template <int NR, int MT, bool FLIP>
-QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const uint8_t* w, const float* scale, const int32_t* zp,
-                     int32_t zoff, int64_t K, int64_t group_size, float* out, int64_t ldo, const char* pf) {
-  const __m256i nib = _mm256_set1_epi32(0x0F);
-  const __m256i flip = _mm256_set1_epi32(0x88);
+QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale, const uint8_t* w, const float* scale,
+                     const int32_t* zp, int32_t zoff, int64_t K, int64_t group_size, float* out, int64_t ldo,
+                     const char* pf) {
+  const __m256i lo_bytes = _mm256_setr_epi8(-1, -1, -1, 0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3,  //
+                                            -1, -1, -1, 4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7);
+  const __m256i hi_bytes = _mm256_setr_epi8(-1, -1, -1, 8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11,  //
+                                            -1, -1, -1, 12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15);
+  const __m256i top = _mm256_set1_epi32((int)0xF0000000u);
+  const __m128i flip = _mm_set1_epi8((char)0x88);
   const int64_t G = K / group_size, ldw = K / 2;
   __m256 total[NR][MT];
   for (int r = 0; r < NR; ++r)
@@ -71,17 +80,14 @@ QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const uint8_t* w, const
     for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
       if (pf) _mm_prefetch(pf + (k / 32) * kPrefetchStep, _MM_HINT_T0);
       for (int r = 0; r < NR; ++r) {
-        const uint8_t* p = w + r * ldw + k / 2;
-        __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
-        __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)));
-        if (FLIP) {
-          v0 = _mm256_xor_si256(v0, flip);
-          v1 = _mm256_xor_si256(v1, flip);
-        }
-        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, nib));  // elements k, k+2, .., k+14
-        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));   // k+1, .., k+15
-        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, nib));  // k+16, .., k+30
-        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));   // k+17, .., k+31
+        __m128i bytes = _mm_loadu_si128((const __m128i*)(w + r * ldw + k / 2));
+        if (FLIP) bytes = _mm_xor_si128(bytes, flip);
+        const __m256i b = _mm256_broadcastsi128_si256(bytes);
+        const __m256i v0 = _mm256_shuffle_epi8(b, lo_bytes), v1 = _mm256_shuffle_epi8(b, hi_bytes);
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_slli_epi32(v0, 4));   // 2^28 x elements k, k+2, .., k+14
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, top));  // k+1, .., k+15
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_slli_epi32(v1, 4));   // k+16, .., k+30
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, top));  // k+17, .., k+31
         for (int m = 0; m < MT; ++m) {
           const float* xk = xp + m * K + k;
           a[r][m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk), a[r][m][0]);
@@ -106,7 +112,7 @@ QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const uint8_t* w, const
       const float zs = scale[r * G + g] * (float)(z + zoff);
       for (int m = 0; m < MT; ++m) corr[m] += zs * xsum[m * G + g];
     }
-    for (int m = 0; m < MT; ++m) out[m * ldo + r] = hsum(total[r][m]) - corr[m];
+    for (int m = 0; m < MT; ++m) out[m * ldo + r] = (hsum(total[r][m]) - corr[m]) * row_scale[m];
   }
   return bad;
 }
@@ -202,9 +208,11 @@ QK_AVX2 void i8_row(const int8_t* xq, int64_t ldx, const int8_t* wrow, int64_t K
 
 }  // namespace
 
-QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const uint8_t* w, const float* scale,
-                             const int32_t* zero_point, int32_t zoff, bool flip, int64_t K, int64_t group_size,
-                             float* out, int64_t ldo, int64_t n0, int64_t n1) {
+QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
+                             const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
+                             int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  // signed codes decode to q itself; unsigned ones, XOR'd with 8, to u - 8: the zero point moves by the same 8
+  const int32_t zoff = is_signed ? 0 : -8;
   const int64_t G = K / group_size, ldw = K / 2;
   bool bad = false;
   for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
@@ -214,8 +222,10 @@ QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, cons
     float* o = out + m0 * ldo + n;
     const float* x = xp + m0 * K;
     const float* xs = xsum + m0 * G;
-    bad |= flip ? w4_tile<NR, MT, true>(x, xs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf)
-                : w4_tile<NR, MT, false>(x, xs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf);
+    const float* rs = row_scale + m0;
+    bad |= is_signed
+               ? w4_tile<NR, MT, false>(x, xs, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf)
+               : w4_tile<NR, MT, true>(x, xs, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf);
   });
   return bad;
 }
@@ -294,8 +304,8 @@ QK_AVX2 void i8i8_rows_avx2(const int8_t* xq, int64_t M, int64_t ldx, const int8
 namespace qkernels {
 namespace cpu {
 bool cpu_has_avx2_fma() { return false; }
-bool w4a16_rows_avx2(const float*, int64_t, const float*, const uint8_t*, const float*, const int32_t*, int32_t, bool,
-                     int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
+bool w4a16_rows_avx2(const float*, int64_t, const float*, const float*, const uint8_t*, const float*, const int32_t*,
+                     bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
   return false;
 }
 void w8a16_rows_avx2(const float*, int64_t, const int8_t*, const float*, int64_t, float*, int64_t, int64_t, int64_t) {}

@@ -7,14 +7,15 @@ namespace cpu {
 
 bool cpu_has_avx2_fma();
 
-// out[m, n] = sum_g scale[n, g] * sum_{k in g} (u(w[n, k]) - zero_point[n, g] - zoff) * x[m, k] for n in [n0, n1),
-// all m < M. xp: fp32 [M, K], each 16-element block permuted to (8 evens, 8 odds) to match the nibble order; xsum:
-// fp32 [M, K/g], the sum of x over each quantization group. w: [N, K/2] packed nibbles, u = the nibble, XOR'd with 8
-// when flip (signed codes: u = q + 8, so zoff = 8); zero_point: int32 [N, K/g] or nullptr (0). Needs K % 32 == 0
-// and group_size % 32 == 0. Returns true when a zero point lies outside [-8, 16] (the caller raises).
-bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const uint8_t* w, const float* scale,
-                     const int32_t* zero_point, int32_t zoff, bool flip, int64_t K, int64_t group_size, float* out,
-                     int64_t ldo, int64_t n0, int64_t n1);
+// out[m, n] = row_scale[m] * sum_g scale[n, g] * sum_{k in g} (q[n, k] - zero_point[n, g]) * x'[m, k] for n in
+// [n0, n1), all m < M: the int4 GEMM with x = row_scale[m] * x'. xp: fp32 [M, K], x' * 2^-28 with each 16-element
+// block permuted to (8 evens, 8 odds) to match the nibble order; xsum: fp32 [M, K/g], the sums of x' over each
+// quantization group; row_scale: fp32 [M] (powers of two; see int4_prepare_x in int_gemm.cpp). w: [N, K/2] packed
+// nibbles, signed (is_signed) or unsigned codes q; zero_point: int32 [N, K/g] or nullptr (0). Needs K % 32 == 0 and
+// group_size % 32 == 0. Returns true when a zero point lies outside [-8, 16] (the caller raises).
+bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
+                     const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size,
+                     float* out, int64_t ldo, int64_t n0, int64_t n1);
 
 // out[m, n] = scale[n] * sum_k w[n, k] * x[m, k]; x fp32 [M, K]; needs K % 16 == 0.
 void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,
