@@ -1,24 +1,30 @@
 """CPU dequant-GEMM benchmark: qkernels W4A16 / W8A16 / W8A8 vs fp32/bf16 F.linear and torch's own CPU kernels.
 
     python -m benchmarks.bench_cpu_gemm [--quick] [--csv out.csv]
+    python -m benchmarks.bench_cpu_gemm --shapes 4096x11008 --ms 1,4 --methods "fp32,int8,W8A16" --repeat 3
 
 Shapes are Llama-2-7B's linear layers ((N, K) = (4096, 4096), (11008, 4096), (4096, 11008)) at decode/prefill
-batch sizes M = 1, 4, 16, 64. Every method runs in the same process on the same inputs; times are medians after
-warm-up. Weights rotate through several copies totalling > 128 MiB per method so that they come from DRAM, not
-from the 32 MiB L3 (as in real decoding, where all layers' weights stream through once per token).
+batch sizes M = 1, 4, 16, 64. Every method runs in the same process on the same inputs; the methods of one
+(shape, M) are timed round-robin (one call of each per round, so load from other processes on a shared machine
+affects all of them alike) and each time is the median over the rounds after warm-up; --repeat prints the
+speedups of several such measurements to show the spread. Weights rotate through several copies totalling
+> 128 MiB per method so that they come from DRAM, not from the 32 MiB L3 (as in real decoding, where all layers'
+weights stream through once per token).
 Effective GB/s = weight bytes read (codes + scales) / time; compare with the measured memcpy bandwidth.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 
 import torch
 import torch.nn.functional as F
 
 import qkernels
 
-from .harness import machine_info, memcpy_bandwidth, print_table, time_cpu, write_csv
+from .harness import machine_info, memcpy_bandwidth, print_table, time_cpu_interleaved, write_csv
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 MS = [1, 4, 16, 64]
@@ -88,38 +94,68 @@ def sanity_check(methods, w, K):
             raise RuntimeError(f"{name}: relative error {err:.3f} vs fp32 - baseline set up wrongly")
 
 
+def _parse_shapes(text: str):
+    return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 16}")
+    ap.add_argument("--shapes", default=None, help="comma-separated NxK list, e.g. 4096x11008 (default: all three)")
+    ap.add_argument("--ms", default=None, help="comma-separated M list (default: 1,4,16,64)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated substrings; only methods whose name contains one run (fp32 F.linear always)")
+    ap.add_argument("--repeat", type=int, default=1, help="measure each (shape, M) this many times; report medians")
     ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = ap.parse_args(argv)
     shapes = SHAPES[:1] if args.quick else SHAPES
     ms = [1, 16] if args.quick else MS
+    if args.shapes:
+        shapes = _parse_shapes(args.shapes)
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
     info = machine_info()
     bw = memcpy_bandwidth("cpu")
-    print(f"# {info['date']}  {info['cpu']}  torch {info['torch']}  threads {info['threads']}")
+    print(f"# {info['date']}  {info['cpu']}  torch {info['torch']}  threads {info['threads']}  "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"# measured memcpy bandwidth: {bw:.1f} GB/s (read + write)")
     rows = []
     for N, K in shapes:
         methods, w = build_methods(N, K)
+        if args.methods:
+            keys = [k.strip() for k in args.methods.split(",")]
+            methods = {n: v for n, v in methods.items() if n == "fp32 F.linear" or any(k in n for k in keys)}
         sanity_check(methods, w, K)
+        # methods built by the same make() share their rotating weight copies
+        copies_of = {}
+        for name, (make, run, nbytes) in methods.items():
+            if make not in copies_of:
+                copies_of[make] = [make() for _ in range(_copies(nbytes))]
         for M in ms:
             xf = torch.randn(M, K)
             xb = xf.bfloat16()
-            base = None
+            fns = {}
             for name, (make, run, nbytes) in methods.items():
-                copies = [make() for _ in range(_copies(nbytes))]
-                t = time_cpu(lambda i: run(xf, xb, copies[i % len(copies)]))
-                del copies
-                if name == "fp32 F.linear":
-                    base = t
-                rows.append({
+                cs = copies_of[make]
+                fns[name] = (lambda run, cs: lambda i: run(xf, xb, cs[i % len(cs)]))(run, cs)
+            runs = [time_cpu_interleaved(fns) for _ in range(args.repeat)]
+            for name, (make, run, nbytes) in methods.items():
+                t = statistics.median(r[name] for r in runs)
+                base = statistics.median(r["fp32 F.linear"] for r in runs)
+                row = {
                     "N": N, "K": K, "M": M, "method": name,
                     "time_us": f"{t * 1e6:.0f}",
                     "GB/s": f"{nbytes / t / 1e9:.1f}",
                     "speedup_vs_fp32": f"{base / t:.2f}x",
-                })
+                }
+                if args.repeat > 1:
+                    row["speedups_per_repeat"] = " ".join(f"{r['fp32 F.linear'] / r[name]:.2f}" for r in runs)
+                rows.append(row)
+        del copies_of
     cols = ["N", "K", "M", "method", "time_us", "GB/s", "speedup_vs_fp32"]
+    if args.repeat > 1:
+        cols.append("speedups_per_repeat")
+    print(f"# load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print_table(rows, cols)
     if args.csv:
         write_csv(args.csv, rows, cols)

@@ -28,6 +28,26 @@ def time_cpu(fn: Callable[[int], object], warmup: int = 3, reps: int = 15, min_t
     return statistics.median(times)
 
 
+def time_cpu_interleaved(fns: dict, warmup: int = 2, reps: int = 15, min_time_s: float = 1.0) -> dict:
+    """Median seconds of each ``fns[name](i)``, timed round-robin: every round runs each function once, so load
+    from other processes on a shared machine hits all of them alike and their ratios stay meaningful (timing one
+    method after the other lets a burst of load land on a single method). Runs at least ``reps`` rounds and at
+    least ``min_time_s`` seconds in total (at most 200 rounds)."""
+    for i in range(warmup):
+        for fn in fns.values():
+            fn(i)
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    i = 0
+    while i < reps or (time.perf_counter() - start < min_time_s and i < 200):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(i)
+            times[name].append(time.perf_counter() - t0)
+        i += 1
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def time_cuda(fn: Callable[[int], object], warmup: int = 10, reps: int = 50) -> float:
     """Median seconds with CUDA events."""
     for i in range(warmup):

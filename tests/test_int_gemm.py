@@ -45,6 +45,74 @@ def test_int8_weight_only_mm(dtype, M, N, K):
     assert rel_err(out, ref.int8_weight_only_mm(x.double(), q, s)) < GEMM_RTOL[dtype]
 
 
+# The AVX2 decode kernels (csrc/cpu/int_gemm_avx2.cpp, taken for M <= 24, K % 32 == 0 and group_size % 32 == 0 for
+# int4, K % 16 == 0 for int8) work on blocks of 4 weight rows and tiles of 1, 2 or 4 x rows, with a prefetch of the
+# next block and one contiguous row range per thread: these shapes hit every row tail (N % 4), every M tail and the
+# two-thread split (N * K large enough), for every group size up to per-channel.
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 6, 9, 24])
+@pytest.mark.parametrize("N,K,group_size", [(1, 64, 32), (7, 128, 64), (13, 512, 256), (301, 1024, 128),
+                                            (66, 256, 256), (9, 96, 96)])
+@pytest.mark.parametrize("symmetric,signed", [(True, True), (False, True), (False, False)])
+def test_int4_register_kernel_tails(dtype, M, N, K, group_size, symmetric, signed):
+    x = torch.randn(M, K).to(dtype)
+    p, s, z = _int4_weight(N, K, group_size, symmetric, signed)
+    out = qkernels.int4_weight_only_mm(x, p, s, z, group_size, signed=signed)
+    want = ref.int4_weight_only_mm(x.double(), p, s, z, group_size, signed)
+    assert rel_err(out, want) < GEMM_RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 11, 24])
+@pytest.mark.parametrize("N,K", [(1, 16), (5, 48), (6, 80), (301, 1024), (4, 4096)])
+def test_int8_register_kernel_tails(dtype, M, N, K):
+    x = torch.randn(M, K).to(dtype)
+    q = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    s = torch.rand(N) + 0.01
+    assert rel_err(qkernels.int8_weight_only_mm(x, q, s), ref.int8_weight_only_mm(x.double(), q, s)) < GEMM_RTOL[dtype]
+
+
+# QKERNELS_CPU_ISA=scalar: the portable paths (no AVX2), as machines without AVX2 or x86 run them.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 5, 30])
+def test_scalar_isa_paths(monkeypatch, dtype, M):
+    x = torch.randn(M, 256).to(dtype)
+    p, s, z = _int4_weight(37, 256, 64, False, True)
+    q8 = torch.randint(-128, 128, (37, 256), dtype=torch.int8)
+    s8 = torch.rand(37) + 0.01
+    fast = (qkernels.int4_weight_only_mm(x, p, s, z, 64), qkernels.int8_weight_only_mm(x, q8, s8),
+            qkernels.int8_dynamic_mm(x, q8, s8))
+    monkeypatch.setenv("QKERNELS_CPU_ISA", "scalar")
+    slow = (qkernels.int4_weight_only_mm(x, p, s, z, 64), qkernels.int8_weight_only_mm(x, q8, s8),
+            qkernels.int8_dynamic_mm(x, q8, s8))
+    assert rel_err(slow[0], ref.int4_weight_only_mm(x.double(), p, s, z, 64, True)) < GEMM_RTOL[dtype]
+    assert rel_err(slow[1], ref.int8_weight_only_mm(x.double(), q8, s8)) < GEMM_RTOL[dtype]
+    assert torch.equal(slow[2], fast[2])  # exact int32 accumulation on both paths
+    for a, b in zip(fast[:2], slow[:2]):
+        assert rel_err(a, b) < 2 * GEMM_RTOL[dtype]
+    monkeypatch.setenv("QKERNELS_CPU_ISA", "avx512")
+    with pytest.raises(RuntimeError, match="QKERNELS_CPU_ISA must be 'auto' or 'scalar', got 'avx512'"):
+        qkernels.int8_weight_only_mm(x, q8, s8)
+
+
+@pytest.mark.parametrize("M", [1, 4, 40])
+def test_int4_zero_point_range_checked_on_every_path(M):
+    p, s, z = _int4_weight(9, 128, 32, False, True)
+    x = torch.randn(M, 128)
+    for bad, shown in ((-9, "-9, 3"), (17, "3, 17")):
+        zb = torch.full_like(z, 3)
+        zb[5, 2] = bad
+        with pytest.raises(RuntimeError, match=f"zero_point values must be in \\[-8, 16\\].*\\[{shown}\\]"):
+            torch.ops.qkernels.int4_weight_only_mm(x, p, s, zb, 32, True)
+    with pytest.raises(RuntimeError, match="zero_point values must be in"):
+        torch.ops.qkernels.int4_weight_only_mm(x[:0], p, s, torch.full_like(z, 40), 32, True)
+    # the extremes of the range are accepted
+    for edge in (-8, 16):
+        ze = torch.full_like(z, edge)
+        out = torch.ops.qkernels.int4_weight_only_mm(x, p, s, ze, 32, True)
+        assert rel_err(out, ref.int4_weight_only_mm(x.double(), p, s, ze, 32, True)) < GEMM_RTOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 5, 16, 37])
 @pytest.mark.parametrize("N,K", [(24, 256), (33, 96), (8, 40), (7, 2048)])

@@ -1,8 +1,10 @@
 // CPU integer dequant-GEMMs: W4A16, W8A16 and W8A8 (dynamic per-token int8 activations).
 //
 // Two strategies, chosen per call:
-//  * small M (decode) on AVX2 machines: the register micro-kernels of int_gemm_avx2.cpp, parallel over N. Weights are
-//    read once and decoded in registers; this is memory bound, so 4-bit weights beat fp32 F.linear by ~the byte ratio.
+//  * small M (decode) on AVX2 machines: the register micro-kernels of int_gemm_avx2.cpp, parallel over N (each
+//    thread one contiguous range of rows). Weights are read once and decoded in registers; nothing else touches the
+//    weight-sized arrays (zero points are read and range-checked inside the kernel), so the per-call overhead is the
+//    O(M * K) preparation of x.
 //  * everything else (large M, unaligned K or groups, no AVX2): dequantize a block of weight rows into an L2-sized
 //    fp32 tile and hand it to the BLAS sgemm behind at::mm; the dequant cost is amortised over the M rows.
 // The semantics are those of qkernels/reference/int_gemm.py; per-element decode comes from qkernels/int_quant.h.
@@ -12,8 +14,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "int_gemm_kernels.h"
@@ -35,8 +39,21 @@ int64_t small_m_threshold() {
   }();
   return v;
 }
+// QKERNELS_CPU_ISA=scalar turns the AVX2 kernels off, so the portable paths (what non-x86 machines and CPUs without
+// AVX2 run) can be tested on any machine. Read per call: tests flip it with monkeypatch.setenv.
+bool use_avx2() {
+  const char* e = std::getenv("QKERNELS_CPU_ISA");
+  if (e != nullptr && *e != '\0' && std::strcmp(e, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(e, "scalar") == 0, "QKERNELS_CPU_ISA must be 'auto' or 'scalar', got '", e, "'");
+    return false;
+  }
+  return cpu::cpu_has_avx2_fma();
+}
+
 // Rows of W per dequantized tile: 32 x 4096 fp32 = 512 KiB, about one L2.
 constexpr int64_t kTileN = 32;
+// The register kernels take rows in blocks of 4 (int_gemm_avx2.cpp kRowBlock).
+constexpr int64_t kRowBlock = 4;
 
 // Parallel over N in tiles; f(n0, n1) handles weight rows [n0, n1).
 template <typename F>
@@ -44,6 +61,80 @@ void for_n_tiles(int64_t N, int64_t tile, const F& f) {
   at::parallel_for(0, (N + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) f(t * tile, std::min(N, (t + 1) * tile));
   });
+}
+
+// For the register kernels: one contiguous range of rows per thread (at::parallel_for splits the range into equal
+// chunks), so each thread streams its weights linearly and the kernel's prefetch of the next row block stays useful;
+// the grain keeps small problems (< ~256K weights per thread) on fewer threads. f(n0, n1).
+template <typename F>
+void for_n_ranges(int64_t N, int64_t K, int64_t M, const F& f) {
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, kRowBlock * K * M));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    f(b0 * kRowBlock, std::min(N, b1 * kRowBlock));
+  });
+}
+
+// int8 effective zero points zz = zero_point (+8 for signed codes, whose nibbles the kernels XOR with 8 to make
+// them value + 8), range-checked; without zero points, the constant 8 / 0.
+at::Tensor int4_effective_zero_points(const std::optional<at::Tensor>& zero_point, int64_t N, int64_t G,
+                                      bool is_signed, const at::TensorOptions& opts) {
+  if (!zero_point.has_value()) return at::full({N, G}, is_signed ? 8 : 0, opts.dtype(at::kChar));
+  // one pass builds the int8 effective zero points and range-checks them (an ATen add + aminmax cost ~50 us)
+  auto zc = zero_point->contiguous();
+  auto zz = at::empty({N, G}, opts.dtype(at::kChar));
+  const int32_t* zp = zc.data_ptr<int32_t>();
+  int8_t* zo = zz.data_ptr<int8_t>();
+  int32_t zmin = N * G > 0 ? zp[0] : 0, zmax = zmin;
+  for (int64_t i = 0; i < N * G; ++i) {
+    zmin = std::min(zmin, zp[i]);
+    zmax = std::max(zmax, zp[i]);
+    zo[i] = (int8_t)(zp[i] + (is_signed ? 8 : 0));
+  }
+  TORCH_CHECK(zmin >= -8 && zmax <= 16, "zero_point values must be in [-8, 16] for int4 weights, got [", zmin, ", ",
+              zmax, "]");
+  return zz;
+}
+
+// x [M, K] (any float dtype) -> what the AVX2 int4 kernel reads: x' = x * 2^-(E_m + 28) in fp32, E_m the binary
+// exponent of the row's largest |x| (clamped to +-100), with each 16-block permuted to (8 evens, 8 odds), the order
+// in which the kernel decodes nibbles; the per-group sums of x' (accumulated in double, then rounded once); and the
+// per-row factors 2^E_m that undo the scaling. The kernel's codes carry a factor 2^28 (q * 2^28 from the top bits of
+// int32 lanes), so x'-products equal x-products; scaling each row to a largest |x'| near 2^-28 keeps every product
+// and sum far from fp32 overflow and underflow, and as powers of two the factors are exact.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& x, int64_t group_size) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size;
+  auto xc = x.contiguous();
+  auto xp = at::empty({M, K}, x.options().dtype(at::kFloat));
+  auto xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+  auto row_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int4_prepare_x", [&] {
+    const scalar_t* src = xc.data_ptr<scalar_t>();
+    float* dst = xp.data_ptr<float>();
+    float* sums = xsum.data_ptr<float>();
+    float* rs = row_scale.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const scalar_t* row = src + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
+      // NaN/inf rows keep E = 0: their outputs stay NaN/inf as in the reference
+      const int e = (amax > 0.f && std::isfinite(amax)) ? std::clamp(std::ilogb(amax), -100, 100) : 0;
+      const float down = std::ldexp(1.f, -e), bits = std::ldexp(1.f, -28);
+      rs[m] = std::ldexp(1.f, e);
+      float* prow = dst + m * K;
+      for (int64_t b = 0; b < K; b += 16)
+        for (int64_t j = 0; j < 8; ++j) {
+          prow[b + j] = static_cast<float>(row[b + 2 * j]) * down * bits;
+          prow[b + 8 + j] = static_cast<float>(row[b + 2 * j + 1]) * down * bits;
+        }
+      for (int64_t g = 0; g < G; ++g) {
+        double acc = 0.0;
+        for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) acc += static_cast<float>(row[k]);
+        sums[m * G + g] = (float)(acc * (double)down);
+      }
+    }
+  });
+  return {xp, xsum, row_scale};
 }
 
 // Generic path: dequantize rows [n0, n1) with `decode_row(n, dst)` into a tile, then out[:, n0:n1] = x @ tile^T.
@@ -63,46 +154,36 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const int64_t M = x.size(0), K = x.size(1), N = packed_w.size(0);
   const int64_t G = K / group_size;
   auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  // zz = zero_point (+8 for signed codes, whose nibbles the kernels XOR with 8 to make them value + 8)
-  at::Tensor zz;
-  if (zero_point.has_value()) {
-    // one pass builds the int8 effective zero points and range-checks them (an ATen add + aminmax cost ~50 us)
-    auto zc = zero_point->contiguous();
-    zz = at::empty({N, G}, x.options().dtype(at::kChar));
-    const int32_t* zp = zc.data_ptr<int32_t>();
-    int8_t* zo = zz.data_ptr<int8_t>();
-    int32_t zmin = N * G > 0 ? zp[0] : 0, zmax = zmin;
-    for (int64_t i = 0; i < N * G; ++i) {
-      zmin = std::min(zmin, zp[i]);
-      zmax = std::max(zmax, zp[i]);
-      zo[i] = (int8_t)(zp[i] + (is_signed ? 8 : 0));
-    }
-    TORCH_CHECK(zmin >= -8 && zmax <= 16, "zero_point values must be in [-8, 16] for int4 weights, got [", zmin, ", ",
-                zmax, "]");
-  } else {
-    zz = at::full({N, G}, is_signed ? 8 : 0, x.options().dtype(at::kChar));
+  const bool avx2 = use_avx2();
+  if (M == 0 || N == 0 || K == 0) {
+    if (zero_point.has_value()) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // range check
+    return (K == 0 ? out.zero_() : out).to(x.scalar_type());
   }
-  if (M == 0 || N == 0) return out.to(x.scalar_type());
-  if (K == 0) return out.zero_().to(x.scalar_type());
-  auto xf = x.to(at::kFloat).contiguous();
   auto sf = scale.to(at::kFloat).contiguous();
   auto wc = packed_w.contiguous();
   const float* s = sf.data_ptr<float>();
-  const int8_t* z = zz.data_ptr<int8_t>();
   const uint8_t* w = wc.data_ptr<uint8_t>();
 
-  if (cpu::cpu_has_avx2_fma() && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
-    // within each 32-block: the 16 even elements, then the 16 odd ones (low nibbles, then high nibbles)
-    auto xp = xf.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous();
-    auto xsum = xf.view({M, G, group_size}).sum(-1).contiguous();
+  if (avx2 && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
+    auto [xp, xsum, row_scale] = int4_prepare_x(x, group_size);
+    at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
+    const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
     const float* xpp = xp.data_ptr<float>();
     const float* xs = xsum.data_ptr<float>();
+    const float* rs = row_scale.data_ptr<float>();
     float* o = out.data_ptr<float>();
-    const uint8_t mask = is_signed ? 0x88 : 0x00;
-    for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) {
-      cpu::w4a16_rows_avx2(xpp, M, K, xs, w, s, z, K, group_size, mask, o, N, n0, n1);
+    std::atomic<bool> bad{false};
+    for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
+      if (cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1)) bad = true;
     });
-  } else if (cpu::cpu_has_avx2_fma() && K % 32 == 0 && group_size % 32 == 0) {
+    if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
+    return out.to(x.scalar_type());
+  }
+  auto xf = x.to(at::kFloat).contiguous();
+  // zz = zero_point (+8 for signed codes), int8, range-checked
+  const at::Tensor zz = int4_effective_zero_points(zero_point, N, G, is_signed, x.options());
+  const int8_t* z = zz.data_ptr<int8_t>();
+  if (avx2 && K % 32 == 0 && group_size % 32 == 0) {
     const uint8_t mask = is_signed ? 0x88 : 0x00;
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
       cpu::w4_dequant_rows_avx2(w, s, z, K, group_size, mask, dst, n, n + 1);
@@ -136,11 +217,12 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, c
   auto wc = q_w.contiguous();
   const float* s = sf.data_ptr<float>();
   const int8_t* w = wc.data_ptr<int8_t>();
-  if (cpu::cpu_has_avx2_fma() && M <= small_m_threshold() && K % 32 == 0) {
+  const bool avx2 = use_avx2();
+  if (avx2 && M <= small_m_threshold() && K % 16 == 0) {
     const float* xp = xf.data_ptr<float>();
     float* o = out.data_ptr<float>();
-    for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) { cpu::w8a16_rows_avx2(xp, M, K, w, s, K, o, N, n0, n1); });
-  } else if (cpu::cpu_has_avx2_fma() && K % 16 == 0) {
+    for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) { cpu::w8a16_rows_avx2(xp, M, w, s, K, o, N, n0, n1); });
+  } else if (avx2 && K % 16 == 0) {
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) { cpu::w8_dequant_rows_avx2(w, s, K, dst, n, n + 1); });
   } else {
     tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
@@ -200,7 +282,7 @@ at::Tensor int8_dynamic_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, const
   const int8_t* w = wc.data_ptr<int8_t>();
   const int8_t* xq = qx.data_ptr<int8_t>();
   int32_t* a = acc.data_ptr<int32_t>();
-  if (cpu::cpu_has_avx2_fma() && K % 32 == 0) {
+  if (use_avx2() && K % 32 == 0) {
     for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) { cpu::i8i8_rows_avx2(xq, M, K, w, K, a, N, n0, n1); });
   } else {
     for_n_tiles(N, 8, [&](int64_t n0, int64_t n1) {

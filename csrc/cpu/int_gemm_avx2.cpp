@@ -6,6 +6,8 @@
 // on CPUs without AVX2.
 #include "int_gemm_kernels.h"
 
+#include <type_traits>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -30,86 +32,151 @@ QK_AVX2 inline float hsum(__m256 v) {
 
 QK_AVX2 inline __m256 i8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
-// MT rows of x against one row of W, all groups. Weight codes are decoded once per 32 elements and reused by the
-// MT rows. Decode: the 16 code bytes are broadcast to both 128-bit lanes and one pshufb spreads 8 of them into
-// 32-bit lanes (zero-extended); "& 0xF" gives the low nibbles, ">> 4" the high ones, and cvtdq2ps makes floats:
-// about 15 uops per 32 weights instead of ~24 for sign-extending int8 (pmovsxbd is 2 uops on Zen). The codes are
-// unsigned here (value + 8 for signed nibbles, via xor_mask), so the zero point is applied per group as
-// sum_k (u_k - zz) x_k = sum_k u_k x_k - zz * sum_k x_k, with the group sums of x precomputed once per call.
-template <int MT>
-QK_AVX2 void w4_row(const float* xp, int64_t ldx, const float* xsum, const uint8_t* wrow, const float* srow,
-                    const int8_t* zrow, int64_t K, int64_t group_size, uint8_t xor_mask, float* acc_out) {
-  const __m256i idx0 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,  //
-                                        4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
-  const __m256i idx1 = _mm256_setr_epi8(8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11, -1, -1, -1,  //
-                                        12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15, -1, -1, -1);
-  const __m256i nib = _mm256_set1_epi32(0x0F);
-  const __m256i flip = _mm256_set1_epi8((char)xor_mask);
-  const int64_t G = K / group_size;
-  __m256 total[MT];
-  float corr[MT];
-  for (int m = 0; m < MT; ++m) {
-    total[m] = _mm256_setzero_ps();
-    corr[m] = 0.f;
-  }
+// Register tiles of NR weight rows x MT activation rows: NR * MT outputs with C = 2 FMA chains each when that makes
+// 8 accumulators (4x1, 2x2, 1x4 tails) and one chain for the 2x4 tile, so the 2 FMA pipes never wait on the 4-cycle
+// FMA latency. Sharing each x load between NR weight rows, and each decoded weight vector between MT x rows, is what
+// lifts these kernels off the decode/load limit of one weight row at a time (2026-11, one Zen 3 core, weights from
+// DRAM: int4 ~9 -> ~13 G weights/s, int8 ~8 -> ~13 G weights/s at M = 1).
+//
+// Prefetch: the NR rows of a tile are read as NR interleaved streams, which the hardware prefetcher follows badly
+// once weights come from DRAM (measured: NR=4 without prefetch was slower than one row at a time). So every k step
+// also prefetches the next 64 bytes of the next 4-row block, which lies right after this one in memory: one
+// linear stream, exactly one block ahead. `pf` is that block (nullptr for the last block of a thread's range).
+constexpr int kRowBlock = 4;  // weight rows per block (NR * the number of NR-tiles per block)
+constexpr int64_t kPrefetchStep = 64;
+
+template <int NR, int MT>
+constexpr int kChains = NR * MT >= 8 ? 1 : 2;
+
+// int4: per 32-k step and weight row, the 16 code bytes are broadcast to both 128-bit lanes and two pshufb put
+// bytes 0-7 and 8-15 into the top byte of 32-bit lanes. There a nibble is the sign-carrying top of an int32: the high
+// nibble (& 0xF0000000) and the low one (<< 4) become q * 2^28 exactly, sign included, so cvtdq2ps gives signed codes
+// without a sign-extension step (unsigned codes are XOR'd with 0x88 first: u - 8). x comes scaled by 2^-28 (and by a
+// power of two per row that keeps it far from fp32 under/overflow; int4_prepare_x), so every product equals the
+// unscaled one. Centred codes also keep the zero-point correction small: the kernel sums q x per group and subtracts
+// (zero_point - code offset) * sum(x) per group, which is zero for symmetric signed weights and at most 8 * sum(x)
+// otherwise (u_k = q_k + 8 with a correction of zz * sum(x) cancels much more). x is permuted to match the decode
+// order: per 16-block, the 8 even elements then the 8 odd ones. Returns true when a zero point lies outside
+// [-8, 16] (the range of the other paths, checked here so that no separate pass over the zero points is needed).
+template <int NR, int MT, bool FLIP>
+QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale, const uint8_t* w, const float* scale,
+                     const int32_t* zp, int32_t zoff, int64_t K, int64_t group_size, float* out, int64_t ldo,
+                     const char* pf) {
+  const __m256i lo_bytes = _mm256_setr_epi8(-1, -1, -1, 0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3,  //
+                                            -1, -1, -1, 4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7);
+  const __m256i hi_bytes = _mm256_setr_epi8(-1, -1, -1, 8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11,  //
+                                            -1, -1, -1, 12, -1, -1, -1, 13, -1, -1, -1, 14, -1, -1, -1, 15);
+  const __m256i top = _mm256_set1_epi32((int)0xF0000000u);
+  const __m128i flip = _mm_set1_epi8((char)0x88);
+  const int64_t G = K / group_size, ldw = K / 2;
+  __m256 total[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    // independent accumulators hide the FMA latency (4 chains for one or two rows, 2 otherwise)
-    constexpr int NA = MT <= 2 ? 4 : 2;
-    __m256 a[MT][NA];
-    for (int m = 0; m < MT; ++m)
-      for (int j = 0; j < NA; ++j) a[m][j] = _mm256_setzero_ps();
+    constexpr int C1 = kChains<NR, MT> - 1;  // index of the second chain (0: one chain)
+    __m256 a[NR][MT][2];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MT; ++m) a[r][m][0] = a[r][m][1] = _mm256_setzero_ps();
     for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
-      const __m256i b =
-          _mm256_xor_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(wrow + k / 2))), flip);
-      const __m256i v0 = _mm256_shuffle_epi8(b, idx0), v1 = _mm256_shuffle_epi8(b, idx1);
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, nib));   // elements k, k+2, ..., k+14
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, nib));   // elements k+16, ..., k+30
-      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));    // elements k+1, ..., k+15
-      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));    // elements k+17, ..., k+31
-      for (int m = 0; m < MT; ++m) {
-        const float* xk = xp + m * ldx + k;  // x permuted per 32-block: evens then odds
-        a[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk), a[m][0]);
-        a[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + 8), a[m][1]);
-        a[m][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xk + 16), a[m][2 % NA]);
-        a[m][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xk + 24), a[m][3 % NA]);
+      if (pf) _mm_prefetch(pf + (k / 32) * kPrefetchStep, _MM_HINT_T0);
+      for (int r = 0; r < NR; ++r) {
+        __m128i bytes = _mm_loadu_si128((const __m128i*)(w + r * ldw + k / 2));
+        if (FLIP) bytes = _mm_xor_si128(bytes, flip);
+        const __m256i b = _mm256_broadcastsi128_si256(bytes);
+        const __m256i v0 = _mm256_shuffle_epi8(b, lo_bytes), v1 = _mm256_shuffle_epi8(b, hi_bytes);
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_slli_epi32(v0, 4));   // 2^28 x elements k, k+2, .., k+14
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, top));  // k+1, .., k+15
+        const __m256 w2 = _mm256_cvtepi32_ps(_mm256_slli_epi32(v1, 4));   // k+16, .., k+30
+        const __m256 w3 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, top));  // k+17, .., k+31
+        for (int m = 0; m < MT; ++m) {
+          const float* xk = xp + m * K + k;
+          a[r][m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk), a[r][m][0]);
+          a[r][m][C1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + 8), a[r][m][C1]);
+          a[r][m][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xk + 16), a[r][m][0]);
+          a[r][m][C1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xk + 24), a[r][m][C1]);
+        }
       }
     }
-    const float sg = srow[g];
-    const __m256 s = _mm256_set1_ps(sg);
-    const float zs = sg * (float)zrow[g];
-    for (int m = 0; m < MT; ++m) {
-      __m256 sum = _mm256_add_ps(a[m][0], a[m][1]);
-      if (NA == 4) sum = _mm256_add_ps(sum, _mm256_add_ps(a[m][2 % NA], a[m][3 % NA]));
-      total[m] = _mm256_fmadd_ps(s, sum, total[m]);
-      corr[m] += zs * xsum[m * G + g];
+    for (int r = 0; r < NR; ++r) {
+      const __m256 s = _mm256_set1_ps(scale[r * G + g]);
+      for (int m = 0; m < MT; ++m)
+        total[r][m] = _mm256_fmadd_ps(s, C1 ? _mm256_add_ps(a[r][m][0], a[r][m][1]) : a[r][m][0], total[r][m]);
     }
   }
-  for (int m = 0; m < MT; ++m) acc_out[m] = hsum(total[m]) - corr[m];
+  bool bad = false;
+  for (int r = 0; r < NR; ++r) {
+    float corr[MT] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      const int32_t z = zp ? zp[r * G + g] : 0;
+      bad |= (uint32_t)(z + 8) > 24u;
+      const float zs = scale[r * G + g] * (float)(z + zoff);
+      for (int m = 0; m < MT; ++m) corr[m] += zs * xsum[m * G + g];
+    }
+    for (int m = 0; m < MT; ++m) out[m * ldo + r] = (hsum(total[r][m]) - corr[m]) * row_scale[m];
+  }
+  return bad;
 }
 
-template <int MT>
-QK_AVX2 void w8_row(const float* x, int64_t ldx, const int8_t* wrow, int64_t K, float* acc_out) {
-  constexpr int NA = MT <= 2 ? 4 : 2;
-  __m256 a[MT][NA];
-  for (int m = 0; m < MT; ++m)
-    for (int j = 0; j < NA; ++j) a[m][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    __m128i b0 = _mm_loadu_si128((const __m128i*)(wrow + k));
-    __m128i b1 = _mm_loadu_si128((const __m128i*)(wrow + k + 16));
-    __m256 w0 = i8x8_to_ps(b0), w1 = i8x8_to_ps(_mm_srli_si128(b0, 8));
-    __m256 w2 = i8x8_to_ps(b1), w3 = i8x8_to_ps(_mm_srli_si128(b1, 8));
-    for (int m = 0; m < MT; ++m) {
-      const float* xk = x + m * ldx + k;
-      a[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk), a[m][0]);
-      a[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + 8), a[m][1]);
-      a[m][2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xk + 16), a[m][2 % NA]);
-      a[m][3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xk + 24), a[m][3 % NA]);
+// int8: pmovsxbd + cvtdq2ps per 8 weights (exact), the per-row scale applied to the fp32 sum.
+template <int NR, int MT>
+QK_AVX2 void w8_tile(const float* x, const int8_t* w, const float* scale, int64_t K, float* out, int64_t ldo,
+                     const char* pf) {
+  constexpr int C1 = kChains<NR, MT> - 1;
+  __m256 a[NR][MT][2];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) a[r][m][0] = a[r][m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    // 16 k per step here, 32 in w4_tile: the same 64 prefetched bytes per step cover a 4-row block of K/16 steps
+    if (pf) _mm_prefetch(pf + (k / 16) * kPrefetchStep, _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) {
+      const int8_t* p = w + r * K + k;
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
+      for (int m = 0; m < MT; ++m) {
+        const float* xk = x + m * K + k;
+        a[r][m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk), a[r][m][0]);
+        a[r][m][C1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + 8), a[r][m][C1]);
+      }
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    __m256 sum = _mm256_add_ps(a[m][0], a[m][1]);
-    if (NA == 4) sum = _mm256_add_ps(sum, _mm256_add_ps(a[m][2 % NA], a[m][3 % NA]));
-    acc_out[m] = hsum(sum);
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m)
+      out[m * ldo + r] = hsum(C1 ? _mm256_add_ps(a[r][m][0], a[r][m][1]) : a[r][m][0]) * scale[r];
+}
+
+// Rows [n0, n1) in blocks of kRowBlock weight rows; within a block, chunks of MT = 4, 2 or 1 x rows run as tiles of
+// 2x4, 2x2 or 4x1 (NR x MT). `tile(nr_tag, mt_tag, row, m0, pf)` runs one tile.
+template <typename Tile>
+QK_AVX2 void for_tiles(int64_t M, int64_t n0, int64_t n1, const Tile& tile) {
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I4 = std::integral_constant<int, 4>;
+  for (int64_t n = n0; n < n1; n += kRowBlock) {
+    const int64_t nb = n1 - n < kRowBlock ? n1 - n : kRowBlock;
+    const bool pf = n + 2 * kRowBlock <= n1;  // the next block is a full one of this thread's range
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t left = M - m0;
+      const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      const bool pf_here = pf && m0 == 0;  // the block is read once from memory, by the first chunk
+      if (nb == kRowBlock) {
+        if (mt == 1) {
+          tile(I4(), I1(), n, m0, pf_here);
+        } else if (mt == 2) {
+          tile(I2(), I2(), n, m0, pf_here);
+          tile(I2(), I2(), n + 2, m0, false);
+        } else {
+          tile(I2(), I4(), n, m0, pf_here);
+          tile(I2(), I4(), n + 2, m0, false);
+        }
+      } else {
+        for (int64_t r = 0; r < nb; ++r) {
+          if (mt == 1) tile(I1(), I1(), n + r, m0, false);
+          else if (mt == 2) tile(I1(), I2(), n + r, m0, false);
+          else tile(I1(), I4(), n + r, m0, false);
+        }
+      }
+      m0 += mt;
+    }
   }
 }
 
@@ -141,44 +208,35 @@ QK_AVX2 void i8_row(const int8_t* xq, int64_t ldx, const int8_t* wrow, int64_t K
 
 }  // namespace
 
-QK_AVX2 void w4a16_rows_avx2(const float* xp, int64_t M, int64_t ldx, const float* xsum, const uint8_t* w,
-                             const float* scale, const int8_t* zz, int64_t K, int64_t group_size, uint8_t xor_mask,
-                             float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  const int64_t G = K / group_size;
-  float acc[4];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wrow = w + n * (K / 2);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mt = M - m0 < 4 ? M - m0 : 4;
-      const float* xm = xp + m0 * ldx;
-      switch (mt) {
-        case 1: w4_row<1>(xm, ldx, xsum + m0 * G, wrow, scale + n * G, zz + n * G, K, group_size, xor_mask, acc); break;
-        case 2: w4_row<2>(xm, ldx, xsum + m0 * G, wrow, scale + n * G, zz + n * G, K, group_size, xor_mask, acc); break;
-        case 3: w4_row<3>(xm, ldx, xsum + m0 * G, wrow, scale + n * G, zz + n * G, K, group_size, xor_mask, acc); break;
-        default: w4_row<4>(xm, ldx, xsum + m0 * G, wrow, scale + n * G, zz + n * G, K, group_size, xor_mask, acc); break;
-      }
-      for (int64_t m = 0; m < mt; ++m) out[(m0 + m) * ldo + n] = acc[m];
-    }
-  }
+QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
+                             const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
+                             int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  // signed codes decode to q itself; unsigned ones, XOR'd with 8, to u - 8: the zero point moves by the same 8
+  const int32_t zoff = is_signed ? 0 : -8;
+  const int64_t G = K / group_size, ldw = K / 2;
+  bool bad = false;
+  for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
+    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
+    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * ldw) : nullptr;
+    const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
+    float* o = out + m0 * ldo + n;
+    const float* x = xp + m0 * K;
+    const float* xs = xsum + m0 * G;
+    const float* rs = row_scale + m0;
+    bad |= is_signed
+               ? w4_tile<NR, MT, false>(x, xs, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf)
+               : w4_tile<NR, MT, true>(x, xs, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf);
+  });
+  return bad;
 }
 
-QK_AVX2 void w8a16_rows_avx2(const float* x, int64_t M, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
-                             float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  float acc[4];
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wrow = w + n * K;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mt = M - m0 < 4 ? M - m0 : 4;
-      const float* xm = x + m0 * ldx;
-      switch (mt) {
-        case 1: w8_row<1>(xm, ldx, wrow, K, acc); break;
-        case 2: w8_row<2>(xm, ldx, wrow, K, acc); break;
-        case 3: w8_row<3>(xm, ldx, wrow, K, acc); break;
-        default: w8_row<4>(xm, ldx, wrow, K, acc); break;
-      }
-      for (int64_t m = 0; m < mt; ++m) out[(m0 + m) * ldo + n] = acc[m] * scale[n];
-    }
-  }
+QK_AVX2 void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,
+                             int64_t ldo, int64_t n0, int64_t n1) {
+  for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
+    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
+    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * K) : nullptr;
+    w8_tile<NR, MT>(x + m0 * K, w + n * K, scale + n, K, out + m0 * ldo + n, ldo, pf);
+  });
 }
 
 QK_AVX2 void w4_dequant_rows_avx2(const uint8_t* w, const float* scale, const int8_t* zz, int64_t K,
@@ -246,10 +304,11 @@ QK_AVX2 void i8i8_rows_avx2(const int8_t* xq, int64_t M, int64_t ldx, const int8
 namespace qkernels {
 namespace cpu {
 bool cpu_has_avx2_fma() { return false; }
-void w4a16_rows_avx2(const float*, int64_t, int64_t, const float*, const uint8_t*, const float*, const int8_t*,
-                     int64_t, int64_t, uint8_t, float*, int64_t, int64_t, int64_t) {}
-void w8a16_rows_avx2(const float*, int64_t, int64_t, const int8_t*, const float*, int64_t, float*, int64_t, int64_t,
-                     int64_t) {}
+bool w4a16_rows_avx2(const float*, int64_t, const float*, const float*, const uint8_t*, const float*, const int32_t*,
+                     bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
+  return false;
+}
+void w8a16_rows_avx2(const float*, int64_t, const int8_t*, const float*, int64_t, float*, int64_t, int64_t, int64_t) {}
 void i8i8_rows_avx2(const int8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*, int64_t, int64_t, int64_t) {}
 void w4_dequant_rows_avx2(const uint8_t*, const float*, const int8_t*, int64_t, int64_t, uint8_t, float*, int64_t,
                           int64_t) {}

@@ -7,25 +7,27 @@ namespace cpu {
 
 bool cpu_has_avx2_fma();
 
-// out[m, n] = sum_g scale[n, g] * sum_{k in g} (code(w[n, k]) - zz[n, g]) * x[m, k]  for n in [n0, n1), all m < M.
-// xp: fp32 [M, ldx], each 32-element block permuted to (evens, odds) to match the nibble order; xsum: fp32
-// [M, K/g], the sum of x over each quantization group.
-// w: [N, K/2] packed nibbles, XOR'd with xor_mask (0x88 turns signed nibbles into value + 8); zz: int8 [N, K/g]
-// effective zero point (zero_point + 8 for signed codes). Needs K % 32 == 0 and group_size % 32 == 0.
-void w4a16_rows_avx2(const float* xp, int64_t M, int64_t ldx, const float* xsum, const uint8_t* w, const float* scale,
-                     const int8_t* zz, int64_t K, int64_t group_size, uint8_t xor_mask, float* out, int64_t ldo,
-                     int64_t n0, int64_t n1);
-
-// out[m, n] = scale[n] * sum_k w[n, k] * x[m, k]; needs K % 32 == 0.
-void w8a16_rows_avx2(const float* x, int64_t M, int64_t ldx, const int8_t* w, const float* scale, int64_t K,
+// out[m, n] = row_scale[m] * sum_g scale[n, g] * sum_{k in g} (q[n, k] - zero_point[n, g]) * x'[m, k] for n in
+// [n0, n1), all m < M: the int4 GEMM with x = row_scale[m] * x'. xp: fp32 [M, K], x' * 2^-28 with each 16-element
+// block permuted to (8 evens, 8 odds) to match the nibble order; xsum: fp32 [M, K/g], the sums of x' over each
+// quantization group; row_scale: fp32 [M] (powers of two; see int4_prepare_x in int_gemm.cpp). w: [N, K/2] packed
+// nibbles, signed (is_signed) or unsigned codes q; zero_point: int32 [N, K/g] or nullptr (0). Needs K % 32 == 0 and
+// group_size % 32 == 0. Returns true when a zero point lies outside [-8, 16] (the caller raises).
+bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
+                     const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size,
                      float* out, int64_t ldo, int64_t n0, int64_t n1);
+
+// out[m, n] = scale[n] * sum_k w[n, k] * x[m, k]; x fp32 [M, K]; needs K % 16 == 0.
+void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,
+                     int64_t ldo, int64_t n0, int64_t n1);
 
 // out[m, n] = sum_k xq[m, k] * w[n, k] exactly in int32; xq in [-127, 127]; needs K % 32 == 0.
 void i8i8_rows_avx2(const int8_t* xq, int64_t M, int64_t ldx, const int8_t* w, int64_t K, int32_t* out, int64_t ldo,
                     int64_t n0, int64_t n1);
 
-// dst[n - n0, k] = scale[n, g] * (code(w[n, k]) - zz[n, g]) as fp32 rows in natural k order (same inputs as
-// w4a16_rows_avx2); K % 32 == 0 and group_size % 32 == 0.
+// dst[n - n0, k] = scale[n, g] * (u(w[n, k]) - zz[n, g]) as fp32 rows in natural k order; u = the nibble XOR'd with
+// xor_mask (0x88 for signed codes: u = q + 8); zz: int8 [N, K/g] effective zero point (zero_point + 8 for signed
+// codes). K % 32 == 0 and group_size % 32 == 0.
 void w4_dequant_rows_avx2(const uint8_t* w, const float* scale, const int8_t* zz, int64_t K, int64_t group_size,
                           uint8_t xor_mask, float* dst, int64_t n0, int64_t n1);
 
