@@ -40,7 +40,8 @@ def _linear(N, K, seed=0, bias=True):
 
 
 def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 # ---- ragged groups in QuantLinear --------------------------------------------------------------------------------
