@@ -356,3 +356,13 @@ def test_save_awq_model_dir_round_trip(tmp_path):
     ragged = rtn_quantize_model(tiny_llama(intermediate=96), QuantConfig(4, 64, True))
     with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj: AWQ needs in_features divisible"):
         awq.save_awq(ragged, str(tmp_path / "r"))
+
+
+def test_ragged_compile_fullgraph():
+    torch._dynamo.reset()
+    model = nn.Sequential(QuantLinear.from_linear(_linear(64, 200, seed=1), Int4WeightOnly(64)),
+                          QuantLinear.from_linear(_linear(32, 64, seed=2), IntWeightInt8Act(8, 48)))
+    x = torch.randn(3, 200)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")(x)
+    assert _rel(compiled, eager) < 1e-6
