@@ -20,6 +20,7 @@ from qkernels.qat import fake_quant_act_int8
 from qkernels.reference import int_quant as ref_q
 
 from .formats_fixtures import autoawq_pack, autogptq_pack_rows, autogptq_pack_zeros
+from .test_nn_linear import make_linear
 
 transformers = pytest.importorskip("transformers")
 from .formats_fixtures import logits, tiny_llama  # noqa: E402
@@ -27,16 +28,6 @@ from .formats_fixtures import logits, tiny_llama  # noqa: E402
 RAGGED = [Int4WeightOnly(64), Int4WeightOnly(64, symmetric=True), Int4WeightOnly(32, bits=3),
           Int4WeightOnly(48, symmetric=True, bits=2), Int8WeightOnly(64, False), Int8WeightOnly(48, True),
           IntWeightInt8Act(4, 64), IntWeightInt8Act(6, 64, True)]
-
-
-def _linear(N, K, seed=0, bias=True):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(K, N, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
-        if bias:
-            lin.bias.copy_(torch.randn(N, generator=g))
-    return lin
 
 
 def _rel(a, b):
@@ -50,7 +41,7 @@ def _rel(a, b):
 def test_ragged_layer_matches_reference(scheme, K):
     N, g = 40, scheme.group_size
     G, Kp = math.ceil(K / g), math.ceil(K / g) * g
-    lin = _linear(N, K, seed=K)
+    lin = make_linear(K, N, seed=K)
     q = QuantLinear.from_linear(lin, scheme)
     assert q.padded_in_features == Kp and tuple(q.scale.shape) == (N, G)
     # the reference ops on the weight zero-padded to whole groups; the padding is then dropped
@@ -198,7 +189,7 @@ def test_gptq_result_to_quantlinear_ragged():
     """build_quant_linear of a ragged act-order GPTQ result holds exactly scale * (q - zero) of the result."""
     N, K, g = 32, 200, 64
     cfg = QuantConfig(4, g, False)
-    lin = _linear(N, K, seed=3)
+    lin = make_linear(K, N, seed=3)
     x = torch.randn(256, K, generator=torch.Generator().manual_seed(4))
     res = gptq_quantize_weight(lin.weight.data, 2 * x.t() @ x / 256, GPTQConfig(cfg, act_order=True, block_size=64))
     ql = build_quant_linear(lin, cfg, res.q, res.scale, res.zero_point, res.perm)
@@ -289,7 +280,7 @@ def test_gptq_writer_errors():
     with pytest.raises(ValueError, match=r"codes must lie in \[-4, 3\] for 3 bits"):
         gptq.pack_layer(q, scale, None, 3, 64)
     with pytest.raises(ValueError, match="only integer weight-only layers"):
-        gptq.export_layer(QuantLinear.from_linear(_linear(64, 64), IntWeightInt8Act(4, 32)))
+        gptq.export_layer(QuantLinear.from_linear(make_linear(64, 64), IntWeightInt8Act(4, 32)))
 
 
 @pytest.mark.parametrize("bits, act_order, fmt", [(3, False, "gptq"), (4, True, "gptq_v2"), (8, True, "gptq")])
@@ -329,7 +320,7 @@ def test_awq_writer_matches_autoawq_and_round_trips(sym):
 
 
 def test_awq_writer_errors():
-    ragged = QuantLinear.from_linear(_linear(48, 96), Int4WeightOnly(64))
+    ragged = QuantLinear.from_linear(make_linear(96, 48), Int4WeightOnly(64))
     with pytest.raises(ValueError, match=r"model.layers.3.mlp.down_proj: AWQ needs in_features divisible by group_size "
                                          r"\(no ragged groups in AutoAWQ\), got in_features=96, group_size=64"):
         awq.export_layer(ragged, "model.layers.3.mlp.down_proj")
@@ -337,7 +328,7 @@ def test_awq_writer_errors():
     with pytest.raises(ValueError, match="l: AWQ has no act-order"):
         awq.export_layer(QuantLinear.from_codes(q, scale, zp, Int4WeightOnly(32), None, perm), "l")
     with pytest.raises(ValueError, match="only Int4WeightOnly layers"):
-        awq.export_layer(QuantLinear.from_linear(_linear(48, 128), Int8WeightOnly()), "l")
+        awq.export_layer(QuantLinear.from_linear(make_linear(128, 48), Int8WeightOnly()), "l")
 
 
 def test_save_awq_model_dir_round_trip(tmp_path):
@@ -360,8 +351,8 @@ def test_save_awq_model_dir_round_trip(tmp_path):
 
 def test_ragged_compile_fullgraph():
     torch._dynamo.reset()
-    model = nn.Sequential(QuantLinear.from_linear(_linear(64, 200, seed=1), Int4WeightOnly(64)),
-                          QuantLinear.from_linear(_linear(32, 64, seed=2), IntWeightInt8Act(8, 48)))
+    model = nn.Sequential(QuantLinear.from_linear(make_linear(200, 64, seed=1), Int4WeightOnly(64)),
+                          QuantLinear.from_linear(make_linear(64, 32, seed=2), IntWeightInt8Act(8, 48)))
     x = torch.randn(3, 200)
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="eager")(x)
