@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 import qkernels
-from qkernels.algorithms import (AWQConfig, GPTQConfig, QATScheme, QuantConfig, QuantizedWeightLinear,
-                                 awq_quantize_model, export_gptq_tensors, fake_quantize, gptq_quantize_model,
-                                 gptq_quantize_weight, quantize_weight, rtn_quantize_model)
+from qkernels.algorithms import (AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quantize_model,
+                                 export_gptq_tensors, fake_quantize, gptq_quantize_model, gptq_quantize_weight,
+                                 quantize_weight, rtn_quantize_model)
 from qkernels.algorithms.awq import fold_scales
-from qkernels.algorithms.rtn import to_quantized_linear
+from qkernels.algorithms.rtn import build_quant_linear
+from qkernels.nn import Int4WeightOnly, QuantLinear
 
 transformers = pytest.importorskip("transformers")
 from qkernels.eval.models import tiny_llama  # noqa: E402
@@ -42,23 +43,25 @@ def _correlated_x(T, K, seed=1):
 @pytest.mark.parametrize("K", [200, 256])
 def test_rtn_matches_ops_and_kernel(cfg, K):
     lin = _linear(40, K)
-    q = to_quantized_linear(lin, cfg)
+    q = build_quant_linear(lin, cfg)
     # the torch grid used inside GPTQ/AWQ/QAT is bit-identical to the ops' quantize -> dequantize round trip
-    assert torch.equal(fake_quantize(lin.weight.data, cfg), q.dequantized_weight())
+    assert torch.equal(fake_quantize(lin.weight.data, cfg), q.dequantize())
     x = torch.randn(3, 5, K)
-    ref = torch.nn.functional.linear(x.double(), q.dequantized_weight().double(), lin.bias.double())
+    ref = torch.nn.functional.linear(x.double(), q.dequantize().double(), lin.bias.double())
     out = q(x)
     assert out.shape == (3, 5, 40)
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
-    expect = "int8" if cfg.bits == 8 else "int4"
-    assert q.kind == expect
+    expect = {4: "int4", 3: "int4", 8: "int8" if cfg.group_size == -1 else "int8_grouped"}[cfg.bits]
+    assert isinstance(q, QuantLinear) and q.kind == expect and q.bits == cfg.bits
 
 
 def test_quantized_linear_bad_input():
-    with pytest.raises(TypeError, match="q must have dtype int8"):
-        QuantizedWeightLinear(8, torch.zeros(4, 8, dtype=torch.int32), torch.ones(4, 1), None, 4, 8)
-    with pytest.raises(ValueError, match="q must be"):
-        QuantizedWeightLinear(16, torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, 1), None, 4, 8)
+    with pytest.raises(ValueError, match="q must be int8"):
+        QuantLinear.from_codes(torch.zeros(4, 8, dtype=torch.int32), torch.ones(4, 1), None, Int4WeightOnly(8))
+    with pytest.raises(ValueError, match=r"int3 codes must be in \[-4, 3\], got \[-4, 4\]"):
+        q = torch.zeros(4, 8, dtype=torch.int8)
+        q[0, 0], q[1, 1] = -4, 4
+        QuantLinear.from_codes(q, torch.ones(4, 1), None, Int4WeightOnly(8, symmetric=True, bits=3))
     w = torch.randn(4, 8)
     w[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -76,8 +79,8 @@ def test_gptq_layer_error_below_rtn(cfg, act_order, static):
     H = 2 * x.t() @ x / x.shape[0]
     res = gptq_quantize_weight(lin.weight.data, H, GPTQConfig(cfg, act_order=act_order, static_groups=static,
                                                               block_size=64))
-    ql = to_quantized_linear(lin, cfg, res.q, res.scale, res.zero_point, res.perm)
-    rl = to_quantized_linear(lin, cfg)
+    ql = build_quant_linear(lin, cfg, res.q, res.scale, res.zero_point, res.perm)
+    rl = build_quant_linear(lin, cfg)
     with torch.no_grad():
         ref = lin(x)
     err_gptq = float((ql(x) - ref).detach().pow(2).mean())
@@ -86,7 +89,7 @@ def test_gptq_layer_error_below_rtn(cfg, act_order, static):
     # codes stay in range and the kernel agrees with the dequantized weight
     lo, hi = -(1 << (cfg.bits - 1)), (1 << (cfg.bits - 1)) - 1
     assert int(res.q.min()) >= lo and int(res.q.max()) <= hi
-    assert torch.allclose(ql(x), torch.nn.functional.linear(x, ql.dequantized_weight(), lin.bias), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(ql(x), torch.nn.functional.linear(x, ql.dequantize(), lin.bias), rtol=1e-4, atol=1e-4)
     assert (res.perm is not None) == (act_order and not static and cfg.group_size != -1)
     assert res.g_idx.shape == (K,) and int(res.g_idx.max()) == -(-K // cfg.group(K)) - 1
 
@@ -97,8 +100,8 @@ def test_gptq_dead_columns_and_bad_input():
     x[:, 5] = 0  # a dead input channel
     H = 2 * x.t() @ x / x.shape[0]
     res = gptq_quantize_weight(lin.weight.data, H, GPTQConfig(QuantConfig(4, 32, False)))
-    ql = to_quantized_linear(lin, QuantConfig(4, 32, False), res.q, res.scale, res.zero_point, res.perm)
-    assert torch.all(ql.dequantized_weight()[:, 5] == 0)
+    ql = build_quant_linear(lin, QuantConfig(4, 32, False), res.q, res.scale, res.zero_point, res.perm)
+    assert torch.all(ql.dequantize()[:, 5] == 0)
     with pytest.raises(ValueError, match="H must have shape"):
         gptq_quantize_weight(lin.weight.data, H[:10, :10])
     Hn = H.clone()
@@ -118,6 +121,7 @@ def test_gptq_export_layout(sym, act_order):
     x = _correlated_x(512, 128)
     res = gptq_quantize_weight(lin.weight.data, 2 * x.t() @ x / 512, GPTQConfig(cfg, act_order=act_order))
     t = export_gptq_tensors(res, 4)
+    assert torch.equal(t["g_idx"], res.g_idx)
     assert t["qweight"].dtype == torch.int32 and t["qweight"].shape == (128 // 8, 32)
     assert t["qzeros"].shape == (4, 32 // 8) and t["scales"].shape == (4, 32) and t["g_idx"].shape == (128,)
     sh = torch.arange(8) * 4
@@ -125,10 +129,10 @@ def test_gptq_export_layout(sym, act_order):
     z = ((t["qzeros"].unsqueeze(-1).to(torch.int64) >> sh) & 15).reshape(4, 32) + 1  # v1: stored zero - 1
     g = t["g_idx"].long()
     w = t["scales"].float()[g] * (u - z[g]).float()  # [K, N]
-    ql = to_quantized_linear(lin, cfg, res.q, res.scale, res.zero_point, res.perm)
-    torch.testing.assert_close(w.t(), ql.dequantized_weight(), rtol=2e-3, atol=1e-6)  # fp16 scales
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
-        export_gptq_tensors(res, 3)
+    ql = build_quant_linear(lin, cfg, res.q, res.scale, res.zero_point, res.perm)
+    torch.testing.assert_close(w.t(), ql.dequantize(), rtol=2e-3, atol=1e-6)  # fp16 scales
+    with pytest.raises(ValueError, match="bits must be one of"):
+        export_gptq_tensors(res, 5)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +154,8 @@ def test_gptq_model_beats_rtn(tiny):
     cfg = QuantConfig(4, 32, True)
     g = gptq_quantize_model(copy.deepcopy(m), [ids[:4], ids[4:]], GPTQConfig(cfg, act_order=True), progress=False)
     r = rtn_quantize_model(copy.deepcopy(m), cfg)
-    assert sum(isinstance(x, QuantizedWeightLinear) for x in g.modules()) == 14
+    assert sum(isinstance(x, QuantLinear) for x in g.modules()) == 14
+    assert all(x.scheme == Int4WeightOnly(32, symmetric=True) for x in g.modules() if isinstance(x, QuantLinear))
     assert isinstance(g.lm_head, nn.Linear)  # the tied output head stays float
     assert _logit_err(g, ids, ref) < _logit_err(r, ids, ref)
 
@@ -201,7 +206,7 @@ def test_awq_unsupported_architecture_falls_back(caplog):
     with caplog.at_level(logging.WARNING, logger="qkernels.algorithms"):
         awq_quantize_model(m, [torch.zeros(1, 16)], progress=False)
     assert "falling back to round-to-nearest" in caplog.text
-    assert isinstance(m.model.layers[0][0], QuantizedWeightLinear)
+    assert isinstance(m.model.layers[0][0], QuantLinear)
 
 
 def test_model_without_linears():
@@ -228,8 +233,9 @@ import qkernels.qat  # noqa: E402
 
 
 @pytest.mark.parametrize("scheme", [QATScheme(QuantConfig(4, 32, True)),
-                                    QATScheme(QuantConfig(4, 32, False), act_int8_per_token=True, learnable_scales=True)],
-                         ids=["w4", "w4a8-lsq"])
+                                    QATScheme(QuantConfig(4, 32, False), act_int8_per_token=True, learnable_scales=True),
+                                    QATScheme(QuantConfig(8, -1, True), act_int8_per_token=True)],
+                         ids=["w4", "w4a8-lsq", "w8a8"])
 def test_qat_prepare_train_convert(tiny, scheme):
     m, ids, _ = tiny
     s = qkernels.qat.prepare(copy.deepcopy(m), scheme)
@@ -245,6 +251,10 @@ def test_qat_prepare_train_convert(tiny, scheme):
         out_fq = s(ids).logits
     qkernels.qat.convert(s)
     assert not any(isinstance(x, qkernels.qat.FakeQuantLinear) for x in s.modules())
+    q_proj = s.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QuantLinear) and q_proj.bits == scheme.weight.bits
+    want = qkernels.IntWeightInt8Act if scheme.act_int8_per_token else Int4WeightOnly
+    assert type(q_proj.scheme) is want
     with torch.no_grad():
         out_q = s(ids).logits
     torch.testing.assert_close(out_q, out_fq, rtol=1e-5, atol=1e-5)

@@ -157,8 +157,8 @@ def test_float_schemes_build(scheme):
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="in_features=200 is not divisible by group_size=128"):
-        QuantLinear.from_linear(make_linear(K=200), Int4WeightOnly(128))
+    with pytest.raises(ValueError, match=r"in_features=200 padded to whole groups of 67 \(201\) is odd"):
+        QuantLinear.from_linear(make_linear(K=200), Int4WeightOnly(67))
     with pytest.raises(TypeError, match="linear must be a torch.nn.Linear, got Conv1d"):
         QuantLinear.from_linear(nn.Conv1d(3, 3, 1), Int8WeightOnly())
     with pytest.raises(TypeError, match="scheme must be a qkernels.nn scheme"):

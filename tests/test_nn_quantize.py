@@ -34,14 +34,13 @@ def test_quantize_llama(scheme, tol):
 
 
 def test_skips_with_logged_reason(caplog):
-    model = tiny_llama(intermediate=96)  # down_proj has in_features 96: not a multiple of 64
+    model = tiny_llama(intermediate=97)  # down_proj has in_features 97: odd, int4 cannot pack one group per row
     with caplog.at_level(logging.INFO, logger="qkernels.nn"):
-        qkernels.quantize_(model, Int4WeightOnly(64))
+        qkernels.quantize_(model, Int4WeightOnly(-1))
     assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
     msgs = [r.getMessage() for r in caplog.records]
-    assert any("skipping model.layers.0.mlp.down_proj" in m and "in_features=96 is not divisible by group_size=64" in m
-               for m in msgs)
+    assert any("skipping model.layers.0.mlp.down_proj" in m and "in_features=97 is odd" in m for m in msgs)
     assert any("lm_head left unquantized" in m for m in msgs)
 
 
@@ -174,7 +173,7 @@ def test_corrupt_tensor_shape_and_dtype(saved):
 def test_bad_scheme_in_config(saved):
     q = json.load(open(saved / "quantization_config.json"))
     os.remove(saved / "config.json")
-    q["layers"]["model.layers.0.self_attn.q_proj"]["scheme"]["bits"] = 3
+    q["layers"]["model.layers.0.self_attn.q_proj"]["scheme"]["nbits"] = 3
     json.dump(q, open(saved / "quantization_config.json", "w"))
     with pytest.raises(ValueError, match=r"layers\['model.layers.0.self_attn.q_proj'\] is invalid: .*no field"):
         qkernels.load_quantized(str(saved), model=tiny_llama())

@@ -12,6 +12,7 @@ from qkernels.nn.schemes import (
     Int4WeightOnly,
     Int8Dynamic,
     Int8WeightOnly,
+    IntWeightInt8Act,
     Scheme,
 )
 
@@ -41,17 +42,27 @@ def test_bad_fields(make, match):
 
 
 def test_unknown_field():
-    with pytest.raises(TypeError, match="unexpected keyword argument 'bits'"):
-        Int4WeightOnly(bits=4)
-    with pytest.raises(ValueError, match=r"Int4WeightOnly has no field\(s\) \['bits'\]"):
-        Scheme.from_dict({"scheme": "int4_weight_only", "bits": 4})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nbits'"):
+        Int4WeightOnly(nbits=4)
+    with pytest.raises(ValueError, match=r"Int4WeightOnly has no field\(s\) \['nbits'\]"):
+        Scheme.from_dict({"scheme": "int4_weight_only", "nbits": 4})
+    with pytest.raises(ValueError, match=r"Int4WeightOnly\.bits must be one of \(2, 3, 4\), got 8"):
+        Int4WeightOnly(bits=8)
+    with pytest.raises(ValueError, match=r"IntWeightInt8Act\.bits must be one of .*got 1"):
+        IntWeightInt8Act(bits=1)
+    # configs saved before the bits field load as 4-bit; the repr of a 4-bit scheme is unchanged
+    assert Scheme.from_dict({"scheme": "int4_weight_only", "group_size": 32, "symmetric": True}) == \
+        Int4WeightOnly(32, True, 4)
+    assert repr(Int4WeightOnly(32)) == "Int4WeightOnly(group_size=32, symmetric=False)"
+    assert repr(Int4WeightOnly(32, bits=3)) == "Int4WeightOnly(group_size=32, symmetric=False, bits=3)"
     with pytest.raises(ValueError, match=r"scheme must be one of .*got 'int3'"):
         Scheme.from_dict({"scheme": "int3"})
     with pytest.raises(ValueError, match="'scheme' key"):
         Scheme.from_dict({"group_size": 4})
 
 
-@pytest.mark.parametrize("s", [Int4WeightOnly(32, True), Int8WeightOnly(), Int8WeightOnly(64, False), Int8Dynamic(),
+@pytest.mark.parametrize("s", [Int4WeightOnly(32, True), Int4WeightOnly(64, bits=3), IntWeightInt8Act(4, 32),
+                               IntWeightInt8Act(8, -1, True), Int8WeightOnly(), Int8WeightOnly(64, False), Int8Dynamic(),
                                Fp8WeightOnly(), Fp8Dynamic("block"), Fp4("mxfp4"),
                                Fp4("nvfp4", weight_only=True)])
 def test_dict_round_trip(s):
@@ -61,10 +72,13 @@ def test_dict_round_trip(s):
 
 def test_check_shape():
     assert Int4WeightOnly(128).check_shape(256, 8) is None
-    assert "not divisible by group_size=128" in Int4WeightOnly(128).check_shape(200, 8)
+    assert Int4WeightOnly(128).check_shape(576, 8) is None  # ragged last group (SmolLM2-135M's K)
+    assert Int4WeightOnly(128).check_shape(201, 8) is None  # padded to 256 columns
+    assert "padded to whole groups of 3 (9) is odd" in Int4WeightOnly(3).check_shape(7, 8)
+    assert IntWeightInt8Act(8, 3).check_shape(7, 8) is None  # int8 storage: no packing constraint
     assert "odd" in Int4WeightOnly(-1).check_shape(33, 8)
     assert Int4WeightOnly(-1).check_shape(34, 8) is None
-    assert "not divisible" in Int8WeightOnly(64).check_shape(96, 8)
+    assert Int8WeightOnly(64).check_shape(96, 8) is None
     assert Int8Dynamic().check_shape(3, 5) is None
     assert "block size 32" in Fp4("mxfp4").check_shape(48, 8)
     assert "divisible by 128" in Fp8Dynamic("block").check_shape(128, 64)

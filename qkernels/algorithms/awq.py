@@ -29,7 +29,7 @@ from torch import nn
 
 from ._layers import UnsupportedModel, capture_layer_inputs, check_finite, decoder_layers, layer_forward
 from .rtn import INT4_G128, QuantConfig, _one_thread, _pad_cols, fake_quantize, quantizable_linears, rtn_quantize_model, \
-    set_module, to_quantized_linear
+    set_module, build_quant_linear
 
 log = logging.getLogger("qkernels.algorithms")
 
@@ -225,5 +225,5 @@ def awq_quantize_model(model: nn.Module, calib_batches: list[torch.Tensor], cfg:
             with _one_thread():
                 for n, m in list(layer.named_modules()):
                     if isinstance(m, nn.Linear):
-                        set_module(layer, n, to_quantized_linear(m, cfg.quant))
+                        set_module(layer, n, build_quant_linear(m, cfg.quant))
     return model

@@ -25,7 +25,7 @@ from torch import nn
 from .. import ops
 from ._layers import capture_layer_inputs, check_finite, decoder_layers, layer_forward
 from .rtn import (INT4_G128, QuantConfig, _one_thread, _pad_cols, quantizable_linears, quantize_with, set_module,
-                  to_quantized_linear)
+                  build_quant_linear)
 
 log = logging.getLogger("qkernels.algorithms")
 
@@ -245,8 +245,8 @@ def gptq_quantize_model(model: nn.Module, calib_batches: list[torch.Tensor], cfg
             for n in names:
                 res = gptq_quantize_weight(linears[n].weight, hess[n].value(), cfg)
                 log.debug("GPTQ layer %d %s: loss %.4g", li, n, res.loss)
-                set_module(layer, n, to_quantized_linear(linears[n], cfg.quant, res.q, res.scale, res.zero_point,
-                                                         res.perm))
+                set_module(layer, n, build_quant_linear(linears[n], cfg.quant, res.q, res.scale, res.zero_point,
+                                                     res.perm))
         outs = [layer_forward(layer, x, kw) for x, kw in zip(inps, kws)]
         for o in outs:
             check_finite(o, f"the output of quantized decoder layer {li}")
@@ -254,38 +254,21 @@ def gptq_quantize_model(model: nn.Module, calib_batches: list[torch.Tensor], cfg
     return model
 
 
-def export_gptq_tensors(res: GPTQResult, bits: int, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One layer in the published GPTQ checkpoint layout (AutoGPTQ / GPTQModel "v1", 4-bit or 8-bit, sym or asym):
+def export_gptq_tensors(res: GPTQResult, bits: int, bias: torch.Tensor | None = None,
+                        v2: bool = False) -> dict[str, torch.Tensor]:
+    """One layer in the published GPTQ checkpoint layout (AutoGPTQ / GPTQModel, 2/3/4/8 bits, sym or asym;
+    :func:`qkernels.formats.gptq.pack_layer`):
 
-    * ``qweight`` int32 ``[K * bits / 32, N]``: unsigned codes ``u = q + 2^(bits-1)`` packed along K, element
-      ``k`` of a word at bits ``bits * (k % (32/bits))``;
-    * ``qzeros`` int32 ``[G, N * bits / 32]``: ``zero - 1`` packed along N (v1's historical off-by-one);
-    * ``scales`` fp16 ``[G, N]``; ``g_idx`` int32 ``[K]``: the group of each input column (original order).
+    * ``qweight`` int32 ``[K * bits / 32, N]``: unsigned codes ``u = q + 2^(bits-1)`` packed along K as one
+      little-endian bit stream per column (element ``k`` at stream bit ``bits * k``; 3-bit values cross words);
+    * ``qzeros`` int32 ``[G, N * bits / 32]``: ``zero - 1`` (v1's historical off-by-one; ``v2``: ``zero``) packed
+      along N;
+    * ``scales`` fp16 ``[G, N]``; ``g_idx`` int32 ``[K]``: the group of each input column (original order; the last
+      group is ragged when K is not a multiple of the group size).
     Dequantization: ``W[n, k] = scales[g_idx[k], n] * (u[k, n] - zero[g_idx[k], n])``.
     """
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8 for GPTQ export (3-bit needs an interleaved layout), got {bits}")
-    q = res.q[:, : res.g_idx.numel()]
+    from ..formats.gptq import pack_layer
+
     K = res.g_idx.numel()
-    if res.perm is not None:  # back to the original column order
-        q = q[:, torch.argsort(res.perm)]
-    off = 1 << (bits - 1)
-    per = 32 // bits
-    N = q.shape[0]
-    if K % per or N % per:
-        raise ValueError(f"K={K} and N={N} must be multiples of {per} for {bits}-bit GPTQ packing")
-    u = (q.to(torch.int64) + off).t().contiguous()  # [K, N]
-    zero = torch.full_like(res.scale, off, dtype=torch.int64) if res.zero_point is None \
-        else res.zero_point.to(torch.int64) + off  # [N, G]
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    qweight = (u.reshape(K // per, per, N) << shifts.view(1, per, 1)).sum(1)
-    qzeros = (((zero.t() - 1) & ((1 << bits) - 1)).reshape(zero.shape[1], N // per, per) << shifts).sum(-1)
-
-    def i32(t):  # two's complement wrap of the packed 32-bit words
-        return ((t + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32)
-
-    out = {"qweight": i32(qweight), "qzeros": i32(qzeros), "scales": res.scale.t().contiguous().half(),
-           "g_idx": res.g_idx.to(torch.int32)}
-    if bias is not None:
-        out["bias"] = bias.detach().half()
-    return out
+    gs = int((res.g_idx == 0).sum())  # the first group is always whole (G = 1: all of K)
+    return pack_layer(res.q[:, :K], res.scale, res.zero_point, bits, gs, res.perm, bias, v2)

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ._qlinear import QuantizedWeightLinear
-from .rtn import INT4_G128, QuantConfig, _pad_cols, fake_quantize, qparams, quantizable_linears, set_module
+from ..nn.linear import QuantLinear
+from .rtn import INT4_G128, QuantConfig, _pad_cols, fake_quantize, qparams, quantizable_linears, quantize_weight, \
+    set_module, build_quant_linear
 
 log = logging.getLogger("qkernels.algorithms")
 
@@ -87,18 +88,17 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, self.weight_fq(), self.bias)
 
     @torch.no_grad()
-    def to_quantized(self) -> QuantizedWeightLinear:
+    def to_quantized(self) -> QuantLinear:
+        """The real :class:`QuantLinear` (scheme: :func:`qkernels.algorithms.rtn.scheme_for`; with int8 per-token
+        activations ``IntWeightInt8Act``) holding the codes the fake-quantized forward uses; its outputs equal the
+        fake-quantized forward's."""
         qc = self.scheme.weight
-        act = "int8_per_token" if self.scheme.act_int8_per_token else None
         if self.scale is None:
-            from .rtn import quantize_weight
-
             q, s, z = quantize_weight(self.weight, qc)
         else:
             qf, s3, _ = self._codes(self.weight)
             q, s, z = qf.reshape(self.out_features, -1).to(torch.int8), s3[..., 0].clamp(min=1e-8), self.zero_point
-        return QuantizedWeightLinear(self.in_features, q, s.float(), z, qc.bits, self.group_size, bias=self.bias,
-                                     act_quant=act)
+        return build_quant_linear(self, qc, q, s.float(), z, act_int8_per_token=self.scheme.act_int8_per_token)
 
 
 def prepare(model: nn.Module, scheme: QATScheme = QATScheme()) -> nn.Module:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ._qlinear import QuantizedWeightLinear
+from ..nn.linear import QuantLinear
+from ..nn.schemes import Int4WeightOnly, Int8WeightOnly, IntWeightInt8Act, Scheme
 
 log = logging.getLogger("qkernels.algorithms")
 
@@ -104,13 +105,55 @@ def quantize_weight(w: torch.Tensor, cfg: QuantConfig):
     return q, scale, None if cfg.symmetric else zp
 
 
-def to_quantized_linear(linear: nn.Linear, cfg: QuantConfig, q=None, scale=None, zero_point=None, perm=None,
-                        act_quant=None) -> QuantizedWeightLinear:
-    """Builds the quantized module for ``linear`` (RTN unless codes/qparams are given)."""
+def scheme_for(cfg: QuantConfig, in_features: int, act_int8_per_token: bool = False) -> Scheme:
+    """The :mod:`qkernels.nn` scheme that holds ``cfg``'s codes exactly (K = ``in_features``):
+
+    ========================================  ==========================================================
+    weights (``cfg``)                         scheme
+    ========================================  ==========================================================
+    2..4 bits                                 ``Int4WeightOnly(group_size, symmetric, bits)`` (nibbles)
+    8 bits per channel, symmetric             ``Int8WeightOnly()`` (fused W8A16 kernel)
+    5..8 bits otherwise                       ``Int8WeightOnly(group_size, symmetric)`` (int8 codes)
+    any + int8 per-token activations (QAT)    ``IntWeightInt8Act(bits, group_size, symmetric)``
+    ========================================  ==========================================================
+
+    QAT's W8A8 (8-bit per-channel symmetric weights) is not mapped to ``Int8Dynamic``: its int8 x int8 kernel sums
+    exactly in int32 where the fake-quantized forward sums in float, and the tiny differences flip some activation
+    roundings in later layers (measured on a tiny Llama: logits rel. diff 2e-4); ``IntWeightInt8Act`` reproduces the
+    fake-quantized forward exactly. A converted W8A8 layer can be rebuilt as ``Int8Dynamic`` from its codes
+    (``QuantLinear.from_codes(layer.codes(), layer.scale[:, 0], None, Int8Dynamic(), ...)``) for the int8 kernel.
+
+    A 2..4-bit layer whose padded width is odd (odd K, one group per row) cannot be nibble-packed and keeps its codes
+    in int8 storage (``Int8WeightOnly`` / ``IntWeightInt8Act(bits=8)``): same values, twice the bytes.
+    """
+    g, sym, bits = cfg.group_size, cfg.symmetric, cfg.bits
+    if act_int8_per_token:
+        s = IntWeightInt8Act(bits, g, sym)
+        return s if s.check_shape(in_features, 1) is None else IntWeightInt8Act(8, g, sym)
+    if bits <= 4:
+        s = Int4WeightOnly(g, sym, bits)
+        if s.check_shape(in_features, 1) is None:
+            return s
+    return Int8WeightOnly() if (g == -1 and sym) else Int8WeightOnly(g, sym)
+
+
+def build_quant_linear(linear: nn.Linear, cfg: QuantConfig, q=None, scale=None, zero_point=None, perm=None,
+                    act_int8_per_token: bool = False) -> QuantLinear:
+    """The :class:`qkernels.nn.QuantLinear` for ``linear`` (RTN unless codes/qparams are given).
+
+    Args:
+        q: int8 ``[N, K]`` or ``[N, Kp]`` codes (stored column order; columns past K, the padding of a ragged last
+            group, are ignored); scale fp32 ``[N, G]``; zero_point int32 ``[N, G]`` or None; perm int64 ``[K]`` or
+            None (stored column j is input feature ``perm[j]``, GPTQ act-order).
+    """
     if q is None:
         q, scale, zero_point = quantize_weight(linear.weight, cfg)
-    return QuantizedWeightLinear(linear.in_features, q, scale, zero_point, cfg.bits, cfg.group(linear.in_features),
-                                 perm=perm, bias=linear.bias, act_quant=act_quant)
+    K = linear.in_features
+    scheme = scheme_for(cfg, K, act_int8_per_token)
+    if isinstance(scheme, Int8WeightOnly) and scheme.fused:  # scale [N]
+        scale = scale.reshape(-1)
+    bias = None if linear.bias is None else linear.bias.detach()
+    return QuantLinear.from_codes(q[:, :K].contiguous(), scale, zero_point, scheme, bias, perm)
 
 
 def quantizable_linears(model: nn.Module, skip=("lm_head",)) -> dict[str, nn.Linear]:
@@ -131,8 +174,9 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def rtn_quantize_model(model: nn.Module, cfg: QuantConfig = INT4_G128) -> nn.Module:
-    """Replaces every quantizable linear of ``model`` (in place) by its RTN-quantized version; returns ``model``."""
+    """Replaces every quantizable linear of ``model`` (in place) by its RTN-quantized :class:`QuantLinear` (scheme:
+    :func:`scheme_for`); returns ``model``."""
     with _one_thread():
         for name, lin in quantizable_linears(model).items():
-            set_module(model, name, to_quantized_linear(lin, cfg))
+            set_module(model, name, build_quant_linear(lin, cfg))
     return model

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algorithms._qlinear import QuantizedWeightLinear
+from ..nn.linear import QuantLinear
 
 
 @torch.no_grad()
@@ -75,8 +75,9 @@ def bits_per_weight(model: nn.Module, skip=("lm_head",)) -> float:
     for name, m in model.named_modules():
         if any(name == s or name.endswith("." + s) for s in skip):
             continue
-        if isinstance(m, QuantizedWeightLinear):
-            bits += 8 * (m.storage_bytes() - (0 if m.bias is None else m.bias.numel() * m.bias.element_size()))
+        if isinstance(m, QuantLinear):  # codes (padding of a ragged last group included), scales, zeros, input_perm
+            bits += 8 * sum(t.numel() * t.element_size() for k, t in m.named_buffers(recurse=False)
+                            if k != "bias" and t is not None)
             n += m.in_features * m.out_features
         elif isinstance(m, nn.Linear):
             bits += m.weight.numel() * m.weight.element_size() * 8

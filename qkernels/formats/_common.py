@@ -83,20 +83,27 @@ def prefixes(tensors: dict, suffix: str) -> list[str]:
     return sorted(k[: -len(s)] for k in tensors if k.endswith(s))
 
 
-def group_perm(g_idx: torch.Tensor, K: int, G: int, key: str) -> tuple[torch.Tensor | None, int]:
+def group_perm(g_idx: torch.Tensor, K: int, G: int, key: str, group_size: int | None = None
+               ) -> tuple[torch.Tensor | None, int]:
     """From a per-input-feature group index (GPTQ ``g_idx``) to (permutation or None, group size).
 
     With act-order (``desc_act``) the groups are interleaved over the input features; sorting the features by group
     (stably) makes each group contiguous, as the packed int4 kernels need: stored column j is input feature
-    ``perm[j]`` and group ``j // group_size``. Every group must then hold exactly K/G features (GPTQ fills groups in
-    its quantization order, so they do).
+    ``perm[j]`` and group ``j // group_size``. Every group must then hold exactly ``group_size`` features but the
+    last, which holds the remaining ``K - (G-1) * group_size`` (GPTQ fills groups in its quantization order, so they
+    do). ``group_size`` None: K/G (equal groups).
     """
     if tuple(g_idx.shape) != (K,):
         raise CheckpointError(f"{key} must have shape ({K},), got {tuple(g_idx.shape)}")
     g_idx = g_idx.to(torch.int64)
-    if K % G:
-        raise CheckpointError(f"{key}: {K} input features cannot form {G} equal groups")
-    gs = K // G
+    if group_size is None or G == 1:
+        if K % G:
+            raise CheckpointError(f"{key}: {K} input features cannot form {G} equal groups")
+        gs = K // G
+    else:
+        gs = group_size
+        if G != -(-K // gs):
+            raise CheckpointError(f"{key}: {K} input features form {-(-K // gs)} groups of {gs}, not {G}")
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
         raise CheckpointError(f"{key} values must be in [0, {G}), got [{int(g_idx.min())}, {int(g_idx.max())}]")
     natural = torch.arange(K, device=g_idx.device) // gs
@@ -104,20 +111,23 @@ def group_perm(g_idx: torch.Tensor, K: int, G: int, key: str) -> tuple[torch.Ten
         return None, gs
     perm = torch.sort(g_idx, stable=True).indices
     if not torch.equal(g_idx[perm], natural):
-        raise CheckpointError(f"{key}: groups do not all hold {gs} input features; cannot make them contiguous")
+        raise CheckpointError(f"{key}: groups do not all hold {gs} input features (the last one the rest); cannot make "
+                              "them contiguous")
     return perm, gs
 
 
 def to_quant_linear(key: str, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int,
-                    perm: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+                    perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, group_size: int | None = None):
     """Signed integer codes -> the QuantLinear that holds them exactly.
 
     Args:
         q: integer ``[N, K]`` signed codes, columns in stored (group-contiguous) order; 2..4-bit codes must lie in
             [-8, 7] (they become int4), 5..8-bit codes in [-128, 127] (int8).
         scale: float ``[N, G]``; zero_point: integer ``[N, G]`` in the codes' domain, or None.
-    2- and 3-bit codes are a subset of int4, so they are held as int4 without any loss; 8-bit codes with groups or
-    zero points are kept as int8 codes (``Int8WeightOnly(group_size, symmetric)``).
+        group_size: the columns per group when K is not a multiple of it (``G = ceil(K / group_size)``, ragged last
+            group); None: K/G.
+    2- and 3-bit codes are a subset of int4, so they are held as ``Int4WeightOnly(bits=2/3)`` without any loss; 8-bit
+    codes with groups or zero points are kept as int8 codes (``Int8WeightOnly(group_size, symmetric)``).
     """
     from ..nn.linear import QuantLinear
     from ..nn.schemes import Int4WeightOnly, Int8WeightOnly
@@ -127,9 +137,9 @@ def to_quant_linear(key: str, q: torch.Tensor, scale: torch.Tensor, zero_point: 
     check_finite(f"{key} scales", scale)
     if zero_point is not None and not bool(zero_point.any()):
         zero_point = None  # all-zero zero points (symmetric checkpoints): the faster symmetric kernel path
-    group = -1 if G == 1 else K // G
+    group = -1 if G == 1 else (group_size or K // G)
     if bits <= 4:
-        scheme = Int4WeightOnly(group_size=group, symmetric=zero_point is None)
+        scheme = Int4WeightOnly(group_size=group, symmetric=zero_point is None, bits=max(bits, 2))
     elif G == 1 and zero_point is None:
         scheme, scale = Int8WeightOnly(), scale[:, 0]
     else:
@@ -138,7 +148,8 @@ def to_quant_linear(key: str, q: torch.Tensor, scale: torch.Tensor, zero_point: 
     if why:
         raise CheckpointError(f"{key}: a {bits}-bit layer [{N}, {K}] cannot be held as {scheme!r}: {why}")
     lo, hi = int(q.min()), int(q.max())
-    if (bits <= 4 and (lo < -8 or hi > 7)) or lo < -128 or hi > 127:
+    qmin, qmax = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if 2 <= bits <= 4 else (-128, 127)
+    if lo < qmin or hi > qmax:
         raise CheckpointError(f"{key}: codes out of range for {bits} bits: [{lo}, {hi}]")
     return QuantLinear.from_codes(q.to(torch.int8), scale.float(), None if zero_point is None else
                                   zero_point.to(torch.int32), scheme, bias, perm)

@@ -1,4 +1,4 @@
-"""GPTQ checkpoints (AutoGPTQ / GPTQModel / transformers+optimum) -> QuantLinear.
+"""GPTQ checkpoints (AutoGPTQ / GPTQModel / transformers+optimum) <-> QuantLinear.
 
 Layout per layer, for ``bits`` in {2, 3, 4, 8} (AutoGPTQ ``QuantLinear.pack``,
 github.com/AutoGPTQ/AutoGPTQ/blob/main/auto_gptq/nn_modules/qlinear/qlinear_cuda_old.py):
@@ -15,14 +15,21 @@ github.com/AutoGPTQ/AutoGPTQ/blob/main/auto_gptq/nn_modules/qlinear/qlinear_cuda
 Conversion (once, at load): codes are unpacked, shifted to signed (minus 2^(bits-1), the zero points alike, so
 ``q - z`` is unchanged) and act-order columns are sorted by group (``input_perm``). 2/3/4-bit
 layers become ``Int4WeightOnly`` (2- and 3-bit codes are a subset of int4: exact), 8-bit layers ``Int8WeightOnly``
-(per channel when symmetric without groups, else int8 codes with groups).
+(per channel when symmetric without groups, else int8 codes with groups). K need not be a multiple of group_size:
+``g_idx = k // group_size`` then ends with a ragged group, which QuantLinear stores padded.
+
+Export (:func:`pack_layer`, :func:`export_layer`, :func:`save_gptq`): the inverse, for 2/3/4/8-bit layers, in the v1
+("gptq", AutoGPTQ) or "gptq_v2" (GPTQModel) zero-point convention.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._common import CheckpointError, FLOATS, check_shape, group_perm, need, prefixes, to_quant_linear, unpack_bits
+from ._common import (CheckpointError, FLOATS, check_shape, group_perm, need, pack_bits, prefixes, to_quant_linear,
+                      unpack_bits)
 
 BITS = (2, 3, 4, 8)
 
@@ -63,8 +70,8 @@ def convert_layer(name: str, tensors: dict, cfg: dict):
     if g_key in tensors:
         g_idx = need(tensors, g_key, (torch.int32, torch.int64), 1)
     else:
-        g_idx = torch.arange(K) // (K // G if K % G == 0 else gs)
-    perm, _ = group_perm(g_idx, K, G, g_key)
+        g_idx = torch.arange(K) // (K if gs == -1 else gs)
+    perm, _ = group_perm(g_idx, K, G, g_key, None if gs == -1 else gs)
 
     q = unpack_bits(qweight.t(), bits, K)  # [N, K] unsigned
     z = unpack_bits(qzeros, bits, N).t()  # [N, G] unsigned
@@ -74,7 +81,8 @@ def convert_layer(name: str, tensors: dict, cfg: dict):
     if perm is not None:
         q = q[:, perm]
     bias = tensors.get(f"{name}.bias")
-    return to_quant_linear(name, q - shift, scales.t().contiguous(), z - shift, bits, perm, bias)
+    return to_quant_linear(name, q - shift, scales.t().contiguous(), z - shift, bits, perm, bias,
+                           None if gs == -1 else gs)
 
 
 def convert(tensors: dict, qcfg: dict):
@@ -86,3 +94,96 @@ def convert(tensors: dict, qcfg: dict):
         used |= {f"{name}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     rest = {k: v for k, v in tensors.items() if k not in used}
     return layers, rest
+
+
+# ---- export ------------------------------------------------------------------------------------------------------
+def pack_layer(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int, group_size: int,
+               perm: torch.Tensor | None = None, bias: torch.Tensor | None = None, v2: bool = False,
+               name: str = "layer") -> dict[str, torch.Tensor]:
+    """One layer in the GPTQ checkpoint layout (module docstring): ``qweight``, ``qzeros``, ``scales``, ``g_idx``
+    (and ``bias``, fp16 like the scales).
+
+    Args:
+        q: integer ``[N, K]`` signed codes in ``[-2^(bits-1), 2^(bits-1))``, columns in stored order (input feature
+            ``perm[j]`` in column j; group ``j // group_size``, the last group may be ragged).
+        scale: float ``[N, G]``, ``G = ceil(K / group_size)``; zero_point: integer ``[N, G]`` in the codes' domain,
+            or None (symmetric: the unsigned zero is ``2^(bits-1)``).
+        bits: 2, 3, 4 or 8; group_size: columns per group (K for one group per row).
+        v2: write GPTQModel's "gptq_v2" zeros (the zero itself) instead of v1's ``zero - 1``.
+    K * bits and N * bits must fill whole int32 words (K, N multiples of 32 for 3 bits, of 8 for 4 bits).
+    """
+    if bits not in BITS:
+        raise ValueError(f"{name}: bits must be one of {BITS} for a GPTQ export, got {bits}")
+    N, K = q.shape
+    G = -(-K // group_size)
+    if tuple(scale.shape) != (N, G):
+        raise ValueError(f"{name}: scale must have shape {(N, G)} (K={K}, group_size={group_size}), got "
+                         f"{tuple(scale.shape)}")
+    if (K * bits) % 32 or (N * bits) % 32:
+        raise ValueError(f"{name}: in_features={K} and out_features={N} must fill whole int32 words of {bits}-bit "
+                         f"values (multiples of {32 // math.gcd(32, bits)})")
+    off = 1 << (bits - 1)
+    u = q.to(torch.int64) + off
+    if q.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):
+        raise ValueError(f"{name}: codes must lie in [{-off}, {off - 1}] for {bits} bits, got "
+                         f"[{int(q.min())}, {int(q.max())}]")
+    zero = torch.full((N, G), off, dtype=torch.int64) if zero_point is None else zero_point.to(torch.int64) + off
+    stored = zero if v2 else zero - 1  # v1 (AutoGPTQ) stores zero - 1
+    if int(stored.min()) < 0 or int(stored.max()) >= 1 << bits:
+        hint = " (v1 cannot store a zero point of 0: write checkpoint_format='gptq_v2')" if not v2 else ""
+        raise ValueError(f"{name}: zero points out of the {bits}-bit range of the GPTQ "
+                         f"{'v2' if v2 else 'v1'} layout{hint}")
+    j = torch.arange(K)
+    if perm is None:
+        g_idx = j // group_size
+    else:  # stored column j holds input feature perm[j]; the checkpoint keeps the original input order
+        perm = perm.to(torch.int64).cpu()
+        g_idx = torch.empty_like(j)
+        g_idx[perm] = j // group_size
+        u = u[:, torch.argsort(perm)]
+    scales = scale.t().contiguous().half()
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"{name}: scales overflow float16 (|scale| > 65504)")
+    out = {"qweight": pack_bits(u.cpu(), bits).t().contiguous(),  # [K * bits / 32, N], packed along K
+           "qzeros": pack_bits(stored.t().contiguous().cpu(), bits),  # [G, N * bits / 32], packed along N
+           "scales": scales.cpu(), "g_idx": g_idx.to(torch.int32)}
+    if bias is not None:
+        out["bias"] = bias.detach().half().cpu()
+    return out
+
+
+def export_layer(layer, v2: bool = False, name: str = "layer") -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of a :class:`qkernels.nn.QuantLinear` with an integer weight-only scheme
+    (``Int4WeightOnly``: its ``bits``; ``Int8WeightOnly``: 8 bits)."""
+    from ..nn.schemes import Int4WeightOnly, Int8WeightOnly
+
+    if not isinstance(layer.scheme, (Int4WeightOnly, Int8WeightOnly)):
+        raise ValueError(f"{name}: only integer weight-only layers (Int4WeightOnly, Int8WeightOnly) have a GPTQ "
+                         f"layout, got {layer.scheme!r}")
+    scale = layer.scale if layer.scale.dim() == 2 else layer.scale.reshape(-1, 1)
+    return pack_layer(layer.codes(), scale, layer.zero_point, layer.bits, layer.group_size, layer.input_perm,
+                      layer.bias, v2, name)
+
+
+def save_gptq(model, save_dir: str, checkpoint_format: str = "gptq") -> str:
+    """Write ``model``'s :class:`QuantLinear` layers as a GPTQ (transformers / AutoGPTQ / GPTQModel) model directory:
+    ``model.safetensors`` + ``config.json`` with ``quantization_config = {"quant_method": "gptq", "bits",
+    "group_size", "desc_act", "sym", "checkpoint_format"}`` (and ``quantization_config.json``). Every quantized
+    layer must have the same ``bits`` and ``group_size`` (one config per checkpoint). Returns ``save_dir``."""
+    from ..nn.linear import QuantLinear
+    from .hf import write_model_dir
+
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("save_gptq: the model has no QuantLinear layers")
+    kinds = {(m.bits, getattr(m.scheme, "group_size", -1)) for m in layers.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"save_gptq: all layers must share bits and group_size, got (bits, group_size) {sorted(kinds)}")
+    (bits, gs), = kinds
+    qcfg = {"quant_method": "gptq", "bits": bits, "group_size": gs,
+            "desc_act": any(m.input_perm is not None for m in layers.values()),
+            "sym": all(m.zero_point is None for m in layers.values()), "checkpoint_format": checkpoint_format}
+    v2 = checkpoint_format == "gptq_v2"
+    return write_model_dir(model, save_dir, qcfg, lambda n, m: export_layer(m, v2, n))

@@ -41,9 +41,8 @@ WEIGHTS_NAME = "model.safetensors"
 def save_quantized(model: nn.Module, save_dir: str) -> str:
     """Write ``model`` (with QuantLinear layers) to ``save_dir``: ``model.safetensors`` (the state dict; tied
     tensors once), ``quantization_config.json`` and, for transformers models, ``config.json`` carrying the same
-    ``quantization_config``. Returns ``save_dir``."""
-    from safetensors.torch import save_file
-
+    ``quantization_config``. Returns ``save_dir``. (GPTQ / AWQ checkpoints: :func:`qkernels.formats.gptq.save_gptq`,
+    :func:`qkernels.formats.awq.save_awq`.)"""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = {name: native.layer_config(m) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -53,8 +52,28 @@ def save_quantized(model: nn.Module, save_dir: str) -> str:
     persistent = set(model.state_dict())
     qcfg["buffer_dtypes"] = {n: str(b.dtype).replace("torch.", "") for n, b in model.named_buffers()
                              if n not in persistent and b.is_floating_point()}
+    return write_model_dir(model, save_dir, qcfg, metadata={"quant_method": "qkernels"})
+
+
+def write_model_dir(model: nn.Module, save_dir: str, qcfg: dict, layer_tensors=None,
+                    metadata: dict | None = None) -> str:
+    """Write ``model``'s state dict (tied tensors once) to ``save_dir/model.safetensors``, ``qcfg`` to
+    ``quantization_config.json`` and, for transformers models, ``config.json`` (with ``quantization_config``).
+
+    ``layer_tensors(name, layer) -> {suffix: tensor}``, when given, replaces the buffers of every QuantLinear
+    ``name`` by the tensors ``name.suffix`` (a checkpoint format's packed layout)."""
+    from safetensors.torch import save_file
+
+    packed = {}
+    if layer_tensors is not None:
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                packed.update({f"{name}.{k}": v for k, v in layer_tensors(name, m).items()})
+    owners = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)} if packed else set()
     sd, seen = {}, {}
     for k, v in model.state_dict(keep_vars=False).items():
+        if k.rpartition(".")[0] in owners:
+            continue
         if v.device.type == "meta":
             raise ValueError(f"{k} is on the meta device; materialize the model before saving")
         key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else None
@@ -63,8 +82,9 @@ def save_quantized(model: nn.Module, save_dir: str) -> str:
         if key is not None:
             seen[key] = k
         sd[k] = v.detach().contiguous().cpu()
+    sd.update({k: v.detach().contiguous().cpu() for k, v in packed.items()})
     os.makedirs(save_dir, exist_ok=True)
-    save_file(sd, os.path.join(save_dir, WEIGHTS_NAME), metadata={"format": "pt", "quant_method": "qkernels"})
+    save_file(sd, os.path.join(save_dir, WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
     with open(os.path.join(save_dir, "quantization_config.json"), "w") as f:
         json.dump(qcfg, f, indent=1)
     config = getattr(model, "config", None)

@@ -4,7 +4,8 @@ and :class:`GGUFLinear` (weights kept in llama.cpp blocks)."""
 from .gguf_linear import GGUFLinear
 from .linear import QuantLinear
 from .quantize import quantize_
-from .schemes import SCHEMES, Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Scheme
+from .schemes import (SCHEMES, Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly,
+                      IntWeightInt8Act, Scheme)
 
 __all__ = ["QuantLinear", "quantize_", "SCHEMES", "Scheme", "Int4WeightOnly", "Int8WeightOnly", "Int8Dynamic",
-           "Fp8WeightOnly", "Fp8Dynamic", "Fp4", "GGUFLinear"]
+           "IntWeightInt8Act", "Fp8WeightOnly", "Fp8Dynamic", "Fp4", "GGUFLinear"]

@@ -5,12 +5,14 @@ Storage (all registered buffers, so ``state_dict``/``load_state_dict``/``.to(dev
 =========================================  =====================================================================
 scheme                                     buffers
 =========================================  =====================================================================
-``Int4WeightOnly``                         ``qweight`` uint8 ``[N, K/2]`` (:func:`qkernels.pack_int4` of int8 codes
-                                           in [-8, 7], element 2i in the low nibble), ``scale`` fp32 ``[N, K/g]``,
-                                           ``zero_point`` int32 ``[N, K/g]`` (absent when symmetric)
+``Int4WeightOnly``                         ``qweight`` uint8 ``[N, Kp/2]`` (:func:`qkernels.pack_int4` of int8 codes
+  (``IntWeightInt8Act``, bits <= 4)        in [-2^(bits-1), 2^(bits-1)-1], element 2i in the low nibble),
+                                           ``scale`` fp32 ``[N, G]``, ``zero_point`` int32 ``[N, G]`` (absent when
+                                           symmetric)
 ``Int8WeightOnly()`` / ``Int8Dynamic()``   ``qweight`` int8 ``[N, K]``, ``scale`` fp32 ``[N]``
-``Int8WeightOnly(group_size, symmetric)``  ``qweight`` int8 ``[N, K]``, ``scale`` fp32 ``[N, K/g]``,
-  (grouped / asymmetric)                   ``zero_point`` int32 ``[N, K/g]`` (absent when symmetric)
+``Int8WeightOnly(group_size, symmetric)``  ``qweight`` int8 ``[N, Kp]``, ``scale`` fp32 ``[N, G]``,
+  (grouped / asymmetric; also             ``zero_point`` int32 ``[N, G]`` (absent when symmetric)
+  ``IntWeightInt8Act``, bits > 4)
 ``Fp8WeightOnly()`` /                      ``qweight`` uint8 ``[N, K]`` (the bits of float8_e4m3fn codes), ``scale``
   ``Fp8Dynamic("row")``                    fp32 ``[N, 1]`` (per output channel)
 ``Fp8Dynamic("tensor")``                   ``qweight`` as above, ``scale`` fp32 ``[]`` (one per tensor)
@@ -26,7 +28,12 @@ any, with ``act_order=True``               ``input_perm`` int64 ``[K]``: the col
 =========================================  =====================================================================
 
 Integer schemes: the weight is ``W = scale * (q - zero_point)`` per group of ``g`` consecutive stored columns, exactly
-:func:`qkernels.dequantize_affine`. fp8 schemes: ``W = float(q) * scale`` per channel / tensor / block
+:func:`qkernels.dequantize_affine`. ``G = ceil(K / g)`` groups and ``Kp = G * g`` stored columns: when K is not a
+multiple of ``g`` (e.g. K=576, g=128 in SmolLM2-135M) the last group is ragged, it covers the last ``K % g`` input
+features, as GPTQ's ``g_idx = k // g`` does. The stored codes are padded to ``Kp`` columns holding the group's zero
+point (0 when symmetric; clamped to the code range), so the padding dequantizes to 0, and the forward pads ``x`` with
+zeros to ``Kp``: the padding adds exact zeros and the ops run unchanged on whole groups. :meth:`QuantLinear.codes`
+and :meth:`QuantLinear.dequantize` return the ``K`` real columns; ``set_quantized`` / ``from_codes`` take them. fp8 schemes: ``W = float(q) * scale`` per channel / tensor / block
 (:func:`qkernels.dequantize_fp8`); fp4 schemes: :func:`qkernels.dequantize_fp4`.
 
 The fp8 codes and the fp4 block scales are stored as their uint8 bit patterns, not as torch's float8 dtypes:
@@ -56,12 +63,14 @@ from ..ops import (
     quantize_affine,
     quantize_fp4,
     quantize_fp8,
+    quantize_per_token_int8,
     unpack_int4,
 )
 from ..ops._validate import check_float_tensor
 from ..ops.float4 import SCALE_DTYPES as FP4_SCALE_DTYPES
 from ..reference.float4 import FORMATS as FP4_BLOCK
-from .schemes import Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Scheme
+from .schemes import (Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, IntWeightInt8Act,
+                      Scheme, padded_in_features)
 
 FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
 # the 1 x 128 activation blocks and 128 x 128 weight blocks of Fp8Dynamic("block") (DeepSeek-V3, arXiv:2412.19437)
@@ -108,15 +117,13 @@ class QuantLinear(nn.Module):
             self.register_buffer("zero_point", None)
             if scheme.format == "nvfp4":
                 self.register_buffer("global_scale", torch.ones((), dtype=torch.float32, **kw))
-        elif self.kind == "int4":
-            G = K // self.group_size
-            self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8, **kw))
-            self.register_buffer("scale", torch.ones(N, G, dtype=torch.float32, **kw))
-            zp = None if scheme.symmetric else torch.zeros(N, G, dtype=torch.int32, **kw)
-            self.register_buffer("zero_point", zp)
-        elif self.kind == "int8_grouped":
-            G = K // self.group_size
-            self.register_buffer("qweight", torch.zeros(N, K, dtype=torch.int8, **kw))
+        elif self.kind in ("int4", "int8_grouped"):
+            Kp = self.padded_in_features
+            G = Kp // self.group_size
+            if self.kind == "int4":
+                self.register_buffer("qweight", torch.zeros(N, Kp // 2, dtype=torch.uint8, **kw))
+            else:
+                self.register_buffer("qweight", torch.zeros(N, Kp, dtype=torch.int8, **kw))
             self.register_buffer("scale", torch.ones(N, G, dtype=torch.float32, **kw))
             zp = None if scheme.symmetric else torch.zeros(N, G, dtype=torch.int32, **kw)
             self.register_buffer("zero_point", zp)
@@ -136,9 +143,9 @@ class QuantLinear(nn.Module):
             return "fp8"
         if isinstance(s, Fp4):
             return "fp4"
-        if isinstance(s, Int4WeightOnly):
+        if isinstance(s, Int4WeightOnly) or (isinstance(s, IntWeightInt8Act) and s.bits <= 4):
             return "int4"
-        if isinstance(s, Int8WeightOnly) and not s.fused:
+        if isinstance(s, IntWeightInt8Act) or (isinstance(s, Int8WeightOnly) and not s.fused):
             return "int8_grouped"
         return "int8"
 
@@ -146,6 +153,18 @@ class QuantLinear(nn.Module):
     def group_size(self) -> int:
         g = getattr(self.scheme, "group_size", -1)
         return self.in_features if g == -1 else g
+
+    @property
+    def padded_in_features(self) -> int:
+        """Kp: the stored columns of a grouped integer weight (``ceil(K / g) * g``); K for the other layouts."""
+        if self.kind in ("int4", "int8_grouped"):
+            return padded_in_features(self.in_features, self.group_size)
+        return self.in_features
+
+    @property
+    def bits(self) -> int:
+        """Width of the integer codes (2..8; 8 for the int8 layouts), or of the fp8 / fp4 element."""
+        return getattr(self.scheme, "bits", 4 if self.kind == "fp4" else 8)
 
     @property
     def op(self) -> str:
@@ -215,12 +234,12 @@ class QuantLinear(nn.Module):
         elif mod.kind == "fp4":
             packed, s, g = quantize_fp4(w, scheme.format)
             mod.set_float_quantized(packed, s, g)
-        elif mod.kind == "int4":
-            q, s, zp = quantize_affine(w, 4, mod.group_size, scheme.symmetric)
-            mod.set_quantized(q, s, None if scheme.symmetric else zp)
-        elif mod.kind == "int8_grouped":
-            q, s, zp = quantize_affine(w, 8, mod.group_size, scheme.symmetric)
-            mod.set_quantized(q, s, None if scheme.symmetric else zp)
+        elif mod.kind in ("int4", "int8_grouped"):
+            # zero columns up to whole groups: they leave every group's range (which always covers 0) unchanged
+            K, Kp = mod.in_features, mod.padded_in_features
+            wp = w if Kp == K else F.pad(w, (0, Kp - K))
+            q, s, zp = quantize_affine(wp, mod.bits, mod.group_size, scheme.symmetric)
+            mod.set_quantized(q[:, :K], s, None if scheme.symmetric else zp)
         else:
             q, s, _ = quantize_affine(w, 8, -1, True)
             mod.set_quantized(q, s.reshape(-1), None)
@@ -234,8 +253,10 @@ class QuantLinear(nn.Module):
         """Build from integer codes (the checkpoint converters in :mod:`qkernels.formats` end here).
 
         Args:
-            q: int8 ``[N, K]`` signed codes (in [-8, 7] for int4 schemes), columns in stored order.
-            scale: float ``[N, K/g]`` (``[N]`` accepted for per-channel); zero_point: int32 like scale, or None.
+            q: int8 ``[N, K]`` signed codes (in the scheme's ``bits`` range, [-8, 7] for int4), columns in stored
+                order (no padding: a ragged last group is padded here).
+            scale: float ``[N, G]``, ``G = ceil(K/g)`` (``[N]`` accepted for per-channel); zero_point: int32 like
+                scale, or None.
             input_perm: int64 ``[K]`` or None: stored column j holds input feature ``input_perm[j]``.
         """
         if q.dim() != 2 or q.dtype != torch.int8:
@@ -331,39 +352,57 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None):
-        """Fill the buffers from int8 codes ``q [N, K]``, ``scale`` and ``zero_point`` (shapes checked)."""
+        """Fill the buffers from int8 codes ``q [N, K]``, ``scale`` and ``zero_point`` (shapes checked; a ragged last
+        group is padded with its zero point)."""
         if self.kind in ("fp8", "fp4"):
             raise TypeError(f"set_quantized takes integer codes; use set_float_quantized for {self.scheme!r}")
         N, K = self.out_features, self.in_features
         if tuple(q.shape) != (N, K) or q.dtype != torch.int8:
             raise ValueError(f"q must be int8 of shape {(N, K)}, got {q.dtype} {tuple(q.shape)}")
-        if self.kind == "int4":
+        bits = self.bits
+        if bits < 8 and q.numel():
             lo, hi = int(q.min()), int(q.max())
-            if lo < -8 or hi > 7:
-                raise ValueError(f"int4 codes must be in [-8, 7], got [{lo}, {hi}]")
-            self.qweight.copy_(pack_int4(q))
-        else:
-            self.qweight.copy_(q)
+            qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+            if lo < qmin or hi > qmax:
+                raise ValueError(f"int{bits} codes must be in [{qmin}, {qmax}], got [{lo}, {hi}]")
         sshape = tuple(self.scale.shape)
         if self.kind == "int8" and scale.dim() == 2 and scale.shape[1] == 1:
             scale = scale.reshape(-1)
         if tuple(scale.shape) != sshape:
             raise ValueError(f"scale must have shape {sshape} for {self.scheme!r} on K={K}, got {tuple(scale.shape)}")
-        self.scale.copy_(scale.float())
         if (zero_point is None) != (self.zero_point is None):
             raise ValueError(f"zero_point must be {'None' if self.zero_point is None else 'given'} for {self.scheme!r}")
+        if zero_point is not None and tuple(zero_point.shape) != sshape:
+            raise ValueError(f"zero_point must have shape {sshape}, got {tuple(zero_point.shape)}")
+        Kp = self.padded_in_features
+        if Kp != K:
+            # the padding columns of the ragged last group hold its zero point: they dequantize to exactly 0
+            lo, hi = (-8, 7) if self.kind == "int4" else (-128, 127)
+            fill = torch.zeros(N, 1, dtype=torch.int8, device=q.device) if zero_point is None else \
+                zero_point[:, -1:].clamp(lo, hi).to(device=q.device, dtype=torch.int8)
+            q = torch.cat([q, fill.expand(N, Kp - K)], 1)
+        self.qweight.copy_(pack_int4(q) if self.kind == "int4" else q)
+        self.scale.copy_(scale.float())
         if zero_point is not None:
-            if tuple(zero_point.shape) != sshape:
-                raise ValueError(f"zero_point must have shape {sshape}, got {tuple(zero_point.shape)}")
             self.zero_point.copy_(zero_point.to(torch.int32))
 
     # ---- compute -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.scheme, IntWeightInt8Act):
+            # W{bits}A8 as QAT simulates it: x rounded per token to int8 and decoded (qkernels.qat.fake_quant_act_int8)
+            check_float_tensor(x, "x")
+            qx, sx = quantize_per_token_int8(x)
+            x = (qx.float() * sx.unsqueeze(-1)).to(x.dtype)
         if self.input_perm is not None:
             x = x.index_select(-1, self.input_perm)
         kind = self.kind
         if kind in ("fp8", "fp4"):
             return self._float_forward(x)
+        K, Kp = self.in_features, self.padded_in_features
+        if Kp != K:  # a ragged last group: zero inputs meet the padding codes
+            if x.dim() == 0 or x.shape[-1] != K:
+                raise ValueError(f"x must have shape [..., K] with K={K} (in_features), got {tuple(x.shape)}")
+            x = F.pad(x, (0, Kp - K))
         if kind == "int4":
             out = int4_weight_only_mm(x, self.qweight, self.scale, self.zero_point, self.group_size)
         elif kind == "int8_grouped":
@@ -412,6 +451,10 @@ class QuantLinear(nn.Module):
             return self.qweight.view(FP8_WEIGHT_DTYPE)
         if self.kind == "fp4":
             return self.qweight
+        return self._stored_codes()[:, :self.in_features]
+
+    def _stored_codes(self) -> torch.Tensor:
+        """Integer codes ``[N, Kp]``, ragged-group padding included."""
         return unpack_int4(self.qweight) if self.kind == "int4" else self.qweight
 
     @torch.no_grad()
@@ -424,7 +467,7 @@ class QuantLinear(nn.Module):
             return dequantize_fp4(self.qweight, self.scale, self.global_scale, self.scheme.format, out_dtype=dtype)
         scale = self.scale if self.scale.dim() == 2 else self.scale.reshape(-1, 1)
         zp = self.zero_point
-        w = dequantize_affine(self.codes(), scale, zp, self.group_size, out_dtype=dtype)
+        w = dequantize_affine(self._stored_codes(), scale, zp, self.group_size, out_dtype=dtype)[:, :self.in_features]
         if self.input_perm is not None:
             w = torch.empty_like(w).index_copy_(1, self.input_perm, w)
         return w

@@ -65,31 +65,53 @@ class Scheme:
         return cls(**d)
 
 
+def padded_in_features(in_features: int, group_size: int) -> int:
+    """``G * group_size`` with ``G = ceil(in_features / group_size)`` (``group_size=-1``: ``in_features``): the stored
+    width of a grouped integer weight whose last group is ragged (see :class:`qkernels.nn.QuantLinear`)."""
+    g = in_features if group_size == -1 else group_size
+    return -(-in_features // g) * g
+
+
+def _check_nibble_shape(in_features: int, group_size: int) -> str | None:
+    """Grouped integer weights take any K (a last group of ``K % group_size`` columns is stored padded), but int4
+    packs two values per byte, so the padded width must be even."""
+    Kp = padded_in_features(in_features, group_size)
+    if Kp % 2:
+        what = f"in_features={in_features}" if Kp == in_features else \
+            f"in_features={in_features} padded to whole groups of {group_size} ({Kp})"
+        return f"{what} is odd (int4 packs two values per byte along K)"
+    return None
+
+
 @dataclass(frozen=True)
 class Int4WeightOnly(Scheme):
     """W4A16: int4 weights in groups of ``group_size`` along K with fp32 scales (and int32 zero points when not
     ``symmetric``); activations stay float. Runs :func:`qkernels.int4_weight_only_mm`.
 
-    group_size: positive divisor of in_features (even: two int4 per byte), or -1 for one group per row.
+    group_size: positive int or -1 for one group per row. K need not be a multiple of it: the last group then
+        covers ``K % group_size`` columns (GPTQ's ``g_idx = k // group_size``); the padded width must be even.
+    bits: 2, 3 or 4: the codes lie in ``[-2^(bits-1), 2^(bits-1) - 1]``. 2- and 3-bit codes are a subset of int4,
+        so they are stored in nibbles and run by the same kernel; ``bits`` records the grid (e.g. for a 3-bit GPTQ
+        export and for the range check of the codes).
     """
 
     group_size: int = 128
     symmetric: bool = False
+    bits: int = 4
     name: ClassVar[str] = "int4_weight_only"
 
     def __post_init__(self):
         _check_int("group_size", "Int4WeightOnly", self.group_size, allow_minus_one=True)
         _check_bool("symmetric", "Int4WeightOnly", self.symmetric)
+        _check_choice("bits", "Int4WeightOnly", self.bits, (2, 3, 4))
+
+    def __repr__(self):  # bits only when it is not the default, so reprs of 4-bit schemes stay as they were
+        extra = "" if self.bits == 4 else f", bits={self.bits}"
+        return f"Int4WeightOnly(group_size={self.group_size}, symmetric={self.symmetric}{extra})"
 
     def check_shape(self, in_features, out_features):
-        why = super().check_shape(in_features, out_features)
-        if why:
-            return why
-        if in_features % 2:
-            return f"in_features={in_features} is odd (int4 packs two values per byte along K)"
-        if self.group_size != -1 and in_features % self.group_size:
-            return f"in_features={in_features} is not divisible by group_size={self.group_size}"
-        return None
+        return super().check_shape(in_features, out_features) or \
+            _check_nibble_shape(in_features, self.group_size)
 
 
 @dataclass(frozen=True)
@@ -99,6 +121,7 @@ class Int8WeightOnly(Scheme):
     Default (``group_size=-1, symmetric=True``): per-output-channel symmetric scales, run by
     :func:`qkernels.int8_weight_only_mm`. Groups along K or zero points (as in 8-bit GPTQ checkpoints) are kept as
     int8 codes and run as :func:`qkernels.dequantize_affine` + ``F.linear`` (exact, but not a fused kernel).
+    With groups, K need not be a multiple of ``group_size`` (the last group is ragged, as for :class:`Int4WeightOnly`).
     """
 
     group_size: int = -1
@@ -114,13 +137,6 @@ class Int8WeightOnly(Scheme):
         """True when the fused W8A16 kernel runs it (per-channel symmetric)."""
         return self.group_size == -1 and self.symmetric
 
-    def check_shape(self, in_features, out_features):
-        why = super().check_shape(in_features, out_features)
-        if why:
-            return why
-        if self.group_size != -1 and in_features % self.group_size:
-            return f"in_features={in_features} is not divisible by group_size={self.group_size}"
-        return None
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,34 @@ class Int8Dynamic(Scheme):
     Runs :func:`qkernels.int8_dynamic_mm`."""
 
     name: ClassVar[str] = "int8_dynamic"
+
+
+@dataclass(frozen=True)
+class IntWeightInt8Act(Scheme):
+    """W{bits}A8 as quantization-aware training simulates it (:func:`qkernels.qat.convert` of a scheme with
+    ``act_int8_per_token``): ``bits``-bit integer weights in groups of ``group_size`` along K (ragged last group
+    allowed, zero points unless ``symmetric``); at run time the activations are rounded per token to symmetric int8
+    (:func:`qkernels.quantize_per_token_int8`) and decoded, then the weight-only GEMM runs on the same codes:
+    :func:`qkernels.int4_weight_only_mm` for ``bits <= 4`` (stored as :class:`Int4WeightOnly`), int8 codes +
+    :func:`qkernels.dequantize_affine` otherwise (stored as grouped :class:`Int8WeightOnly`). The outputs are those
+    of the fake-quantized training forward exactly; it is a simulation (no integer W4A8 kernel). Per-channel symmetric
+    8-bit weights with int8 activations can also run as :class:`Int8Dynamic` (the int8 x int8 kernel), whose outputs
+    differ from the fake-quantized ones by float summation order.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    name: ClassVar[str] = "int_weight_int8_act"
+
+    def __post_init__(self):
+        _check_choice("bits", "IntWeightInt8Act", self.bits, tuple(range(2, 9)))
+        _check_int("group_size", "IntWeightInt8Act", self.group_size, allow_minus_one=True)
+        _check_bool("symmetric", "IntWeightInt8Act", self.symmetric)
+
+    def check_shape(self, in_features, out_features):
+        why = super().check_shape(in_features, out_features)
+        return why or (_check_nibble_shape(in_features, self.group_size) if self.bits <= 4 else None)
 
 
 @dataclass(frozen=True)
@@ -189,5 +233,5 @@ class Fp4(Scheme):
 
 
 SCHEMES: dict[str, type[Scheme]] = {
-    c.name: c for c in (Int4WeightOnly, Int8WeightOnly, Int8Dynamic, Fp8WeightOnly, Fp8Dynamic, Fp4)
+    c.name: c for c in (Int4WeightOnly, Int8WeightOnly, Int8Dynamic, IntWeightInt8Act, Fp8WeightOnly, Fp8Dynamic, Fp4)
 }
