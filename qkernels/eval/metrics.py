@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..algorithms._qlinear import QuantizedWeightLinear
+from ..nn.gguf_linear import GGUFLinear
 
 
 @torch.no_grad()
@@ -69,14 +70,17 @@ def model_size_bytes(model: nn.Module) -> int:
 
 
 def bits_per_weight(model: nn.Module, skip=("lm_head",)) -> float:
-    """Stored bits per weight of the linear layers (quantized: codes + scales + zero points, as stored;
-    float: the dtype's width), output head excluded."""
+    """Stored bits per weight of the linear layers (quantized: codes + scales + zero points, as stored; GGUF: the
+    ggml blocks with their headers, each tensor in its own type; float: the dtype's width), output head excluded."""
     bits, n = 0, 0
     for name, m in model.named_modules():
         if any(name == s or name.endswith("." + s) for s in skip):
             continue
         if isinstance(m, QuantizedWeightLinear):
             bits += 8 * (m.storage_bytes() - (0 if m.bias is None else m.bias.numel() * m.bias.element_size()))
+            n += m.in_features * m.out_features
+        elif isinstance(m, GGUFLinear):
+            bits += 8 * m.data.numel()
             n += m.in_features * m.out_features
         elif isinstance(m, nn.Linear):
             bits += m.weight.numel() * m.weight.element_size() * 8
