@@ -23,9 +23,10 @@ from . import data, metrics, models
 log = logging.getLogger("qkernels.eval")
 
 # q8_0 / q4_k_m: llama.cpp's own quantizer (the GGUF mixes of the same names, per-tensor types by llama.cpp's rules);
-# gptq-q4_k_m: the same mix and bytes format with GPTQ choosing the codes (qkernels.algorithms.gptq_gguf)
-DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "gptq-int4", "awq-int4", "q8_0", "q4_k_m", "gptq-q4_k_m")
-ALL_SCHEMES = DEFAULT_SCHEMES + ("qat-int4",)
+# gptq-q4_k_m: the same mix and bytes format with GPTQ choosing the codes (qkernels.algorithms.gptq_gguf). It is
+# not in the default run: its column loop adds about 5 minutes on a 2-core CPU (`qkernels eval --gguf-gptq`).
+DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "gptq-int4", "awq-int4", "q8_0", "q4_k_m")
+ALL_SCHEMES = DEFAULT_SCHEMES + ("gptq-q4_k_m", "qat-int4")
 GGUF_MIXES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 
 
