@@ -13,6 +13,8 @@ from qkernels.algorithms.gptq_gguf import (GGUFGPTQConfig, gguf_quantize_model, 
 from qkernels.nn.gguf_linear import GGUFLinear
 from qkernels.reference import gguf as ref
 
+from .test_eval import tiny_dir  # noqa: F401 - the tiny Llama + tokenizer directory fixture
+
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
 LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
@@ -200,18 +202,11 @@ def test_model_errors():
         gptq_gguf_quantize_model(m, [], "Q4_K_M")
 
 
-def test_eval_runs_the_gguf_schemes(tmp_path):
-    from qkernels.eval import data, models, runner
-
-    d = tmp_path / "tiny"
-    m = models.tiny_llama(vocab_size=258, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256)
-    m.config.bos_token_id, m.config.eos_token_id = 256, 257
-    m.save_pretrained(d)
-    models.tiny_tokenizer().save_pretrained(d)
-    text = tmp_path / "text.txt"
-    text.write_text(data.pydoc_text()[:8000])
+def test_eval_runs_the_gguf_schemes(tiny_dir, tmp_path):
     from qkernels.cli import main
+    from qkernels.eval import runner
 
+    d, text = tiny_dir
     assert "gptq-q4_k_m" not in runner.DEFAULT_SCHEMES  # opt-in: it costs minutes on the default model
     rc = main(["eval", "--model", str(d), "--text", str(text), "--schemes", "q8_0,q4_k_m", "--gguf-gptq",
                "--ctx", "64", "--eval-tokens", "192", "--calib-tokens", "192", "--calib-ctx", "64", "--no-progress",
@@ -220,10 +215,10 @@ def test_eval_runs_the_gguf_schemes(tmp_path):
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     rows = {r["scheme"]: r for r in res["rows"]}
     assert list(rows) == ["float", "q8_0", "q4_k_m", "gptq-q4_k_m"]
-    # stored bits incl. block headers: Q8_0 blocks are 34 bytes / 32 weights; Q4_K_M mixes Q5_0 (5.5), Q4_K (4.5),
-    # Q6_K (6.5625) and Q8_0 (8.5) tensors
+    # stored bits incl. block headers: Q8_0 blocks are 34 bytes / 32 weights; with rows of 64 and 128 Q4_K_M
+    # mixes Q5_0 (5.5 bits, Q4_K's fallback) and Q8_0 (8.5, the fallback of attn_v's and ffn_down's Q6_K) tensors
     assert rows["q8_0"]["bits_per_weight"] == pytest.approx(8.5)
-    assert 4.5 < rows["q4_k_m"]["bits_per_weight"] < 8.5
+    assert 5.5 < rows["q4_k_m"]["bits_per_weight"] < 8.5
     assert rows["gptq-q4_k_m"]["bits_per_weight"] == rows["q4_k_m"]["bits_per_weight"]
     for r in rows.values():
         assert r["ppl"] > 1 and math.isfinite(r["dppl_pct"])

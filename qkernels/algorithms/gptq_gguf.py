@@ -37,7 +37,7 @@ from ..nn.gguf_linear import GGUFLinear
 from ..ops.gguf import gguf_quantize, type_id
 from ..reference.gguf import BLOCK, CODES, IMATRIX_TYPES, TYPE_NAMES, TYPES, block_affine, pack_codes
 from ._layers import capture_layer_inputs, check_finite, decoder_layers, layer_forward
-from .gptq import (ColumnGrid, _inverse_cholesky, _sequential_groups, collect_hessians, gptq_column_loop,
+from .gptq import (ColumnGrid, GPTQConfig, _inverse_cholesky, _sequential_groups, collect_hessians, gptq_column_loop,
                    prepare_hessian)
 from .rtn import _one_thread, quantizable_linears, set_module
 
@@ -60,10 +60,7 @@ class GGUFGPTQConfig:
     true_sequential: bool = True
 
     def __post_init__(self):
-        if not 0 <= self.damp_percent < 1:
-            raise ValueError(f"damp_percent must be in [0, 1), got {self.damp_percent}")
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        GPTQConfig(damp_percent=self.damp_percent, block_size=self.block_size)  # the same checks and messages
 
 
 @dataclass
