@@ -192,6 +192,21 @@ def test_model_gptq_q4_k_m_types_export_and_quality(tmp_path):
         assert torch.equal(tensors[gname][2], data), gname
 
 
+def test_plain_model_quantization_is_llama_cpp_per_tensor():
+    import copy
+
+    base = tiny_llama(seed=1)
+    q = gguf_quantize_model(copy.deepcopy(base), "Q4_K_M")
+    down = base.model.layers[0].mlp.down_proj
+    assert torch.equal(q.model.layers[0].mlp.down_proj.data, qg.quantize(down.weight.detach(), "Q4_K"))
+    im = {"model.layers.0.mlp.down_proj": torch.rand(256, generator=torch.Generator().manual_seed(0)) + 0.1}
+    qi = gguf_quantize_model(copy.deepcopy(base), "Q4_K_M", imatrix=im)
+    want = qg.quantize(down.weight.detach(), "Q4_K", im["model.layers.0.mlp.down_proj"])
+    assert torch.equal(qi.model.layers[0].mlp.down_proj.data, want)
+    assert not torch.equal(want, q.model.layers[0].mlp.down_proj.data)
+    assert torch.equal(qi.model.layers[1].mlp.down_proj.data, q.model.layers[1].mlp.down_proj.data)  # no entry
+
+
 def test_model_errors():
     m = tiny_llama()
     with pytest.raises(ValueError, match="mix must be one of"):

@@ -126,8 +126,8 @@ class GGUFGrid(ColumnGrid):
 def _check_type(type, K: int) -> int:
     t = type_id(type)
     if t not in CODES:
-        raise ValueError(f"type must be a GGUF type with integer codes for GPTQ ({sorted(TYPE_NAMES[c] for c in CODES)}), "
-                         f"got {TYPE_NAMES[t]}")
+        names = sorted(TYPE_NAMES[c] for c in CODES)
+        raise ValueError(f"type must be a GGUF type with integer codes for GPTQ ({names}), got {TYPE_NAMES[t]}")
     bs = BLOCK[t][0]
     if K % bs:
         raise ValueError(f"the weight's row length K={K} must be a multiple of the {TYPE_NAMES[t]} block size {bs}")
@@ -193,12 +193,11 @@ def gguf_quantize_model(model: nn.Module, mix: str = "Q4_K_M", imatrix: dict | N
     _check_mix(mix)
     quantizable_linears(model)
     layers = decoder_layers(model)
-    with _one_thread():
-        for li, layer in enumerate(layers):
-            for n, lin in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
-                t = gguf_layer_type(li, n, lin.weight.shape, len(layers), mix, _tied(model))
-                im = None if imatrix is None or TYPES[t] not in IMATRIX_TYPES else imatrix.get(f"model.layers.{li}.{n}")
-                set_module(layer, n, GGUFLinear.from_float(lin, t, im))
+    for li, layer in enumerate(layers):
+        for n, lin in [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]:
+            t = gguf_layer_type(li, n, lin.weight.shape, len(layers), mix, _tied(model))
+            im = None if imatrix is None or TYPES[t] not in IMATRIX_TYPES else imatrix.get(f"model.layers.{li}.{n}")
+            set_module(layer, n, GGUFLinear.from_float(lin, t, im))
     return model
 
 
