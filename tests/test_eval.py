@@ -112,7 +112,7 @@ def test_cli_smoke(tiny_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     schemes = [r["scheme"] for r in res["rows"]]
-    assert schemes == ["float", "int8", "rtn-int4", "gptq-int4", "awq-int4", "qat-int4"]
+    assert schemes == ["float", "int8", "rtn-int4", "gptq-int4", "awq-int4", "q8_0", "q4_k_m", "qat-int4"]
     for r in res["rows"]:
         assert r["ppl"] > 1 and math.isfinite(r["dppl_pct"]) and 0 <= r["top1_agree"] <= 1
         assert r["scheme"] in printed

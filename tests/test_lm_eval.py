@@ -104,4 +104,4 @@ def test_cli_lm_eval(tiny_dir, tmp_path, capsys):  # noqa: F811 - the fixture im
     rows = json.loads((out / "results.json").read_text())["rows"]
     for r in rows:
         assert r["lm_eval"][CLOZE_TASK]["n"] == 4 and 0 <= r["lm_eval"][CLOZE_TASK]["acc"] <= 1
-        assert f"{r['scheme']:<10} {CLOZE_TASK}" in printed
+        assert f"{r['scheme']:<12} {CLOZE_TASK}" in printed

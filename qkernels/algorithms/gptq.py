@@ -121,19 +121,112 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig = GPT
     return _gptq_quantize_weight(W, H, cfg)
 
 
-def _gptq_quantize_weight(W, H, cfg):
-    qc = cfg.quant
+def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked fp32 copies of ``W [N, K]`` and ``H [K, K]`` with dead inputs handled (``H_kk = 0`` -> ``H_kk = 1``,
+    ``W_:,k = 0``: an input that is always zero carries no information, and its weight cannot matter)."""
     W = W.detach().float().clone()
     N, K = W.shape
     if H.shape != (K, K):
         raise ValueError(f"H must have shape [K, K] = {(K, K)}, got {tuple(H.shape)}")
     if not torch.isfinite(W).all() or not torch.isfinite(H).all():
         raise ValueError("GPTQ: NaN or inf in the weight or the Hessian")
-    g = qc.group(K)
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    return W, H
+
+
+class ColumnGrid:
+    """The quantization grid that GPTQ's column loop rounds to (subclass it for other formats).
+
+    ``block``: columns (in processing order) that share quantization parameters, or None when the parameters are
+    fixed beforehand. The loop calls ``start(col, w)`` at every ``col % block == 0`` with the CURRENT (error-updated)
+    values ``w [N, n]`` of the block's columns ``col .. col + n - 1``, then ``quantize(col, w)`` for every column
+    ``w [N]``, which records the codes and returns the dequantized column ``[N]``.
+    """
+
+    block: int | None = None
+
+    def start(self, col: int, w: torch.Tensor) -> None:
+        pass
+
+    def quantize(self, col: int, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _pending_columns(W, W1, Err1, Hinv, i1, i2, i, stop):
+    """Current values of columns ``[i1 + i, stop)``: those inside the lazy block come from W1; those beyond it are
+    W plus the updates the lazy block's already quantized columns will apply at its end (exact, not stale)."""
+    inner = W1[:, i:min(stop, i2) - i1]
+    if stop <= i2:
+        return inner
+    outer = W[:, i2:stop]
+    if i:
+        outer = outer - Err1[:, :i] @ Hinv[i1:i1 + i, i2:stop]
+    return torch.cat([inner, outer], 1)
+
+
+def gptq_column_loop(W: torch.Tensor, Hinv: torch.Tensor, grid: ColumnGrid, block_size: int = 128) -> float:
+    """GPTQ's column-by-column quantization (arXiv:2210.17323, Algorithm 1) with lazy batch updates.
+
+    Args:
+        W: fp32 ``[N, K]`` in processing order; overwritten (its columns end up error-updated, not quantized).
+        Hinv: fp32 ``[K, K]`` upper Cholesky factor of the inverse (dampened) Hessian, same column order.
+        grid: rounds each column (see :class:`ColumnGrid`) and keeps the codes.
+    Returns the GPTQ objective, sum over columns of ``|w - q|^2 / (2 Hinv_kk^2)``.
+    """
+    K = W.shape[1]
+    loss = 0.0
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if grid.block is not None and col % grid.block == 0:
+                grid.start(col, _pending_columns(W, W1, Err1, Hinv, i1, i2, i, min(col + grid.block, K)))
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            deq = grid.quantize(col, w)
+            err = (w - deq) / d
+            loss += float((err * err).sum()) / 2
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return loss
+
+
+class _IntGroupGrid(ColumnGrid):
+    """The integer grid of qkernels.ops.int_quant: groups of g columns, scale/zero point from the group's current
+    values (or fixed beforehand per original column group: ``static``)."""
+
+    def __init__(self, qc: QuantConfig, g: int, N: int, K: int, device, static=None, perm=None):
+        self.qc, self.g, self.static, self.perm = qc, g, static, perm
+        self.block = None if static is not None else g
+        self.Q = torch.zeros(N, K, device=device)
+        self.scales, self.zeros = [], []
+        self.s = self.z = None
+
+    def start(self, col, w):
+        self.s, self.z = _group_qparams(w, self.qc)
+        self.scales.append(self.s)
+        self.zeros.append(self.z)
+
+    def quantize(self, col, w):
+        if self.static is not None:
+            self.s, self.z = self.static[int(self.perm[col] if self.perm is not None else col) // self.g]
+        q, deq = quantize_with(w.unsqueeze(1), self.s, self.z, self.qc, self.g)
+        self.Q[:, col] = q[:, 0]
+        return deq[:, 0]
+
+
+def _gptq_quantize_weight(W, H, cfg):
+    qc = cfg.quant
+    W, H = prepare_hessian(W, H)
+    N, K = W.shape
+    g = qc.group(K)
 
     static = None
     if cfg.static_groups and qc.group_size != -1:
@@ -144,33 +237,9 @@ def _gptq_quantize_weight(W, H, cfg):
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, cfg.damp_percent)
 
-    Q = torch.zeros_like(W)
-    scales, zeros = [], []
-    s = z = None
-    loss = 0.0
-    for i1 in range(0, K, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, K)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static is not None:
-                s, z = static[int(perm[col] if perm is not None else col) // g]
-            elif col % g == 0:
-                # the group's range is taken from the columns as updated so far (earlier errors included)
-                s, z = _group_qparams(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :g], qc)
-                scales.append(s)
-                zeros.append(z)
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q, deq = quantize_with(w.unsqueeze(1), s, z, qc, g)
-            Q[:, col] = q[:, 0]
-            err = (w - deq[:, 0]) / d
-            loss += float((err * err).sum()) / 2
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    grid = _IntGroupGrid(qc, g, N, K, W.device, static, perm)
+    loss = gptq_column_loop(W, Hinv, grid, cfg.block_size)
+    Q = grid.Q
 
     ar = torch.arange(K, device=W.device)
     if static is not None:
@@ -180,8 +249,8 @@ def _gptq_quantize_weight(W, H, cfg):
             Q = Q[:, torch.argsort(perm)]
         perm, g_idx = None, ar // g
     else:
-        scale = torch.cat(scales, 1)
-        zp = None if qc.symmetric else torch.cat(zeros, 1)
+        scale = torch.cat(grid.scales, 1)
+        zp = None if qc.symmetric else torch.cat(grid.zeros, 1)
         g_idx = ar // g
         if perm is not None and qc.group_size == -1:  # one group per row: the order does not matter at run time
             Q, perm = Q[:, torch.argsort(perm)], None
@@ -190,6 +259,36 @@ def _gptq_quantize_weight(W, H, cfg):
             g_idx[perm] = ar // g
     q = _pad_cols(Q, g).to(torch.int8)
     return GPTQResult(q, scale, zp, perm, g_idx.to(torch.int32), loss)
+
+
+def collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inps: list[torch.Tensor],
+                     kws: list[dict]) -> dict[str, Hessian]:
+    """Runs decoder ``layer`` on its calibration inputs (``[B, L, H]`` hidden states with their keyword arguments)
+    and accumulates the input Hessian of each of ``linears`` ({name: module inside layer})."""
+    hess = {n: Hessian(m.in_features, m.weight.device) for n, m in linears.items()}
+    shared: dict[int, tuple] = {}  # q/k/v (gate/up) read the same input: one X^T X for all of them
+
+    def make_hook(n):
+        def hook(_mod, args, _out):
+            x = args[0]
+            key = id(x)
+            if key not in shared:
+                h = Hessian(x.shape[-1], x.device)
+                h.add(x)
+                shared[key] = (x, h.H)
+            hess[n].H += shared[key][1]
+            hess[n].n += x.reshape(-1, x.shape[-1]).shape[0]
+        return hook
+
+    hooks = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        for x, kw in zip(inps, kws):
+            layer_forward(layer, x, kw)
+            shared.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return hess
 
 
 def _sequential_groups(layer: nn.Module, names: list[str], true_sequential: bool) -> list[list[str]]:
@@ -219,29 +318,7 @@ def gptq_quantize_model(model: nn.Module, calib_batches: list[torch.Tensor], cfg
             check_finite(x, f"the input of decoder layer {li}")
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         for names in _sequential_groups(layer, list(linears), cfg.true_sequential):
-            hess = {n: Hessian(linears[n].in_features, linears[n].weight.device) for n in names}
-            shared: dict[int, tuple] = {}  # q/k/v (gate/up) read the same input: one X^T X for all of them
-
-            def make_hook(n):
-                def hook(_mod, args, _out):
-                    x = args[0]
-                    key = id(x)
-                    if key not in shared:
-                        h = Hessian(x.shape[-1], x.device)
-                        h.add(x)
-                        shared[key] = (x, h.H)
-                    hess[n].H += shared[key][1]
-                    hess[n].n += x.reshape(-1, x.shape[-1]).shape[0]
-                return hook
-
-            hooks = [linears[n].register_forward_hook(make_hook(n)) for n in names]
-            try:
-                for x, kw in zip(inps, kws):
-                    layer_forward(layer, x, kw)
-                    shared.clear()
-            finally:
-                for h in hooks:
-                    h.remove()
+            hess = collect_hessians(layer, {n: linears[n] for n in names}, inps, kws)
             for n in names:
                 res = gptq_quantize_weight(linears[n].weight, hess[n].value(), cfg)
                 log.debug("GPTQ layer %d %s: loss %.4g", li, n, res.loss)

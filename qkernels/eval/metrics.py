@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.gguf_linear import GGUFLinear
 from ..nn.linear import QuantLinear
 
 
@@ -69,8 +70,8 @@ def model_size_bytes(model: nn.Module) -> int:
 
 
 def bits_per_weight(model: nn.Module, skip=("lm_head",)) -> float:
-    """Stored bits per weight of the linear layers (quantized: codes + scales + zero points, as stored;
-    float: the dtype's width), output head excluded."""
+    """Stored bits per weight of the linear layers (quantized: codes + scales + zero points, as stored; GGUF: the
+    ggml blocks with their headers, each tensor in its own type; float: the dtype's width), output head excluded."""
     bits, n = 0, 0
     for name, m in model.named_modules():
         if any(name == s or name.endswith("." + s) for s in skip):
@@ -78,6 +79,9 @@ def bits_per_weight(model: nn.Module, skip=("lm_head",)) -> float:
         if isinstance(m, QuantLinear):  # codes (padding of a ragged last group included), scales, zeros, input_perm
             bits += 8 * sum(t.numel() * t.element_size() for k, t in m.named_buffers(recurse=False)
                             if k != "bias" and t is not None)
+            n += m.in_features * m.out_features
+        elif isinstance(m, GGUFLinear):
+            bits += 8 * m.data.numel()
             n += m.in_features * m.out_features
         elif isinstance(m, nn.Linear):
             bits += m.weight.numel() * m.weight.element_size() * 8

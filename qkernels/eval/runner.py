@@ -1,5 +1,6 @@
-"""The offline comparison behind ``qkernels eval``: float vs int8 weight-only vs int4 RTN / GPTQ / AWQ (/ QAT)
-on one model and one text; prints a table, writes results.json and a plot of dPPL vs bits per weight."""
+"""The offline comparison behind ``qkernels eval``: float vs int8 weight-only vs int4 RTN / GPTQ / AWQ (/ QAT) vs
+llama.cpp's GGUF Q8_0 / Q4_K_M (plain and GPTQ-aware) on one model and one text; prints a table, writes
+results.json and a plot of dPPL vs bits per weight."""
 
 from __future__ import annotations
 
@@ -16,13 +17,18 @@ import torch
 from ..algorithms import AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quantize_model, gptq_quantize_model, \
     rtn_quantize_model
 from ..algorithms import qat as qat_mod
+from ..algorithms.gptq_gguf import GGUFGPTQConfig, gguf_quantize_model, gptq_gguf_quantize_model
 from . import data, metrics, models
 from .lm_eval_bridge import run_lm_eval
 
 log = logging.getLogger("qkernels.eval")
 
-DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "gptq-int4", "awq-int4")
-ALL_SCHEMES = DEFAULT_SCHEMES + ("qat-int4",)
+# q8_0 / q4_k_m: llama.cpp's own quantizer (the GGUF mixes of the same names, per-tensor types by llama.cpp's rules);
+# gptq-q4_k_m: the same mix and bytes format with GPTQ choosing the codes (qkernels.algorithms.gptq_gguf). It is
+# not in the default run: its column loop adds about 5 minutes on a 2-core CPU (`qkernels eval --gguf-gptq`).
+DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "gptq-int4", "awq-int4", "q8_0", "q4_k_m")
+ALL_SCHEMES = DEFAULT_SCHEMES + ("gptq-q4_k_m", "qat-int4")
+GGUF_MIXES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 
 
 @dataclass
@@ -39,6 +45,7 @@ class EvalConfig:
     group_size: int = 128
     symmetric: bool = True
     gptq_act_order: bool = True
+    gguf_gptq_act_order: bool = False
     gptq_true_sequential: bool = True
     awq_grid: int = 10
     qat_steps: int = 16
@@ -76,6 +83,13 @@ def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows):
                                    progress=cfg.progress)
     if name == "awq-int4":
         return awq_quantize_model(m, calib["awq"], AWQConfig(q4, n_grid=cfg.awq_grid), progress=cfg.progress)
+    if name in GGUF_MIXES:
+        return gguf_quantize_model(m, GGUF_MIXES[name])
+    if name == "gptq-q4_k_m":
+        return gptq_gguf_quantize_model(m, calib["gptq"], "Q4_K_M",
+                                        GGUFGPTQConfig(act_order=cfg.gguf_gptq_act_order,
+                                                       true_sequential=cfg.gptq_true_sequential),
+                                        progress=cfg.progress)
     if name == "qat-int4":
         qat_mod.prepare(m, QATScheme(q4))
         losses = qat_mod.finetune(m, qat_windows, steps=cfg.qat_steps, lr=cfg.qat_lr, teacher=base,
@@ -140,11 +154,11 @@ def run(cfg: EvalConfig) -> dict:
     return out
 
 
-HEADER = f"{'scheme':<10} {'bits/w':>7} {'size MB':>8} {'PPL':>8} {'dPPL %':>8} {'top1 agree':>10} {'tok/s':>7} {'quant s':>8}"
+HEADER = f"{'scheme':<12} {'bits/w':>7} {'size MB':>8} {'PPL':>8} {'dPPL %':>8} {'top1 agree':>10} {'tok/s':>7} {'quant s':>8}"
 
 
 def _format_row(r: dict) -> str:
-    return (f"{r['scheme']:<10} {r['bits_per_weight']:>7.2f} {r['size_mb']:>8.1f} {r['ppl']:>8.3f} "
+    return (f"{r['scheme']:<12} {r['bits_per_weight']:>7.2f} {r['size_mb']:>8.1f} {r['ppl']:>8.3f} "
             f"{r['dppl_pct']:>8.2f} {r['top1_agree']:>10.4f} {r['tokens_per_s']:>7.1f} {r['quantize_time']['wall_s']:>8.1f}")
 
 
@@ -160,11 +174,11 @@ def format_lm_eval(rows: list[dict]) -> str:
         if not res:
             continue
         if "error" in res:
-            lines.append(f"{r['scheme']:<10} lm-eval error: {res['error']}")
+            lines.append(f"{r['scheme']:<12} lm-eval error: {res['error']}")
             continue
         for task, m in res.items():
             vals = " ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "n" and isinstance(v, float))
-            lines.append(f"{r['scheme']:<10} {task:<24} {vals} (n={m.get('n')})")
+            lines.append(f"{r['scheme']:<12} {task:<24} {vals} (n={m.get('n')})")
     return "\n".join(lines)
 
 

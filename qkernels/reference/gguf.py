@@ -358,6 +358,48 @@ def _make_qp(x, nmax, qw):
     return scale, L
 
 
+# ---- code fields: unsigned codes L [nb, block] int32 -> the block's quant bytes (shared by the encoders and by
+# pack_codes, which writes codes chosen elsewhere, e.g. by GPTQ, under an encoder's header) ------------------------
+
+
+def _codes_q4_k(L):
+    return [torch.cat([_pack_nibbles_halves(L[:, 64 * j:64 * (j + 1)]) for j in range(4)], 1)]
+
+
+def _codes_q5_k(L):
+    """[qh 32 B (bit 2j / 2j+1 of byte l: 5th bit of elem 64j + l / 64j + 32 + l), qs 128 B]."""
+    nb = L.shape[0]
+    Lr = L.reshape(nb, 4, 2, 32)
+    hi = (Lr >> 4) & 1
+    qh = torch.zeros(nb, 32, dtype=torch.int32, device=L.device)
+    for n in range(4):
+        qh = qh | (hi[:, n, 0] << (2 * n)) | (hi[:, n, 1] << (2 * n + 1))
+    ql = Lr & 0xF
+    qs = torch.cat([(ql[:, n, 0] | (ql[:, n, 1] << 4)) for n in range(4)], 1)
+    return [qh.to(torch.uint8), qs.to(torch.uint8)]
+
+
+def _codes_q6_k(L):
+    """[ql 128 B, qh 64 B] for codes in [0, 63] (value = code - 32)."""
+    L = L.reshape(L.shape[0], 2, 4, 32)
+    ql = torch.cat([torch.cat([(L[:, h, 0] & 0xF) | ((L[:, h, 2] & 0xF) << 4),
+                               (L[:, h, 1] & 0xF) | ((L[:, h, 3] & 0xF) << 4)], 1) for h in range(2)], 1)
+    qh = torch.cat([(L[:, h, 0] >> 4) | ((L[:, h, 1] >> 4) << 2) | ((L[:, h, 2] >> 4) << 4) | ((L[:, h, 3] >> 4) << 6)
+                    for h in range(2)], 1)
+    return [ql.to(torch.uint8), qh.to(torch.uint8)]
+
+
+def _codes_q3_k(L):
+    """[hmask 32 B, qs 64 B] for codes in [0, 7] (value = code - 4; the high bit goes to hmask)."""
+    nb = L.shape[0]
+    high = (L > 3).to(torch.int32)
+    hm = high.reshape(nb, 8, 32)
+    hmask = torch.zeros(nb, 32, dtype=torch.int32, device=L.device)
+    for k in range(8):
+        hmask = hmask | (hm[:, k] << k)
+    return [hmask.to(torch.uint8), _pack_2bit_k(L - 4 * high)]
+
+
 # ---- encoders: blocks [nb, block] float32 -> [nb, type_size] uint8 ------------------------------------------
 
 
@@ -478,21 +520,12 @@ def _q4k_q5k(b, nmax, qw):
 
 def _enc_q4_k(b, qw=None):
     d, dmin, sc, L = _q4k_q5k(b, 15, qw)
-    qs = torch.cat([_pack_nibbles_halves(L[:, 64 * j:64 * (j + 1)]) for j in range(4)], 1)
-    return torch.cat([d, dmin, sc, qs], 1)
+    return torch.cat([d, dmin, sc, *_codes_q4_k(L)], 1)
 
 
 def _enc_q5_k(b, qw=None):
-    nb = b.shape[0]
     d, dmin, sc, L = _q4k_q5k(b, 31, qw)
-    Lr = L.reshape(nb, 4, 2, 32)
-    hi = (Lr >> 4) & 1
-    qh = torch.zeros(nb, 32, dtype=torch.int32, device=b.device)
-    for n in range(4):
-        qh = qh | (hi[:, n, 0] << (2 * n)) | (hi[:, n, 1] << (2 * n + 1))
-    ql = Lr & 0xF
-    qs = torch.cat([(ql[:, n, 0] | (ql[:, n, 1] << 4)) for n in range(4)], 1)
-    return torch.cat([d, dmin, sc, qh.to(torch.uint8), qs.to(torch.uint8)], 1)
+    return torch.cat([d, dmin, sc, *_codes_q5_k(L)], 1)
 
 
 def _enc_q6_k(b, qw=None):
@@ -510,12 +543,8 @@ def _enc_q6_k(b, qw=None):
     d = _fp16_value(dv)[:, None] * sc.to(torch.float32)
     ok = d != 0
     lq = _nearest_int(b.reshape(nb, 16, 16) / torch.where(ok, d, torch.ones_like(d))[..., None]).clamp(-32, 31) + 32
-    L = torch.where(ok[..., None], lq, L).reshape(nb, 2, 4, 32)
-    ql = torch.cat([torch.cat([(L[:, h, 0] & 0xF) | ((L[:, h, 2] & 0xF) << 4),
-                               (L[:, h, 1] & 0xF) | ((L[:, h, 3] & 0xF) << 4)], 1) for h in range(2)], 1)
-    qh = torch.cat([(L[:, h, 0] >> 4) | ((L[:, h, 1] >> 4) << 2) | ((L[:, h, 2] >> 4) << 4) | ((L[:, h, 3] >> 4) << 6)
-                    for h in range(2)], 1)
-    out = torch.cat([ql.to(torch.uint8), qh.to(torch.uint8), sc.to(torch.int8).view(torch.uint8), _fp16_bytes(dv)], 1)
+    L = torch.where(ok[..., None], lq, L).reshape(nb, 256)
+    out = torch.cat([*_codes_q6_k(L), sc.to(torch.int8).view(torch.uint8), _fp16_bytes(dv)], 1)
     return torch.where(zero[:, None], torch.zeros_like(out), out)
 
 
@@ -545,13 +574,7 @@ def _enc_q3_k(b, qw=None):
     ok = d != 0
     lq = _nearest_int(b.reshape(nb, 16, 16) / torch.where(ok, d, torch.ones_like(d))[..., None]).clamp(-4, 3) + 4
     L = torch.where(ok[..., None], lq, L.reshape(nb, 16, 16)).reshape(nb, 256)
-    high = (L > 3).to(torch.int32)
-    L = L - 4 * high
-    hm = high.reshape(nb, 8, 32)
-    hmask = torch.zeros(nb, 32, dtype=torch.int32, device=b.device)
-    for k in range(8):
-        hmask = hmask | (hm[:, k] << k)
-    return torch.cat([hmask.to(torch.uint8), _pack_2bit_k(L), sc_bytes, _fp16_bytes(dv)], 1)
+    return torch.cat([*_codes_q3_k(L), sc_bytes, _fp16_bytes(dv)], 1)
 
 
 def _enc_q2_k(b, qw=None):
@@ -746,3 +769,83 @@ def gguf_mm(x: torch.Tensor, data: torch.Tensor, type: int, N: int, K: int) -> t
     """x: float [M, K] @ dequant(data: uint8 [N, K / block * type_size])^T -> [M, N] in x's dtype (fp32 math)."""
     w = gguf_dequantize(data, type, N, K, torch.float32)
     return (x.to(torch.float32) @ w.t()).to(x.dtype)
+
+
+# ---- the affine view of a block: w = scale * (code - offset) + bias ------------------------------------------
+#
+# Every type except MXFP4 (and the plain floats) decodes element i of a block as ``scale_i * (code_i - offset)`` plus
+# (for the asymmetric types) ``bias_i``, with an unsigned integer code in ``[0, CODE_MAX]``: scale and bias come from
+# the block header (for K-quants the super-block d/dmin times the 4/6/8-bit sub-block scale/min), so an algorithm
+# may keep an encoder's header and choose the codes itself (GPTQ with the GGUF grid: qkernels.algorithms.gptq_gguf).
+
+# type -> (offset, largest code, [(start, end) byte ranges of the code fields], fn(L) -> their bytes)
+CODES = {
+    2: (8, 15, [(2, 18)], lambda L: [_pack_nibbles_halves(L)]),
+    3: (0, 15, [(4, 20)], lambda L: [_pack_nibbles_halves(L)]),
+    6: (16, 31, [(2, 6), (6, 22)], lambda L: [_pack_bits_u32(L >> 4), _pack_nibbles_halves(L & 0xF)]),
+    7: (0, 31, [(4, 8), (8, 24)], lambda L: [_pack_bits_u32(L >> 4), _pack_nibbles_halves(L & 0xF)]),
+    8: (128, 255, [(2, 34)], lambda L: [(L - 128).to(torch.int8).view(torch.uint8)]),
+    10: (0, 3, [(16, 80)], lambda L: [_pack_2bit_k(L)]),
+    11: (4, 7, [(0, 32), (32, 96)], _codes_q3_k),
+    12: (0, 15, [(16, 144)], _codes_q4_k),
+    13: (0, 31, [(16, 48), (48, 176)], _codes_q5_k),
+    14: (32, 63, [(0, 128), (128, 192)], _codes_q6_k),
+}
+
+
+def block_affine(blocks: torch.Tensor, type: int):
+    """blocks: uint8 ``[nb, type_size]`` -> ``(scale [nb, block] f32, offset int, bias [nb, block] f32 or None)``
+    such that ``scale * (code - offset) + bias`` (in float32, in that order) is bit-identical to the decoder's value
+    for every code. Only the headers are read."""
+    if type not in CODES:
+        raise ValueError(f"{TYPE_NAMES.get(type, type)} blocks are not an affine grid of integer codes "
+                         f"(supported: {[TYPE_NAMES[t] for t in CODES]})")
+    nb = blocks.shape[0]
+    bs = BLOCK[type][0]
+    b = blocks
+    off = CODES[type][0]
+
+    def per(v, n):  # [nb, groups] -> [nb, block]: each sub-block value repeated over its n elements
+        return v.repeat_interleave(n, dim=1)
+
+    if type in (2, 6, 8):
+        return _read_fp16(b[:, 0:2])[:, None].expand(nb, bs), off, None
+    if type in (3, 7):
+        return _read_fp16(b[:, 0:2])[:, None].expand(nb, bs), off, _read_fp16(b[:, 2:4])[:, None].expand(nb, bs)
+    if type == 10:
+        sc = b[:, 0:16].to(torch.int32)
+        dl = _read_fp16(b[:, 80:82])[:, None] * (sc & 0xF).to(torch.float32)
+        ml = _read_fp16(b[:, 82:84])[:, None] * (sc >> 4).to(torch.float32)
+        return per(dl, 16), off, per(-ml, 16)
+    if type == 11:
+        dl = _read_fp16(b[:, 108:110])[:, None] * _unpack_q3_scales(b[:, 96:108]).to(torch.float32)
+        return per(dl, 16), off, None
+    if type in (12, 13):
+        sc, mn = _unpack_scale_min_k4(b[:, 4:16])
+        d = _read_fp16(b[:, 0:2])[:, None] * sc.to(torch.float32)
+        m = _read_fp16(b[:, 2:4])[:, None] * mn.to(torch.float32)
+        return per(d, 32), off, per(-m, 32)
+    sc = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+    return per(_read_fp16(b[:, 208:210])[:, None] * sc, 16), off, None
+
+
+def affine_decode(scale: torch.Tensor, offset: int, bias, codes: torch.Tensor) -> torch.Tensor:
+    """``scale * (codes - offset) + bias`` in float32 (the decoders' operation order)."""
+    w = scale * (codes - offset).to(torch.float32)
+    return w if bias is None else w + bias
+
+
+def pack_codes(blocks: torch.Tensor, type: int, codes: torch.Tensor) -> torch.Tensor:
+    """Copy of ``blocks`` (uint8 ``[nb, type_size]``) with the code fields replaced by ``codes`` (int ``[nb, block]``
+    in ``[0, CODES[type][1]]``); the headers (scales, mins) are kept."""
+    if type not in CODES:
+        raise ValueError(f"{TYPE_NAMES.get(type, type)} has no integer code fields to pack")
+    _, cmax, fields, fn = CODES[type]
+    codes = codes.to(torch.int32)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > cmax):
+        raise ValueError(f"codes must be in [0, {cmax}] for {TYPE_NAMES[type]}, got [{int(codes.min())}, "
+                         f"{int(codes.max())}]")
+    out = blocks.clone()
+    for (a, e), v in zip(fields, fn(codes)):
+        out[:, a:e] = v
+    return out
