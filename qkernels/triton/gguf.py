@@ -27,6 +27,8 @@ from .float_cast import _store_float
 from .int_quant import _launch_opts
 
 BLOCK = 1024  # values per program: 32 blocks of 32 or 4 super-blocks of 256
+# byte offset of the (low) quant bits inside a block, per type (the table in qkernels/reference/gguf.py)
+_QS = {2: 2, 3: 4, 6: 6, 7: 8, 8: 2, 39: 1, 10: 16, 11: 32, 12: 16, 13: 48, 14: 0}
 # output dtypes the kernel stores directly; others are decoded to float32 and cast by torch
 _DIRECT_OUT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -63,16 +65,16 @@ def _scale_min_k4(ptr, base, s, mask):
 
 @triton.jit
 def _gguf_dequantize_kernel(data_ptr, out_ptr, n, TYPE: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
-                            OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                            QS: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """QS: byte offset of the quant bits in a block (_QS)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     base = (offs // BS) * TS  # first byte of this value's block
     j = (offs % BS).to(tl.int32)  # position in the block
     if TYPE == 8:  # Q8_0: d | 32 x int8
-        v = _int8(data_ptr, base + 2 + j, mask).to(tl.float32) * _fp16(data_ptr, base, mask)
+        v = _int8(data_ptr, base + QS + j, mask).to(tl.float32) * _fp16(data_ptr, base, mask)
     elif TYPE == 2 or TYPE == 3 or TYPE == 6 or TYPE == 7:
         # Q4_0 / Q4_1 / Q5_0 / Q5_1: value j is the low nibble of byte j % 16 for j < 16, the high one after
-        QS: tl.constexpr = 2 if TYPE == 2 else (4 if TYPE == 3 else (6 if TYPE == 6 else 8))
         q = (_u8(data_ptr, base + QS + (j % 16), mask) >> (4 * (j // 16))) & 0xF
         if TYPE == 6 or TYPE == 7:  # 5th bit: bit j of the little-endian u32 before the nibbles
             q = q | (((_u8(data_ptr, base + QS - 4 + j // 8, mask) >> (j % 8)) & 1) << 4)
@@ -87,7 +89,7 @@ def _gguf_dequantize_kernel(data_ptr, out_ptr, n, TYPE: tl.constexpr, BS: tl.con
         e = _u8(data_ptr, base, mask)
         # ggml_e8m0_to_fp32_half: e < 2 is a subnormal float32
         scale = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
-        c = (_u8(data_ptr, base + 1 + (j % 16), mask) >> (4 * (j // 16))) & 0xF
+        c = (_u8(data_ptr, base + QS + (j % 16), mask) >> (4 * (j // 16))) & 0xF
         m = c & 7  # 2 * e2m1 magnitude: 0 1 2 3 4 6 8 12
         mag = tl.where(m < 4, m, (4 + 2 * (m & 1)) << ((m >> 1) & 1))
         v = scale * tl.where(c >= 8, -mag, mag).to(tl.float32)  # -0 codes give +0, like KVALUES_MXFP4
@@ -96,7 +98,6 @@ def _gguf_dequantize_kernel(data_ptr, out_ptr, n, TYPE: tl.constexpr, BS: tl.con
         sc, mn = _scale_min_k4(data_ptr, base + 4, s, mask)
         dl = _fp16(data_ptr, base, mask) * sc.to(tl.float32)
         ml = _fp16(data_ptr, base + 2, mask) * mn.to(tl.float32)
-        QS: tl.constexpr = 16 if TYPE == 12 else 48
         # 64 values per 32 bytes: the low nibbles, then the high nibbles
         q = (_u8(data_ptr, base + QS + 32 * (j // 64) + (j % 32), mask) >> (4 * (s % 2))) & 0xF
         if TYPE == 13:
@@ -106,12 +107,11 @@ def _gguf_dequantize_kernel(data_ptr, out_ptr, n, TYPE: tl.constexpr, BS: tl.con
         h = j // 128
         k = (j // 32) % 4
         lane = j % 32
-        lo = (_u8(data_ptr, base + 64 * h + 32 * (k % 2) + lane, mask) >> (4 * (k // 2))) & 0xF
+        lo = (_u8(data_ptr, base + QS + 64 * h + 32 * (k % 2) + lane, mask) >> (4 * (k // 2))) & 0xF
         hi = (_u8(data_ptr, base + 128 + 32 * h + lane, mask) >> (2 * k)) & 3
         dl = _fp16(data_ptr, base + 208, mask) * _int8(data_ptr, base + 192 + j // 16, mask).to(tl.float32)
         v = dl * ((lo | (hi << 4)) - 32).to(tl.float32)
     else:  # Q2_K / Q3_K: 2-bit quants, per 128 values byte l holds values l, l+32, l+64, l+96
-        QS: tl.constexpr = 16 if TYPE == 10 else 32
         q = (_u8(data_ptr, base + QS + 32 * (j // 128) + (j % 32), mask) >> (2 * ((j // 32) % 4))) & 3
         s = j // 16
         if TYPE == 10:  # Q2_K: 16 B scales (4-bit scale | 4-bit min << 4) | 64 B quants | d | dmin
@@ -140,9 +140,9 @@ def gguf_dequantize(data: torch.Tensor, type: int, rows: int, cols: int, out_dty
     n = rows * cols
     if n:
         bf16 = kernel_dtype == torch.bfloat16
-        _gguf_dequantize_kernel[(triton.cdiv(n, BLOCK),)](data.contiguous(), out.view(torch.int16) if bf16 else out,
-                                                          n, TYPE=type, BS=bs, TS=ts, OUT_BF16=bf16, BLOCK=BLOCK,
-                                                          **_launch_opts())
+        dst = out.view(torch.int16) if bf16 else out  # bf16 is stored as its rounded bits (_store_float)
+        _gguf_dequantize_kernel[(triton.cdiv(n, BLOCK),)](data.contiguous(), dst, n, TYPE=type, BS=bs, TS=ts,
+                                                          QS=_QS[type], OUT_BF16=bf16, BLOCK=BLOCK, **_launch_opts())
     return out.to(out_dtype)
 
 
