@@ -1,7 +1,7 @@
 """GGUF block formats: reconstruction error per type, bits per weight of the llama.cpp mixes, encoder/decoder/GEMM
-speed on CPU.
+speed on CPU, and (--gpu) the Triton decode and gguf_mm on a GPU.
 
-    python -m benchmarks.bench_gguf [--llama-cpp /path/to/llama.cpp] [--rows 256]
+    python -m benchmarks.bench_gguf [--llama-cpp /path/to/llama.cpp] [--rows 256] [--gpu]
 
 With --llama-cpp, llama.cpp's own quantizers (ggml-quants.c, built by benchmarks/gguf_llamacpp_oracle.py) encode the
 same data and the table reports their RMSE and whether the bytes are identical to ours.
@@ -149,12 +149,42 @@ def speed_table():
     return f"N = K = {N}\n\n" + "\n".join(lines)
 
 
+def gpu_speed_table():
+    """Triton decode (qkernels/triton/gguf.py) to bf16 vs the reference on the same GPU, and gguf_mm (decode +
+    cuBLAS, not fused) vs bf16 F.linear; triton.testing.do_bench medians. GB/s counts block bytes read plus bf16
+    bytes written."""
+    from triton.testing import do_bench
+
+    N, K = 4096, 4096
+    dev = torch.device("cuda")
+    w = torch.randn(N, K, device=dev)
+    wb = w.to(torch.bfloat16)
+    x1 = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
+    lines = ["| type | decode Triton (us) | GB/s | decode reference (us) | speedup | gguf_mm M=1 (us) "
+             "| bf16 F.linear M=1 (us) |", "|---|---|---|---|---|---|---|"]
+    tl1 = do_bench(lambda: torch.nn.functional.linear(x1, wb)) * 1e3
+    for name in TYPES:
+        q = qg.quantize(w.cpu(), name).to(dev)
+        tt = do_bench(lambda: qg.dequantize(q, name, (N, K), torch.bfloat16, backend="triton")) * 1e3
+        tr = do_bench(lambda: qg.dequantize(q, name, (N, K), torch.bfloat16, backend="reference")) * 1e3
+        tm = do_bench(lambda: qkernels.gguf_mm(x1, q, name, N, K, backend="triton")) * 1e3
+        gbs = (q.numel() + 2 * N * K) / (tt * 1e-6) / 1e9
+        lines.append(f"| {name} | {tt:.1f} | {gbs:.0f} | {tr:.1f} | {tr / tt:.1f}x | {tm:.1f} | {tl1:.1f} |")
+    return f"{torch.cuda.get_device_name()}, N = K = {N}, torch {torch.__version__} CUDA {torch.version.cuda}\n\n" + \
+        "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--llama-cpp", default=None)
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="only the GPU table (Triton decode, gguf_mm)")
     a = p.parse_args()
+    if a.gpu:
+        print("## GPU speed (Triton decode)\n")
+        print(gpu_speed_table())
+        return
     print(f"machine: {platform.machine()} {platform.processor()} threads={torch.get_num_threads()}, "
           f"torch {torch.__version__}\n")
     print(f"## Reconstruction error ({a.rows} x 4096 values per dataset)\n")

@@ -216,6 +216,28 @@ def gguf_cpu_encoder(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
     return True, "C++ CPU encoder"
 
 
+# ggml type ids qkernels/triton/gguf.py decodes (the quantized block types; F32/F16/BF16 are plain casts)
+GGUF_TRITON_DECODE = (2, 3, 6, 7, 8, 39, 10, 11, 12, 13, 14)
+
+
+def gguf_triton(op: str):
+    """The Triton GGUF decoder (gguf_dequantize, and gguf_mm = decode + torch matmul), for the types it has."""
+
+    def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+        t = ctx.get("type")
+        if t is not None and t not in GGUF_TRITON_DECODE:
+            return False, f"no Triton decoder for ggml type {t}"
+        return on_triton(op)(dev, ctx)
+
+    return check
+
+
+def gguf_decode_rules(op: str) -> list[Rule]:
+    """standard_rules with the Triton step limited to the ggml types that have a Triton decoder."""
+    rules = standard_rules(op)
+    return [Rule("triton", gguf_triton(op)) if r.backend == "triton" else r for r in rules]
+
+
 def standard_rules(op: str, cuda_archs=None) -> list[Rule]:
     """cuda -> triton -> cpu -> reference: the chain of every op that has no torch-native counterpart."""
     return [
@@ -370,8 +392,9 @@ TABLE: dict[str, list[Rule]] = {
     "fp4_mm": scaled_mm_rules("fp4_mm", fp4_native),
     # GGUF block formats (qkernels/ops/gguf.py)
     "gguf_quantize": [Rule("cpu", gguf_cpu_encoder), Rule("reference", always)],
-    "gguf_dequantize": standard_rules("gguf_dequantize"),
-    "gguf_mm": standard_rules("gguf_mm"),
+    # Triton: decode kernel (qkernels/triton/gguf.py) for the block types; gguf_mm decodes then calls torch matmul
+    "gguf_dequantize": gguf_decode_rules("gguf_dequantize"),
+    "gguf_mm": gguf_decode_rules("gguf_mm"),
 }
 
 

@@ -57,10 +57,11 @@ $PY -c "import qkernels, torch; print('extension', qkernels.HAS_EXTENSION, 'arch
 # ---- tests -------------------------------------------------------------------------------------------------------
 if $PY -c "import pytest" 2>/dev/null; then
   section tests 210 "$PY" -m pytest -q -m gpu --maxfail=25 --no-header -rfE tests/test_cuda_kernels.py \
-    tests/test_cuda_float_kernels.py
+    tests/test_cuda_float_kernels.py tests/test_gguf.py
   section cpu_side_tests 60 "$PY" -m pytest -q --no-header tests/test_gpu_shared_math.py
 elif command -v pytest >/dev/null; then
-  section tests 210 pytest -q -m gpu --maxfail=25 tests/test_cuda_kernels.py tests/test_cuda_float_kernels.py
+  section tests 210 pytest -q -m gpu --maxfail=25 tests/test_cuda_kernels.py tests/test_cuda_float_kernels.py \
+    tests/test_gguf.py
 else
   echo "pytest not available: running scripts/gpu_smoke.py instead"
   section tests 210 "$PY" scripts/gpu_smoke.py

@@ -11,6 +11,8 @@ import qkernels
 from qkernels import gguf as qg
 from qkernels.reference import gguf as R
 
+from .conftest import GEMM_RTOL, rel_err, requires_sm
+
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as GT  # noqa: E402
 
@@ -310,7 +312,9 @@ def test_dispatch():
         assert qkernels.explain("gguf_dequantize", "cpu").backend == "cpu"
     assert qkernels.explain("gguf_quantize", "cpu", type=12, backend="reference").backend == "reference"
     with qkernels.dispatch.mock_device("sm90"):
-        assert qkernels.explain("gguf_mm").backend == "reference"  # no CUDA kernel yet
+        # no CUDA kernel yet: the Triton decode where triton is installed (test_dispatch_gpu_picks_triton_...)
+        has_triton = qkernels.dispatch.triton_available(qkernels.dispatch.parse_device("sm90"))[0]
+        assert qkernels.explain("gguf_mm").backend == ("triton" if has_triton else "reference")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -330,3 +334,50 @@ def test_noncontiguous_batched_and_empty(backend, name):
     e = qg.quantize(torch.randn(0, 256), name, backend=backend)
     assert e.shape == (0, R.row_bytes(R.TYPES[name], 256))
     assert qg.dequantize(e, name, (0, 256), backend=backend).shape == (0, 256)
+
+
+# ---- GPU decode: Triton (qkernels/triton/gguf.py) --------------------------------------------------------------
+# Bit-exactness of the Triton decode vs the reference on CPU: tests/triton_interpret_gguf_cases.py (interpreter).
+
+TRITON_TYPES = [R.TYPE_NAMES[t] for t in qkernels.dispatch.GGUF_TRITON_DECODE]
+
+
+@pytest.mark.parametrize("device", ["sm80", "sm90", "sm100", "gfx942"])
+@pytest.mark.parametrize("op", ["gguf_dequantize", "gguf_mm"])
+def test_dispatch_gpu_picks_triton_for_block_types(device, op, monkeypatch):
+    monkeypatch.delenv("QKERNELS_BACKEND", raising=False)
+    pytest.importorskip("triton")
+    with qkernels.dispatch.mock_device(device):
+        for name in ALL:
+            d = qkernels.explain(op, type=R.TYPES[name])
+            assert d.backend == ("triton" if name in TRITON_TYPES else "reference"), (name, str(d))
+        for name in ("F32", "F16", "BF16"):  # plain casts: no Triton decoder, the reference says why
+            d = qkernels.explain(op, type=R.TYPES[name])
+            assert d.backend == "reference" and ("triton", f"no Triton decoder for ggml type {R.TYPES[name]}") in \
+                d.rejected, str(d)
+    with qkernels.dispatch.mock_device("cpu"):
+        assert qkernels.explain(op, type=R.TYPES["Q4_K"]).backend in ("cpu", "reference")
+
+
+@pytest.mark.gpu
+@requires_sm(8, 0)
+@pytest.mark.parametrize("name", TRITON_TYPES)
+def test_triton_decode_on_gpu_matches_reference(name):
+    pytest.importorskip("triton")
+    t = R.TYPES[name]
+    bs, ts = R.BLOCK[t]
+    rows, cols = 37, bs * 11
+    g = torch.Generator().manual_seed(t)
+    data = torch.randint(0, 256, (rows, cols // bs * ts), dtype=torch.uint8, generator=g)
+    x = torch.randn(rows, cols, generator=g)
+    for blocks in (data, R.gguf_quantize(x, t)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            want = R.gguf_dequantize(blocks, t, rows, cols, dtype)
+            got = qg.dequantize(blocks.cuda(), name, (rows, cols), dtype, backend="triton").cpu()
+            assert same_floats(got.float(), want.float()), (name, dtype)
+    w = R.gguf_quantize(x, t)
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(5, cols, generator=g).to(dtype)
+        want = a.double() @ R.gguf_dequantize(w, t, rows, cols, torch.float64).t()
+        got = qkernels.gguf_mm(a.cuda(), w.cuda(), name, rows, cols, backend="triton").cpu()
+        assert got.dtype == dtype and rel_err(got, want) < GEMM_RTOL[dtype], (name, dtype)

@@ -1,4 +1,4 @@
-"""The Triton cast and W8A8 kernels compile for real GPU targets (NVIDIA sm90 / sm100, AMD gfx942), checked
+"""The Triton cast, W8A8 and GGUF decode kernels compile for real GPU targets (NVIDIA sm90 / sm100, AMD gfx942), checked
 offline: triton.compile needs no GPU. The interpreter tests (tests/test_triton.py) check the numerics on CPU but run
 numpy, not the compiler; this catches what only code generation rejects. Results on a GPU:
 tests/test_cuda_float_kernels.py."""
@@ -17,16 +17,18 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # pragma: no cover
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from qkernels.reference.gguf import BLOCK as GGML_BLOCK  # noqa: E402
 from qkernels.triton import float_cast as fc  # noqa: E402
+from qkernels.triton import gguf as tg  # noqa: E402
 from qkernels.triton import int8_dynamic as i8  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm100": GPUTarget("cuda", 100, 32),
            "gfx942": GPUTarget("hip", "gfx942", 64)}
 
 
-def _compile(fn, types: dict, consts: dict, target):
+def _compile(fn, types: dict, consts: dict, target, options=None):
     sig = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
 
 
 def _cases():
@@ -58,3 +60,25 @@ def test_kernel_compiles(kernel, target):
     assert asm
     if kernel == "int8_mm":  # the int8 dot must reach the tensor cores / matrix cores
         assert "mma" in asm or "mfma" in asm
+
+
+@pytest.mark.parametrize("out", ["*fp32", "*i16"])
+@pytest.mark.parametrize("type", tg.TYPES)
+def test_gguf_decode_compiles_without_fma(type, out):
+    """Every GGUF type's decode compiles for sm90 (fp32 and bf16-bits output), and with enable_fp_fusion=False (what
+    the launcher passes) no multiply-add is contracted to an FMA, which would break bit-exactness with ggml."""
+    bs, ts = GGML_BLOCK[type]
+    consts = {"TYPE": type, "BS": bs, "TS": ts, "QS": tg._QS[type], "OUT_BF16": out == "*i16", "BLOCK": tg.BLOCK}
+    k = _compile(tg._gguf_dequantize_kernel, {"data_ptr": "*u8", "out_ptr": out, "n": "i64"}, consts,
+                 TARGETS["sm90"], {"enable_fp_fusion": False})
+    ptx = k.asm["ptx"]
+    assert "mul.rn.f32" in ptx and "fma" not in ptx
+
+
+@pytest.mark.parametrize("type", [12, 14, 39])
+def test_gguf_decode_compiles_for_rocm(type):
+    bs, ts = GGML_BLOCK[type]
+    consts = {"TYPE": type, "BS": bs, "TS": ts, "QS": tg._QS[type], "OUT_BF16": False, "BLOCK": tg.BLOCK}
+    k = _compile(tg._gguf_dequantize_kernel, {"data_ptr": "*u8", "out_ptr": "*fp16", "n": "i64"}, consts,
+                 TARGETS["gfx942"], {"enable_fp_fusion": False})
+    assert k.asm.get("amdgcn")

@@ -26,6 +26,8 @@ MODULES: dict[str, str] = {
     "fp4_decode": "float_cast",
     "quantize_fp4": "float_cast",
     "dequantize_fp4": "float_cast",
+    "gguf_dequantize": "gguf",
+    "gguf_mm": "gguf",
 }
 _loaded: set[str] = set()
 
