@@ -99,8 +99,8 @@ def run_lm_eval(model, tokenizer, tasks: str, eval_text: str | None = None, incl
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-    except ImportError:
-        msg = "lm-eval is not installed (pip install lm-eval); skipped --lm-eval"
+    except ImportError as e:  # lm-eval itself, or what its HF model wrapper imports (accelerate)
+        msg = f"lm-eval is not installed or incomplete ({e}; pip install lm-eval accelerate); skipped --lm-eval"
         log.warning(msg)
         return {"error": msg}
     names = [t.strip() for t in tasks.split(",") if t.strip()]
