@@ -33,6 +33,12 @@ namespace qkernels {
 namespace cuda {
 namespace {
 
+// index of the (br x bc) scale block holding flat element idx of a [R, C] tensor with nbc blocks per row
+__device__ __forceinline__ int64_t block_index(int64_t idx, int64_t C, int64_t br, int64_t bc, int64_t nbc) {
+  const int64_t r = idx / C, c = idx - r * C;
+  return (r / br) * nbc + c / bc;
+}
+
 template <typename F>
 void dispatch_input(DType t, const F& f) {  // the three float input dtypes of the casts
   switch (t) {
@@ -121,8 +127,7 @@ __global__ void block_amax_kernel(const T* __restrict__ x, int64_t n, int64_t C,
     if (i < n) {
       const uint32_t u = f32_bits(to_f32(x[i])) & 0x7FFFFFFFu;
       a = u < 0x7F800000u ? (int32_t)u : 0;
-      const int64_t r = i / C, c = i - r * C;
-      blk = (r / br) * nbc + c / bc;
+      blk = block_index(i, C, br, bc, nbc);
     }
     if (single) {
       local = max(local, a);
@@ -157,8 +162,7 @@ __global__ void quantize_fp8_kernel(const T* __restrict__ x, const float* __rest
                                     int64_t br, int64_t bc, int64_t nbc, MiniFloatEncoder enc, int hw,
                                     uint8_t* __restrict__ q) {
   for (int64_t iv = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; iv < nvec; iv += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t idx = iv * V, r = idx / C, c = idx - r * C;
-    const float s = scale[(r / br) * nbc + c / bc];
+    const float s = scale[block_index(iv * V, C, br, bc, nbc)];
     const Vec<T, V> in = reinterpret_cast<const Vec<T, V>*>(x)[iv];
     Vec<uint8_t, V> out;
 #pragma unroll
@@ -172,8 +176,7 @@ __global__ void dequantize_fp8_kernel(const uint8_t* __restrict__ q, const float
                                       int64_t C, int64_t br, int64_t bc, int64_t nbc, MiniFloat f, int hw,
                                       O* __restrict__ out) {
   for (int64_t iv = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; iv < nvec; iv += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t idx = iv * V, r = idx / C, c = idx - r * C;
-    const float s = scale[(r / br) * nbc + c / bc];
+    const float s = scale[block_index(iv * V, C, br, bc, nbc)];
     const Vec<uint8_t, V> in = reinterpret_cast<const Vec<uint8_t, V>*>(q)[iv];
     Vec<O, V> o;
 #pragma unroll

@@ -113,6 +113,14 @@ def _store_float(ptr, offs, v, mask, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _block_scale(s_ptr, offs, mask, C, br, bc, nbc):
+    """The scale of flat element ``offs`` of a [R, C] tensor scaled per (br x bc) block (nbc blocks per row)."""
+    r = offs // C
+    c = offs - r * C
+    return tl.load(s_ptr + (r // br) * nbc + c // bc, mask=mask, other=1.0)
+
+
+@triton.jit
 def _quantize_fp8_kernel(x_ptr, s_ptr, q_ptr, n, C, br, bc, nbc, IN_BF16: tl.constexpr, BLOCK: tl.constexpr,
                          ENC_MIN_NORMAL: tl.constexpr, ENC_MAGIC_BITS: tl.constexpr, ENC_MAGIC: tl.constexpr,
                          ENC_ROUND_HALF: tl.constexpr, ENC_SHIFT: tl.constexpr, ENC_REBIAS: tl.constexpr,
@@ -120,9 +128,7 @@ def _quantize_fp8_kernel(x_ptr, s_ptr, q_ptr, n, C, br, bc, nbc, IN_BF16: tl.con
                          ENC_NAN_POS: tl.constexpr, ENC_NAN_NEG: tl.constexpr, ENC_ZERO_MASK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    r = offs // C
-    c = offs - r * C
-    s = tl.load(s_ptr + (r // br) * nbc + c // bc, mask=mask, other=1.0)
+    s = _block_scale(s_ptr, offs, mask, C, br, bc, nbc)
     v = tl.math.div_rn(_load_f32(x_ptr, offs, mask, IN_BF16), s)
     code = _encode(v, ENC_MIN_NORMAL, ENC_MAGIC_BITS, ENC_MAGIC, ENC_ROUND_HALF, ENC_SHIFT, ENC_REBIAS, ENC_MAX_CODE,
                    ENC_OVF, ENC_NBITS, ENC_NAN_POS, ENC_NAN_NEG, ENC_ZERO_MASK)
@@ -134,9 +140,7 @@ def _dequantize_fp8_kernel(q_ptr, s_ptr, lut_ptr, out_ptr, n, C, br, bc, nbc, OU
                            BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    r = offs // C
-    c = offs - r * C
-    s = tl.load(s_ptr + (r // br) * nbc + c // bc, mask=mask, other=1.0)
+    s = _block_scale(s_ptr, offs, mask, C, br, bc, nbc)
     code = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
     _store_float(out_ptr, offs, tl.load(lut_ptr + code, mask=mask, other=0.0) * s, mask, OUT_BF16)
 
