@@ -6,6 +6,7 @@ For every (N, K) and M it times, in the same run and on the same card:
   * bf16 ``F.linear`` (the baseline; cuBLAS),
   * torch's own int4 GEMM ``aten._weight_int4pack_mm`` (weights from ``aten._convert_weight_to_int4pack``),
   * qkernels CUDA ``int4_weight_only_mm`` (group 128, asymmetric) and ``int8_weight_only_mm`` (per channel),
+  * W8A8 ``int8_dynamic_mm`` and rowwise fp8 e4m3 (``quantize_fp8`` of x + ``fp8_mm``; sm90+), x quantized in the call,
   * the same two ops through the Triton kernels (autotuned; the first call per shape pays the tuning).
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) when triton is present,
 else of CUDA-event timings. Reported: time (us), TFLOP/s, effective GB/s (weights + scales + x + out, each read or
@@ -106,6 +107,7 @@ def main(argv=None):
 
     has_cuda = qkernels._ext.has_kernel("int4_weight_only_mm", "CUDA") and qkernels.dispatch.arch_runs(
         (props.major, props.minor), qkernels._ext.compiled_cuda_archs())
+    has_w8a8 = has_cuda and qkernels._ext.has_kernel("int8_dynamic_mm", "CUDA")
     use_triton = triton_version is not None and not args.no_triton
     if use_triton:
         from qkernels import triton as qtriton
@@ -122,6 +124,7 @@ def main(argv=None):
         q8 = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=dev)
         s8 = torch.rand(N, device=dev) * 0.01
         w_bf16 = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        fp8_w = qkernels.quantize_fp8(w_bf16, torch.float8_e4m3fn, "row") if props.major >= 9 else None
         aten_int4 = _aten_int4(codes, scale, (8 - zp).float() * scale, N, K)
         w4_bytes = N * K // 2 + scale.numel() * 4 + zp.numel() * 4
         w8_bytes = N * K + N * 4
@@ -135,6 +138,11 @@ def main(argv=None):
                 cands.append(("cuda W4A16", lambda: torch.ops.qkernels.int4_weight_only_mm(x, packed, scale, zp,
                                                                                               GROUP, False), w4_bytes))
                 cands.append(("cuda W8A16", lambda: torch.ops.qkernels.int8_weight_only_mm(x, q8, s8), w8_bytes))
+            if has_w8a8:  # dynamic per-token int8 x (quantized inside the timed call) times int8 W; torch._int_mm
+                cands.append(("cuda W8A8", lambda: torch.ops.qkernels.int8_dynamic_mm(x, q8, s8), w8_bytes))
+            if fp8_w is not None:  # rowwise fp8 e4m3: quantize x per token inside the timed call, then fp8_mm
+                cands.append(("fp8 rowwise", lambda: qkernels.fp8_mm(
+                    *qkernels.quantize_fp8(x, torch.float8_e4m3fn, "row"), *fp8_w), w8_bytes))
             if use_triton:
                 t4, t8 = qtriton.get("int4_weight_only_mm"), qtriton.get("int8_weight_only_mm")
                 cands.append(("triton W4A16", lambda: t4(x, packed, scale, zp, GROUP, False), w4_bytes))
