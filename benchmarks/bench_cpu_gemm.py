@@ -40,6 +40,16 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+def _k32(fn):
+    """Run fn with the 64-k int4 decode kernel switched off (QKERNELS_CPU_W4_K64=0): the previous 32-k kernel, for
+    an A/B comparison in the same run."""
+    os.environ["QKERNELS_CPU_W4_K64"] = "0"
+    try:
+        return fn()
+    finally:
+        del os.environ["QKERNELS_CPU_W4_K64"]
+
+
 def build_methods(N: int, K: int):
     """name -> (make_weights() -> tuple, run(x_fp32, x_bf16, weights) -> out, bytes of one weight copy)."""
     w = torch.randn(N, K) * 0.02
@@ -72,6 +82,10 @@ def build_methods(N: int, K: int):
     m["qkernels W4A16 g128 (bf16 x)"] = (
         lambda: (p4.clone(), s4.clone(), z4.clone()),
         lambda xf, xb, W: qkernels.int4_weight_only_mm(xb, W[0], W[1], W[2], GROUP), _nbytes(p4, s4, z4))
+    m["qkernels W4A16 g128 (fp32 x, 32-k kernel)"] = (
+        lambda: (p4.clone(), s4.clone(), z4.clone()),
+        lambda xf, xb, W: _k32(lambda: qkernels.int4_weight_only_mm(xf, W[0], W[1], W[2], GROUP)),
+        _nbytes(p4, s4, z4))
     m["qkernels W8A16 (bf16 x)"] = (
         lambda: (q8.clone(), s8.clone()),
         lambda xf, xb, W: qkernels.int8_weight_only_mm(xb, W[0], W[1]), _nbytes(q8, s8))

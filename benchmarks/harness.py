@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable, Sequence
@@ -31,16 +32,22 @@ def time_cpu(fn: Callable[[int], object], warmup: int = 3, reps: int = 15, min_t
 def time_cpu_interleaved(fns: dict, warmup: int = 2, reps: int = 15, min_time_s: float = 1.0) -> dict:
     """Median seconds of each ``fns[name](i)``, timed round-robin: every round runs each function once, so load
     from other processes on a shared machine hits all of them alike and their ratios stay meaningful (timing one
-    method after the other lets a burst of load land on a single method). Runs at least ``reps`` rounds and at
-    least ``min_time_s`` seconds in total (at most 200 rounds)."""
+    method after the other lets a burst of load land on a single method). The order within a round is shuffled
+    (fixed seed): on the 2-core CI machine the call right after MKL's fp32 GEMV measured 10-15% slower than the
+    same call later in the round (2026-11-27), so a fixed order would charge that to whichever method follows it.
+    Runs at least ``reps`` rounds and at least ``min_time_s`` seconds in total (at most 200 rounds)."""
     for i in range(warmup):
         for fn in fns.values():
             fn(i)
     times = {name: [] for name in fns}
+    order = list(fns)
+    rng = random.Random(0)
     start = time.perf_counter()
     i = 0
     while i < reps or (time.perf_counter() - start < min_time_s and i < 200):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn(i)
             times[name].append(time.perf_counter() - t0)

@@ -63,6 +63,39 @@ def test_env_override_changes_what_runs(monkeypatch):
     assert calls == [1]
 
 
+CTXS = [{}, dict(dtype=torch.float32, M=1, K=4096, N=4096, group_size=128), dict(dtype=torch.bfloat16, M=64, K=96,
+        N=8, group_size=32, format="nvfp4", element="e1m2", a_blocks=(1, 128), b_blocks=(128, 128))]
+
+
+@pytest.mark.skipif(not qkernels.HAS_EXTENSION, reason="qkernels._C not built")
+@pytest.mark.parametrize("op", sorted(dispatch.TABLE))
+def test_cpu_fast_path_agrees_with_choose(op, monkeypatch):
+    """ops/_call.py skips choose() for CPU tensors where dispatch.cpu_fast_path says the answer is always the C++
+    kernel; that must be what choose() itself picks, for any context, with or without triton installed."""
+    if dispatch.cpu_fast_path(op):
+        for ctx in CTXS:
+            assert dispatch.choose(op, torch.device("cpu"), **dict(ctx)).backend == "cpu", (op, ctx)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert dispatch.choose(op, torch.device("cpu"), **dict(CTXS[1])).backend == "cpu"
+    else:
+        assert op.startswith("gguf_"), f"{op}: expected the CPU fast path for every op with a plain C++ CPU rule"
+
+
+def test_cpu_fast_path_still_honours_overrides(monkeypatch):
+    """The fast path must not bypass QKERNELS_BACKEND, backend= or mock_device."""
+    q = torch.randint(-8, 8, (4, 8), dtype=torch.int8)
+    calls = []
+    orig = qkernels.reference.OPS["pack_int4"]
+    monkeypatch.setitem(qkernels.reference.OPS, "pack_int4", lambda t: calls.append(1) or orig(t))
+    qkernels.pack_int4(q, backend="reference")
+    assert calls == [1]
+    with dispatch.mock_device("sm90"), pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
+        qkernels.pack_int4(q, backend="cuda")
+    monkeypatch.setenv("QKERNELS_BACKEND", "reference")
+    qkernels.pack_int4(q)
+    assert calls == [1, 1]
+
+
 def test_unknown_op_and_device():
     with pytest.raises(ValueError, match="op must be one of"):
         qkernels.explain("int3_mm")

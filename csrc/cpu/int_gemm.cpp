@@ -50,6 +50,13 @@ bool use_avx2() {
   return cpu::cpu_has_avx2_fma();
 }
 
+// QKERNELS_CPU_W4_K64=0 keeps the int4 decode kernel on the 32-k decode where the 64-k mask decode would run, so
+// tests cover both kernels on the same shapes and benchmarks can compare them in one run. Read per call.
+bool use_w4_k64() {
+  const char* e = std::getenv("QKERNELS_CPU_W4_K64");
+  return e == nullptr || std::strcmp(e, "0") != 0;
+}
+
 // Rows of W per dequantized tile: 32 x 4096 fp32 = 512 KiB, about one L2.
 constexpr int64_t kTileN = 32;
 // The register kernels take rows in blocks of 4 (int_gemm_avx2.cpp kRowBlock).
@@ -102,7 +109,12 @@ at::Tensor int4_effective_zero_points(const std::optional<at::Tensor>& zero_poin
 // per-row factors 2^E_m that undo the scaling. The kernel's codes carry a factor 2^28 (q * 2^28 from the top bits of
 // int32 lanes), so x'-products equal x-products; scaling each row to a largest |x'| near 2^-28 keeps every product
 // and sum far from fp32 overflow and underflow, and as powers of two the factors are exact.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& x, int64_t group_size) {
+//
+// k64 = true: the layout of the 64-k mask-decode kernel (w4a16_rows_avx2_k64) instead: per 64-block
+// x'[8 j + l] = x[8 l + j] * 2^-E * 2^-4j (j < 7; 2^-E alone for j = 7), matching its codes u * 2^4j; the largest
+// |x'| is then near 1 (j = 7) down to 2^-24 (j = 6), as far from fp32's limits as the 2^-28 above.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& x, int64_t group_size,
+                                                              bool k64 = false) {
   const int64_t M = x.size(0), K = x.size(1), G = K / group_size;
   auto xc = x.contiguous();
   auto xp = at::empty({M, K}, x.options().dtype(at::kFloat));
@@ -122,11 +134,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& 
       const float down = std::ldexp(1.f, -e), bits = std::ldexp(1.f, -28);
       rs[m] = std::ldexp(1.f, e);
       float* prow = dst + m * K;
-      for (int64_t b = 0; b < K; b += 16)
-        for (int64_t j = 0; j < 8; ++j) {
-          prow[b + j] = static_cast<float>(row[b + 2 * j]) * down * bits;
-          prow[b + 8 + j] = static_cast<float>(row[b + 2 * j + 1]) * down * bits;
-        }
+      if (k64) {
+        float f[8];
+        for (int j = 0; j < 8; ++j) f[j] = down * std::ldexp(1.f, j == 7 ? 0 : -4 * j);
+        for (int64_t b = 0; b < K; b += 64)
+          for (int64_t j = 0; j < 8; ++j)
+            for (int64_t l = 0; l < 8; ++l) prow[b + 8 * j + l] = static_cast<float>(row[b + 8 * l + j]) * f[j];
+      } else {
+        for (int64_t b = 0; b < K; b += 16)
+          for (int64_t j = 0; j < 8; ++j) {
+            prow[b + j] = static_cast<float>(row[b + 2 * j]) * down * bits;
+            prow[b + 8 + j] = static_cast<float>(row[b + 2 * j + 1]) * down * bits;
+          }
+      }
       for (int64_t g = 0; g < G; ++g) {
         double acc = 0.0;
         for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) acc += static_cast<float>(row[k]);
@@ -165,7 +185,9 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const uint8_t* w = wc.data_ptr<uint8_t>();
 
   if (avx2 && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
-    auto [xp, xsum, row_scale] = int4_prepare_x(x, group_size);
+    // the 64-k mask-decode kernel where the shape allows it, else the 32-k one (group_size 32, K = 64 n + 32)
+    const bool k64 = K % 64 == 0 && group_size % 64 == 0 && use_w4_k64();
+    auto [xp, xsum, row_scale] = int4_prepare_x(x, group_size, k64);
     at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
     const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
     const float* xpp = xp.data_ptr<float>();
@@ -174,7 +196,9 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
     float* o = out.data_ptr<float>();
     std::atomic<bool> bad{false};
     for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
-      if (cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1)) bad = true;
+      const bool b = k64 ? cpu::w4a16_rows_avx2_k64(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1)
+                         : cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1);
+      if (b) bad = true;
     });
     if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
     return out.to(x.scalar_type());

@@ -17,6 +17,13 @@ bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float*
                      const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size,
                      float* out, int64_t ldo, int64_t n0, int64_t n1);
 
+// The same GEMM with the 64-k mask decode (faster; needs K % 64 == 0 and group_size % 64 == 0): xp laid out by
+// int4_prepare_x_k64 (per 64-block, x'[8 j + l] = x[8 l + j] * 2^-4j for j < 7, * 1 for j = 7, all times the row's
+// 2^-E), xsum and row_scale as above.
+bool w4a16_rows_avx2_k64(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
+                         const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
+                         int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1);
+
 // out[m, n] = scale[n] * sum_k w[n, k] * x[m, k]; x fp32 [M, K]; needs K % 16 == 0.
 void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,
                      int64_t ldo, int64_t n0, int64_t n1);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _ext, dispatch
@@ -94,6 +96,9 @@ def call(op: str, args: tuple, device: torch.device, backend: str | None = None,
     (its fake kernel makes it traceable; the dispatcher then picks the CPU/CUDA kernel)."""
     if torch.compiler.is_compiling() and _ext.HAS_C:
         return getattr(torch.ops.qkernels, op)(*args)
+    if (device.type == "cpu" and backend is None and dispatch._MOCK is None and dispatch.cpu_fast_path(op)
+            and not os.environ.get("QKERNELS_BACKEND")):
+        return getattr(torch.ops.qkernels, op).default(*args)  # what choose would pick (dispatch.cpu_fast_path)
     decision = dispatch.choose(op, device, backend, **ctx)
     b = decision.backend
     if b in ("cpu", "cuda"):
