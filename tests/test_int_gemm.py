@@ -53,9 +53,11 @@ def test_int8_weight_only_mm(dtype, M, N, K):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 6, 9, 24])
 @pytest.mark.parametrize("N,K,group_size", [(1, 64, 32), (7, 128, 64), (13, 512, 256), (301, 1024, 128),
-                                            (66, 256, 256), (9, 96, 96)])
+                                            (66, 256, 256), (9, 96, 96), (5, 1088, 64)])
 @pytest.mark.parametrize("symmetric,signed", [(True, True), (False, True), (False, False)])
-def test_int4_register_kernel_tails(dtype, M, N, K, group_size, symmetric, signed):
+@pytest.mark.parametrize("k64", ["1", "0"])  # "0": the 32-k decode kernel also where the 64-k one would run
+def test_int4_register_kernel_tails(dtype, M, N, K, group_size, symmetric, signed, k64, monkeypatch):
+    monkeypatch.setenv("QKERNELS_CPU_W4_K64", k64)
     x = torch.randn(M, K).to(dtype)
     p, s, z = _int4_weight(N, K, group_size, symmetric, signed)
     out = qkernels.int4_weight_only_mm(x, p, s, z, group_size, signed=signed)
@@ -96,22 +98,25 @@ def test_scalar_isa_paths(monkeypatch, dtype, M):
         qkernels.int8_weight_only_mm(x, q8, s8)
 
 
+# (K, group): 32-k kernel with 4 groups (scalar correction only); 64-k kernel with 17 groups (the vectorised
+# correction's 8-group steps plus a scalar tail), the bad value in a vector step and in the tail
+@pytest.mark.parametrize("K,group,col", [(128, 32, 2), (1088, 64, 9), (1088, 64, 16)])
 @pytest.mark.parametrize("M", [1, 4, 40])
-def test_int4_zero_point_range_checked_on_every_path(M):
-    p, s, z = _int4_weight(9, 128, 32, False, True)
-    x = torch.randn(M, 128)
+def test_int4_zero_point_range_checked_on_every_path(M, K, group, col):
+    p, s, z = _int4_weight(9, K, group, False, True)
+    x = torch.randn(M, K)
     for bad, shown in ((-9, "-9, 3"), (17, "3, 17")):
         zb = torch.full_like(z, 3)
-        zb[5, 2] = bad
+        zb[5, col] = bad
         with pytest.raises(RuntimeError, match=f"zero_point values must be in \\[-8, 16\\].*\\[{shown}\\]"):
-            torch.ops.qkernels.int4_weight_only_mm(x, p, s, zb, 32, True)
+            torch.ops.qkernels.int4_weight_only_mm(x, p, s, zb, group, True)
     with pytest.raises(RuntimeError, match="zero_point values must be in"):
-        torch.ops.qkernels.int4_weight_only_mm(x[:0], p, s, torch.full_like(z, 40), 32, True)
+        torch.ops.qkernels.int4_weight_only_mm(x[:0], p, s, torch.full_like(z, 40), group, True)
     # the extremes of the range are accepted
     for edge in (-8, 16):
         ze = torch.full_like(z, edge)
-        out = torch.ops.qkernels.int4_weight_only_mm(x, p, s, ze, 32, True)
-        assert rel_err(out, ref.int4_weight_only_mm(x.double(), p, s, ze, 32, True)) < GEMM_RTOL[torch.float32]
+        out = torch.ops.qkernels.int4_weight_only_mm(x, p, s, ze, group, True)
+        assert rel_err(out, ref.int4_weight_only_mm(x.double(), p, s, ze, group, True)) < GEMM_RTOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
