@@ -82,18 +82,24 @@ def test_cpu_fast_path_agrees_with_choose(op, monkeypatch):
 
 
 def test_cpu_fast_path_still_honours_overrides(monkeypatch):
-    """The fast path must not bypass QKERNELS_BACKEND, backend= or mock_device."""
+    """The fast path must not bypass QKERNELS_BACKEND, backend= or mock_device: in each of those cases choose() runs
+    (and decides); only a plain CPU call skips it."""
     q = torch.randint(-8, 8, (4, 8), dtype=torch.int8)
+    chosen = []
+    orig_choose = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda *a, **k: chosen.append(a[0]) or orig_choose(*a, **k))
+    want = qkernels.reference.OPS["pack_int4"](q)
+    assert torch.equal(qkernels.pack_int4(q), want) and chosen == []  # plain CPU call: fast path
+    assert torch.equal(qkernels.pack_int4(q, backend="cpu"), want) and chosen == ["pack_int4"]
+    with dispatch.mock_device("cpu"):
+        qkernels.pack_int4(q)
+    assert chosen == ["pack_int4"] * 2
+    monkeypatch.setenv("QKERNELS_BACKEND", "reference")
     calls = []
     orig = qkernels.reference.OPS["pack_int4"]
     monkeypatch.setitem(qkernels.reference.OPS, "pack_int4", lambda t: calls.append(1) or orig(t))
-    qkernels.pack_int4(q, backend="reference")
-    assert calls == [1]
-    with dispatch.mock_device("sm90"), pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
-        qkernels.pack_int4(q, backend="cuda")
-    monkeypatch.setenv("QKERNELS_BACKEND", "reference")
     qkernels.pack_int4(q)
-    assert calls == [1, 1]
+    assert chosen == ["pack_int4"] * 3 and calls == [1]
 
 
 def test_unknown_op_and_device():
