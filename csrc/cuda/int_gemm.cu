@@ -35,6 +35,8 @@ constexpr int kWarps = 4;            // warps per block
 constexpr int kNTiles = 4;           // n-tiles of 8 weight rows per warp (x fragments are reused across them)
 constexpr int kChunkK = 128;         // K per warp iteration: 4 threads x 32 consecutive k
 constexpr int kRowsPerBlock = kWarps * kNTiles * 8;
+constexpr int kDirectWarps = 2;   // direct kernel: warps per block, 8 weight rows each
+constexpr int kDirectUnroll = 8;  // direct kernel: K chunks whose weight loads are in flight together per thread
 
 // ---- mma.sync fragments -------------------------------------------------------------------------------------
 
@@ -223,6 +225,68 @@ __global__ void __launch_bounds__(kWarps * 32)
 #endif
 }
 
+// The "direct" decode kernel: one warp per 8 weight rows over ALL of K, so there is no split-K, no fp32 workspace to
+// zero, no atomics and no conversion pass: the call is one launch that writes x's dtype (the split-K kernel above
+// costs three: memset, kernel, fp32 -> dtype, which at decode sizes is more than the ~3 us the weights take to
+// stream at full HBM bandwidth). Parallelism comes from N instead of K, so the host takes it only when there are at
+// least as many blocks as SMs (int_gemm_ops.cpp). Memory-level parallelism per thread comes from issuing the weight
+// loads of kDirectUnroll chunks before decoding any of them. Same fragment layout and K permutation as above.
+template <typename T, bool kW4>
+__global__ void __launch_bounds__(kDirectWarps * 32)
+    weight_only_mma_direct_kernel(const T* __restrict__ x, const uint8_t* __restrict__ w,
+                                  const float* __restrict__ scale, const int32_t* __restrict__ zp, bool is_signed,
+                                  int64_t M, int64_t N, int64_t K, int64_t group_size, T* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t n_base = ((int64_t)blockIdx.x * kDirectWarps + warp) * 8;
+  if (n_base >= N) return;  // whole warp leaves; no block-level synchronisation
+  const int64_t m_base = (int64_t)blockIdx.z * 16;
+  const int64_t nchunks = (K + kChunkK - 1) / kChunkK;
+  const int64_t G = K / group_size;
+  const int64_t n = n_base + g;  // the weight row this thread loads (B fragment column g)
+  using Slice = typename std::conditional<kW4, W4Slice, W8Slice>::type;
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int64_t c0 = 0; c0 < nchunks; c0 += kDirectUnroll) {
+    Slice ws[kDirectUnroll];
+#pragma unroll
+    for (int u = 0; u < kDirectUnroll; ++u) {
+      const int64_t k = (c0 + u) * kChunkK + t * 32;
+      const bool valid = k < K && n < N;  // K % 32 == 0: a slice is wholly inside K or wholly outside
+      if constexpr (kW4) {
+        ws[u].load(w, scale, zp, is_signed, n, k, K, G, group_size, valid);
+      } else {
+        ws[u].load(reinterpret_cast<const int8_t*>(w), n, k, K, valid);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kDirectUnroll; ++u) {
+      const int64_t k = (c0 + u) * kChunkK + t * 32;
+      const bool kvalid = k < K;
+      uint32_t xlo[16], xhi[16];
+      load_x(x, M, K, m_base + g, k, kvalid, xlo);
+      load_x(x, M, K, m_base + g + 8, k, kvalid, xhi);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const uint32_t a[4] = {xlo[2 * j], xhi[2 * j], xlo[2 * j + 1], xhi[2 * j + 1]};
+        uint32_t b[2];
+        ws[u].template step<T>(j, b);
+        Frag<T>::mma(acc, a, b);
+      }
+    }
+  }
+
+  // C fragment: c0, c1 at (row g, cols 2t, 2t+1), c2, c3 at (row g + 8, same cols)
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = m_base + g + (i >= 2 ? 8 : 0);
+    const int64_t col = n_base + 2 * t + (i & 1);
+    if (m < M && col < N) out[m * N + col] = from_f32<T>(kW4 ? acc[i] : acc[i] * scale[col]);
+  }
+#endif
+}
+
 // W4 -> x-dtype weight [N, K] for the cuBLAS path: one thread per packed byte, any group_size dividing K.
 template <typename T>
 __global__ void dequant_int4_kernel(const uint8_t* __restrict__ w, const float* __restrict__ scale,
@@ -244,6 +308,33 @@ __global__ void dequant_int4_kernel(const uint8_t* __restrict__ w, const float* 
 }
 
 }  // namespace
+
+bool weight_only_mma_direct_fills(int64_t M, int64_t N, int num_sms) {
+  const int64_t rows = kDirectWarps * 8;
+  return ((N + rows - 1) / rows) * ((M + 15) / 16) >= num_sms;
+}
+
+void launch_weight_only_mma_direct(DType xt, bool w4, const void* x, const uint8_t* w, const float* scale,
+                                   const int32_t* zp, bool is_signed, int64_t M, int64_t N, int64_t K,
+                                   int64_t group_size, void* out, cudaStream_t stream) {
+  const int64_t rows = kDirectWarps * 8;
+  const dim3 grid((unsigned)((N + rows - 1) / rows), 1, (unsigned)((M + 15) / 16));
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    if (w4) {
+      weight_only_mma_direct_kernel<T, true><<<grid, kDirectWarps * 32, 0, stream>>>(
+          static_cast<const T*>(x), w, scale, zp, is_signed, M, N, K, group_size, static_cast<T*>(out));
+    } else {
+      weight_only_mma_direct_kernel<T, false><<<grid, kDirectWarps * 32, 0, stream>>>(
+          static_cast<const T*>(x), w, scale, zp, is_signed, M, N, K, group_size, static_cast<T*>(out));
+    }
+  };
+  if (xt == DType::kHalf) {
+    go(__half{});
+  } else {
+    go(__nv_bfloat16{});
+  }
+}
 
 void launch_weight_only_mma(DType xt, bool w4, const void* x, const uint8_t* w, const float* scale, const int32_t* zp,
                             bool is_signed, int64_t M, int64_t N, int64_t K, int64_t group_size, int num_sms,

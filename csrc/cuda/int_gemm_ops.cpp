@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "capability.h"
 #include "launchers.h"
@@ -39,10 +41,32 @@ bool decode_path(const at::Tensor& xc, const at::Tensor& wc, int64_t K, int64_t 
          aligned16(xc.data_ptr()) && aligned16(wc.data_ptr());
 }
 
+// QKERNELS_CUDA_DECODE = auto (default) | direct | splitk: which tensor-core decode kernel runs (int_gemm.cu).
+// auto: the one-launch direct kernel when its grid gives every SM a block, else split-K. Read per call, so tests
+// run both kernels on the same shapes and benchmarks compare them in one process.
+bool use_direct_decode(int64_t M, int64_t N) {
+  const char* e = std::getenv("QKERNELS_CUDA_DECODE");
+  if (e != nullptr && *e != '\0' && std::strcmp(e, "auto") != 0) {
+    TORCH_CHECK(std::strcmp(e, "direct") == 0 || std::strcmp(e, "splitk") == 0,
+                "QKERNELS_CUDA_DECODE must be 'auto', 'direct' or 'splitk', got '", e, "'");
+    return std::strcmp(e, "direct") == 0;
+  }
+  return cuda::weight_only_mma_direct_fills(M, N, device_attribute(cudaDevAttrMultiProcessorCount));
+}
+
 at::Tensor run_mma(const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& sc, const int32_t* zp, bool w4,
                    bool is_signed, int64_t N, int64_t K, int64_t group_size) {
   const int64_t M = xc.size(0);
   TORCH_CHECK(N < (1LL << 37) && M <= cuda::kMmaMaxM, "int GEMM too large for the decode kernel: N=", N, ", M=", M);
+  if (use_direct_decode(M, N)) {
+    auto out = at::empty({M, N}, xc.options());
+    cuda::launch_weight_only_mma_direct(cuda::to_dtype(xc.scalar_type()), w4, xc.data_ptr(),
+                                        static_cast<const uint8_t*>(wc.data_ptr()), sc.data_ptr<float>(), zp,
+                                        is_signed, M, N, K, group_size, out.data_ptr(),
+                                        c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
   auto acc = at::zeros({M, N}, xc.options().dtype(at::kFloat));
   cuda::launch_weight_only_mma(cuda::to_dtype(xc.scalar_type()), w4, xc.data_ptr(),
                                static_cast<const uint8_t*>(wc.data_ptr()), sc.data_ptr<float>(), zp, is_signed, M, N,

@@ -39,6 +39,13 @@ constexpr int64_t kMmaMaxM = 64;
 void launch_weight_only_mma(DType xt, bool w4, const void* x, const uint8_t* w, const float* scale, const int32_t* zp,
                             bool is_signed, int64_t M, int64_t N, int64_t K, int64_t group_size, int num_sms,
                             float* out_acc, cudaStream_t stream);
+// The same product in ONE launch, written straight to out [M, N] in x's dtype (no split-K, no workspace): the
+// "direct" decode kernel. Same requirements; weight_only_mma_direct_fills says whether its grid (parallel over N
+// only) gives every SM a block.
+bool weight_only_mma_direct_fills(int64_t M, int64_t N, int num_sms);
+void launch_weight_only_mma_direct(DType xt, bool w4, const void* x, const uint8_t* w, const float* scale,
+                                   const int32_t* zp, bool is_signed, int64_t M, int64_t N, int64_t K,
+                                   int64_t group_size, void* out, cudaStream_t stream);
 // W4 -> out [N, K] in out_t (fp32/fp16/bf16): scale * (q - zero_point), any group_size dividing K.
 void launch_dequant_int4(DType out_t, const uint8_t* w, const float* scale, const int32_t* zp, bool is_signed,
                          int64_t N, int64_t K, int64_t group_size, void* out, cudaStream_t stream);
