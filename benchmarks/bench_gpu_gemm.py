@@ -5,7 +5,8 @@
 For every (N, K) and M it times, in the same run and on the same card:
   * bf16 ``F.linear`` (the baseline; cuBLAS),
   * torch's own int4 GEMM ``aten._weight_int4pack_mm`` (weights from ``aten._convert_weight_to_int4pack``),
-  * qkernels CUDA ``int4_weight_only_mm`` (group 128, asymmetric) and ``int8_weight_only_mm`` (per channel),
+  * qkernels CUDA ``int4_weight_only_mm`` (group 128, asymmetric) and ``int8_weight_only_mm`` (per channel), and
+    W4A16 with the split-K decode kernel forced (``QKERNELS_CUDA_DECODE=splitk``) as an A/B row,
   * W8A8 ``int8_dynamic_mm`` and rowwise fp8 e4m3 (``quantize_fp8`` of x + ``fp8_mm``; sm90+), x quantized in the call,
   * the same two ops through the Triton kernels (autotuned; the first call per shape pays the tuning).
 Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs) when triton is present,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 
 import torch
@@ -46,6 +48,16 @@ def _bench(fn, reps_ms=100):
             b.synchronize()
             times.append(a.elapsed_time(b) * 1e3)
         return sorted(times)[len(times) // 2]
+
+
+def _splitk(fn):
+    """fn with the split-K decode kernel forced (QKERNELS_CUDA_DECODE=splitk): the A/B row against the default, which
+    takes the one-launch direct kernel where N fills the GPU (csrc/cuda/int_gemm.cu)."""
+    os.environ["QKERNELS_CUDA_DECODE"] = "splitk"
+    try:
+        return fn()
+    finally:
+        del os.environ["QKERNELS_CUDA_DECODE"]
 
 
 def peak_bandwidth_gbs() -> float:
@@ -137,6 +149,8 @@ def main(argv=None):
             if has_cuda:
                 cands.append(("cuda W4A16", lambda: torch.ops.qkernels.int4_weight_only_mm(x, packed, scale, zp,
                                                                                               GROUP, False), w4_bytes))
+                cands.append(("cuda W4A16 splitK", lambda: _splitk(lambda: torch.ops.qkernels.int4_weight_only_mm(
+                    x, packed, scale, zp, GROUP, False)), w4_bytes))
                 cands.append(("cuda W8A16", lambda: torch.ops.qkernels.int8_weight_only_mm(x, q8, s8), w8_bytes))
             if has_w8a8:  # dynamic per-token int8 x (quantized inside the timed call) times int8 W; torch._int_mm
                 cands.append(("cuda W8A8", lambda: torch.ops.qkernels.int8_dynamic_mm(x, q8, s8), w8_bytes))

@@ -132,6 +132,37 @@ def test_quant_opcheck():
 M_VALUES = list(range(1, 17)) + [17, 31, 64, 65, 128, 300]
 
 
+@pytest.fixture(params=["direct", "splitk"])
+def decode_kernel(request, monkeypatch):
+    """Both tensor-core decode kernels on every GEMM shape below (QKERNELS_CUDA_DECODE; the default "auto" picks the
+    one-launch direct kernel only when N gives every SM a block, which these small test shapes do not)."""
+    monkeypatch.setenv("QKERNELS_CUDA_DECODE", request.param)
+    return request.param
+
+
+def test_decode_kernel_env_checked(monkeypatch):
+    monkeypatch.setenv("QKERNELS_CUDA_DECODE", "fast")
+    x = torch.randn(1, 256, device=DEV, dtype=torch.bfloat16)
+    q8 = torch.zeros(8, 256, dtype=torch.int8, device=DEV)
+    with pytest.raises(RuntimeError, match="QKERNELS_CUDA_DECODE must be 'auto', 'direct' or 'splitk', got 'fast'"):
+        _cuda_op("int8_weight_only_mm")(x, q8, torch.ones(8, device=DEV))
+
+
+def test_direct_decode_large_n_default():
+    """auto picks the direct kernel at Llama-sized N: check it there, M = 1 and M = 16, W4 and W8."""
+    N, K, group = 4096, 512, 128
+    packed, scale, zp = _w4(N, K, group, True, True)
+    q8 = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=DEV)
+    s8 = torch.rand(N, device=DEV) * 0.01
+    for M in (1, 16):
+        x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+        out = _cuda_op("int4_weight_only_mm")(x, packed, scale, zp, group, True)
+        want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, group, True)
+        assert out.dtype == torch.bfloat16 and _rel_err(out, want) < TOL[torch.bfloat16]
+        out = _cuda_op("int8_weight_only_mm")(x, q8, s8)
+        assert _rel_err(out, ref.OPS["int8_weight_only_mm"](x.double(), q8, s8)) < TOL[torch.bfloat16]
+
+
 def _w4(N, K, group, signed, with_zp):
     lo, hi, dt = (-8, 8, torch.int8) if signed else (0, 16, torch.uint8)
     q = torch.randint(lo, hi, (N, K), dtype=dt, device=DEV)
@@ -143,7 +174,7 @@ def _w4(N, K, group, signed, with_zp):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", M_VALUES)
-def test_int4_mm_many_m(dtype, M):
+def test_int4_mm_many_m(dtype, M, decode_kernel):
     N, K, group = 264, 1024, 128  # N not a multiple of the 128-row block, K = 8 chunks
     packed, scale, zp = _w4(N, K, group, True, True)
     x = torch.randn(M, K, device=DEV, dtype=dtype)
@@ -157,7 +188,7 @@ def test_int4_mm_many_m(dtype, M):
 @pytest.mark.parametrize("group", [32, 64, 128, -1, 48])  # -1: per-channel; 48: not a multiple of 32 (fallback)
 @pytest.mark.parametrize("signed,with_zp", [(True, False), (True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("M", [1, 7, 16, 96])
-def test_int4_mm_groups(dtype, group, signed, with_zp, M):
+def test_int4_mm_groups(dtype, group, signed, with_zp, M, decode_kernel):
     N, K = 200, 96 * 8  # K = 768: 6 chunks of 128 (no tail), multiple of 48 and 32..128
     g = K if group == -1 else group
     packed, scale, zp = _w4(N, K, g, signed, with_zp)
@@ -169,7 +200,7 @@ def test_int4_mm_groups(dtype, group, signed, with_zp, M):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K", [32, 96, 160, 4128, 14336])  # K tails of the 128-wide chunk, Llama's 14336
-def test_int4_mm_k_tails(dtype, K):
+def test_int4_mm_k_tails(dtype, K, decode_kernel):
     N, group = 72, 32
     packed, scale, zp = _w4(N, K, group, True, True)
     x = torch.randn(3, K, device=DEV, dtype=dtype)
@@ -181,7 +212,7 @@ def test_int4_mm_k_tails(dtype, K):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M", [1, 2, 5, 8, 13, 16, 33, 64, 200])
 @pytest.mark.parametrize("N,K", [(136, 512), (64, 96), (40, 100)])  # K=100: not a multiple of 32 (fallback)
-def test_int8_mm(dtype, M, N, K):
+def test_int8_mm(dtype, M, N, K, decode_kernel):
     q_w = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=DEV)
     scale = torch.rand(N, device=DEV) * 0.01 + 1e-3
     x = torch.randn(M, K, device=DEV, dtype=dtype)
