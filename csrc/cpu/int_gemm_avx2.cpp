@@ -92,6 +92,32 @@ QK_AVX2 inline bool zero_point_correction(const float* scale, const int32_t* zp,
   return bad;
 }
 
+// End of a quantization group in the int4 tiles: total[r][m] += scale[r, g] * (sum of the group's FMA chains).
+template <int NR, int MT, int C1>
+QK_AVX2 inline void fold_group(__m256 (&total)[NR][MT], const __m256 (&a)[NR][MT][2], const float* scale, int64_t G,
+                               int64_t g) {
+  for (int r = 0; r < NR; ++r) {
+    const __m256 s = _mm256_set1_ps(scale[r * G + g]);
+    for (int m = 0; m < MT; ++m)
+      total[r][m] = _mm256_fmadd_ps(s, C1 ? _mm256_add_ps(a[r][m][0], a[r][m][1]) : a[r][m][0], total[r][m]);
+  }
+}
+
+// End of an int4 tile: out[m, r] = (sum(total[r][m]) - zero-point correction) * row_scale[m]; true when a zero point
+// lies outside [-8, 16].
+template <int NR, int MT>
+QK_AVX2 inline bool finish_int4_tile(const __m256 (&total)[NR][MT], const float* scale, const int32_t* zp,
+                                     int32_t zoff, const float* xsum, const float* row_scale, int64_t G, float* out,
+                                     int64_t ldo) {
+  bool bad = false;
+  for (int r = 0; r < NR; ++r) {
+    float corr[MT];
+    bad |= zero_point_correction<MT>(scale + r * G, zp ? zp + r * G : nullptr, zoff, xsum, G, corr);
+    for (int m = 0; m < MT; ++m) out[m * ldo + r] = (hsum(total[r][m]) - corr[m]) * row_scale[m];
+  }
+  return bad;
+}
+
 // int4: per 32-k step and weight row, the 16 code bytes are broadcast to both 128-bit lanes and two pshufb put
 // bytes 0-7 and 8-15 into the top byte of 32-bit lanes. There a nibble is the sign-carrying top of an int32: the high
 // nibble (& 0xF0000000) and the low one (<< 4) become q * 2^28 exactly, sign included, so cvtdq2ps gives signed codes
@@ -141,19 +167,9 @@ QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale,
         }
       }
     }
-    for (int r = 0; r < NR; ++r) {
-      const __m256 s = _mm256_set1_ps(scale[r * G + g]);
-      for (int m = 0; m < MT; ++m)
-        total[r][m] = _mm256_fmadd_ps(s, C1 ? _mm256_add_ps(a[r][m][0], a[r][m][1]) : a[r][m][0], total[r][m]);
-    }
+    fold_group<NR, MT, C1>(total, a, scale, G, g);
   }
-  bool bad = false;
-  for (int r = 0; r < NR; ++r) {
-    float corr[MT];
-    bad |= zero_point_correction<MT>(scale + r * G, zp ? zp + r * G : nullptr, zoff, xsum, G, corr);
-    for (int m = 0; m < MT; ++m) out[m * ldo + r] = (hsum(total[r][m]) - corr[m]) * row_scale[m];
-  }
-  return bad;
+  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
 }
 
 // int4, 64 k per step (K % 64 == 0, group_size % 64 == 0): one 32-byte load holds 64 nibbles as 8 uint32 lanes, and
@@ -210,19 +226,9 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
       step(std::integral_constant<int, 6>());
       step(std::integral_constant<int, 7>());
     }
-    for (int r = 0; r < NR; ++r) {
-      const __m256 s = _mm256_set1_ps(scale[r * G + g]);
-      for (int m = 0; m < MT; ++m)
-        total[r][m] = _mm256_fmadd_ps(s, C1 ? _mm256_add_ps(a[r][m][0], a[r][m][1]) : a[r][m][0], total[r][m]);
-    }
+    fold_group<NR, MT, C1>(total, a, scale, G, g);
   }
-  bool bad = false;
-  for (int r = 0; r < NR; ++r) {
-    float corr[MT];
-    bad |= zero_point_correction<MT>(scale + r * G, zp ? zp + r * G : nullptr, zoff, xsum, G, corr);
-    for (int m = 0; m < MT; ++m) out[m * ldo + r] = (hsum(total[r][m]) - corr[m]) * row_scale[m];
-  }
-  return bad;
+  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
 }
 
 // int8: pmovsxbd + cvtdq2ps per 8 weights (exact), the per-row scale applied to the fp32 sum.
@@ -316,11 +322,16 @@ QK_AVX2 void i8_row(const int8_t* xq, int64_t ldx, const int8_t* wrow, int64_t K
 
 }  // namespace
 
-QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
-                             const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
-                             int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  // signed codes decode to q itself; unsigned ones, XOR'd with 8, to u - 8: the zero point moves by the same 8
-  const int32_t zoff = is_signed ? 0 : -8;
+namespace {
+
+// Rows [n0, n1) of the int4 GEMM through the 32-k (w4_tile) or the 64-k (w4m_tile) register kernel.
+template <bool K64>
+QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
+                        const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size,
+                        float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  // 32-k: signed codes decode to q itself, unsigned ones, XOR'd with 8, to u - 8 (the zero point moves by -8);
+  // 64-k: codes decode unsigned, signed ones XOR'd with 8 to q + 8 (the zero point moves by +8)
+  const int32_t zoff = K64 ? (is_signed ? 8 : 0) : (is_signed ? 0 : -8);
   const int64_t G = K / group_size, ldw = K / 2;
   bool bad = false;
   for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
@@ -335,37 +346,31 @@ QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, cons
     const float* x = xp + m0 * K;
     const float* xs = xsum + m0 * G;
     const float* rs = row_scale + m0;
-    bad |= is_signed
-               ? w4_tile<NR, MT, false>(x, xs, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf)
-               : w4_tile<NR, MT, true>(x, xs, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf);
+    const uint8_t* wn = w + n * ldw;
+    const float* sn = scale + n * G;
+    if constexpr (K64) {
+      bad |= is_signed ? w4m_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, group_size, o, ldo, pf)
+                       : w4m_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, group_size, o, ldo, pf);
+    } else {
+      bad |= is_signed ? w4_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, group_size, o, ldo, pf)
+                       : w4_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, group_size, o, ldo, pf);
+    }
   });
   return bad;
+}
+
+}  // namespace
+
+QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
+                             const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
+                             int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  return w4a16_rows<false>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, group_size, out, ldo, n0, n1);
 }
 
 QK_AVX2 bool w4a16_rows_avx2_k64(const float* xp, int64_t M, const float* xsum, const float* row_scale,
                                  const uint8_t* w, const float* scale, const int32_t* zero_point, bool is_signed,
                                  int64_t K, int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  // unsigned decode: signed codes XOR'd with 8 are q + 8, so the zero point moves by +8
-  const int32_t zoff = is_signed ? 8 : 0;
-  const int64_t G = K / group_size, ldw = K / 2;
-  bool bad = false;
-  for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
-    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
-    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * ldw) : nullptr;
-    const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
-    if (pf_here) {
-      prefetch_rows(scale + (n + kRowBlock) * G, kRowBlock * G);
-      if (zero_point) prefetch_rows(zero_point + (n + kRowBlock) * G, kRowBlock * G);
-    }
-    float* o = out + m0 * ldo + n;
-    const float* x = xp + m0 * K;
-    const float* xs = xsum + m0 * G;
-    const float* rs = row_scale + m0;
-    bad |= is_signed
-               ? w4m_tile<NR, MT, true>(x, xs, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf)
-               : w4m_tile<NR, MT, false>(x, xs, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size, o, ldo, pf);
-  });
-  return bad;
+  return w4a16_rows<true>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, group_size, out, ldo, n0, n1);
 }
 
 QK_AVX2 void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,

@@ -157,6 +157,38 @@ __device__ __forceinline__ void load_x(const T* x, int64_t M, int64_t K, int64_t
   }
 }
 
+// A operand of one K chunk: x rows m and m + 8 of the 16-row tile, this thread's 32 consecutive k; frag(j) is the
+// mma step j fragment: a0a1 = (row g, logical k 2t..2t+1) = slice elements 4j, 4j+1 = word 2j; a4a5 = 4j+2, 4j+3.
+template <typename T>
+struct XTile {
+  uint32_t lo[16], hi[16];
+  __device__ __forceinline__ void load(const T* x, int64_t M, int64_t K, int64_t m, int64_t k, bool kvalid) {
+    load_x(x, M, K, m, k, kvalid, lo);
+    load_x(x, M, K, m + 8, k, kvalid, hi);
+  }
+  __device__ __forceinline__ void frag(int j, uint32_t a[4]) const {
+    a[0] = lo[2 * j];
+    a[1] = hi[2 * j];
+    a[2] = lo[2 * j + 1];
+    a[3] = hi[2 * j + 1];
+  }
+};
+
+// B operand slice of weight row n for the chunk at k (zeros where !valid), W4 or W8.
+template <bool kW4>
+using SliceOf = typename std::conditional<kW4, W4Slice, W8Slice>::type;
+
+template <bool kW4>
+__device__ __forceinline__ void load_slice(SliceOf<kW4>& s, const uint8_t* w, const float* scale, const int32_t* zp,
+                                           bool is_signed, int64_t n, int64_t k, int64_t K, int64_t G,
+                                           int64_t group_size, bool valid) {
+  if constexpr (kW4) {
+    s.load(w, scale, zp, is_signed, n, k, K, G, group_size, valid);
+  } else {
+    s.load(reinterpret_cast<const int8_t*>(w), n, k, K, valid);
+  }
+}
+
 // out_acc[m, n] += x[m, :] . W[n, :] over this block's K chunks (fp32, atomically). Grid: (ceil(N / 128) blocks
 // of 4 warps x 32 rows, K splits, ceil(M / 16) row tiles).
 template <typename T, bool kW4>
@@ -183,23 +215,18 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int64_t k = c * kChunkK + t * 32;
     const bool kvalid = k < K;  // K % 32 == 0, so a slice is either wholly inside K or wholly outside
     // all weight loads of the chunk first: kNTiles independent 16/32-byte loads in flight per thread
-    typename std::conditional<kW4, W4Slice, W8Slice>::type ws[kNTiles];
+    SliceOf<kW4> ws[kNTiles];
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt) {
       const int64_t n = n_base + nt * 8 + g;
-      if constexpr (kW4) {
-        ws[nt].load(w, scale, zp, is_signed, n, k, K, G, group_size, kvalid && n < N);
-      } else {
-        ws[nt].load(reinterpret_cast<const int8_t*>(w), n, k, K, kvalid && n < N);
-      }
+      load_slice<kW4>(ws[nt], w, scale, zp, is_signed, n, k, K, G, group_size, kvalid && n < N);
     }
-    uint32_t xlo[16], xhi[16];
-    load_x(x, M, K, m_base + g, k, kvalid, xlo);
-    load_x(x, M, K, m_base + g + 8, k, kvalid, xhi);
+    XTile<T> xt;
+    xt.load(x, M, K, m_base + g, k, kvalid);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      // a0a1: (row g, logical k 2t..2t+1) = slice elements 4j, 4j+1 = word 2j; a4a5: 4j+2, 4j+3 = word 2j+1
-      const uint32_t a[4] = {xlo[2 * j], xhi[2 * j], xlo[2 * j + 1], xhi[2 * j + 1]};
+      uint32_t a[4];
+      xt.frag(j, a);
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) {
         uint32_t b[2];
@@ -245,31 +272,25 @@ __global__ void __launch_bounds__(kDirectWarps * 32)
   const int64_t nchunks = (K + kChunkK - 1) / kChunkK;
   const int64_t G = K / group_size;
   const int64_t n = n_base + g;  // the weight row this thread loads (B fragment column g)
-  using Slice = typename std::conditional<kW4, W4Slice, W8Slice>::type;
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int64_t c0 = 0; c0 < nchunks; c0 += kDirectUnroll) {
-    Slice ws[kDirectUnroll];
+    SliceOf<kW4> ws[kDirectUnroll];
 #pragma unroll
     for (int u = 0; u < kDirectUnroll; ++u) {
       const int64_t k = (c0 + u) * kChunkK + t * 32;
-      const bool valid = k < K && n < N;  // K % 32 == 0: a slice is wholly inside K or wholly outside
-      if constexpr (kW4) {
-        ws[u].load(w, scale, zp, is_signed, n, k, K, G, group_size, valid);
-      } else {
-        ws[u].load(reinterpret_cast<const int8_t*>(w), n, k, K, valid);
-      }
+      // K % 32 == 0: a slice is wholly inside K or wholly outside
+      load_slice<kW4>(ws[u], w, scale, zp, is_signed, n, k, K, G, group_size, k < K && n < N);
     }
 #pragma unroll
     for (int u = 0; u < kDirectUnroll; ++u) {
       const int64_t k = (c0 + u) * kChunkK + t * 32;
-      const bool kvalid = k < K;
-      uint32_t xlo[16], xhi[16];
-      load_x(x, M, K, m_base + g, k, kvalid, xlo);
-      load_x(x, M, K, m_base + g + 8, k, kvalid, xhi);
+      XTile<T> xt;
+      xt.load(x, M, K, m_base + g, k, k < K);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const uint32_t a[4] = {xlo[2 * j], xhi[2 * j], xlo[2 * j + 1], xhi[2 * j + 1]};
+        uint32_t a[4];
+        xt.frag(j, a);
         uint32_t b[2];
         ws[u].template step<T>(j, b);
         Frag<T>::mma(acc, a, b);
