@@ -110,6 +110,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
     (5, 24, 64, 64, False, True, None),  # per-channel, unsigned codes with zero points
     (17, 33, 128, 32, True, True, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}),  # no split-K
     (3, 16, 48, 16, False, False, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 3}),  # empty splits
+    # prefill-sized M, no split-K: the kernel stores x's dtype directly (no fp32 buffer)
+    (130, 24, 64, 32, True, True, {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}),
 ])
 def test_int4_weight_only_mm(dtype, M, N, K, group, signed, with_zp, config):
     x = torch.randn(M, K).to(dtype)

@@ -5,7 +5,8 @@ decode-sized M still launches enough programs to fill the GPU). Weights are load
 straight from the ``[N, K]`` (int8) or ``[N, K/2]`` (packed int4) storage, decoded in registers
 (``scale * (q - zero_point)`` in fp32, then x's dtype) and fed to ``tl.dot`` with an fp32 accumulator; int8 weights
 are exact in fp16/bf16, so W8A16 applies its per-row scale to the accumulator instead. Split-K partial sums meet
-in an fp32 buffer through ``tl.atomic_add``. fp32 activations use an IEEE fp32 dot (no TF32).
+in an fp32 buffer through ``tl.atomic_add``; without split-K (prefill-sized M) the kernel stores x's dtype directly.
+fp32 activations use an IEEE fp32 dot (no TF32).
 
 On a GPU the tile sizes are autotuned per (M bucket, N, K); under ``TRITON_INTERPRET=1`` (CPU tests) a fixed small
 configuration runs instead, and tests may force one with ``config=``.
@@ -63,7 +64,8 @@ def _weight_only_mm_kernel(x_ptr, w_ptr, scale_ptr, zp_ptr, out_ptr, M, N, K, gr
     out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc, mask=out_mask)
+        # out is x's dtype here (no fp32 buffer, no conversion pass): round the fp32 sums once, as .to() would
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
@@ -84,22 +86,34 @@ _CONFIGS = [
 ]
 
 
+# M up to this bucket: decode / small-batch configurations, some with split-K, which accumulate into a zeroed fp32
+# buffer. Beyond it: prefill configurations, all without split-K, which store x's dtype directly (no zero-fill and
+# no fp32 -> dtype pass over the [M, N] output, ~10% of a prefill-sized call).
+SPLIT_MAX_M = 128
+
+
 def _prune(configs, named_args, **kwargs):
     m = named_args["m_bucket"]
     if m <= 16:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] == 16]
-    elif m <= 128:
+    elif m <= SPLIT_MAX_M:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] in (32, 64)]
     else:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] >= 64 and c.kwargs["SPLIT_K"] == 1]
     return keep or configs
 
 
+_KEY = ["m_bucket", "N", "K", "IS_INT4", "FP32_X"]
 _tuned_kernel = triton.autotune(
     configs=_CONFIGS,
-    key=["m_bucket", "N", "K", "IS_INT4", "FP32_X"],
+    key=_KEY,
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["out_ptr"],  # split-K configs accumulate into out: every timing run must start from zero
+)(_weight_only_mm_kernel)
+_tuned_kernel_no_split = triton.autotune(
+    configs=[c for c in _CONFIGS if c.kwargs["SPLIT_K"] == 1],
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune},
 )(_weight_only_mm_kernel)
 
 # the interpreter's default: small, and split-K on so the atomic path is exercised
@@ -108,18 +122,21 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}
 
 def _run(x, w, scale, zp, N, group_size, is_int4, is_signed, config=None):
     M, K = x.shape
-    out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
     if M == 0 or N == 0 or K == 0:
-        return out.to(x.dtype)
+        return torch.zeros((M, N), dtype=x.dtype, device=x.device)
     xc = x.contiguous()
     wc = w.contiguous()
     sc = scale.contiguous().float()
     zc = zp.contiguous() if zp is not None else sc  # dummy pointer, never read when HAS_ZP is False
     m_bucket = min(triton.next_power_of_2(M), 4096)
-    args = (xc, wc, sc, zc, out, M, N, K, group_size, K // group_size, m_bucket)
     flags = dict(IS_INT4=is_int4, IS_SIGNED=bool(is_signed), HAS_ZP=zp is not None, FP32_X=x.dtype == torch.float32)
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":
         config = INTERPRET_CONFIG
+    # split-K sums meet in a zeroed fp32 buffer, converted afterwards; without split-K the kernel stores x's dtype
+    split = config["SPLIT_K"] > 1 if config is not None else m_bucket <= SPLIT_MAX_M
+    out = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if split
+           else torch.empty((M, N), dtype=x.dtype, device=x.device))
+    args = (xc, wc, sc, zc, out, M, N, K, group_size, K // group_size, m_bucket)
     if config is not None:
         grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), config["SPLIT_K"])
         _weight_only_mm_kernel[grid](*args, **flags, **config)
@@ -127,8 +144,8 @@ def _run(x, w, scale, zp, N, group_size, is_int4, is_signed, config=None):
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-        _tuned_kernel[grid](*args, **flags)
-    return out.to(x.dtype)
+        (_tuned_kernel if split else _tuned_kernel_no_split)[grid](*args, **flags)
+    return out.to(x.dtype) if split else out
 
 
 @register("int4_weight_only_mm")
