@@ -257,6 +257,9 @@ def test_block_start_sees_exactly_updated_columns_across_lazy_batches():
         def quantize(self, col, w):
             return torch.round(w * 4) / 4
 
+    with pytest.raises(TypeError, match="abstract"):
+        ColumnGrid()  # quantize() is abstract: a grid must define how it rounds
+
     W, _, H = correlated_problem(8, 160, seed=7)
     Hinv = _inverse_cholesky(H, 0.01)
     runs = []

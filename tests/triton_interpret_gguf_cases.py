@@ -106,3 +106,9 @@ def test_gguf_mm_close_to_reference(name, dtype):
     assert got.dtype == dtype and got.shape == (M, N)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < GEMM_RTOL[dtype], (name, dtype, err)
+
+
+def test_decode_rejects_type_without_kernel():
+    data = torch.zeros(2, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="type must be a ggml type with a Triton decoder .*, got 0"):
+        qtriton.get("gguf_dequantize")(data, 0, 2, 2, torch.float32)  # 0 = F32: a plain cast, no kernel

@@ -16,6 +16,7 @@ Transformers", ICLR 2023, arXiv:2210.17323 (Algorithm 1), following the structur
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass, field
 
@@ -137,7 +138,7 @@ def prepare_hessian(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, tor
     return W, H
 
 
-class ColumnGrid:
+class ColumnGrid(abc.ABC):
     """The quantization grid that GPTQ's column loop rounds to (subclass it for other formats).
 
     ``block``: columns (in processing order) that share quantization parameters, or None when the parameters are
@@ -151,8 +152,9 @@ class ColumnGrid:
     def start(self, col: int, w: torch.Tensor) -> None:
         pass
 
+    @abc.abstractmethod
     def quantize(self, col: int, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Round column ``col`` (values ``w [N]``), record its codes, return the dequantized column."""
 
 
 def _pending_columns(W, W1, Err1, Hinv, i1, i2, i, stop):

@@ -131,9 +131,10 @@ def _gguf_dequantize_kernel(data_ptr, out_ptr, n, TYPE: tl.constexpr, BS: tl.con
 @register("gguf_dequantize")
 def gguf_dequantize(data: torch.Tensor, type: int, rows: int, cols: int, out_dtype: torch.dtype) -> torch.Tensor:
     """data: uint8 [rows, cols / block * type_size] (ggml blocks, row-major) -> [rows, cols] in out_dtype.
-    Types without a kernel (F32/F16/BF16 are plain casts) raise: the dispatch table only routes :data:`TYPES` here."""
+    Types without a kernel (F32/F16/BF16 are plain casts) raise ValueError: the dispatch table only routes
+    :data:`TYPES` here."""
     if type not in TYPES:
-        raise NotImplementedError(f"no Triton decoder for ggml type {type}; available: {TYPES}")
+        raise ValueError(f"type must be a ggml type with a Triton decoder {TYPES}, got {type}")
     bs, ts = GGML_BLOCK[type]
     kernel_dtype = out_dtype if out_dtype in _DIRECT_OUT else torch.float32
     out = torch.empty((rows, cols), dtype=kernel_dtype, device=data.device)
