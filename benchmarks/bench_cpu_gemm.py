@@ -40,14 +40,14 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _k32(fn):
-    """Run fn with the 64-k int4 decode kernel switched off (QKERNELS_CPU_W4_K64=0): the previous 32-k kernel, for
-    an A/B comparison in the same run."""
-    os.environ["QKERNELS_CPU_W4_K64"] = "0"
+def _with_env(var, value, fn):
+    """Run fn with one kernel switch set (for A/B rows in the same run): QKERNELS_CPU_W4_K64=0 is the 32-k int4
+    decode kernel, QKERNELS_CPU_W4_I16=0 keeps bf16 activations on the fp32 int4 kernel."""
+    os.environ[var] = value
     try:
         return fn()
     finally:
-        del os.environ["QKERNELS_CPU_W4_K64"]
+        del os.environ[var]
 
 
 def build_methods(N: int, K: int):
@@ -82,9 +82,15 @@ def build_methods(N: int, K: int):
     m["qkernels W4A16 g128 (bf16 x)"] = (
         lambda: (p4.clone(), s4.clone(), z4.clone()),
         lambda xf, xb, W: qkernels.int4_weight_only_mm(xb, W[0], W[1], W[2], GROUP), _nbytes(p4, s4, z4))
+    m["qkernels W4A16 g128 (bf16 x, fp32 kernel)"] = (
+        lambda: (p4.clone(), s4.clone(), z4.clone()),
+        lambda xf, xb, W: _with_env("QKERNELS_CPU_W4_I16", "0",
+                                    lambda: qkernels.int4_weight_only_mm(xb, W[0], W[1], W[2], GROUP)),
+        _nbytes(p4, s4, z4))
     m["qkernels W4A16 g128 (fp32 x, 32-k kernel)"] = (
         lambda: (p4.clone(), s4.clone(), z4.clone()),
-        lambda xf, xb, W: _k32(lambda: qkernels.int4_weight_only_mm(xf, W[0], W[1], W[2], GROUP)),
+        lambda xf, xb, W: _with_env("QKERNELS_CPU_W4_K64", "0",
+                                    lambda: qkernels.int4_weight_only_mm(xf, W[0], W[1], W[2], GROUP)),
         _nbytes(p4, s4, z4))
     m["qkernels W8A16 (bf16 x)"] = (
         lambda: (q8.clone(), s8.clone()),

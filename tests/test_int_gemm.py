@@ -58,11 +58,78 @@ def test_int8_weight_only_mm(dtype, M, N, K):
 @pytest.mark.parametrize("k64", ["1", "0"])  # "0": the 32-k decode kernel also where the 64-k one would run
 def test_int4_register_kernel_tails(dtype, M, N, K, group_size, symmetric, signed, k64, monkeypatch):
     monkeypatch.setenv("QKERNELS_CPU_W4_K64", k64)
+    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "0")  # bf16/fp16 x through the fp32 kernels too (next test: int16)
     x = torch.randn(M, K).to(dtype)
     p, s, z = _int4_weight(N, K, group_size, symmetric, signed)
     out = qkernels.int4_weight_only_mm(x, p, s, z, group_size, signed=signed)
     want = ref.int4_weight_only_mm(x.double(), p, s, z, group_size, signed)
     assert rel_err(out, want) < GEMM_RTOL[dtype]
+
+
+# The int16-activation kernel (bf16/fp16 x, K % 64 == 0 and group_size % 64 == 0; by default M <= 3, forced here for
+# every M so its 1x4 and 2x2 tiles run too): every row tail, M tail, thread split and x-scale block (F = 64, 128 and
+# 256 = per-channel K 1024 and group 256).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 3, 6, 9, 24])
+@pytest.mark.parametrize("N,K,group_size", [(7, 128, 64), (13, 512, 256), (301, 1024, 128), (66, 256, 256),
+                                            (5, 1088, 64), (6, 192, 192), (9, 1024, 1024), (3, 4096, 4096)])
+@pytest.mark.parametrize("symmetric,signed", [(True, True), (False, True), (False, False)])
+def test_int4_int16_activation_kernel_tails(dtype, M, N, K, group_size, symmetric, signed, monkeypatch):
+    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "1")
+    x = torch.randn(M, K).to(dtype)
+    p, s, z = _int4_weight(N, K, group_size, symmetric, signed)
+    out = qkernels.int4_weight_only_mm(x, p, s, z, group_size, signed=signed)
+    want = ref.int4_weight_only_mm(x.double(), p, s, z, group_size, signed)
+    assert rel_err(out, want) < GEMM_RTOL[dtype]
+
+
+def _i16_emulated(x, p, s, z, group_size, signed):
+    """The int16-activation kernel's arithmetic in fp64: x rounded per F-block to 2^(e - 14) steps (e = exponent of
+    the block's largest |x|), then the exact dot products with the dequantized weights."""
+    K = x.shape[1]
+    F = 256 if group_size % 256 == 0 else 128 if group_size % 128 == 0 else 64
+    xb = x.double().reshape(x.shape[0], K // F, F)
+    amax = xb.abs().amax(-1, keepdim=True)
+    step = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(amax)) - 14), torch.ones_like(amax))
+    xq = (torch.round(xb / step) * step).reshape_as(x)
+    return ref.int4_weight_only_mm(xq, p, s, z, group_size, signed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+def test_int4_int16_activations_rounding(dtype, group_size, monkeypatch):
+    """Activations spanning 16 octaves (outliers next to tiny values): the kernel equals its own int16 rounding of x
+    up to fp32 accumulation and the output rounding, and stays within the dtype's bound of the exact product."""
+    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "1")
+    torch.manual_seed(3)
+    M, N, K = 3, 64, 1024
+    x = (torch.randn(M, K) * torch.exp2(torch.randint(-8, 8, (M, K)).float())).to(dtype)
+    p, s, z = _int4_weight(N, K, group_size, False, True)
+    out = qkernels.int4_weight_only_mm(x, p, s, z, group_size)
+    assert rel_err(out, _i16_emulated(x, p, s, z, group_size, True)) < {torch.bfloat16: 4e-3,
+                                                                         torch.float16: 5e-4}[dtype]
+    assert rel_err(out, ref.int4_weight_only_mm(x.double(), p, s, z, group_size, True)) < GEMM_RTOL[dtype]
+
+
+def test_int4_int16_activations_nonfinite_and_env(monkeypatch):
+    """NaN / inf in x: the call falls back to the fp32 kernel, which propagates them per row like the reference;
+    an all-zero block gets scale 1 and contributes 0. A bad QKERNELS_CPU_W4_I16 value is an error naming it."""
+    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "1")
+    p, s, z = _int4_weight(12, 256, 64, False, False)
+    x = torch.randn(3, 256).bfloat16()
+    x[1, 7] = float("nan")
+    x[2, :64] = 0
+    out = qkernels.int4_weight_only_mm(x, p, s, z, 64, signed=False)
+    want = ref.int4_weight_only_mm(x.double(), p, s, z, 64, False)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    assert rel_err(out[[0, 2]], want[[0, 2]]) < GEMM_RTOL[torch.bfloat16]
+    x[1, 7] = float("inf")
+    assert not torch.isfinite(qkernels.int4_weight_only_mm(x, p, s, z, 64, signed=False)[1]).any()
+    out0 = qkernels.int4_weight_only_mm(x[2:], p, s, z, 64, signed=False)
+    assert rel_err(out0, want[2:]) < GEMM_RTOL[torch.bfloat16]
+    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "yes")
+    with pytest.raises(RuntimeError, match="QKERNELS_CPU_W4_I16 must be 'auto', '0' or '1', got 'yes'"):
+        torch.ops.qkernels.int4_weight_only_mm(x, p, s, z, 64, False)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

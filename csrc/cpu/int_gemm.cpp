@@ -157,6 +157,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& 
   return {xp, xsum, row_scale};
 }
 
+// bf16/fp16 x [M, K] -> the int16 activations of w4a16_rows_avx2_i16: per F-block of a row (F = 256, 128 or 64,
+// the largest that divides group_size), x = xq * 2^(e - 14) with e the binary exponent of the block's largest |x|,
+// so |xq| < 2^15 and xq = round-to-nearest-even(x * 2^(14 - e)). For bf16 (8 significant bits) every element within
+// 2^-7 of the block's max is exact, fp16 (11 bits) within 2^-4; smaller ones are rounded to 2^-15 of the block max,
+// far below the rounding of the 16-bit output. Each 64-block is permuted to xq[16 j + l] = q(x[4 l + j]) (the
+// kernel's nibble order); xsum = per-group sums of xq * scale (exact int sums, scaled), for the zero-point
+// correction; row_scale = 1. Returns false (nothing usable) when a row holds NaN or inf: the fp32 kernel handles
+// those, propagating them like the reference.
+int64_t int4_i16_block(int64_t group_size) {
+  return group_size % 256 == 0 ? 256 : group_size % 128 == 0 ? 128 : 64;
+}
+
+bool int4_prepare_x_i16(const at::Tensor& x, int64_t group_size, at::Tensor& xq, at::Tensor& xs, at::Tensor& xsum,
+                        at::Tensor& row_scale) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size, F = int4_i16_block(group_size);
+  auto xf = x.to(at::kFloat).contiguous();  // exact for bf16/fp16, and ATen's conversion is vectorised
+  xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  xs = at::empty({M, K / F}, x.options().dtype(at::kFloat));
+  xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+  row_scale = at::ones({M}, x.options().dtype(at::kFloat));
+  return cpu::i16_quantize_rows_avx2(xf.data_ptr<float>(), M, K, F, group_size, xq.data_ptr<int16_t>(),
+                                     xs.data_ptr<float>(), xsum.data_ptr<float>());
+}
+
+// Which bf16/fp16 calls take the int16-activation kernel. "auto" (default): M <= 3, where it is faster (2-core Zen 3,
+// 4096 x 4096 g128 from DRAM: M = 1 560 vs 700 us, M = 3 1420 vs 1620 us); from M = 4 the fp32 kernel's 2x4 tile is
+// faster (1435 vs 1930 us). "1": every M the register kernels take (tests cover all its tiles), "0": never
+// (benchmark A/B). Read per call.
+bool use_w4_i16(int64_t M) {
+  const char* e = std::getenv("QKERNELS_CPU_W4_I16");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return M <= 3;
+  TORCH_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
+              "QKERNELS_CPU_W4_I16 must be 'auto', '0' or '1', got '", e, "'");
+  return *e == '1';
+}
+
 // Generic path: dequantize rows [n0, n1) with `decode_row(n, dst)` into a tile, then out[:, n0:n1] = x @ tile^T.
 template <typename Decode>
 void tiled_dequant_mm(const at::Tensor& xf, int64_t N, int64_t K, at::Tensor& out, const Decode& decode_row) {
@@ -187,6 +223,23 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   if (avx2 && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
     // the 64-k mask-decode kernel where the shape allows it, else the 32-k one (group_size 32, K = 64 n + 32)
     const bool k64 = K % 64 == 0 && group_size % 64 == 0 && use_w4_k64();
+    at::Tensor xq, xsc, xsum16, ones;
+    if (k64 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && use_w4_i16(M) &&
+        int4_prepare_x_i16(x, group_size, xq, xsc, xsum16, ones)) {
+      at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
+      const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
+      const int16_t* xqp = xq.data_ptr<int16_t>();
+      const float *xsp = xsc.data_ptr<float>(), *xsu = xsum16.data_ptr<float>(), *rs = ones.data_ptr<float>();
+      float* o = out.data_ptr<float>();
+      const int64_t F = int4_i16_block(group_size);
+      std::atomic<bool> bad{false};
+      for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
+        if (cpu::w4a16_rows_avx2_i16(xqp, M, xsp, xsu, rs, w, s, zp, is_signed, K, group_size, F, o, N, n0, n1))
+          bad = true;
+      });
+      if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
+      return out.to(x.scalar_type());
+    }
     auto [xp, xsum, row_scale] = int4_prepare_x(x, group_size, k64);
     at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
     const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;

@@ -6,6 +6,7 @@
 // on CPUs without AVX2.
 #include "int_gemm_kernels.h"
 
+#include <cmath>
 #include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -28,6 +29,13 @@ QK_AVX2 inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+QK_AVX2 inline float hsum_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
 }
 
 QK_AVX2 inline __m256 i8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
@@ -231,6 +239,62 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
   return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
 }
 
+// int4 x int16 activations (bf16/fp16 x only; int4_prepare_x_i16): 64 k per step, integer dot products. One
+// 32-byte load is 16 uint16 lanes of 4 nibbles each, lane l holding elements k0 + 4 l + j (j = 0..3, nibble j at
+// bits 4j). For a fixed j, the decoded lanes times x_j[l] = xq[k0 + 4 l + j] (int16) is one vpmaddwd: 16 products
+// summed in pairs into 8 int32 lanes. Decode: j = 0 and j = 3 are one AND / one shift (u itself); j = 1 is one AND
+// (u * 16) and j = 2 a shift + AND (u * 16), so per 64 products and weight row: 5 decode ops + 4 vpmaddwd + 4 vpaddd
+// against 8 x (AND + cvtdq2ps + FMA) for the fp32 w4m_tile. The u and 16 u products go to two int32 accumulators
+// (A, B); B is a multiple of 16, so A + (B >> 4) is exact. Bounds: |xq| <= 2^15 - 1 and u <= 15, so one step adds
+// at most 2 * 2 * 240 * 32767 < 2^25 to a lane of B; the fold unit F <= 256 k (4 steps) keeps every lane < 2^27.
+// At the end of each F-block (x's scale unit, F divides group_size): total += float(A + B/16) * scale[g] * xs[b].
+template <int NR, int MT, bool XOR8>
+QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, const float* row_scale,
+                      const uint8_t* w, const float* scale, const int32_t* zp, int32_t zoff, int64_t K,
+                      int64_t group_size, int64_t F, float* out, int64_t ldo, const char* pf) {
+  const __m256i flip = _mm256_set1_epi8((char)0x88);
+  const __m256i m0f = _mm256_set1_epi16(0x000F), mf0 = _mm256_set1_epi16(0x00F0);
+  const int64_t G = K / group_size, nB = K / F, ldw = K / 2;
+  __m256 total[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nB; ++b) {
+    __m256i A[NR][MT], B[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MT; ++m) A[r][m] = B[r][m] = _mm256_setzero_si256();
+    for (int64_t k = b * F; k < (b + 1) * F; k += 64) {
+      if (pf) {  // a 4-row block consumes 4 x 32 bytes per step: two lines of the next block
+        _mm_prefetch(pf + (k / 64) * 2 * kPrefetchStep, _MM_HINT_T0);
+        _mm_prefetch(pf + (k / 64) * 2 * kPrefetchStep + kPrefetchStep, _MM_HINT_T0);
+      }
+      for (int r = 0; r < NR; ++r) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(w + r * ldw + k / 2));
+        if (XOR8) v = _mm256_xor_si256(v, flip);
+        const __m256i d0 = _mm256_and_si256(v, m0f);
+        const __m256i d1 = _mm256_and_si256(v, mf0);
+        const __m256i d2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mf0);
+        const __m256i d3 = _mm256_srli_epi16(v, 12);
+        for (int m = 0; m < MT; ++m) {
+          const __m256i* xv = (const __m256i*)(xq + m * K + k);
+          A[r][m] = _mm256_add_epi32(A[r][m], _mm256_add_epi32(_mm256_madd_epi16(d0, _mm256_loadu_si256(xv)),
+                                                               _mm256_madd_epi16(d3, _mm256_loadu_si256(xv + 3))));
+          B[r][m] = _mm256_add_epi32(B[r][m], _mm256_add_epi32(_mm256_madd_epi16(d1, _mm256_loadu_si256(xv + 1)),
+                                                               _mm256_madd_epi16(d2, _mm256_loadu_si256(xv + 2))));
+        }
+      }
+    }
+    const int64_t g = b * F / group_size;
+    for (int r = 0; r < NR; ++r) {
+      const float ws = scale[r * G + g];
+      for (int m = 0; m < MT; ++m) {
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(A[r][m], _mm256_srai_epi32(B[r][m], 4)));
+        total[r][m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(ws * xs[m * nB + b]), total[r][m]);
+      }
+    }
+  }
+  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
+}
+
 // int8: pmovsxbd + cvtdq2ps per 8 weights (exact), the per-row scale applied to the fp32 sum.
 template <int NR, int MT>
 QK_AVX2 void w8_tile(const float* x, const int8_t* w, const float* scale, int64_t K, float* out, int64_t ldo,
@@ -359,6 +423,62 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
   return bad;
 }
 
+// Rows [n0, n1) of the int4 x int16 GEMM (w4i_tile). Tiles 4x1, 2x2 and 1x4 (NR x MT): two int32 accumulators
+// per output, so 8 accumulator registers in each.
+QK_AVX2 bool w4a16_rows_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum, const float* row_scale,
+                            const uint8_t* w, const float* scale, const int32_t* zero_point, bool is_signed,
+                            int64_t K, int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0,
+                            int64_t n1) {
+  const int32_t zoff = is_signed ? 8 : 0;  // codes decode unsigned; signed ones XOR'd with 8 to q + 8
+  const int64_t G = K / group_size, ldw = K / 2, nB = K / F;
+  bool bad = false;
+  auto tile = [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) QK_AVX2 {
+    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
+    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * ldw) : nullptr;
+    const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
+    if (pf_here) {
+      prefetch_rows(scale + (n + kRowBlock) * G, kRowBlock * G);
+      if (zero_point) prefetch_rows(zero_point + (n + kRowBlock) * G, kRowBlock * G);
+    }
+    const int16_t* x = xq + m0 * K;
+    const float* xb = xs + m0 * nB;
+    const float* xsm = xsum + m0 * G;
+    const float* rs = row_scale + m0;
+    float* o = out + m0 * ldo + n;
+    bad |= is_signed ? w4i_tile<NR, MT, true>(x, xb, xsm, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size,
+                                              F, o, ldo, pf)
+                     : w4i_tile<NR, MT, false>(x, xb, xsm, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size,
+                                               F, o, ldo, pf);
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I4 = std::integral_constant<int, 4>;
+  for (int64_t n = n0; n < n1; n += kRowBlock) {
+    const int64_t nb = n1 - n < kRowBlock ? n1 - n : kRowBlock;
+    const bool pf = n + 2 * kRowBlock <= n1;
+    for (int64_t m0 = 0; m0 < M;) {
+      const int64_t left = M - m0;
+      const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      const bool pf_here = pf && m0 == 0;
+      if (nb == kRowBlock && mt == 1) {
+        tile(I4(), I1(), n, m0, pf_here);
+      } else if (nb == kRowBlock && mt == 2) {
+        tile(I2(), I2(), n, m0, pf_here);
+        tile(I2(), I2(), n + 2, m0, false);
+      } else {
+        for (int64_t r = 0; r < nb; ++r) {
+          const bool p = pf_here && r == 0;
+          if (mt == 1) tile(I1(), I1(), n + r, m0, p);
+          else if (mt == 2) tile(I1(), I2(), n + r, m0, p);
+          else tile(I1(), I4(), n + r, m0, p);
+        }
+      }
+      m0 += mt;
+    }
+  }
+  return bad;
+}
+
 }  // namespace
 
 QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
@@ -371,6 +491,55 @@ QK_AVX2 bool w4a16_rows_avx2_k64(const float* xp, int64_t M, const float* xsum, 
                                  const uint8_t* w, const float* scale, const int32_t* zero_point, bool is_signed,
                                  int64_t K, int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
   return w4a16_rows<true>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, group_size, out, ldo, n0, n1);
+}
+
+QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum,
+                                 const float* row_scale, const uint8_t* w, const float* scale,
+                                 const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size, int64_t F,
+                                 float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  return w4a16_rows_i16(xq, M, xs, xsum, row_scale, w, scale, zero_point, is_signed, K, group_size, F, out, ldo, n0,
+                        n1);
+}
+
+QK_AVX2 bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_t F, int64_t group_size,
+                                    int16_t* xq, float* xs, float* xsum) {
+  const int64_t G = K / group_size, nB = K / F;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  alignas(32) int32_t nat[256];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) xsum[m * G + g] = 0.f;
+    for (int64_t b = 0; b < nB; ++b) {
+      const float* blk = x + m * K + b * F;
+      __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+      for (int64_t i = 0; i < F; i += 8) {
+        const __m256 v = _mm256_loadu_ps(blk + i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+      const float a = hsum_max(amax);
+      if (!_mm256_testz_ps(nan, nan) || !std::isfinite(a)) return false;
+      const int e = a > 0.f ? std::ilogb(a) : 14;
+      const __m256 up = _mm256_set1_ps(std::ldexp(1.f, 14 - e));
+      __m256i isum = _mm256_setzero_si256();
+      for (int64_t i = 0; i < F; i += 8) {
+        // |x| * 2^(14 - e) < 2^15: the rounded value (MXCSR default: nearest even) fits int16
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(blk + i), up));
+        _mm256_store_si256((__m256i*)(nat + i), q);
+        isum = _mm256_add_epi32(isum, q);
+      }
+      alignas(32) int32_t part[8];
+      _mm256_store_si256((__m256i*)part, isum);
+      int64_t total = 0;
+      for (int i = 0; i < 8; ++i) total += part[i];
+      xs[m * nB + b] = std::ldexp(1.f, e - 14);
+      xsum[m * G + b * F / group_size] += (float)((double)total * std::ldexp(1.0, e - 14));
+      int16_t* dst = xq + m * K + b * F;
+      for (int64_t c = 0; c < F; c += 64)
+        for (int64_t j = 0; j < 4; ++j)
+          for (int64_t l = 0; l < 16; ++l) dst[c + 16 * j + l] = (int16_t)nat[c + 4 * l + j];
+    }
+  }
+  return true;
 }
 
 QK_AVX2 void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,
@@ -453,6 +622,14 @@ bool w4a16_rows_avx2(const float*, int64_t, const float*, const float*, const ui
 }
 bool w4a16_rows_avx2_k64(const float*, int64_t, const float*, const float*, const uint8_t*, const float*,
                          const int32_t*, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
+  return false;
+}
+bool i16_quantize_rows_avx2(const float*, int64_t, int64_t, int64_t, int64_t, int16_t*, float*, float*) {
+  return false;
+}
+bool w4a16_rows_avx2_i16(const int16_t*, int64_t, const float*, const float*, const float*, const uint8_t*,
+                         const float*, const int32_t*, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
+                         int64_t) {
   return false;
 }
 void w8a16_rows_avx2(const float*, int64_t, const int8_t*, const float*, int64_t, float*, int64_t, int64_t, int64_t) {}
