@@ -62,6 +62,17 @@ QK_AVX2 inline void prefetch_rows(const T* p, int64_t count) {
   for (int64_t i = 0; i < count * (int64_t)sizeof(T); i += kPrefetchStep) _mm_prefetch(c + i, _MM_HINT_T0);
 }
 
+// The int4 tiles' prefetch: with pf_here, the next 4-row block's scales and zero points now, and its weights (the
+// returned pointer, nullptr otherwise) step by step inside the tile.
+template <typename Z>
+QK_AVX2 inline const char* int4_block_prefetch(const uint8_t* w, const float* scale, const Z* zero_point, int64_t n,
+                                               int64_t ldw, int64_t G, bool pf_here) {
+  if (!pf_here) return nullptr;
+  prefetch_rows(scale + (n + kRowBlock) * G, kRowBlock * G);
+  if (zero_point) prefetch_rows(zero_point + (n + kRowBlock) * G, kRowBlock * G);
+  return (const char*)(w + (n + kRowBlock) * ldw);
+}
+
 template <int NR, int MT>
 constexpr int kChains = NR * MT >= 8 ? 1 : 2;
 
@@ -323,8 +334,9 @@ QK_AVX2 void w8_tile(const float* x, const int8_t* w, const float* scale, int64_
 }
 
 // Rows [n0, n1) in blocks of kRowBlock weight rows; within a block, chunks of MT = 4, 2 or 1 x rows run as tiles of
-// 2x4, 2x2 or 4x1 (NR x MT). `tile(nr_tag, mt_tag, row, m0, pf)` runs one tile.
-template <typename Tile>
+// 2x4, 2x2 or 4x1 (NR x MT), or 1x4 instead of 2x4 with kNarrow4 (kernels with two accumulators per output).
+// `tile(nr_tag, mt_tag, row, m0, pf)` runs one tile.
+template <bool kNarrow4 = false, typename Tile>
 QK_AVX2 void for_tiles(int64_t M, int64_t n0, int64_t n1, const Tile& tile) {
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;
@@ -342,9 +354,11 @@ QK_AVX2 void for_tiles(int64_t M, int64_t n0, int64_t n1, const Tile& tile) {
         } else if (mt == 2) {
           tile(I2(), I2(), n, m0, pf_here);
           tile(I2(), I2(), n + 2, m0, false);
-        } else {
+        } else if (!kNarrow4) {
           tile(I2(), I4(), n, m0, pf_here);
           tile(I2(), I4(), n + 2, m0, false);
+        } else {
+          for (int64_t r = 0; r < kRowBlock; ++r) tile(I1(), I4(), n + r, m0, pf_here && r == 0);
         }
       } else {
         for (int64_t r = 0; r < nb; ++r) {
@@ -400,12 +414,8 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
   bool bad = false;
   for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
     constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
-    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * ldw) : nullptr;
+    const char* pf = int4_block_prefetch(w, scale, zero_point, n, ldw, G, pf_here);
     const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
-    if (pf_here) {
-      prefetch_rows(scale + (n + kRowBlock) * G, kRowBlock * G);
-      if (zero_point) prefetch_rows(zero_point + (n + kRowBlock) * G, kRowBlock * G);
-    }
     float* o = out + m0 * ldo + n;
     const float* x = xp + m0 * K;
     const float* xs = xsum + m0 * G;
@@ -423,8 +433,8 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
   return bad;
 }
 
-// Rows [n0, n1) of the int4 x int16 GEMM (w4i_tile). Tiles 4x1, 2x2 and 1x4 (NR x MT): two int32 accumulators
-// per output, so 8 accumulator registers in each.
+// Rows [n0, n1) of the int4 x int16 GEMM (w4i_tile). Tiles 4x1, 2x2 and 1x4 (NR x MT; for_tiles<true>): two int32
+// accumulators per output, so 8 accumulator registers in each.
 QK_AVX2 bool w4a16_rows_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum, const float* row_scale,
                             const uint8_t* w, const float* scale, const int32_t* zero_point, bool is_signed,
                             int64_t K, int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0,
@@ -432,14 +442,10 @@ QK_AVX2 bool w4a16_rows_i16(const int16_t* xq, int64_t M, const float* xs, const
   const int32_t zoff = is_signed ? 8 : 0;  // codes decode unsigned; signed ones XOR'd with 8 to q + 8
   const int64_t G = K / group_size, ldw = K / 2, nB = K / F;
   bool bad = false;
-  auto tile = [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) QK_AVX2 {
+  auto tile = [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
     constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
-    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * ldw) : nullptr;
+    const char* pf = int4_block_prefetch(w, scale, zero_point, n, ldw, G, pf_here);
     const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
-    if (pf_here) {
-      prefetch_rows(scale + (n + kRowBlock) * G, kRowBlock * G);
-      if (zero_point) prefetch_rows(zero_point + (n + kRowBlock) * G, kRowBlock * G);
-    }
     const int16_t* x = xq + m0 * K;
     const float* xb = xs + m0 * nB;
     const float* xsm = xsum + m0 * G;
@@ -450,32 +456,7 @@ QK_AVX2 bool w4a16_rows_i16(const int16_t* xq, int64_t M, const float* xs, const
                      : w4i_tile<NR, MT, false>(x, xb, xsm, rs, w + n * ldw, scale + n * G, zp, zoff, K, group_size,
                                                F, o, ldo, pf);
   };
-  using I1 = std::integral_constant<int, 1>;
-  using I2 = std::integral_constant<int, 2>;
-  using I4 = std::integral_constant<int, 4>;
-  for (int64_t n = n0; n < n1; n += kRowBlock) {
-    const int64_t nb = n1 - n < kRowBlock ? n1 - n : kRowBlock;
-    const bool pf = n + 2 * kRowBlock <= n1;
-    for (int64_t m0 = 0; m0 < M;) {
-      const int64_t left = M - m0;
-      const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      const bool pf_here = pf && m0 == 0;
-      if (nb == kRowBlock && mt == 1) {
-        tile(I4(), I1(), n, m0, pf_here);
-      } else if (nb == kRowBlock && mt == 2) {
-        tile(I2(), I2(), n, m0, pf_here);
-        tile(I2(), I2(), n + 2, m0, false);
-      } else {
-        for (int64_t r = 0; r < nb; ++r) {
-          const bool p = pf_here && r == 0;
-          if (mt == 1) tile(I1(), I1(), n + r, m0, p);
-          else if (mt == 2) tile(I1(), I2(), n + r, m0, p);
-          else tile(I1(), I4(), n + r, m0, p);
-        }
-      }
-      m0 += mt;
-    }
-  }
+  for_tiles<true>(M, n0, n1, tile);
   return bad;
 }
 
