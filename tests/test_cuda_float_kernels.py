@@ -145,8 +145,11 @@ def test_fp4_mm_cuda_emulation(format, M):
     N, K = 96, 512
     a = qkernels.quantize_fp4(torch.randn(M, K, device=DEV), format)
     b = qkernels.quantize_fp4(torch.randn(N, K, device=DEV), format)
-    out = torch.ops.qkernels.fp4_mm(*a, *b, format, "e2m1", None, torch.float32)
-    want = ref.OPS["fp4_mm"](*a, *b, format, "e2m1", None, torch.float64)
+    # the public API converts quantize_fp4's outputs (fp8-typed scales, no global scale for mxfp4) to the op's
+    # arguments; the forced backends are the CUDA emulation and the reference
+    kw = dict(format=format, a_global_scale=a[2], b_global_scale=b[2])
+    out = qkernels.fp4_mm(a[0], a[1], b[0], b[1], out_dtype=torch.float32, backend="cuda", **kw)
+    want = qkernels.fp4_mm(a[0], a[1], b[0], b[1], out_dtype=torch.float64, backend="reference", **kw)
     assert ((out.double() - want).norm() / want.norm()).item() < TOL[torch.float32]
 
 

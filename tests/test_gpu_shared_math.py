@@ -86,6 +86,47 @@ def test_arch_runs(cap, built, runs):
     assert dispatch.arch_runs(cap, built) is runs
 
 
+_ARCH_PROBE = r"""
+#include <cstdio>
+#include "arch_list.h"
+int main() {
+  char archs[256];
+  int major, minor;
+  while (std::scanf("%255s %d %d", archs, &major, &minor) == 3)
+    std::printf("%d\n", qkernels::cuda::arch_list_runs(archs, major, minor) ? 1 : 0);
+}
+"""
+
+
+def test_cuda_capability_switch_matches_arch_runs(tmp_path):
+    """The CUDA entry points' capability switch (csrc/cuda/arch_list.h, fed setup.py's comma-separated
+    QK_CUDA_ARCHS) against dispatch.arch_runs on every capability from 7.0 to 12.1 and several arch lists, so a
+    direct torch.ops call on a GPU without code in the build raises 'not implemented for capability X.Y' exactly
+    where the dispatch table would not pick the CUDA kernel."""
+    import pathlib
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    src = tmp_path / "probe.cpp"
+    src.write_text(_ARCH_PROBE)
+    inc = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{inc}", str(src), "-o", str(tmp_path / "probe")], check=True)
+    lists = [["8.0", "9.0a", "10.0a"], ["8.0"], ["9.0a"], ["10.0a"], ["8.0+PTX"], ["8.6", "12.0"],
+             ["9.0a", "10.0a+PTX"], ["10.0f"], ["7.5", "8.9"], ["12.1a"]]
+    caps = [(ma, mi) for ma in (7, 8, 9, 10, 11, 12) for mi in (0, 1, 3, 5, 6, 9)]
+    cases = [(built, cap) for built in lists for cap in caps]
+    stdin = "".join(f"{','.join(b)} {c[0]} {c[1]}\n" for b, c in cases)
+    out = subprocess.run([str(tmp_path / "probe")], input=stdin, capture_output=True, text=True, check=True).stdout
+    got = [line == "1" for line in out.split()]
+    want = [dispatch.arch_runs(cap, built) for built, cap in cases]
+    assert len(got) == len(cases)
+    bad = [(b, c, g) for (b, c), g, w in zip(cases, got, want) if g != w]
+    assert not bad, bad[:10]
+
+
 def test_dispatch_prefers_cuda_then_triton():
     for op in ("int4_weight_only_mm", "int8_weight_only_mm", "quantize_affine", "pack_int4"):
         with dispatch.mock_device("sm90"):

@@ -47,6 +47,21 @@ def test_quantize_matches_reference(dtype, bits, group_size, symmetric, signed):
     assert (err <= 0.5 * step * (1 + 1e-5) + 1e-6).float().mean() > 0.99
 
 
+def test_scales_are_true_quotients():
+    """Scales are correctly rounded fp32 quotients, as the C++ and CUDA kernels compute them: amax 3 with int4
+    symmetric is 3 / 7 = 0x3EDB6DB7, where a multiply by the reciprocal (what PyTorch's CUDA division by a Python
+    number does) gives 0x3EDB6DB8; per-token int8 0.140625 / 127 = 0x3A912245 (reciprocal: 0x3A912244). The reference
+    divides by a tensor (reference/_arith.true_div) so that it means the same on GPU tensors."""
+    from qkernels.reference import int_gemm as gref
+
+    w = torch.tensor([[3.0, -1.0, 0.5, 2.0]])
+    for scale in (ref.choose_qparams_affine(w, 4, 4, True, True, False)[0], qkernels.quantize_affine(w, 4, 4, True)[1]):
+        assert scale.view(torch.int32).item() == 0x3EDB6DB7
+    x = torch.tensor([[0.140625, 0.1]])
+    for scale in (gref.quantize_per_token_int8(x)[1], qkernels.quantize_per_token_int8(x)[1]):
+        assert scale.view(torch.int32).item() == 0x3A912245
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_float_zero_point_domain(bits):
     w = torch.randn(16, 256) + 2.0  # all-positive groups: min is not 0, as in GGUF Q4_1

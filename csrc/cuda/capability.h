@@ -4,6 +4,8 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
+#include "arch_list.h"
+
 namespace qkernels {
 namespace cuda {
 
@@ -16,30 +18,22 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
-// Capability switch over the archs this build targets (setup.py passes -DQK_ENABLE_SMxx per TORCH_CUDA_ARCH_LIST
-// entry). Kernels whose source is the same for every arch (arch-specific instructions are selected inside them with
-// __CUDA_ARCH__) only need some build of them to exist. Which binary actually loads on a given minor is the
-// driver's business; qkernels.dispatch.arch_runs mirrors it.
+#define QK_CAP_STRINGIFY(...) #__VA_ARGS__
+#define QK_CAP_XSTRINGIFY(...) QK_CAP_STRINGIFY(__VA_ARGS__)
+
+// Capability switch for the CUDA entry points: a GPU this build has no code for gets a clear error naming its
+// capability instead of the driver's "no kernel image is available" (the dispatch table already routes such GPUs
+// to Triton; this guards direct torch.ops calls).
 inline void check_capability(const char* op) {
   const int major = device_attribute(cudaDevAttrComputeCapabilityMajor);
   const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor);
-  switch (major) {
-#if defined(QK_ENABLE_SM80) || defined(QK_ENABLE_SM86) || defined(QK_ENABLE_SM87) || defined(QK_ENABLE_SM89)
-    case 8: return;
+#if defined(QK_CUDA_ARCHS)
+  const char* archs = QK_CAP_XSTRINGIFY(QK_CUDA_ARCHS);
+#else
+  const char* archs = "";
 #endif
-#if defined(QK_ENABLE_SM90)
-    case 9: return;
-#endif
-#if defined(QK_ENABLE_SM100) || defined(QK_ENABLE_SM103)
-    case 10: return;
-#endif
-#if defined(QK_ENABLE_SM120) || defined(QK_ENABLE_SM121)
-    case 12: return;
-#endif
-    default: break;
-  }
-  TORCH_CHECK_NOT_IMPLEMENTED(false, op, " CUDA kernel not implemented for capability ", major, ".", minor,
-                              " (not in this build's TORCH_CUDA_ARCH_LIST)");
+  TORCH_CHECK_NOT_IMPLEMENTED(arch_list_runs(archs, major, minor), op, " CUDA kernel not implemented for capability ",
+                              major, ".", minor, " (this build's TORCH_CUDA_ARCH_LIST: ", archs, ")");
 }
 
 }  // namespace cuda

@@ -3,8 +3,9 @@
 //
 // Two paths, chosen per call (semantics: qkernels/reference/int_gemm.py; decode: qkernels/int_gemm.h):
 //  * decode (M <= kMmaMaxM, fp16/bf16 x, K % 32 == 0, group_size % 32 == 0, 16-byte aligned operands): a
-//    tensor-core kernel on mma.sync.m16n8k16 (sm80+). Weights are read from global memory exactly once, in
-//    16-byte loads, and decoded in registers; split-K over blockIdx.y fills all SMs when M is small and partial
+//    tensor-core kernel on mma.sync.m16n8k16 (sm80+). Weights are read from global memory once per 16-row tile of
+//    x (so exactly once for M <= 16; each further tile, blockIdx.z, streams and decodes W again), in 16-byte loads,
+//    and decoded in registers; split-K over blockIdx.y fills all SMs when M is small and partial
 //    sums meet in an fp32 workspace through atomicAdd (so the summation order, not the math, varies run to run).
 //  * everything else (large M, fp32 x, odd shapes): dequantize the weight into an x-dtype temporary [N, K] with a
 //    simple elementwise kernel and call at::mm (cuBLAS). For large M the GEMM dominates and this stays within the

@@ -57,7 +57,8 @@ bool use_direct_decode(int64_t M, int64_t N) {
 at::Tensor run_mma(const at::Tensor& xc, const at::Tensor& wc, const at::Tensor& sc, const int32_t* zp, bool w4,
                    bool is_signed, int64_t N, int64_t K, int64_t group_size) {
   const int64_t M = xc.size(0);
-  TORCH_CHECK(N < (1LL << 37) && M <= cuda::kMmaMaxM, "int GEMM too large for the decode kernel: N=", N, ", M=", M);
+  // N < 2^35 keeps the direct kernel's grid ((N + 15) / 16 blocks) under the 2^31 - 1 limit
+  TORCH_CHECK(N < (1LL << 35) && M <= cuda::kMmaMaxM, "int GEMM too large for the decode kernel: N=", N, ", M=", M);
   if (use_direct_decode(M, N)) {
     auto out = at::empty({M, N}, xc.options());
     cuda::launch_weight_only_mma_direct(cuda::to_dtype(xc.scalar_type()), w4, xc.data_ptr(),

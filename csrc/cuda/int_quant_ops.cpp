@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "capability.h"
 #include "launchers.h"
 #include "qkernels/check.h"
 #include "qkernels/int_checks.h"
@@ -33,6 +34,7 @@ std::tuple<at::Tensor, at::Tensor> choose_qparams_affine_cuda(const at::Tensor& 
   check_bits(bits);
   check_groups(w, group_size, "w");
   const c10::cuda::CUDAGuard guard(w.device());
+  cuda::check_capability("choose_qparams_affine");
   auto wc = w.contiguous();
   auto pshape = w.sizes().vec();
   pshape.back() = w.size(-1) / group_size;
@@ -55,6 +57,7 @@ at::Tensor quantize_affine_cuda(const at::Tensor& w, const at::Tensor& scale, co
                                 int64_t bits, int64_t group_size, bool is_signed, bool float_zero_point) {
   check_quantize_affine_args(w, scale, zero_point, bits, group_size, is_signed, float_zero_point);
   const c10::cuda::CUDAGuard guard(w.device());
+  cuda::check_capability("quantize_affine");
   // a NaN would reach a float->int conversion (undefined behaviour), so refuse it up front, as on CPU
   TORCH_CHECK(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
               "w contains NaN or inf; quantization needs finite values");
@@ -78,6 +81,7 @@ at::Tensor pack_int4_cuda(const at::Tensor& q) {
   TORCH_CHECK(q.dim() >= 1, "q must have at least 1 dim");
   TORCH_CHECK(q.size(-1) % 2 == 0, "the last dim of q must be even to pack two int4 per byte, got ", q.size(-1));
   const c10::cuda::CUDAGuard guard(q.device());
+  cuda::check_capability("pack_int4");
   const bool is_signed = q.scalar_type() == at::kChar;
   auto qc = q.contiguous();
   auto shape = q.sizes().vec();
@@ -99,6 +103,7 @@ at::Tensor unpack_int4_cuda(const at::Tensor& packed, bool is_signed) {
   check_dtype(packed, at::kByte, "packed");
   TORCH_CHECK(packed.dim() >= 1, "packed must have at least 1 dim");
   const c10::cuda::CUDAGuard guard(packed.device());
+  cuda::check_capability("unpack_int4");
   auto pc = packed.contiguous();
   auto shape = packed.sizes().vec();
   shape.back() *= 2;
@@ -119,6 +124,7 @@ at::Tensor dequantize_affine_cuda(const at::Tensor& q, const at::Tensor& scale,
                                   bool float_zero_point, at::ScalarType out_dtype) {
   check_dequantize_affine_args(q, scale, zero_point, group_size, float_zero_point, out_dtype);
   const c10::cuda::CUDAGuard guard(q.device());
+  cuda::check_capability("dequantize_affine");
   auto qc = q.contiguous();
   auto sc = scale.contiguous();
   at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();

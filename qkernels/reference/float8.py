@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from ._arith import true_div as _div
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 FP8_MAX = {
     torch.float8_e4m3fn: 448.0,
@@ -43,11 +45,6 @@ FP8_MAX = {
 }
 # |v| beyond which round-to-nearest-even overflows e4m3fn: max + half an ulp = 464 (464 itself rounds to even 448)
 _E4M3FN_OVERFLOW = 464.0
-
-
-def _div(a: torch.Tensor, b: float) -> torch.Tensor:
-    """a / b as a true fp32 division (a scalar divisor may be turned into a multiply by its reciprocal on GPU)."""
-    return a / torch.full_like(a, b)
 
 
 def cast_to_fp8_bits(v: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import int_quant
+from ._arith import true_div
 
 
 def int4_weight_only_mm(x, packed_w, scale, zero_point, group_size, is_signed):
@@ -32,7 +33,7 @@ def quantize_per_token_int8(x):
     finite = torch.isfinite(xf).all(dim=-1)
     xf = torch.where(finite.unsqueeze(-1), xf, torch.zeros_like(xf))
     amax = xf.abs().amax(dim=-1) if xf.shape[-1] > 0 else torch.zeros(xf.shape[:-1], device=xf.device)
-    scale = amax / 127.0
+    scale = true_div(amax, 127.0)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round(xf / scale.unsqueeze(-1)), -127, 127).to(torch.int8)
     scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from ._arith import true_div
+
 
 def int_range(bits: int, is_signed: bool) -> tuple[int, int]:
     if is_signed:
@@ -43,7 +45,7 @@ def choose_qparams_affine(w, bits, group_size, symmetric, is_signed, float_zero_
     gmax = wg.amax(dim=-1)
     one = torch.ones((), dtype=torch.float32, device=w.device)
     if float_zero_point:
-        scale = (gmax - gmin) / float((1 << bits) - 1)
+        scale = true_div(gmax - gmin, float((1 << bits) - 1))
         scale = torch.where(scale > 0, scale, one)
         return scale, gmin
     qmin, qmax = int_range(bits, is_signed)
@@ -51,11 +53,11 @@ def choose_qparams_affine(w, bits, group_size, symmetric, is_signed, float_zero_
     vmax = torch.clamp(gmax, min=0.0)
     if symmetric:
         amax = torch.maximum(-vmin, vmax)
-        scale = amax / float((1 << (bits - 1)) - 1)
+        scale = true_div(amax, float((1 << (bits - 1)) - 1))
         scale = torch.where(scale > 0, scale, one)
         zp = torch.full_like(scale, 0 if is_signed else (1 << (bits - 1)), dtype=torch.int32)
         return scale, zp
-    scale = (vmax - vmin) / float(qmax - qmin)
+    scale = true_div(vmax - vmin, float(qmax - qmin))
     scale = torch.where(scale > 0, scale, one)
     zp = float(qmin) - torch.round(vmin / scale)
     zp = torch.clamp(zp, qmin, qmax).to(torch.int32)
