@@ -66,9 +66,9 @@ def test_int4_register_kernel_tails(dtype, M, N, K, group_size, symmetric, signe
     assert rel_err(out, want) < GEMM_RTOL[dtype]
 
 
-# The int16-activation kernel (bf16/fp16 x, K % 64 == 0 and group_size % 64 == 0; by default M <= 3, forced here for
-# every M so its 1x4 and 2x2 tiles run too): every row tail, M tail, thread split and x-scale block (F = 64, 128 and
-# 256 = per-channel K 1024 and group 256).
+# The int16-activation kernel (bf16/fp16 x, K % 64 == 0 and group_size % 64 == 0, M <= 24; the default there, set
+# explicitly here): its 4x1 tile with two accumulators and its 2x2 / 2x4 / 1xMT tiles with one, every row tail, M
+# tail, thread split and x-scale block (F = 64, 128 and 256 = per-channel K 1024 and group 256).
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 3, 6, 9, 24])
 @pytest.mark.parametrize("N,K,group_size", [(7, 128, 64), (13, 512, 256), (301, 1024, 128), (66, 256, 256),

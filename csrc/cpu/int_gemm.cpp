@@ -181,13 +181,13 @@ bool int4_prepare_x_i16(const at::Tensor& x, int64_t group_size, at::Tensor& xq,
                                      xs.data_ptr<float>(), xsum.data_ptr<float>());
 }
 
-// Which bf16/fp16 calls take the int16-activation kernel. "auto" (default): M <= 3, where it is faster (2-core Zen 3,
-// 4096 x 4096 g128 from DRAM: M = 1 560 vs 700 us, M = 3 1420 vs 1620 us); from M = 4 the fp32 kernel's 2x4 tile is
-// faster (1435 vs 1930 us). "1": every M the register kernels take (tests cover all its tiles), "0": never
-// (benchmark A/B). Read per call.
-bool use_w4_i16(int64_t M) {
+// QKERNELS_CPU_W4_I16: whether bf16/fp16 calls take the int16-activation kernel. "auto" / "1" (default): yes,
+// wherever the register kernels run (it is faster at every M up to the threshold: 2-core Zen 3, 4096 x 4096 g128
+// from DRAM, M = 1 627 vs 704 us, M = 24 7705 vs 9095 us against the fp32 kernel); "0": no (tests of the fp32
+// kernels on 16-bit x, benchmark A/B). Read per call.
+bool use_w4_i16() {
   const char* e = std::getenv("QKERNELS_CPU_W4_I16");
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return M <= 3;
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return true;
   TORCH_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
               "QKERNELS_CPU_W4_I16 must be 'auto', '0' or '1', got '", e, "'");
   return *e == '1';
@@ -224,7 +224,7 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
     // the 64-k mask-decode kernel where the shape allows it, else the 32-k one (group_size 32, K = 64 n + 32)
     const bool k64 = K % 64 == 0 && group_size % 64 == 0 && use_w4_k64();
     at::Tensor xq, xsc, xsum16, ones;
-    if (k64 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && use_w4_i16(M) &&
+    if (k64 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && use_w4_i16() &&
         int4_prepare_x_i16(x, group_size, xq, xsc, xsum16, ones)) {
       at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
       const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
