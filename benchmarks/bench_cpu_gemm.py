@@ -42,7 +42,7 @@ def _nbytes(*ts) -> int:
 
 def _with_env(var, value, fn):
     """Run fn with one kernel switch set (for A/B rows in the same run): QKERNELS_CPU_W4_K64=0 is the 32-k int4
-    decode kernel, QKERNELS_CPU_W4_I16=0 keeps bf16 activations on the fp32 int4 kernel."""
+    decode kernel, QKERNELS_CPU_I16=0 keeps bf16 activations on the fp32 int4 / int8 kernels."""
     os.environ[var] = value
     try:
         return fn()
@@ -84,7 +84,7 @@ def build_methods(N: int, K: int):
         lambda xf, xb, W: qkernels.int4_weight_only_mm(xb, W[0], W[1], W[2], GROUP), _nbytes(p4, s4, z4))
     m["qkernels W4A16 g128 (bf16 x, fp32 kernel)"] = (
         lambda: (p4.clone(), s4.clone(), z4.clone()),
-        lambda xf, xb, W: _with_env("QKERNELS_CPU_W4_I16", "0",
+        lambda xf, xb, W: _with_env("QKERNELS_CPU_I16", "0",
                                     lambda: qkernels.int4_weight_only_mm(xb, W[0], W[1], W[2], GROUP)),
         _nbytes(p4, s4, z4))
     m["qkernels W4A16 g128 (fp32 x, 32-k kernel)"] = (
@@ -95,6 +95,10 @@ def build_methods(N: int, K: int):
     m["qkernels W8A16 (bf16 x)"] = (
         lambda: (q8.clone(), s8.clone()),
         lambda xf, xb, W: qkernels.int8_weight_only_mm(xb, W[0], W[1]), _nbytes(q8, s8))
+    m["qkernels W8A16 (bf16 x, fp32 kernel)"] = (
+        lambda: (q8.clone(), s8.clone()),
+        lambda xf, xb, W: _with_env("QKERNELS_CPU_I16", "0", lambda: qkernels.int8_weight_only_mm(xb, W[0], W[1])),
+        _nbytes(q8, s8))
     m["qkernels W8A8 dynamic (bf16 x)"] = (
         lambda: (q8.clone(), s8.clone()),
         lambda xf, xb, W: qkernels.int8_dynamic_mm(xb, W[0], W[1]), _nbytes(q8, s8))

@@ -58,7 +58,7 @@ def test_int8_weight_only_mm(dtype, M, N, K):
 @pytest.mark.parametrize("k64", ["1", "0"])  # "0": the 32-k decode kernel also where the 64-k one would run
 def test_int4_register_kernel_tails(dtype, M, N, K, group_size, symmetric, signed, k64, monkeypatch):
     monkeypatch.setenv("QKERNELS_CPU_W4_K64", k64)
-    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "0")  # bf16/fp16 x through the fp32 kernels too (next test: int16)
+    monkeypatch.setenv("QKERNELS_CPU_I16", "0")  # bf16/fp16 x through the fp32 kernels too (next test: int16)
     x = torch.randn(M, K).to(dtype)
     p, s, z = _int4_weight(N, K, group_size, symmetric, signed)
     out = qkernels.int4_weight_only_mm(x, p, s, z, group_size, signed=signed)
@@ -75,7 +75,7 @@ def test_int4_register_kernel_tails(dtype, M, N, K, group_size, symmetric, signe
                                             (5, 1088, 64), (6, 192, 192), (9, 1024, 1024), (3, 4096, 4096)])
 @pytest.mark.parametrize("symmetric,signed", [(True, True), (False, True), (False, False)])
 def test_int4_int16_activation_kernel_tails(dtype, M, N, K, group_size, symmetric, signed, monkeypatch):
-    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "1")
+    monkeypatch.setenv("QKERNELS_CPU_I16", "1")
     x = torch.randn(M, K).to(dtype)
     p, s, z = _int4_weight(N, K, group_size, symmetric, signed)
     out = qkernels.int4_weight_only_mm(x, p, s, z, group_size, signed=signed)
@@ -100,7 +100,7 @@ def _i16_emulated(x, p, s, z, group_size, signed):
 def test_int4_int16_activations_rounding(dtype, group_size, monkeypatch):
     """Activations spanning 16 octaves (outliers next to tiny values): the kernel equals its own int16 rounding of x
     up to fp32 accumulation and the output rounding, and stays within the dtype's bound of the exact product."""
-    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "1")
+    monkeypatch.setenv("QKERNELS_CPU_I16", "1")
     torch.manual_seed(3)
     M, N, K = 3, 64, 1024
     x = (torch.randn(M, K) * torch.exp2(torch.randint(-8, 8, (M, K)).float())).to(dtype)
@@ -111,10 +111,36 @@ def test_int4_int16_activations_rounding(dtype, group_size, monkeypatch):
     assert rel_err(out, ref.int4_weight_only_mm(x.double(), p, s, z, group_size, True)) < GEMM_RTOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_int16_activations_rounding_and_nonfinite(dtype, monkeypatch):
+    """W8A16 on int16 activations: equal to its own int16 rounding of x (per 256-block, as _i16_emulated) up to the
+    output rounding, within the dtype's bound of the exact product for x spread over 16 octaves; NaN/inf rows fall
+    back to the fp32 kernel and propagate per row like the reference."""
+    torch.manual_seed(4)
+    M, N, K = 3, 40, 1024
+    x = (torch.randn(M, K) * torch.exp2(torch.randint(-8, 8, (M, K)).float())).to(dtype)
+    q = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    s = (torch.rand(N) + 0.01) * 1e-3  # outputs well inside fp16's range
+    out = qkernels.int8_weight_only_mm(x, q, s)
+    F = 256
+    xb = x.double().reshape(M, K // F, F)
+    step = torch.exp2(torch.floor(torch.log2(xb.abs().amax(-1, keepdim=True))) - 14)
+    xq = (torch.round(xb / step) * step).reshape(M, K)
+    assert rel_err(out, ref.int8_weight_only_mm(xq, q, s)) < {torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
+    assert rel_err(out, ref.int8_weight_only_mm(x.double(), q, s)) < GEMM_RTOL[dtype]
+    x[1, 3] = float("nan")
+    out = qkernels.int8_weight_only_mm(x, q, s)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    assert rel_err(out[[0, 2]], ref.int8_weight_only_mm(x[[0, 2]].double(), q, s)) < GEMM_RTOL[dtype]
+    monkeypatch.setenv("QKERNELS_CPU_I16", "no")
+    with pytest.raises(RuntimeError, match="QKERNELS_CPU_I16 must be 'auto', '0' or '1', got 'no'"):
+        qkernels.int8_weight_only_mm(x, q, s)
+
+
 def test_int4_int16_activations_nonfinite_and_env(monkeypatch):
     """NaN / inf in x: the call falls back to the fp32 kernel, which propagates them per row like the reference;
-    an all-zero block gets scale 1 and contributes 0. A bad QKERNELS_CPU_W4_I16 value is an error naming it."""
-    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "1")
+    an all-zero block gets scale 1 and contributes 0. A bad QKERNELS_CPU_I16 value is an error naming it."""
+    monkeypatch.setenv("QKERNELS_CPU_I16", "1")
     p, s, z = _int4_weight(12, 256, 64, False, False)
     x = torch.randn(3, 256).bfloat16()
     x[1, 7] = float("nan")
@@ -127,15 +153,20 @@ def test_int4_int16_activations_nonfinite_and_env(monkeypatch):
     assert not torch.isfinite(qkernels.int4_weight_only_mm(x, p, s, z, 64, signed=False)[1]).any()
     out0 = qkernels.int4_weight_only_mm(x[2:], p, s, z, 64, signed=False)
     assert rel_err(out0, want[2:]) < GEMM_RTOL[torch.bfloat16]
-    monkeypatch.setenv("QKERNELS_CPU_W4_I16", "yes")
-    with pytest.raises(RuntimeError, match="QKERNELS_CPU_W4_I16 must be 'auto', '0' or '1', got 'yes'"):
+    monkeypatch.setenv("QKERNELS_CPU_I16", "yes")
+    with pytest.raises(RuntimeError, match="QKERNELS_CPU_I16 must be 'auto', '0' or '1', got 'yes'"):
         torch.ops.qkernels.int4_weight_only_mm(x, p, s, z, 64, False)
 
 
+# int8 register kernels: fp32 (K % 16 == 0) and, for bf16/fp16 x with K % 64 == 0, the int16-activation kernel
+# (x-scale blocks F = 64 (K 192, 320), 128 (384), 256 (1024, 2560, 4096)); "0" sends 16-bit x to the fp32 kernel.
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 11, 24])
-@pytest.mark.parametrize("N,K", [(1, 16), (5, 48), (6, 80), (301, 1024), (4, 4096)])
-def test_int8_register_kernel_tails(dtype, M, N, K):
+@pytest.mark.parametrize("N,K", [(1, 16), (5, 48), (6, 80), (301, 1024), (4, 4096), (9, 192), (7, 320), (13, 384),
+                                 (66, 2560)])
+@pytest.mark.parametrize("i16", ["auto", "0"])
+def test_int8_register_kernel_tails(dtype, M, N, K, i16, monkeypatch):
+    monkeypatch.setenv("QKERNELS_CPU_I16", i16)
     x = torch.randn(M, K).to(dtype)
     q = torch.randint(-128, 128, (N, K), dtype=torch.int8)
     s = torch.rand(N) + 0.01

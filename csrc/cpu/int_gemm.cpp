@@ -157,39 +157,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& 
   return {xp, xsum, row_scale};
 }
 
-// bf16/fp16 x [M, K] -> the int16 activations of w4a16_rows_avx2_i16: per F-block of a row (F = 256, 128 or 64,
-// the largest that divides group_size), x = xq * 2^(e - 14) with e the binary exponent of the block's largest |x|,
-// so |xq| < 2^15 and xq = round-to-nearest-even(x * 2^(14 - e)). For bf16 (8 significant bits) every element within
-// 2^-7 of the block's max is exact, fp16 (11 bits) within 2^-4; smaller ones are rounded to 2^-15 of the block max,
-// far below the rounding of the 16-bit output. Each 64-block is permuted to xq[16 j + l] = q(x[4 l + j]) (the
-// kernel's nibble order); xsum = per-group sums of xq * scale (exact int sums, scaled), for the zero-point
-// correction; row_scale = 1. Returns false (nothing usable) when a row holds NaN or inf: the fp32 kernel handles
-// those, propagating them like the reference.
-int64_t int4_i16_block(int64_t group_size) {
+// bf16/fp16 x [M, K] -> the int16 activations of the *_rows_avx2_i16 kernels: per F-block of a row (F = 256, 128 or
+// 64, the largest that divides group_size; per-channel int8: K), x = xq * 2^(e - 14) with e the binary exponent of
+// the block's largest |x|, so |xq| < 2^15 and xq = round-to-nearest-even(x * 2^(14 - e)). For bf16 (8 significant
+// bits) every element within 2^-7 of the block's max is exact, fp16 (11 bits) within 2^-4; smaller ones are rounded
+// to 2^-15 of the block max, far below the rounding of the 16-bit output. permute: each 64-block in the int4
+// kernel's nibble order, xq[16 j + l] = q(x[4 l + j]) (else natural order, for int8); xsum = per-group sums of
+// xq * scale (exact int sums, scaled), for the int4 zero-point correction; row_scale = 1. Returns false (nothing
+// usable) when a row holds NaN or inf: the fp32 kernels handle those, propagating them like the reference.
+int64_t i16_block(int64_t group_size) {
   return group_size % 256 == 0 ? 256 : group_size % 128 == 0 ? 128 : 64;
 }
 
-bool int4_prepare_x_i16(const at::Tensor& x, int64_t group_size, at::Tensor& xq, at::Tensor& xs, at::Tensor& xsum,
-                        at::Tensor& row_scale) {
-  const int64_t M = x.size(0), K = x.size(1), G = K / group_size, F = int4_i16_block(group_size);
+bool prepare_x_i16(const at::Tensor& x, int64_t group_size, bool permute, at::Tensor& xq, at::Tensor& xs,
+                   at::Tensor& xsum, at::Tensor& row_scale) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size, F = i16_block(group_size);
   auto xf = x.to(at::kFloat).contiguous();  // exact for bf16/fp16, and ATen's conversion is vectorised
   xq = at::empty({M, K}, x.options().dtype(at::kShort));
   xs = at::empty({M, K / F}, x.options().dtype(at::kFloat));
   xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
   row_scale = at::ones({M}, x.options().dtype(at::kFloat));
-  return cpu::i16_quantize_rows_avx2(xf.data_ptr<float>(), M, K, F, group_size, xq.data_ptr<int16_t>(),
+  return cpu::i16_quantize_rows_avx2(xf.data_ptr<float>(), M, K, F, group_size, permute, xq.data_ptr<int16_t>(),
                                      xs.data_ptr<float>(), xsum.data_ptr<float>());
 }
 
-// QKERNELS_CPU_W4_I16: whether bf16/fp16 calls take the int16-activation kernel. "auto" / "1" (default): yes,
-// wherever the register kernels run (it is faster at every M up to the threshold: 2-core Zen 3, 4096 x 4096 g128
-// from DRAM, M = 1 627 vs 704 us, M = 24 7705 vs 9095 us against the fp32 kernel); "0": no (tests of the fp32
-// kernels on 16-bit x, benchmark A/B). Read per call.
-bool use_w4_i16() {
-  const char* e = std::getenv("QKERNELS_CPU_W4_I16");
+// QKERNELS_CPU_I16: whether bf16/fp16 calls of the int4 and int8 weight-only GEMMs take the int16-activation
+// kernels. "auto" / "1" (default): yes, wherever the register kernels run (faster at every M up to the threshold;
+// docs/cpu_gemm.md has the numbers); "0": no (tests of the fp32 kernels on 16-bit x, benchmark A/B). Read per call.
+bool use_i16(const at::Tensor& x) {
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) return false;
+  const char* e = std::getenv("QKERNELS_CPU_I16");
   if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return true;
   TORCH_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
-              "QKERNELS_CPU_W4_I16 must be 'auto', '0' or '1', got '", e, "'");
+              "QKERNELS_CPU_I16 must be 'auto', '0' or '1', got '", e, "'");
   return *e == '1';
 }
 
@@ -224,14 +224,13 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
     // the 64-k mask-decode kernel where the shape allows it, else the 32-k one (group_size 32, K = 64 n + 32)
     const bool k64 = K % 64 == 0 && group_size % 64 == 0 && use_w4_k64();
     at::Tensor xq, xsc, xsum16, ones;
-    if (k64 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && use_w4_i16() &&
-        int4_prepare_x_i16(x, group_size, xq, xsc, xsum16, ones)) {
+    if (k64 && use_i16(x) && prepare_x_i16(x, group_size, true, xq, xsc, xsum16, ones)) {
       at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
       const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
       const int16_t* xqp = xq.data_ptr<int16_t>();
       const float *xsp = xsc.data_ptr<float>(), *xsu = xsum16.data_ptr<float>(), *rs = ones.data_ptr<float>();
       float* o = out.data_ptr<float>();
-      const int64_t F = int4_i16_block(group_size);
+      const int64_t F = i16_block(group_size);
       std::atomic<bool> bad{false};
       for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
         if (cpu::w4a16_rows_avx2_i16(xqp, M, xsp, xsu, rs, w, s, zp, is_signed, K, group_size, F, o, N, n0, n1))
@@ -289,12 +288,25 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, c
   auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out.to(x.scalar_type());
   if (K == 0) return out.zero_().to(x.scalar_type());
-  auto xf = x.to(at::kFloat).contiguous();
   auto sf = scale.to(at::kFloat).contiguous();
   auto wc = q_w.contiguous();
   const float* s = sf.data_ptr<float>();
   const int8_t* w = wc.data_ptr<int8_t>();
   const bool avx2 = use_avx2();
+  if (avx2 && M <= small_m_threshold() && K % 64 == 0 && use_i16(x)) {
+    at::Tensor xq, xsc, xsum, ones;
+    if (prepare_x_i16(x, K, false, xq, xsc, xsum, ones)) {
+      const int16_t* xqp = xq.data_ptr<int16_t>();
+      const float* xsp = xsc.data_ptr<float>();
+      float* o = out.data_ptr<float>();
+      const int64_t F = i16_block(K);
+      for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
+        cpu::w8a16_rows_avx2_i16(xqp, M, xsp, w, s, K, F, o, N, n0, n1);
+      });
+      return out.to(x.scalar_type());
+    }
+  }
+  auto xf = x.to(at::kFloat).contiguous();
   if (avx2 && M <= small_m_threshold() && K % 16 == 0) {
     const float* xp = xf.data_ptr<float>();
     float* o = out.data_ptr<float>();

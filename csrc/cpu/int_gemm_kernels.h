@@ -33,12 +33,18 @@ bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const fl
 
 // x fp32 [M, K] -> the int16 activations of w4a16_rows_avx2_i16 (see int4_prepare_x_i16 in int_gemm.cpp): xq,
 // xs [M, K/F], xsum [M, K/group_size]. Returns false when x holds NaN or inf (nothing usable is written then).
-bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_t F, int64_t group_size, int16_t* xq,
-                            float* xs, float* xsum);
+// permute: the int4 kernel's order (per 64-block xq[16 j + l] = x[4 l + j]); otherwise natural order (int8 kernel).
+bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_t F, int64_t group_size, bool permute,
+                            int16_t* xq, float* xs, float* xsum);
 
 // out[m, n] = scale[n] * sum_k w[n, k] * x[m, k]; x fp32 [M, K]; needs K % 16 == 0.
 void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,
                      int64_t ldo, int64_t n0, int64_t n1);
+
+// The same on int16 activations (bf16/fp16 x; K % 64 == 0): xq int16 [M, K] natural order with x = xq * xs[m, k / F]
+// (i16_quantize_rows_avx2 with permute = false; F divides K, F <= 256).
+void w8a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const int8_t* w, const float* scale,
+                         int64_t K, int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
 // out[m, n] = sum_k xq[m, k] * w[n, k] exactly in int32; xq in [-127, 127]; needs K % 32 == 0.
 void i8i8_rows_avx2(const int8_t* xq, int64_t M, int64_t ldx, const int8_t* w, int64_t K, int32_t* out, int64_t ldo,
