@@ -107,9 +107,8 @@ def test_cuda_capability_switch_matches_arch_runs(tmp_path):
     import shutil
     import subprocess
 
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH")
+    cxx = shutil.which("c++") or shutil.which("g++")  # building qkernels needs one anyway
+    assert cxx is not None, "no C++ compiler (c++ or g++) on PATH"
     src = tmp_path / "probe.cpp"
     src.write_text(_ARCH_PROBE)
     inc = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"

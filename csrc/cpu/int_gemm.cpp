@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "int_gemm_kernels.h"
@@ -163,20 +164,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& 
 // bits) every element within 2^-7 of the block's max is exact, fp16 (11 bits) within 2^-4; smaller ones are rounded
 // to 2^-15 of the block max, far below the rounding of the 16-bit output. permute: each 64-block in the int4
 // kernel's nibble order, xq[16 j + l] = q(x[4 l + j]) (else natural order, for int8); xsum = per-group sums of
-// xq * scale (exact int sums, scaled), for the int4 zero-point correction; row_scale = 1. Returns false (nothing
+// xq * scale (exact int sums, scaled), for the int4 zero-point correction. Returns false (nothing
 // usable) when a row holds NaN or inf: the fp32 kernels handle those, propagating them like the reference.
 int64_t i16_block(int64_t group_size) {
   return group_size % 256 == 0 ? 256 : group_size % 128 == 0 ? 128 : 64;
 }
 
 bool prepare_x_i16(const at::Tensor& x, int64_t group_size, bool permute, at::Tensor& xq, at::Tensor& xs,
-                   at::Tensor& xsum, at::Tensor& row_scale) {
+                   at::Tensor& xsum) {
   const int64_t M = x.size(0), K = x.size(1), G = K / group_size, F = i16_block(group_size);
   auto xf = x.to(at::kFloat).contiguous();  // exact for bf16/fp16, and ATen's conversion is vectorised
   xq = at::empty({M, K}, x.options().dtype(at::kShort));
   xs = at::empty({M, K / F}, x.options().dtype(at::kFloat));
   xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
-  row_scale = at::ones({M}, x.options().dtype(at::kFloat));
   return cpu::i16_quantize_rows_avx2(xf.data_ptr<float>(), M, K, F, group_size, permute, xq.data_ptr<int16_t>(),
                                      xs.data_ptr<float>(), xsum.data_ptr<float>());
 }
@@ -223,33 +223,26 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   if (avx2 && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
     // the 64-k mask-decode kernel where the shape allows it, else the 32-k one (group_size 32, K = 64 n + 32)
     const bool k64 = K % 64 == 0 && group_size % 64 == 0 && use_w4_k64();
-    at::Tensor xq, xsc, xsum16, ones;
-    if (k64 && use_i16(x) && prepare_x_i16(x, group_size, true, xq, xsc, xsum16, ones)) {
-      at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
-      const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
-      const int16_t* xqp = xq.data_ptr<int16_t>();
-      const float *xsp = xsc.data_ptr<float>(), *xsu = xsum16.data_ptr<float>(), *rs = ones.data_ptr<float>();
-      float* o = out.data_ptr<float>();
-      const int64_t F = i16_block(group_size);
-      std::atomic<bool> bad{false};
-      for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
-        if (cpu::w4a16_rows_avx2_i16(xqp, M, xsp, xsu, rs, w, s, zp, is_signed, K, group_size, F, o, N, n0, n1))
-          bad = true;
-      });
-      if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
-      return out.to(x.scalar_type());
-    }
-    auto [xp, xsum, row_scale] = int4_prepare_x(x, group_size, k64);
+    // bf16/fp16 x: the int16-activation kernel (k64 layout only), unless x holds NaN/inf; else the fp32 kernels
+    at::Tensor xq, xsc, xp, xsum, row_scale;
+    const bool i16 = k64 && use_i16(x) && prepare_x_i16(x, group_size, true, xq, xsc, xsum);
+    if (!i16) std::tie(xp, xsum, row_scale) = int4_prepare_x(x, group_size, k64);
     at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
     const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
-    const float* xpp = xp.data_ptr<float>();
     const float* xs = xsum.data_ptr<float>();
-    const float* rs = row_scale.data_ptr<float>();
     float* o = out.data_ptr<float>();
+    const int64_t F = i16_block(group_size);
     std::atomic<bool> bad{false};
     for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
-      const bool b = k64 ? cpu::w4a16_rows_avx2_k64(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1)
-                         : cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1);
+      bool b;
+      if (i16) {
+        b = cpu::w4a16_rows_avx2_i16(xq.data_ptr<int16_t>(), M, xsc.data_ptr<float>(), xs, w, s, zp, is_signed, K,
+                                     group_size, F, o, N, n0, n1);
+      } else {
+        const float *xpp = xp.data_ptr<float>(), *rs = row_scale.data_ptr<float>();
+        b = k64 ? cpu::w4a16_rows_avx2_k64(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1)
+                : cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1);
+      }
       if (b) bad = true;
     });
     if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
@@ -294,8 +287,8 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, c
   const int8_t* w = wc.data_ptr<int8_t>();
   const bool avx2 = use_avx2();
   if (avx2 && M <= small_m_threshold() && K % 64 == 0 && use_i16(x)) {
-    at::Tensor xq, xsc, xsum, ones;
-    if (prepare_x_i16(x, K, false, xq, xsc, xsum, ones)) {
+    at::Tensor xq, xsc, xsum;
+    if (prepare_x_i16(x, K, false, xq, xsc, xsum)) {
       const int16_t* xqp = xq.data_ptr<int16_t>();
       const float* xsp = xsc.data_ptr<float>();
       float* o = out.data_ptr<float>();

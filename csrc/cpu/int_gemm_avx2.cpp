@@ -122,8 +122,8 @@ QK_AVX2 inline void fold_group(__m256 (&total)[NR][MT], const __m256 (&a)[NR][MT
   }
 }
 
-// End of an int4 tile: out[m, r] = (sum(total[r][m]) - zero-point correction) * row_scale[m]; true when a zero point
-// lies outside [-8, 16].
+// End of an int4 tile: out[m, r] = (sum(total[r][m]) - zero-point correction) * row_scale[m] (nullptr: 1); true when a
+// zero point lies outside [-8, 16].
 template <int NR, int MT>
 QK_AVX2 inline bool finish_int4_tile(const __m256 (&total)[NR][MT], const float* scale, const int32_t* zp,
                                      int32_t zoff, const float* xsum, const float* row_scale, int64_t G, float* out,
@@ -132,7 +132,7 @@ QK_AVX2 inline bool finish_int4_tile(const __m256 (&total)[NR][MT], const float*
   for (int r = 0; r < NR; ++r) {
     float corr[MT];
     bad |= zero_point_correction<MT>(scale + r * G, zp ? zp + r * G : nullptr, zoff, xsum, G, corr);
-    for (int m = 0; m < MT; ++m) out[m * ldo + r] = (hsum(total[r][m]) - corr[m]) * row_scale[m];
+    for (int m = 0; m < MT; ++m) out[m * ldo + r] = (hsum(total[r][m]) - corr[m]) * (row_scale ? row_scale[m] : 1.f);
   }
   return bad;
 }
@@ -250,7 +250,7 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
   return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
 }
 
-// int4 x int16 activations (bf16/fp16 x only; int4_prepare_x_i16): 64 k per step, integer dot products. One
+// int4 x int16 activations (bf16/fp16 x only; prepare_x_i16 in int_gemm.cpp): 64 k per step, integer dot products. One
 // 32-byte load is 16 uint16 lanes of 4 nibbles each, lane l holding elements k0 + 4 l + j (j = 0..3, nibble j at
 // bits 4j). For a fixed j, the decoded lanes times x_j[l] = xq[k0 + 4 l + j] (int16) is one vpmaddwd: 16 products
 // summed in pairs into 8 int32 lanes. Decode: j = 0 and j = 3 are one AND / one shift (u itself); j = 1 is one AND
@@ -265,8 +265,7 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
 // Measured (2-core Zen 3, 4096 x 4096 g128, weights from DRAM, against the fp32 kernel on the same bf16 x): M = 1
 // 627 vs 704 us, M = 4 1420 vs 1599, M = 16 5056 vs 5851, M = 24 7705 vs 9095.
 template <int NR, int MT, bool XOR8, bool ONE>
-QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, const float* row_scale,
-                      const uint8_t* w, const float* scale, const int32_t* zp, int32_t zoff, int64_t K,
+QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const float* scale, const int32_t* zp, int32_t zoff, int64_t K,
                       int64_t group_size, int64_t F, float* out, int64_t ldo, const char* pf) {
   const __m256i flip = _mm256_set1_epi8((char)0x88);
   const __m256i m0f = _mm256_set1_epi16(0x000F), mf0 = _mm256_set1_epi16(0x00F0);
@@ -315,7 +314,7 @@ QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, con
       }
     }
   }
-  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
+  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, nullptr, G, out, ldo);
 }
 
 // int8: pmovsxbd + cvtdq2ps per 8 weights (exact), the per-row scale applied to the fp32 sum.
@@ -483,34 +482,6 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
   return bad;
 }
 
-// Rows [n0, n1) of the int4 x int16 GEMM (w4i_tile), in the tiles of for_tiles: 4x1 with two int32 accumulators per
-// output, 2x2 and 2x4 (and the 1xMT row tails) with one (ONE).
-QK_AVX2 bool w4a16_rows_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum, const float* row_scale,
-                            const uint8_t* w, const float* scale, const int32_t* zero_point, bool is_signed,
-                            int64_t K, int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0,
-                            int64_t n1) {
-  const int32_t zoff = is_signed ? 8 : 0;  // codes decode unsigned; signed ones XOR'd with 8 to q + 8
-  const int64_t G = K / group_size, ldw = K / 2, nB = K / F;
-  bool bad = false;
-  auto tile = [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
-    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
-    const char* pf = int4_block_prefetch(w, scale, zero_point, n, ldw, G, pf_here);
-    const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
-    const int16_t* x = xq + m0 * K;
-    const float* xb = xs + m0 * nB;
-    const float* xsm = xsum + m0 * G;
-    const float* rs = row_scale + m0;
-    float* o = out + m0 * ldo + n;
-    constexpr bool ONE = MT > 1;  // 2x2 / 2x4 / 1x4 tiles: one accumulator per output (register budget)
-    bad |= is_signed ? w4i_tile<NR, MT, true, ONE>(x, xb, xsm, rs, w + n * ldw, scale + n * G, zp, zoff, K,
-                                                   group_size, F, o, ldo, pf)
-                     : w4i_tile<NR, MT, false, ONE>(x, xb, xsm, rs, w + n * ldw, scale + n * G, zp, zoff, K,
-                                                    group_size, F, o, ldo, pf);
-  };
-  for_tiles(M, n0, n1, tile);
-  return bad;
-}
-
 }  // namespace
 
 QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
@@ -525,12 +496,30 @@ QK_AVX2 bool w4a16_rows_avx2_k64(const float* xp, int64_t M, const float* xsum, 
   return w4a16_rows<true>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, group_size, out, ldo, n0, n1);
 }
 
-QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum,
-                                 const float* row_scale, const uint8_t* w, const float* scale,
-                                 const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size, int64_t F,
-                                 float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  return w4a16_rows_i16(xq, M, xs, xsum, row_scale, w, scale, zero_point, is_signed, K, group_size, F, out, ldo, n0,
-                        n1);
+// Rows [n0, n1) of the int4 x int16 GEMM (w4i_tile), in the tiles of for_tiles: 4x1 with two int32 accumulators per
+// output, 2x2 and 2x4 (and the 1xMT row tails) with one (ONE).
+QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum, const uint8_t* w,
+                                 const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
+                                 int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  const int32_t zoff = is_signed ? 8 : 0;  // codes decode unsigned; signed ones XOR'd with 8 to q + 8
+  const int64_t G = K / group_size, ldw = K / 2, nB = K / F;
+  bool bad = false;
+  auto tile = [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
+    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
+    const char* pf = int4_block_prefetch(w, scale, zero_point, n, ldw, G, pf_here);
+    const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
+    const int16_t* x = xq + m0 * K;
+    const float* xb = xs + m0 * nB;
+    const float* xsm = xsum + m0 * G;
+    float* o = out + m0 * ldo + n;
+    constexpr bool ONE = MT > 1;  // 2x2 / 2x4 / 1x4 tiles: one accumulator per output (register budget)
+    bad |= is_signed ? w4i_tile<NR, MT, true, ONE>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K,
+                                                   group_size, F, o, ldo, pf)
+                     : w4i_tile<NR, MT, false, ONE>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K,
+                                                    group_size, F, o, ldo, pf);
+  };
+  for_tiles(M, n0, n1, tile);
+  return bad;
 }
 
 QK_AVX2 bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_t F, int64_t group_size,
@@ -672,9 +661,8 @@ bool w4a16_rows_avx2_k64(const float*, int64_t, const float*, const float*, cons
 bool i16_quantize_rows_avx2(const float*, int64_t, int64_t, int64_t, int64_t, bool, int16_t*, float*, float*) {
   return false;
 }
-bool w4a16_rows_avx2_i16(const int16_t*, int64_t, const float*, const float*, const float*, const uint8_t*,
-                         const float*, const int32_t*, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
-                         int64_t) {
+bool w4a16_rows_avx2_i16(const int16_t*, int64_t, const float*, const float*, const uint8_t*, const float*,
+                         const int32_t*, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
   return false;
 }
 void w8a16_rows_avx2(const float*, int64_t, const int8_t*, const float*, int64_t, float*, int64_t, int64_t, int64_t) {}

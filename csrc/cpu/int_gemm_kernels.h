@@ -25,13 +25,13 @@ bool w4a16_rows_avx2_k64(const float* xp, int64_t M, const float* xsum, const fl
                          int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
 // The same GEMM on int16 activations (integer dot products; K % 64 == 0, group_size % 64 == 0): xq int16 [M, K] in
-// the layout of int4_prepare_x_i16 (per 64-block, xq[16 j + l] = x[4 l + j]), x = xq * xs[m, k / F] (F divides
-// group_size, F <= 256), xsum the per-group sums of that x, row_scale as above (ones).
-bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum, const float* row_scale,
-                         const uint8_t* w, const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
-                         int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1);
+// the layout of prepare_x_i16 in int_gemm.cpp (per 64-block, xq[16 j + l] = x[4 l + j]), x = xq * xs[m, k / F]
+// (F divides group_size, F <= 256), xsum the per-group sums of that x.
+bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum, const uint8_t* w,
+                         const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size,
+                         int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
-// x fp32 [M, K] -> the int16 activations of w4a16_rows_avx2_i16 (see int4_prepare_x_i16 in int_gemm.cpp): xq,
+// x fp32 [M, K] -> the int16 activations of w4a16_rows_avx2_i16 (see prepare_x_i16 in int_gemm.cpp): xq,
 // xs [M, K/F], xsum [M, K/group_size]. Returns false when x holds NaN or inf (nothing usable is written then).
 // permute: the int4 kernel's order (per 64-block xq[16 j + l] = x[4 l + j]); otherwise natural order (int8 kernel).
 bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_t F, int64_t group_size, bool permute,
