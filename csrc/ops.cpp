@@ -39,6 +39,8 @@ TORCH_LIBRARY(qkernels, m) {
   // ---- build information (csrc/build_info.cpp) ----
   // The CUDA archs compiled into this build, ";"-separated as in TORCH_CUDA_ARCH_LIST ("" for a CPU-only build).
   m.def("cuda_build_archs() -> str");
+  // The CPU kernels the next call runs: "avx2" (x86-64 with AVX2/FMA/F16C) or "scalar" (else, or QKERNELS_CPU_ISA=scalar).
+  m.def("cpu_isa() -> str");
 
   // ---- fp8 casts and scaled GEMM (csrc/cpu/float8.cpp, reference: qkernels/reference/float8.py) ----
   // x [R, C] float -> (q uint8 [R, C] holding `dtype` fp8 bits, scale fp32 [R/block_rows, C/block_cols]) with

@@ -7,9 +7,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <array>
+#include <type_traits>
 
+#include "cpu_dispatch.h"
 #include "emulated_mm.h"
+#include "float_kernels.h"
 #include "qkernels/check.h"
 #include "qkernels/float8.h"
 #include "qkernels/float_checks.h"
@@ -45,6 +49,35 @@ std::array<float, 256> decode_table(const MiniFloat& f) {
   std::array<float, 256> lut;
   for (int c = 0; c < 256; ++c) lut[c] = minifloat_to_float((uint32_t)c, f);
   return lut;
+}
+
+// The AVX2 kernels' element kind for T; double has none (the portable loops take it).
+template <typename T>
+constexpr int float_kind() {
+  return std::is_same<T, float>::value ? (int)cpu::FloatKind::kF32
+         : std::is_same<T, at::BFloat16>::value ? (int)cpu::FloatKind::kBF16
+         : std::is_same<T, at::Half>::value     ? (int)cpu::FloatKind::kF16
+                                                : -1;
+}
+
+// One run of quantize_fp8 / dequantize_fp8: the AVX2 kernel where it applies (bit-identical), else the loop.
+template <typename T>
+void encode_any(const T* src, uint8_t* dst, int64_t n, float scale, const MiniFloatEncoder& enc, bool avx2) {
+  if (avx2 && float_kind<T>() >= 0) {
+    cpu::fp8_encode_avx2(src, (cpu::FloatKind)float_kind<T>(), n, scale, enc, dst);
+  } else {
+    encode_run(src, dst, n, scale, enc);
+  }
+}
+
+template <typename T>
+void decode_any(const uint8_t* src, T* dst, int64_t n, float scale, const cpu::Fp8HalfDecode& d, bool avx2,
+                const float* lut) {
+  if (avx2 && float_kind<T>() >= 0) {
+    cpu::fp8_decode_avx2(src, n, scale, d, dst, (cpu::FloatKind)float_kind<T>());
+  } else {
+    decode_run(src, dst, n, scale, lut);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const std::optional<at::Tensor>& scale,
@@ -88,11 +121,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
     const float* sp = s.data_ptr<float>();
     uint8_t* qp = q.data_ptr<uint8_t>();
     const MiniFloatEncoder enc = make_encoder(fmt, saturate);
+    const bool avx2 = cpu::use_avx2();
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const float* srow = sp + (r / block_rows) * nbc;
         for (int64_t j = 0; j < nbc; ++j) {
-          encode_run(xp + r * C + j * block_cols, qp + r * C + j * block_cols, block_cols, srow[j], enc);
+          encode_any(xp + r * C + j * block_cols, qp + r * C + j * block_cols, block_cols, srow[j], enc, avx2);
         }
       }
     });
@@ -112,6 +146,8 @@ at::Tensor dequantize_fp8_cpu(const at::Tensor& q, const at::Tensor& scale, at::
   auto out = at::empty({R, C}, q.options().dtype(out_dtype));
   if (R == 0 || C == 0) return out;
   const auto lut = decode_table(fmt);
+  const bool avx2 = cpu::use_avx2();
+  const auto hd = std::make_unique<cpu::Fp8HalfDecode>(cpu::make_fp8_half_decode(fmt));
   auto qc = q.contiguous();
   auto sc = scale.contiguous();
   const uint8_t* qp = qc.data_ptr<uint8_t>();
@@ -122,13 +158,18 @@ at::Tensor dequantize_fp8_cpu(const at::Tensor& q, const at::Tensor& scale, at::
       for (int64_t r = r0; r < r1; ++r) {
         const float* srow = sp + (r / block_rows) * nbc;
         for (int64_t j = 0; j < nbc; ++j) {
-          decode_run(qp + r * C + j * block_cols, op + r * C + j * block_cols, block_cols, srow[j], lut.data());
+          decode_any(qp + r * C + j * block_cols, op + r * C + j * block_cols, block_cols, srow[j], *hd, avx2,
+                     lut.data());
         }
       }
     });
   });
   return out;
 }
+
+// Up to this many rows of a, fp8_mm runs the fused AVX2 kernel (weights decoded in registers, never written out);
+// beyond it, the decode + sgemm emulation. The fused kernel re-decodes the weights for every 4 rows of a.
+constexpr int64_t kFp8FusedMaxM = 8;
 
 at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::ScalarType a_dtype, const at::Tensor& b,
                       const at::Tensor& b_scale, at::ScalarType b_dtype, const std::optional<at::Tensor>& bias,
@@ -138,17 +179,36 @@ at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::Scalar
   const MiniFloat fa = blk.fa, fb = blk.fb;
   const auto ba = blk.ba, bb = blk.bb;
   const auto la = decode_table(fa), lb = decode_table(fb);
+  const bool avx2 = cpu::use_avx2();
+  const auto hda = std::make_unique<cpu::Fp8HalfDecode>(cpu::make_fp8_half_decode(fa));
+  const auto hdb = std::make_unique<cpu::Fp8HalfDecode>(cpu::make_fp8_half_decode(fb));
   auto ac = a.contiguous(), bc = b.contiguous(), asc = a_scale.contiguous(), bsc = b_scale.contiguous();
   const uint8_t *ap = ac.data_ptr<uint8_t>(), *bp = bc.data_ptr<uint8_t>();
   const float *asp = asc.data_ptr<float>(), *bsp = bsc.data_ptr<float>();
   const int64_t ga = a_scale.size(1), gb = b_scale.size(1);
-  auto row = [K](const uint8_t* q, const std::array<float, 256>& lut, const float* srow, int64_t bk, float* dst) {
-    for (int64_t k0 = 0; k0 < K; k0 += bk) decode_run(q + k0, dst + k0, bk, srow[k0 / bk], lut.data());
+  // one operand row, decoded exactly with its scales (the reference's dequantization)
+  auto row = [K, avx2](const uint8_t* q, const cpu::Fp8HalfDecode& d, const std::array<float, 256>& lut,
+                       const float* srow, int64_t bk, float* dst) {
+    for (int64_t k0 = 0; k0 < K; k0 += bk) decode_any(q + k0, dst + k0, bk, srow[k0 / bk], d, avx2, lut.data());
   };
+  auto decode_a = [&](int64_t m, float* dst) { row(ap + m * K, *hda, la, asp + (m / ba[0]) * ga, ba[1], dst); };
+  if (avx2 && M <= kFp8FusedMaxM && M > 0 && N > 0 && K % 16 == 0 && bb[1] % 16 == 0) {
+    // fused: a decoded once; b's codes go straight into the FMA tiles with its block scales (float_kernels.h)
+    auto fopts = a.options().dtype(at::kFloat);
+    auto af = at::empty({M, K}, fopts);
+    float* afp = af.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) decode_a(m, afp + m * K);
+    auto out = at::empty({M, N}, fopts);
+    float* op = out.data_ptr<float>();
+    cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
+      cpu::fp8_mm_rows_avx2(afp, M, bp, bsp, gb, bb[0], bb[1], K, *hdb, op, N, n0, n1);
+    });
+    if (bias.has_value()) out.add_(bias->to(at::kFloat).reshape({1, N}));
+    return out.to(out_dtype);
+  }
   return cpu::emulated_mm(
-      M, N, K, [&](int64_t m, float* dst) { row(ap + m * K, la, asp + (m / ba[0]) * ga, ba[1], dst); },
-      [&](int64_t n, float* dst) { row(bp + n * K, lb, bsp + (n / bb[0]) * gb, bb[1], dst); }, bias, out_dtype,
-      a.options());
+      M, N, K, decode_a, [&](int64_t n, float* dst) { row(bp + n * K, *hdb, lb, bsp + (n / bb[0]) * gb, bb[1], dst); },
+      bias, out_dtype, a.options());
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_dispatch.h"
 #include "int_gemm_kernels.h"
 #include "qkernels/check.h"
 #include "qkernels/int_checks.h"
@@ -29,6 +30,10 @@
 
 namespace qkernels {
 namespace {
+
+using cpu::for_n_ranges;
+using cpu::kRowBlock;
+using cpu::use_avx2;
 
 // Beyond this many rows of x the dequantize-tile + sgemm path wins (measured with benchmarks.bench_cpu_gemm on a
 // 2-core Zen 3: the register kernel re-decodes weights every 4 rows; crossover at M ~ 24-32).
@@ -40,17 +45,6 @@ int64_t small_m_threshold() {
   }();
   return v;
 }
-// QKERNELS_CPU_ISA=scalar turns the AVX2 kernels off, so the portable paths (what non-x86 machines and CPUs without
-// AVX2 run) can be tested on any machine. Read per call: tests flip it with monkeypatch.setenv.
-bool use_avx2() {
-  const char* e = std::getenv("QKERNELS_CPU_ISA");
-  if (e != nullptr && *e != '\0' && std::strcmp(e, "auto") != 0) {
-    TORCH_CHECK(std::strcmp(e, "scalar") == 0, "QKERNELS_CPU_ISA must be 'auto' or 'scalar', got '", e, "'");
-    return false;
-  }
-  return cpu::cpu_has_avx2_fma();
-}
-
 // QKERNELS_CPU_W4_K64=0 keeps the int4 decode kernel on the 32-k decode where the 64-k mask decode would run, so
 // tests cover both kernels on the same shapes and benchmarks can compare them in one run. Read per call.
 bool use_w4_k64() {
@@ -60,26 +54,11 @@ bool use_w4_k64() {
 
 // Rows of W per dequantized tile: 32 x 4096 fp32 = 512 KiB, about one L2.
 constexpr int64_t kTileN = 32;
-// The register kernels take rows in blocks of 4 (int_gemm_avx2.cpp kRowBlock).
-constexpr int64_t kRowBlock = 4;
-
 // Parallel over N in tiles; f(n0, n1) handles weight rows [n0, n1).
 template <typename F>
 void for_n_tiles(int64_t N, int64_t tile, const F& f) {
   at::parallel_for(0, (N + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) f(t * tile, std::min(N, (t + 1) * tile));
-  });
-}
-
-// For the register kernels: one contiguous range of rows per thread (at::parallel_for splits the range into equal
-// chunks), so each thread streams its weights linearly and the kernel's prefetch of the next row block stays useful;
-// the grain keeps small problems (< ~256K weights per thread) on fewer threads. f(n0, n1).
-template <typename F>
-void for_n_ranges(int64_t N, int64_t K, int64_t M, const F& f) {
-  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, kRowBlock * K * M));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    f(b0 * kRowBlock, std::min(N, b1 * kRowBlock));
   });
 }
 

@@ -1,7 +1,7 @@
 // AVX2/FMA micro-kernels for the small-M (decode) integer GEMMs.
 //
 // This file is compiled with the baseline flags like every other one; only the functions below carry
-// target("avx2,fma"), and int_gemm.cpp calls them after a run-time CPU check. It deliberately includes no torch
+// target("avx2,fma,f16c") (QK_AVX2, avx2_tiles.h), and int_gemm.cpp calls them after a run-time CPU check. It deliberately includes no torch
 // header: inline functions from a header compiled here with AVX2 enabled could be picked by the linker for callers
 // on CPUs without AVX2.
 #include "int_gemm_kernels.h"
@@ -12,24 +12,19 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
-#define QK_AVX2 __attribute__((target("avx2,fma")))
+#include "avx2_tiles.h"
 
 namespace qkernels {
 namespace cpu {
 
 bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // f16c: the fp8 / fp4 kernels (float_avx2.cpp) convert through fp16; every AVX2 CPU so far has it
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return ok;
 }
 
 namespace {
-
-QK_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 QK_AVX2 inline float hsum_max(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -40,28 +35,9 @@ QK_AVX2 inline float hsum_max(__m256 v) {
 
 QK_AVX2 inline __m256 i8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
-// Register tiles of NR weight rows x MT activation rows: NR * MT outputs with C = 2 FMA chains each when that makes
-// 8 accumulators (4x1, 2x2, 1x4 tails) and one chain for the 2x4 tile, so the 2 FMA pipes never wait on the 4-cycle
-// FMA latency. Sharing each x load between NR weight rows, and each decoded weight vector between MT x rows, is what
-// lifts these kernels off the decode/load limit of one weight row at a time (2026-11, one Zen 3 core, weights from
-// DRAM: int4 ~9 -> ~13 G weights/s, int8 ~8 -> ~13 G weights/s at M = 1).
-//
-// Prefetch: the NR rows of a tile are read as NR interleaved streams, which the hardware prefetcher follows badly
-// once weights come from DRAM (measured: NR=4 without prefetch was slower than one row at a time). So every k step
-// also prefetches the next 64 bytes of the next 4-row block, which lies right after this one in memory: one
-// linear stream, exactly one block ahead. `pf` is that block (nullptr for the last block of a thread's range).
-constexpr int kRowBlock = 4;  // weight rows per block (NR * the number of NR-tiles per block)
-constexpr int64_t kPrefetchStep = 64;
-
 // The per-group scales and zero points of the next 4-row block (4 * K/g values each, a few cache lines per row)
 // are separate streams that the hardware prefetcher does not follow either: without this, their misses cost the
 // int4 kernel ~10-20% at M = 1 with weights from DRAM (2026-11, Zen 3, 11008 x 4096, g128).
-template <typename T>
-QK_AVX2 inline void prefetch_rows(const T* p, int64_t count) {
-  const char* c = (const char*)p;
-  for (int64_t i = 0; i < count * (int64_t)sizeof(T); i += kPrefetchStep) _mm_prefetch(c + i, _MM_HINT_T0);
-}
-
 // The int4 tiles' prefetch: with pf_here, the next 4-row block's scales and zero points now, and its weights (the
 // returned pointer, nullptr otherwise) step by step inside the tile.
 template <typename Z>
@@ -383,42 +359,6 @@ QK_AVX2 void w8i_tile(const int16_t* xq, const float* xs, const int8_t* w, const
   }
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MT; ++m) out[m * ldo + r] = hsum(total[r][m]) * scale[r];
-}
-
-// Rows [n0, n1) in blocks of kRowBlock weight rows; within a block, chunks of MT = 4, 2 or 1 x rows run as tiles of
-// 2x4, 2x2 or 4x1 (NR x MT). `tile(nr_tag, mt_tag, row, m0, pf)` runs one tile.
-template <typename Tile>
-QK_AVX2 void for_tiles(int64_t M, int64_t n0, int64_t n1, const Tile& tile) {
-  using I1 = std::integral_constant<int, 1>;
-  using I2 = std::integral_constant<int, 2>;
-  using I4 = std::integral_constant<int, 4>;
-  for (int64_t n = n0; n < n1; n += kRowBlock) {
-    const int64_t nb = n1 - n < kRowBlock ? n1 - n : kRowBlock;
-    const bool pf = n + 2 * kRowBlock <= n1;  // the next block is a full one of this thread's range
-    for (int64_t m0 = 0; m0 < M;) {
-      const int64_t left = M - m0;
-      const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      const bool pf_here = pf && m0 == 0;  // the block is read once from memory, by the first chunk
-      if (nb == kRowBlock) {
-        if (mt == 1) {
-          tile(I4(), I1(), n, m0, pf_here);
-        } else if (mt == 2) {
-          tile(I2(), I2(), n, m0, pf_here);
-          tile(I2(), I2(), n + 2, m0, false);
-        } else {
-          tile(I2(), I4(), n, m0, pf_here);
-          tile(I2(), I4(), n + 2, m0, false);
-        }
-      } else {
-        for (int64_t r = 0; r < nb; ++r) {
-          if (mt == 1) tile(I1(), I1(), n + r, m0, false);
-          else if (mt == 2) tile(I1(), I2(), n + r, m0, false);
-          else tile(I1(), I4(), n + r, m0, false);
-        }
-      }
-      m0 += mt;
-    }
-  }
 }
 
 // int8 x int8 -> int32 dot products, 32 at a time. maddubs wants (unsigned, signed): use |w| as the unsigned side

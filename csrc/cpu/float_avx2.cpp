@@ -1,0 +1,280 @@
+// AVX2 kernels for the CPU fp8 casts and the small-M fp8 GEMM (declared, with their contracts, in float_kernels.h).
+// Like int_gemm_avx2.cpp this file includes no torch header and only its functions carry the AVX2 target attribute;
+// float8.cpp calls them after the run-time CPU check.
+#include "float_kernels.h"
+
+#include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include "avx2_tiles.h"
+
+namespace qkernels {
+namespace cpu {
+namespace {
+
+// ---- decode: 16 codes -> 16 fp16 bit patterns h (value = h * pow2), see Fp8HalfDecode ----------------------------
+
+struct HalfConsts {
+  __m256i mag_mask, sign_mask, spec_min1, nan_code;
+  __m128i mag_shift;
+  QK_AVX2 explicit HalfConsts(const Fp8HalfDecode& d)
+      : mag_mask(_mm256_set1_epi16(0x7F)),
+        sign_mask(_mm256_set1_epi16((short)0x8000)),
+        spec_min1(_mm256_set1_epi16((short)(d.spec_min - 1))),
+        nan_code(_mm256_set1_epi16((short)d.nan_code)),
+        mag_shift(_mm_cvtsi32_si128(d.mag_shift)) {}
+};
+
+// h for 16 codes; returns true when one of them is special (then use decode16_slow for these 16).
+QK_AVX2 inline bool half_bits16(const uint8_t* q, const HalfConsts& c, __m256i& h) {
+  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)q));
+  const __m256i mag = _mm256_and_si256(v, c.mag_mask);
+  // the sign (bit 7) goes to bit 15: v << 8 puts it there, and the magnitude bits it drags along are masked off
+  h = _mm256_or_si256(_mm256_sll_epi16(mag, c.mag_shift), _mm256_and_si256(_mm256_slli_epi16(v, 8), c.sign_mask));
+  const __m256i spec = _mm256_or_si256(_mm256_cmpgt_epi16(mag, c.spec_min1), _mm256_cmpeq_epi16(v, c.nan_code));
+  return !_mm256_testz_si256(spec, spec);
+}
+
+QK_AVX2 inline void half_to_ps(__m256i h, __m256& lo, __m256& hi) {
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+
+// the 16 values / pow2 from the table (special lanes: exact NaN / inf / top-binade values)
+QK_AVX2 inline void decode16_slow(const uint8_t* q, const Fp8HalfDecode& d, __m256& lo, __m256& hi) {
+  alignas(32) float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = d.lut_h[q[i]];
+  lo = _mm256_load_ps(t);
+  hi = _mm256_load_ps(t + 8);
+}
+
+QK_AVX2 inline void decode16(const uint8_t* q, const Fp8HalfDecode& d, const HalfConsts& c, __m256& lo, __m256& hi) {
+  __m256i h;
+  if (__builtin_expect(half_bits16(q, c, h), 0)) {
+    decode16_slow(q, d, lo, hi);
+  } else {
+    half_to_ps(h, lo, hi);
+  }
+}
+
+// ---- fp32 -> bf16 / fp16 with the rounding of c10's conversions ------------------------------------------------
+
+// c10::BFloat16(float): round to nearest even on the bits, NaN -> 0x7FC0. Returns the 8 results in the low 16 bits
+// of 32-bit lanes.
+QK_AVX2 inline __m256i ps_to_bf16_lanes(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7FFF));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+// 16 fp32 -> 16 bf16 / fp16 stored at dst
+QK_AVX2 inline void store16(__m256 lo, __m256 hi, FloatKind out, void* dst) {
+  if (out == FloatKind::kF32) {
+    _mm256_storeu_ps((float*)dst, lo);
+    _mm256_storeu_ps((float*)dst + 8, hi);
+  } else if (out == FloatKind::kBF16) {
+    // packus keeps 0..0xFFFF as is; it interleaves the 128-bit lanes, the permute restores the order
+    const __m256i p = _mm256_packus_epi32(ps_to_bf16_lanes(lo), ps_to_bf16_lanes(hi));
+    _mm256_storeu_si256((__m256i*)dst, _mm256_permute4x64_epi64(p, 0xD8));
+  } else {
+    _mm_storeu_si128((__m128i*)dst, _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128((__m128i*)dst + 1, _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// ---- encode: 8 fp32 -> 8 codes (int32 lanes), minifloat_encode of float8.h lane by lane --------------------------
+
+struct EncodeConsts {
+  __m256i min_normal, magic_bits, round_half, rebias, max_code, ovf_code, nan_pos, nan_neg, zero_mask;
+  __m128i shift, nbits;
+  QK_AVX2 explicit EncodeConsts(const MiniFloatEncoder& e)
+      : min_normal(_mm256_set1_epi32((int)e.min_normal)),
+        magic_bits(_mm256_set1_epi32((int)e.magic_bits)),
+        round_half(_mm256_set1_epi32((int)e.round_half)),
+        rebias(_mm256_set1_epi32((int)e.rebias)),
+        max_code(_mm256_set1_epi32((int)e.max_code)),
+        ovf_code(_mm256_set1_epi32((int)e.ovf_code)),
+        nan_pos(_mm256_set1_epi32((int)e.nan_pos)),
+        nan_neg(_mm256_set1_epi32((int)e.nan_neg)),
+        zero_mask(_mm256_set1_epi32((int)e.zero_mask)),
+        shift(_mm_cvtsi32_si128((int)e.shift)),
+        nbits(_mm_cvtsi32_si128((int)e.nbits)) {}
+};
+
+// All compares below are signed: a <= 0x7FFFFFFF and every code before the overflow select is < 2^24.
+QK_AVX2 inline __m256i encode8(__m256 v, const EncodeConsts& c) {
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i sign = _mm256_srli_epi32(u, 31);
+  const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i sub = _mm256_sub_epi32(
+      _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(c.magic_bits))), c.magic_bits);
+  const __m256i lsb = _mm256_and_si256(_mm256_srl_epi32(a, c.shift), one);
+  const __m256i nor = _mm256_sub_epi32(
+      _mm256_srl_epi32(_mm256_add_epi32(_mm256_add_epi32(a, c.round_half), lsb), c.shift), c.rebias);
+  __m256i code = _mm256_blendv_epi8(nor, sub, _mm256_cmpgt_epi32(c.min_normal, a));
+  const __m256i ovf = _mm256_or_si256(_mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7F7FFFFF)),
+                                      _mm256_cmpgt_epi32(code, c.max_code));
+  code = _mm256_blendv_epi8(code, c.ovf_code, ovf);
+  const __m256i nonzero = _mm256_xor_si256(_mm256_cmpeq_epi32(code, _mm256_setzero_si256()), _mm256_set1_epi32(-1));
+  const __m256i out = _mm256_and_si256(_mm256_or_si256(_mm256_sll_epi32(sign, c.nbits), code),
+                                       _mm256_or_si256(nonzero, c.zero_mask));
+  const __m256i nan = _mm256_or_si256(_mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7F800000)),
+                                      _mm256_cmpeq_epi32(code, _mm256_set1_epi32(-1)));
+  const __m256i nanv = _mm256_blendv_epi8(c.nan_pos, c.nan_neg, _mm256_cmpeq_epi32(sign, one));
+  return _mm256_blendv_epi8(out, nanv, nan);
+}
+
+QK_AVX2 inline __m256 load8(const void* src, FloatKind in, int64_t i) {
+  if (in == FloatKind::kF32) return _mm256_loadu_ps((const float*)src + i);
+  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)src + i));
+  if (in == FloatKind::kF16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16: the top half of fp32
+}
+
+QK_AVX2 inline float load1(const void* src, FloatKind in, int64_t i) {
+  if (in == FloatKind::kF32) return ((const float*)src)[i];
+  const uint16_t h = ((const uint16_t*)src)[i];
+  if (in == FloatKind::kF16) return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)));
+  return bits_f32((uint32_t)h << 16);
+}
+
+// ---- the fp8-weight GEMM tile: NR weight rows x MT rows of x ---------------------------------------------------
+
+// Per 16 k and weight row: one 16-byte load, 5 integer ops to fp16 bit patterns, 2 vcvtph2ps, and 2 FMAs per x row
+// (against 2 pmovsx + 2 cvtdq2ps for int8 weights). The products are h * x = value * x / pow2 exactly, so the
+// block sums are scaled by bscale * pow2 at the end. GROUPED (block-wise scales along K): the sums of each
+// G-block are folded into `total` with their block's scale; otherwise one scale per row multiplies the final sum.
+template <int NR, int MT, bool GROUPED>
+QK_AVX2 void f8_tile(const float* x, const uint8_t* w, const float* const (&srow)[NR], int64_t G, int64_t K,
+                     const Fp8HalfDecode& d, const HalfConsts& hc, float* out, int64_t ldo, const char* pf) {
+  __m256 total[NR][MT];
+  __m256 a[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = a[r][m] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    for (int64_t k = g0; k < g0 + G; k += 16) {
+      if (pf) _mm_prefetch(pf + (k / 16) * kPrefetchStep, _MM_HINT_T0);  // 4 rows x 16 bytes per step
+      for (int r = 0; r < NR; ++r) {
+        __m256 w0, w1;
+        decode16(w + r * K + k, d, hc, w0, w1);
+        for (int m = 0; m < MT; ++m) {
+          const float* xk = x + m * K + k;
+          a[r][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk), a[r][m]);
+          a[r][m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + 8), a[r][m]);
+        }
+      }
+    }
+    if (GROUPED) {
+      for (int r = 0; r < NR; ++r) {
+        const __m256 s = _mm256_set1_ps(srow[r][g0 / G]);
+        for (int m = 0; m < MT; ++m) {
+          total[r][m] = _mm256_fmadd_ps(a[r][m], s, total[r][m]);
+          a[r][m] = _mm256_setzero_ps();
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) {
+      out[m * ldo + r] = GROUPED ? hsum(total[r][m]) * d.pow2 : hsum(a[r][m]) * d.pow2 * srow[r][0];
+    }
+}
+
+}  // namespace
+
+QK_AVX2 void fp8_decode_avx2(const uint8_t* q, int64_t n, float scale, const Fp8HalfDecode& d, void* dst,
+                             FloatKind out) {
+  const size_t esize = out == FloatKind::kF32 ? 4 : 2;
+  char* o = (char*)dst;
+  // value * scale == h * (pow2 * scale) when pow2 * scale is exact (pow2 is a power of two): both are the same real
+  // number rounded once. Otherwise (scale near fp32's range ends, NaN, inf) the table path computes it.
+  const float s2 = d.pow2 * scale;
+  const bool exact = std::isfinite(s2) && (std::fpclassify(s2) != FP_SUBNORMAL || d.pow2 >= 1.f);
+  int64_t i = 0;
+  if (exact) {
+    const HalfConsts hc(d);
+    const __m256 vs2 = _mm256_set1_ps(s2), vs = _mm256_set1_ps(scale);
+    for (; i + 16 <= n; i += 16) {
+      __m256i h;
+      __m256 lo, hi;
+      if (__builtin_expect(half_bits16(q + i, hc, h), 0)) {
+        decode16_slow(q + i, d, lo, hi);  // lut_h * pow2 = value exactly; then one rounding, as below
+        lo = _mm256_mul_ps(_mm256_mul_ps(lo, _mm256_set1_ps(d.pow2)), vs);
+        hi = _mm256_mul_ps(_mm256_mul_ps(hi, _mm256_set1_ps(d.pow2)), vs);
+      } else {
+        half_to_ps(h, lo, hi);
+        lo = _mm256_mul_ps(lo, vs2);
+        hi = _mm256_mul_ps(hi, vs2);
+      }
+      store16(lo, hi, out, o + i * esize);
+    }
+  }
+  // tail (and the inexact-scale case): 16 at a time through a zero-padded buffer
+  for (; i < n; i += 16) {
+    const int64_t cnt = n - i < 16 ? n - i : 16;
+    alignas(32) float t[16] = {0};
+    for (int64_t j = 0; j < cnt; ++j) t[j] = d.lut_h[q[i + j]] * d.pow2 * scale;
+    alignas(32) char buf[64];
+    store16(_mm256_load_ps(t), _mm256_load_ps(t + 8), out, buf);
+    std::memcpy(o + i * esize, buf, cnt * esize);
+  }
+}
+
+QK_AVX2 void fp8_encode_avx2(const void* src, FloatKind in, int64_t n, float scale, const MiniFloatEncoder& enc,
+                             uint8_t* dst) {
+  const EncodeConsts c(enc);
+  const __m256 vs = _mm256_set1_ps(scale);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i c0 = encode8(_mm256_div_ps(load8(src, in, i), vs), c);
+    const __m256i c1 = encode8(_mm256_div_ps(load8(src, in, i + 8), vs), c);
+    const __m256i c2 = encode8(_mm256_div_ps(load8(src, in, i + 16), vs), c);
+    const __m256i c3 = encode8(_mm256_div_ps(load8(src, in, i + 24), vs), c);
+    // codes are 0..255: the saturating packs keep them; they interleave 128-bit lanes, the permute undoes that
+    const __m256i p = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+    _mm256_storeu_si256((__m256i*)(dst + i), _mm256_permutevar8x32_epi32(p, order));
+  }
+  for (; i < n; ++i) dst[i] = minifloat_encode(load1(src, in, i) / scale, enc);
+}
+
+QK_AVX2 void fp8_mm_rows_avx2(const float* x, int64_t M, const uint8_t* w, const float* bscale, int64_t ldbs,
+                              int64_t bb0, int64_t G, int64_t K, const Fp8HalfDecode& d, float* out, int64_t ldo,
+                              int64_t n0, int64_t n1) {
+  const HalfConsts hc(d);
+  const bool grouped = G < K;
+  for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
+    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
+    const float* srow[NR];
+    for (int r = 0; r < NR; ++r) srow[r] = bscale + ((n + r) / bb0) * ldbs;
+    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * K) : nullptr;
+    if (grouped) {
+      f8_tile<NR, MT, true>(x + m0 * K, w + n * K, srow, G, K, d, hc, out + m0 * ldo + n, ldo, pf);
+    } else {
+      f8_tile<NR, MT, false>(x + m0 * K, w + n * K, srow, K, K, d, hc, out + m0 * ldo + n, ldo, pf);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace qkernels
+
+#else  // not x86-64: float8.cpp uses its portable loops (cpu_has_avx2_fma() is false)
+
+namespace qkernels {
+namespace cpu {
+void fp8_decode_avx2(const uint8_t*, int64_t, float, const Fp8HalfDecode&, void*, FloatKind) {}
+void fp8_encode_avx2(const void*, FloatKind, int64_t, float, const MiniFloatEncoder&, uint8_t*) {}
+void fp8_mm_rows_avx2(const float*, int64_t, const uint8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
+                      const Fp8HalfDecode&, float*, int64_t, int64_t, int64_t) {}
+}  // namespace cpu
+}  // namespace qkernels
+
+#endif

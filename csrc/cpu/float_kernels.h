@@ -1,0 +1,56 @@
+// Plain-pointer AVX2 kernels behind the CPU fp8 casts and the small-M fp8 GEMM (float_avx2.cpp; no torch types, see
+// int_gemm_avx2.cpp for why). Call them only where cpu_has_avx2_fma() (int_gemm_kernels.h) holds. Every kernel here
+// is bit-identical to the portable loop it replaces (csrc/cpu/float8.cpp), except the GEMM, whose fp32 sums are
+// ordered differently (as any GEMM's are).
+#pragma once
+#include <cstdint>
+
+#include "qkernels/float8.h"
+
+namespace qkernels {
+namespace cpu {
+
+// How the AVX2 kernels decode an 8-bit minifloat (e4m3fn, e5m2 and the fnuz pair): moving its sign and magnitude
+// bits to the positions of fp16's (10 - M mantissa shift, sign to bit 15) gives an fp16 number h with
+// value(code) = h * pow2 exactly, pow2 = 2^(15 - bias): the mantissa bits are the same, the exponent field is the
+// same number, only the biases differ. That holds for subnormals too (fp16 subnormals start lower than any fp8's).
+// F16C's vcvtph2ps then widens 8 of them to fp32 at once. Codes that fp16 would read differently are "special":
+// NaN / inf codes and, for e5m2fnuz, the top binade (fp16's inf / NaN exponent); their lanes use lut_h.
+struct Fp8HalfDecode {
+  int mag_shift;       // 10 - M
+  uint16_t spec_min;   // magnitudes (code & 0x7F) at or above this are special; 0x100: none
+  uint16_t nan_code;   // one whole code that is special (0x80, the fnuz NaN); 0x100: none
+  float pow2;          // 2^(15 - bias)
+  float lut_h[256];    // value(code) / pow2 (exact) for every code
+};
+
+inline Fp8HalfDecode make_fp8_half_decode(const MiniFloat& f) {
+  Fp8HalfDecode d;
+  d.mag_shift = 10 - f.mbits;
+  d.pow2 = bits_f32((uint32_t)(127 + 15 - f.bias) << 23);
+  // e4m3fn: 0x7F is NaN; e5m2: the exponent-31 codes are inf / NaN (fp16 has them too, but its NaN payloads would
+  // differ from the reference's canonical NaN); e5m2fnuz: exponent 31 is a normal binade there
+  d.spec_min = f.fnuz ? (f.ebits == 5 ? 0x7C : 0x100) : (f.has_inf ? 0x7C : 0x7F);
+  d.nan_code = f.fnuz ? 0x80 : 0x100;
+  for (int c = 0; c < 256; ++c) d.lut_h[c] = minifloat_to_float((uint32_t)c, f) / d.pow2;
+  return d;
+}
+
+// Element types of the casts' float side.
+enum class FloatKind : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// dst[i] = value(q[i]) * scale, rounded once to dst's type, for i < n (what dequantize_fp8's LUT loop computes).
+void fp8_decode_avx2(const uint8_t* q, int64_t n, float scale, const Fp8HalfDecode& d, void* dst, FloatKind out);
+
+// dst[i] = minifloat_encode(float(src[i]) / scale, enc) for i < n (quantize_fp8's loop).
+void fp8_encode_avx2(const void* src, FloatKind in, int64_t n, float scale, const MiniFloatEncoder& enc,
+                     uint8_t* dst);
+
+// out[m * ldo + n] = sum_k x[m, k] * value(w[n, k]) * bscale[(n / bb0) * ldbs + k / G] for n in [n0, n1), m < M:
+// the fp8 weight side of fp8_mm with its scale grid (per-tensor: bb0 = N, G = K; per-row: bb0 = 1, G = K; blocks:
+// bb0 x G). x fp32 [M, K] (the decoded activations); w [N, K] codes. Needs K % 16 == 0 and G % 16 == 0.
+void fp8_mm_rows_avx2(const float* x, int64_t M, const uint8_t* w, const float* bscale, int64_t ldbs, int64_t bb0,
+                      int64_t G, int64_t K, const Fp8HalfDecode& d, float* out, int64_t ldo, int64_t n0, int64_t n1);
+
+}  // namespace cpu
+}  // namespace qkernels
