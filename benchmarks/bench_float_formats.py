@@ -44,10 +44,21 @@ def bench_casts(device, repeats, R=4096, C=4096):
     dst = torch.empty_like(x32)
     t_copy = timed(lambda: dst.copy_(x32), repeats, device)
     copy_gbs = 2 * nbytes / t_copy / 1e9
-    rows.append(("memcpy fp32 (copy_)", t_copy, copy_gbs))
+    rows.append(("memcpy fp32 (copy_ into an existing tensor)", t_copy, copy_gbs))
+    # every cast returns a new tensor; on CPU, first-touching a fresh allocation of this size costs about as much as
+    # the copy itself, so clone() is the fair ceiling for them
+    t_clone = timed(lambda: x32.clone(), repeats, device)
+    clone_gbs = 2 * nbytes / t_clone / 1e9
+    rows.append(("clone fp32 (allocate + copy)", t_clone, clone_gbs))
     for in_dtype in (torch.float32, torch.bfloat16):
         x = x32.to(in_dtype)
         ib = x.numel() * x.element_size()
+        # what a user has without qkernels: torch's own cast (no scaling) and an unscaled decode times the scale
+        t = timed(lambda: x.to(torch.float8_e4m3fn), repeats, device)
+        rows.append((f"torch {str(in_dtype)[6:]}.to(float8_e4m3fn) (no scale)", t, (ib + x.numel()) / t / 1e9))
+        q8 = x.to(torch.float8_e4m3fn)
+        t = timed(lambda: q8.to(in_dtype) * 2.0, repeats, device)
+        rows.append((f"torch float8_e4m3fn.to({str(in_dtype)[6:]}) * scale", t, (x.numel() + ib) / t / 1e9))
         for gran, bs in (("tensor", None), ("row", None), ("block", 128)):
             t = timed(lambda: qkernels.quantize_fp8(x, torch.float8_e4m3fn, gran, bs or 128), repeats, device)
             # a per-tensor scale reads x twice (amax pass + cast pass); count the bytes the op must move once
@@ -61,7 +72,7 @@ def bench_casts(device, repeats, R=4096, C=4096):
             p, sc, g = qkernels.quantize_fp4(x, fmt)
             t = timed(lambda: qkernels.dequantize_fp4(p, sc, g, fmt, out_dtype=in_dtype), repeats, device)
             rows.append((f"dequantize_fp4 {fmt} -> {str(in_dtype)[6:]}", t, (x.numel() // 2 + ib) / t / 1e9))
-    return rows, copy_gbs
+    return rows, copy_gbs, clone_gbs
 
 
 def bench_gemms(device, repeats, shapes):
@@ -89,6 +100,9 @@ def bench_gemms(device, repeats, shapes):
             ("fp8 e4m3 tensor (quant x + mm)", lambda: fp8_dyn(wqt, wst, "tensor")),
             ("fp8 e4m3 row (quant x + mm)", lambda: fp8_dyn()),
             ("fp8 e4m3 block 1x128/128x128", lambda: fp8_dyn(wqb, wsb, "block", 128)),
+            # the Fp8WeightOnly layer's forward: decode the weight to x's dtype, then F.linear
+            ("fp8 e4m3 weight-only (dequantize + F.linear)",
+             lambda: F.linear(xb, qkernels.dequantize_fp8(wq, ws, torch.bfloat16))),
         ]
         for fmt in ("mxfp4", "nvfp4"):
             wp, wsc, wg = qkernels.quantize_fp4(w, fmt)
@@ -116,11 +130,11 @@ def main():
           + (f" ({torch.cuda.get_device_name()}, CUDA {torch.version.cuda})" if dev == "cuda" else
              f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"))
     print(f"fp8_mm dispatch: {qkernels.explain('fp8_mm', dev, a_dtype=torch.float8_e4m3fn, b_dtype=torch.float8_e4m3fn, granularity='row', out_dtype=torch.bfloat16, K=4096, N=4096).backend}")
-    cast_rows, copy_gbs = bench_casts(dev, args.repeats)
+    cast_rows, copy_gbs, clone_gbs = bench_casts(dev, args.repeats)
     print(f"\n### Casts, 4096 x 4096 (median of {args.repeats})\n")
-    print("| op | time (ms) | GB/s | % of memcpy |\n|---|---:|---:|---:|")
+    print("| op | time (ms) | GB/s | % of memcpy | % of clone |\n|---|---:|---:|---:|---:|")
     for name, t, gbs in cast_rows:
-        print(f"| {name} | {t * 1e3:.2f} | {gbs:.2f} | {100 * gbs / copy_gbs:.0f}% |")
+        print(f"| {name} | {t * 1e3:.2f} | {gbs:.2f} | {100 * gbs / copy_gbs:.0f}% | {100 * gbs / clone_gbs:.0f}% |")
     shapes = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)]
     gemm_rows = bench_gemms(dev, args.repeats, shapes)
     print(f"\n### GEMMs x [M, K] @ W[N, K]^T (median of {args.repeats}; emulated rows include quantizing x)\n")

@@ -53,6 +53,8 @@ TORCH_LIBRARY(qkernels, m) {
   // dequant(a [M, K], a_scale [M/bm, K/bk]) @ dequant(b [N, K], b_scale [N/bn, K/bk'])^T + bias, fp32 -> out_dtype.
   m.def("fp8_mm(Tensor a, Tensor a_scale, ScalarType a_dtype, Tensor b, Tensor b_scale, ScalarType b_dtype, "
         "Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // Weight-only fp8: x [M, K] float @ dequant(w [N, K], w_scale [N/bn, K/bk])^T + bias, fp32 accumulation -> x's dtype.
+  m.def("fp8_weight_only_mm(Tensor x, Tensor w, Tensor w_scale, ScalarType w_dtype, Tensor? bias) -> Tensor");
 
   // ---- fp4 elements, MXFP4/NVFP4 block formats, scaled GEMM (csrc/cpu/float4.cpp, ref: qkernels/reference/float4.py)
   // x [..., K] float -> uint8 [..., K/2]: element ("e2m1" | "e1m2") codes, saturating RNE, element 2i in low nibble.
@@ -69,6 +71,9 @@ TORCH_LIBRARY(qkernels, m) {
   // dequant_fp4(a [M, K/2], ...) @ dequant_fp4(b [N, K/2], ...)^T + bias, fp32 -> out_dtype [M, N].
   m.def("fp4_mm(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, Tensor b_global_scale, "
         "str format, str element, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // Weight-only fp4: x [M, K] float @ dequant_fp4(w [N, K/2], ...)^T + bias, fp32 accumulation -> x's dtype.
+  m.def("fp4_weight_only_mm(Tensor x, Tensor w, Tensor w_scale, Tensor w_global_scale, str format, str element, "
+        "Tensor? bias) -> Tensor");
 
   // ---- GGUF / llama.cpp block formats (csrc/cpu/gguf.cpp, reference: qkernels/reference/gguf.py) ----
   // type is the ggml type id (Q4_0=2 ... Q6_K=14, MXFP4=39); data is uint8 [rows, cols/block*type_size], ggml's blocks.

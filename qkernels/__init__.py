@@ -11,9 +11,10 @@ Public API (all backed by ``torch.ops.qkernels.*``; see ``qkernels.explain(op)``
   :func:`quantize_`
 * checkpoints: :func:`save_quantized`, :func:`load_quantized` (qkernels, GPTQ, AWQ, compressed-tensors)
 * fp8: :func:`quantize_fp8`, :func:`dequantize_fp8` (per-tensor / per-row / block scales, e4m3fn, e5m2, fnuz),
-  :func:`fp8_mm` (scaled fp8 GEMM: torch._scaled_mm where the GPU has fp8, emulated elsewhere)
+  :func:`fp8_mm` (scaled fp8 GEMM: torch._scaled_mm where the GPU has fp8, emulated elsewhere),
+  :func:`fp8_weight_only_mm` (float x times an fp8 weight)
 * fp4: :func:`fp4_encode`, :func:`fp4_decode` (e2m1 / e1m2 elements), :func:`quantize_fp4`,
-  :func:`dequantize_fp4` (MXFP4, NVFP4), :func:`fp4_mm`
+  :func:`dequantize_fp4` (MXFP4, NVFP4), :func:`fp4_mm`, :func:`fp4_weight_only_mm`
 * GGUF (llama.cpp) blocks: :func:`gguf_quantize`, :func:`gguf_dequantize`, :func:`gguf_mm`; files and mixes in
   :mod:`qkernels.gguf` (:func:`load_gguf`, :func:`export_gguf`)
 """
@@ -28,7 +29,9 @@ from .ops import (
     fp4_decode,
     fp4_encode,
     fp4_mm,
+    fp4_weight_only_mm,
     fp8_mm,
+    fp8_weight_only_mm,
     gguf_dequantize,
     gguf_mm,
     gguf_quantize,

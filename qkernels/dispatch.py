@@ -384,6 +384,8 @@ TABLE: dict[str, list[Rule]] = {
     # fp8 GEMM: torch._scaled_mm on sm89/sm90/sm100 and gfx942 (fnuz), block-wise scaled_mm on sm90; emulated
     # (CUDA decode + cuBLAS on NVIDIA, plain PyTorch on ROCm) where those cannot run
     "fp8_mm": scaled_mm_rules("fp8_mm", fp8_native),
+    # weight-only fp8 GEMM: fused decode kernel on CPU; CUDA decodes the weight (cast kernel) for cuBLAS; no Triton
+    "fp8_weight_only_mm": standard_rules("fp8_weight_only_mm"),
     # fp4 elements and MXFP4/NVFP4 blocks (qkernels/ops/float4.py): CUDA (e2m1 cvt on sm100a), Triton, C++ CPU
     "fp4_encode": standard_rules("fp4_encode"),
     "fp4_decode": standard_rules("fp4_decode"),
@@ -391,6 +393,7 @@ TABLE: dict[str, list[Rule]] = {
     "dequantize_fp4": standard_rules("dequantize_fp4"),
     # fp4 GEMM: block-scaled torch._scaled_mm on sm100, emulated (CUDA decode + cuBLAS) on sm90 and below
     "fp4_mm": scaled_mm_rules("fp4_mm", fp4_native),
+    "fp4_weight_only_mm": standard_rules("fp4_weight_only_mm"),
     # GGUF block formats (qkernels/ops/gguf.py)
     "gguf_quantize": [Rule("cpu", gguf_cpu_encoder), Rule("reference", always)],
     # Triton: decode kernel (qkernels/triton/gguf.py) for the block types; gguf_mm decodes then calls torch matmul

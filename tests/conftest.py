@@ -46,3 +46,22 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def isa_pair(monkeypatch):
+    """``run(fn) -> (result with the AVX2 CPU kernels, result with the portable loops)`` (QKERNELS_CPU_ISA=scalar for
+    the second), asserting through ``torch.ops.qkernels.cpu_isa()`` that each side really ran its kernels. Fails on a
+    CPU without AVX2/FMA/F16C rather than comparing the portable loops with themselves (CI's machines have AVX2)."""
+    monkeypatch.delenv("QKERNELS_CPU_ISA", raising=False)
+    assert torch.ops.qkernels.cpu_isa() == "avx2", "these tests need an x86-64 CPU with AVX2/FMA/F16C"
+
+    def run(fn):
+        fast = fn()
+        monkeypatch.setenv("QKERNELS_CPU_ISA", "scalar")
+        assert torch.ops.qkernels.cpu_isa() == "scalar"
+        slow = fn()
+        monkeypatch.delenv("QKERNELS_CPU_ISA")
+        return fast, slow
+
+    return run

@@ -135,9 +135,9 @@ def test_backend_choice_for_gpus():
                                  granularity="tensor", K=256, N=128)
     assert q.backend() == d.backend
     assert q._fp8_mm_granularity() == "tensor" and q.op == "fp8_mm"
-    assert QuantLinear(256, 128, Fp8WeightOnly()).op == "dequantize_fp8"
+    assert QuantLinear(256, 128, Fp8WeightOnly()).op == "fp8_weight_only_mm"
     assert QuantLinear(256, 128, Fp4("mxfp4")).op == "fp4_mm"
-    assert QuantLinear(256, 128, Fp4("mxfp4", weight_only=True)).op == "dequantize_fp4"
+    assert QuantLinear(256, 128, Fp4("mxfp4", weight_only=True)).op == "fp4_weight_only_mm"
 
 
 def test_from_float_codes_round_trip():

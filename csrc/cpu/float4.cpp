@@ -7,10 +7,14 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "cpu_dispatch.h"
 #include "emulated_mm.h"
+#include "float_kernels.h"
 #include "qkernels/check.h"
 #include "qkernels/float4.h"
 #include "qkernels/float_checks.h"
@@ -23,6 +27,24 @@ std::array<float, 16> nibble_table(const MiniFloat& f) {
   std::array<float, 16> t;
   for (int c = 0; c < 16; ++c) t[c] = fp4_decode((uint32_t)c, f);
   return t;
+}
+
+// The AVX2 kernels' tables for element format f with block scales of kind nv and global scale g.
+std::unique_ptr<cpu::Fp4Decode> make_fp4_decode(const MiniFloat& f, bool nv, float g) {
+  auto d = std::make_unique<cpu::Fp4Decode>();
+  for (int c = 0; c < 16; ++c) d->twice[c] = (int8_t)(2.f * fp4_decode((uint32_t)c, f));  // exact: |2 v| <= 12
+  for (int c = 0; c < 256; ++c) d->block_scale[c] = fp4_block_scale((uint8_t)c, nv, g);
+  d->B = nv ? kNVBlock : kMXBlock;
+  return d;
+}
+
+// The AVX2 kernels' element kind for T; double has none.
+template <typename T>
+constexpr int float_kind() {
+  return std::is_same<T, float>::value ? (int)cpu::FloatKind::kF32
+         : std::is_same<T, at::BFloat16>::value ? (int)cpu::FloatKind::kBF16
+         : std::is_same<T, at::Half>::value     ? (int)cpu::FloatKind::kF16
+                                                : -1;
 }
 
 // Inner loops as functions of plain values (see float8.cpp): no captured references in the loops, so they vectorize.
@@ -205,8 +227,19 @@ at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& scale,
   const Fp4Rows rows{pc.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(), K, B, nv, g, nibble_table(f)};
   auto out = at::empty({R, K}, packed.options().dtype(out_dtype));
   if (R == 0 || K == 0) return out;
+  const bool avx2 = cpu::use_avx2() && K % 32 == 0;
+  const auto dec = make_fp4_decode(f, nv, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequantize_fp4", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
+    if (avx2 && float_kind<scalar_t>() >= 0) {  // bit-identical to the loop below
+      at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          cpu::fp4_decode_row_avx2(rows.p + r * (K / 2), rows.s + r * (K / B), K, *dec, o + r * K,
+                                   (cpu::FloatKind)float_kind<scalar_t>());
+        }
+      });
+      return;
+    }
     at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
       std::vector<float> buf(K);
       for (int64_t r = r0; r < r1; ++r) {
@@ -216,6 +249,32 @@ at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& scale,
     });
   });
   return out;
+}
+
+// Up to this many rows of activations, the fp4 GEMMs run the fused AVX2 kernel (weights decoded in registers);
+// beyond it decode + sgemm (the fused kernel re-decodes the weights for every 4 activation rows).
+constexpr int64_t kFp4FusedMaxM = 8;
+
+// xf [M, K] fp32 (contiguous) @ dequant_fp4(rb)^T + bias, fp32 accumulation, -> out_dtype: the weight side shared by
+// fp4_mm and fp4_weight_only_mm. g: rb's global scale.
+at::Tensor fp4_weight_gemm(const at::Tensor& xf, const Fp4Rows& rb, int64_t N, const MiniFloat& f, float g,
+                           const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  const int64_t M = xf.size(0), K = xf.size(1);
+  const float* xp = xf.data_ptr<float>();
+  if (cpu::use_avx2() && M <= kFp4FusedMaxM && M > 0 && N > 0 && K % 32 == 0) {
+    // fused: the nibbles go straight into the FMA tiles (float_kernels.h)
+    const auto dec = make_fp4_decode(f, rb.nv, g);
+    auto out = at::empty({M, N}, xf.options());
+    float* op = out.data_ptr<float>();
+    cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
+      cpu::fp4_mm_rows_avx2(xp, M, rb.p, rb.s, K, *dec, op, N, n0, n1);
+    });
+    if (bias.has_value()) out.add_(bias->to(at::kFloat).reshape({1, N}));
+    return out.to(out_dtype);
+  }
+  return cpu::emulated_mm(
+      M, N, K, [&](int64_t m, float* dst) { std::copy(xp + m * K, xp + (m + 1) * K, dst); }, rb, bias, out_dtype,
+      xf.options());
 }
 
 at::Tensor fp4_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& a_global_scale,
@@ -231,9 +290,25 @@ at::Tensor fp4_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::
   const int64_t M = a.size(0), N = b.size(0);
   auto ac = a.contiguous(), asc = a_scale.contiguous(), bc = b.contiguous(), bsc = b_scale.contiguous();
   const auto t = nibble_table(f);
+  // a decoded exactly with its scales (the reference's dequantization), then the shared weight side
   const Fp4Rows ra{ac.data_ptr<uint8_t>(), asc.data_ptr<uint8_t>(), K, B, nv, ga, t};
+  auto af = at::empty({M, K}, a.options().dtype(at::kFloat));
+  for (int64_t m = 0; m < M; ++m) ra(m, af.data_ptr<float>() + m * K);
   const Fp4Rows rb{bc.data_ptr<uint8_t>(), bsc.data_ptr<uint8_t>(), K, B, nv, gb, t};
-  return cpu::emulated_mm(M, N, K, ra, rb, bias, out_dtype, a.options());
+  return fp4_weight_gemm(af, rb, N, f, gb, bias, out_dtype);
+}
+
+at::Tensor fp4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                  const at::Tensor& w_global_scale, c10::string_view format,
+                                  c10::string_view element, const std::optional<at::Tensor>& bias) {
+  const bool nv = fp4_is_nv(format);
+  const MiniFloat f = fp4_element_format(element);
+  const int64_t B = nv ? kNVBlock : kMXBlock;
+  const int64_t K = check_fp4_weight_only_args(x, w, w_scale, w_global_scale, B, bias);
+  const float g = global_scale_value(w_global_scale, "w_global_scale");
+  auto wc = w.contiguous(), wsc = w_scale.contiguous();
+  const Fp4Rows rb{wc.data_ptr<uint8_t>(), wsc.data_ptr<uint8_t>(), K, B, nv, g, nibble_table(f)};
+  return fp4_weight_gemm(x.contiguous().to(at::kFloat), rb, w.size(0), f, g, bias, x.scalar_type());
 }
 
 }  // namespace
@@ -244,6 +319,7 @@ TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
   m.impl("quantize_fp4", &quantize_fp4_cpu);
   m.impl("dequantize_fp4", &dequantize_fp4_cpu);
   m.impl("fp4_mm", &fp4_mm_cpu);
+  m.impl("fp4_weight_only_mm", &fp4_weight_only_mm_cpu);
 }
 
 }  // namespace qkernels

@@ -167,48 +167,58 @@ at::Tensor dequantize_fp8_cpu(const at::Tensor& q, const at::Tensor& scale, at::
   return out;
 }
 
-// Up to this many rows of a, fp8_mm runs the fused AVX2 kernel (weights decoded in registers, never written out);
-// beyond it, the decode + sgemm emulation. The fused kernel re-decodes the weights for every 4 rows of a.
+// Up to this many rows of activations, the fp8 GEMMs run the fused AVX2 kernel (weights decoded in registers, never
+// written out); beyond it, decode + sgemm. The fused kernel re-decodes the weights for every 4 activation rows.
 constexpr int64_t kFp8FusedMaxM = 8;
 
-at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::ScalarType a_dtype, const at::Tensor& b,
-                      const at::Tensor& b_scale, at::ScalarType b_dtype, const std::optional<at::Tensor>& bias,
-                      at::ScalarType out_dtype) {
-  const Fp8MmBlocks blk = check_fp8_mm_args(a, a_scale, a_dtype, b, b_scale, b_dtype, bias, out_dtype);
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  const MiniFloat fa = blk.fa, fb = blk.fb;
-  const auto ba = blk.ba, bb = blk.bb;
-  const auto la = decode_table(fa), lb = decode_table(fb);
+// xf [M, K] fp32 (contiguous) @ dequant(w [N, K] codes of format fb, scale grid ws with blocks bb)^T + bias, fp32
+// accumulation, -> out_dtype: the weight side shared by fp8_mm and fp8_weight_only_mm.
+at::Tensor fp8_weight_gemm(const at::Tensor& xf, const at::Tensor& w, const at::Tensor& ws, std::array<int64_t, 2> bb,
+                           const MiniFloat& fb, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
   const bool avx2 = cpu::use_avx2();
-  const auto hda = std::make_unique<cpu::Fp8HalfDecode>(cpu::make_fp8_half_decode(fa));
-  const auto hdb = std::make_unique<cpu::Fp8HalfDecode>(cpu::make_fp8_half_decode(fb));
-  auto ac = a.contiguous(), bc = b.contiguous(), asc = a_scale.contiguous(), bsc = b_scale.contiguous();
-  const uint8_t *ap = ac.data_ptr<uint8_t>(), *bp = bc.data_ptr<uint8_t>();
-  const float *asp = asc.data_ptr<float>(), *bsp = bsc.data_ptr<float>();
-  const int64_t ga = a_scale.size(1), gb = b_scale.size(1);
-  // one operand row, decoded exactly with its scales (the reference's dequantization)
-  auto row = [K, avx2](const uint8_t* q, const cpu::Fp8HalfDecode& d, const std::array<float, 256>& lut,
-                       const float* srow, int64_t bk, float* dst) {
-    for (int64_t k0 = 0; k0 < K; k0 += bk) decode_any(q + k0, dst + k0, bk, srow[k0 / bk], d, avx2, lut.data());
-  };
-  auto decode_a = [&](int64_t m, float* dst) { row(ap + m * K, *hda, la, asp + (m / ba[0]) * ga, ba[1], dst); };
+  const auto hd = std::make_unique<cpu::Fp8HalfDecode>(cpu::make_fp8_half_decode(fb));
+  const auto lut = decode_table(fb);
+  auto wc = w.contiguous(), wsc = ws.contiguous();
+  const uint8_t* wp = wc.data_ptr<uint8_t>();
+  const float* sp = wsc.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  const int64_t gs = ws.size(1);
   if (avx2 && M <= kFp8FusedMaxM && M > 0 && N > 0 && K % 16 == 0 && bb[1] % 16 == 0) {
-    // fused: a decoded once; b's codes go straight into the FMA tiles with its block scales (float_kernels.h)
-    auto fopts = a.options().dtype(at::kFloat);
-    auto af = at::empty({M, K}, fopts);
-    float* afp = af.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m) decode_a(m, afp + m * K);
-    auto out = at::empty({M, N}, fopts);
+    // fused: the codes go straight into the FMA tiles with their block scales (float_kernels.h)
+    auto out = at::empty({M, N}, xf.options());
     float* op = out.data_ptr<float>();
     cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
-      cpu::fp8_mm_rows_avx2(afp, M, bp, bsp, gb, bb[0], bb[1], K, *hdb, op, N, n0, n1);
+      cpu::fp8_mm_rows_avx2(xp, M, wp, sp, gs, bb[0], bb[1], K, *hd, op, N, n0, n1);
     });
     if (bias.has_value()) out.add_(bias->to(at::kFloat).reshape({1, N}));
     return out.to(out_dtype);
   }
   return cpu::emulated_mm(
-      M, N, K, decode_a, [&](int64_t n, float* dst) { row(bp + n * K, *hdb, lb, bsp + (n / bb[0]) * gb, bb[1], dst); },
-      bias, out_dtype, a.options());
+      M, N, K, [&](int64_t m, float* dst) { std::copy(xp + m * K, xp + (m + 1) * K, dst); },
+      [&](int64_t n, float* dst) {
+        const float* srow = sp + (n / bb[0]) * gs;
+        for (int64_t k0 = 0; k0 < K; k0 += bb[1])
+          decode_any(wp + n * K + k0, dst + k0, bb[1], srow[k0 / bb[1]], *hd, avx2, lut.data());
+      },
+      bias, out_dtype, xf.options());
+}
+
+at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::ScalarType a_dtype, const at::Tensor& b,
+                      const at::Tensor& b_scale, at::ScalarType b_dtype, const std::optional<at::Tensor>& bias,
+                      at::ScalarType out_dtype) {
+  const Fp8MmBlocks blk = check_fp8_mm_args(a, a_scale, a_dtype, b, b_scale, b_dtype, bias, out_dtype);
+  // a decoded exactly with its scales (the reference's dequantization), then the shared weight side
+  auto af = a.size(0) == 0 ? at::empty({0, a.size(1)}, a.options().dtype(at::kFloat))  // (no blocks to tile)
+                           : dequantize_fp8_cpu(a, a_scale, a_dtype, blk.ba[0], blk.ba[1], at::kFloat);
+  return fp8_weight_gemm(af, b, b_scale, blk.bb, blk.fb, bias, out_dtype);
+}
+
+at::Tensor fp8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                  at::ScalarType w_dtype, const std::optional<at::Tensor>& bias) {
+  const auto bb = check_fp8_weight_only_args(x, w, w_scale, w_dtype, bias);
+  const MiniFloat fb = minifloat_format(fp8_format_id(w_dtype, "w_dtype"));
+  return fp8_weight_gemm(x.contiguous().to(at::kFloat), w, w_scale, bb, fb, bias, x.scalar_type());
 }
 
 }  // namespace
@@ -217,6 +227,7 @@ TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
   m.impl("quantize_fp8", &quantize_fp8_cpu);
   m.impl("dequantize_fp8", &dequantize_fp8_cpu);
   m.impl("fp8_mm", &fp8_mm_cpu);
+  m.impl("fp8_weight_only_mm", &fp8_weight_only_mm_cpu);
 }
 
 }  // namespace qkernels

@@ -1,4 +1,4 @@
-// AVX2 kernels for the CPU fp8 casts and the small-M fp8 GEMM (declared, with their contracts, in float_kernels.h).
+// AVX2 kernels for the CPU fp8 casts, fp4 dequantization and the small-M fp8 / fp4 GEMMs (declared, with their contracts, in float_kernels.h).
 // Like int_gemm_avx2.cpp this file includes no torch header and only its functions carry the AVX2 target attribute;
 // float8.cpp calls them after the run-time CPU check.
 #include "float_kernels.h"
@@ -187,6 +187,72 @@ QK_AVX2 void f8_tile(const float* x, const uint8_t* w, const float* const (&srow
     }
 }
 
+// ---- fp4: 16 packed bytes -> 32 elements as 2 * value, in 4 vectors of 8 fp32 (elements 0-7, 8-15, 16-23, 24-31) --
+
+// SIGNED_ZERO: also give the -0 code (nibble 8) its sign, which the int8 table cannot hold (the casts are bit-exact;
+// the GEMM sums do not need it).
+template <bool SIGNED_ZERO = false>
+QK_AVX2 inline void fp4_twice32(const uint8_t* p, __m128i table, __m256 (&v)[4]) {
+  const __m128i b = _mm_loadu_si128((const __m128i*)p);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m128i bl = _mm_and_si128(b, nib), bh = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+  const __m128i lo = _mm_shuffle_epi8(table, bl);                                 // elements 0, 2, 4, ...
+  const __m128i hi = _mm_shuffle_epi8(table, bh);                                 // elements 1, 3, 5, ...
+  const __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi);  // elements 0-15, 16-31
+  v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e0));
+  v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e0, 8)));
+  v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e1));
+  v[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e1, 8)));
+  if (SIGNED_ZERO) {
+    // the sign bit (8) of every nibble, moved to bit 31 of its lane; OR-ing it onto a negative value changes nothing
+    const __m128i s8 = _mm_set1_epi8(8);
+    const __m128i s0 = _mm_unpacklo_epi8(_mm_and_si128(bl, s8), _mm_and_si128(bh, s8));
+    const __m128i s1 = _mm_unpackhi_epi8(_mm_and_si128(bl, s8), _mm_and_si128(bh, s8));
+    const __m128i parts[4] = {s0, _mm_srli_si128(s0, 8), s1, _mm_srli_si128(s1, 8)};
+    for (int j = 0; j < 4; ++j) {
+      const __m256i sign = _mm256_slli_epi32(_mm256_cvtepu8_epi32(parts[j]), 28);
+      v[j] = _mm256_or_ps(v[j], _mm256_castsi256_ps(sign));
+    }
+  }
+}
+
+// NR weight rows x MT rows of x, 32 k per step: per weight row one 16-byte load, ~10 ops of decode for 32 elements,
+// 4 FMAs per x row into the block sum, and one FMA per block that folds the sum into `total` with the block scale.
+template <int NR, int MT, bool NV>
+QK_AVX2 void f4_tile(const float* x, const uint8_t* w, const uint8_t* ws, int64_t K, const Fp4Decode& d,
+                     float* out, int64_t ldo, const char* pf) {
+  const __m128i table = _mm_loadu_si128((const __m128i*)d.twice);
+  const int64_t nb = K / d.B;
+  __m256 total[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    if (pf) _mm_prefetch(pf + (k / 32) * kPrefetchStep, _MM_HINT_T0);  // 4 rows x 16 bytes per step
+    for (int r = 0; r < NR; ++r) {
+      __m256 v[4];
+      fp4_twice32(w + r * (K / 2) + k / 2, table, v);
+      const uint8_t* sc = ws + r * nb + k / d.B;
+      for (int m = 0; m < MT; ++m) {
+        const float* xk = x + m * K + k;
+        __m256 s0 = _mm256_mul_ps(v[0], _mm256_loadu_ps(xk));
+        s0 = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xk + 8), s0);
+        if (NV) {  // two 16-element blocks per step
+          __m256 s1 = _mm256_mul_ps(v[2], _mm256_loadu_ps(xk + 16));
+          s1 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xk + 24), s1);
+          total[r][m] = _mm256_fmadd_ps(s0, _mm256_set1_ps(d.block_scale[sc[0]]), total[r][m]);
+          total[r][m] = _mm256_fmadd_ps(s1, _mm256_set1_ps(d.block_scale[sc[1]]), total[r][m]);
+        } else {
+          s0 = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xk + 16), s0);
+          s0 = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xk + 24), s0);
+          total[r][m] = _mm256_fmadd_ps(s0, _mm256_set1_ps(d.block_scale[sc[0]]), total[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) out[m * ldo + r] = hsum(total[r][m]) * 0.5f;  // the elements were 2 * value
+}
+
 }  // namespace
 
 QK_AVX2 void fp8_decode_avx2(const uint8_t* q, int64_t n, float scale, const Fp8HalfDecode& d, void* dst,
@@ -263,6 +329,52 @@ QK_AVX2 void fp8_mm_rows_avx2(const float* x, int64_t M, const uint8_t* w, const
   });
 }
 
+QK_AVX2 void fp4_mm_rows_avx2(const float* x, int64_t M, const uint8_t* w, const uint8_t* wscale, int64_t K,
+                              const Fp4Decode& d, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  const int64_t nb = K / d.B;
+  for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
+    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
+    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * (K / 2)) : nullptr;
+    if (pf_here) prefetch_rows(wscale + (n + kRowBlock) * nb, kRowBlock * nb);
+    if (d.B == 16) {
+      f4_tile<NR, MT, true>(x + m0 * K, w + n * (K / 2), wscale + n * nb, K, d, out + m0 * ldo + n, ldo, pf);
+    } else {
+      f4_tile<NR, MT, false>(x + m0 * K, w + n * (K / 2), wscale + n * nb, K, d, out + m0 * ldo + n, ldo, pf);
+    }
+  });
+}
+
+QK_AVX2 void fp4_decode_row_avx2(const uint8_t* p, const uint8_t* s, int64_t K, const Fp4Decode& d, void* dst,
+                                 FloatKind out) {
+  const __m128i table = _mm_loadu_si128((const __m128i*)d.twice);
+  const size_t esize = out == FloatKind::kF32 ? 4 : 2;
+  char* o = (char*)dst;
+  for (int64_t k = 0; k < K; k += 32) {
+    __m256 v[4];
+    fp4_twice32<true>(p + k / 2, table, v);
+    // value * sc == (2 value) * (sc / 2) exactly when sc / 2 is (a normal fp32, or 0): the same real number, rounded
+    // once. Otherwise (subnormal, inf or NaN block scales) the table gives value * sc directly.
+    alignas(32) float res[32];
+    for (int h = 0; h < 32; h += (int)d.B) {
+      const float sc = d.block_scale[s[(k + h) / d.B]];
+      const float half = sc * 0.5f;
+      if (half == 0.f || std::isnormal(half)) {
+        const __m256 vh = _mm256_set1_ps(half);
+        for (int j = h / 8; j < (h + (int)d.B) / 8; ++j) _mm256_store_ps(res + 8 * j, _mm256_mul_ps(v[j], vh));
+      } else {
+        for (int j = h; j < h + (int)d.B; ++j) {
+          const uint8_t byte = p[(k + j) / 2];
+          const uint8_t c = (j & 1) ? byte >> 4 : byte & 0xF;
+          const float twice = (c == 8) ? -0.f : (float)d.twice[c];
+          res[j] = twice * 0.5f * sc;
+        }
+      }
+    }
+    store16(_mm256_load_ps(res), _mm256_load_ps(res + 8), out, o + k * esize);
+    store16(_mm256_load_ps(res + 16), _mm256_load_ps(res + 24), out, o + (k + 16) * esize);
+  }
+}
+
 }  // namespace cpu
 }  // namespace qkernels
 
@@ -274,6 +386,9 @@ void fp8_decode_avx2(const uint8_t*, int64_t, float, const Fp8HalfDecode&, void*
 void fp8_encode_avx2(const void*, FloatKind, int64_t, float, const MiniFloatEncoder&, uint8_t*) {}
 void fp8_mm_rows_avx2(const float*, int64_t, const uint8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
                       const Fp8HalfDecode&, float*, int64_t, int64_t, int64_t) {}
+void fp4_mm_rows_avx2(const float*, int64_t, const uint8_t*, const uint8_t*, int64_t, const Fp4Decode&, float*,
+                      int64_t, int64_t, int64_t) {}
+void fp4_decode_row_avx2(const uint8_t*, const uint8_t*, int64_t, const Fp4Decode&, void*, FloatKind) {}
 }  // namespace cpu
 }  // namespace qkernels
 

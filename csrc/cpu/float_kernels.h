@@ -52,5 +52,24 @@ void fp8_encode_avx2(const void* src, FloatKind in, int64_t n, float scale, cons
 void fp8_mm_rows_avx2(const float* x, int64_t M, const uint8_t* w, const float* bscale, int64_t ldbs, int64_t bb0,
                       int64_t G, int64_t K, const Fp8HalfDecode& d, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
+// How the AVX2 kernels decode block-scaled fp4 (MXFP4 / NVFP4 with e2m1 or e1m2 elements): both element formats'
+// values are multiples of 0.5 with |value| <= 6, so 2 * value is an exact int8 that one pshufb looks up for 16
+// nibbles at once; the 0.5 goes into the block scale. Block scale codes go through a 256-entry table.
+struct Fp4Decode {
+  int8_t twice[16];      // 2 * value(nibble); -0 becomes 0 (sums do not see the difference)
+  float block_scale[256];  // fp4_block_scale(code, nv, global scale): the fp32 factor of a block
+  int64_t B;             // elements per block: 16 (NVFP4) or 32 (MXFP4)
+};
+
+// out[m * ldo + n] = sum_k x[m, k] * value(w[n, k]) * block_scale(wscale[n, k / B]) for n in [n0, n1), m < M: the
+// weight side of fp4_mm. x fp32 [M, K] (the decoded activations); w [N, K/2] packed (element 2i in the low nibble);
+// wscale [N, K/B] codes. Needs K % 32 == 0.
+void fp4_mm_rows_avx2(const float* x, int64_t M, const uint8_t* w, const uint8_t* wscale, int64_t K,
+                      const Fp4Decode& d, float* out, int64_t ldo, int64_t n0, int64_t n1);
+
+// One row of dequantize_fp4: dst[k] = value(nibble k) * block_scale(s[k / B]), rounded once to dst's type, bit for
+// bit what Fp4Rows (float4.cpp) and the cast give. p: K/2 bytes, s: K/B codes; K % 32 == 0.
+void fp4_decode_row_avx2(const uint8_t* p, const uint8_t* s, int64_t K, const Fp4Decode& d, void* dst, FloatKind out);
+
 }  // namespace cpu
 }  // namespace qkernels

@@ -109,6 +109,17 @@ at::Tensor fp8_mm_cuda(const at::Tensor& a, const at::Tensor& a_scale, at::Scala
   return emulated_mm_cuda(af, bf, bias, out_dtype);
 }
 
+// Weight-only fp8: the weight decoded to x's dtype by the cast kernel, then cuBLAS (at::linear, fp32 accumulation).
+// The decode-sized fused kernel is CPU-only so far; this is what QuantLinear ran before the op existed.
+at::Tensor fp8_weight_only_mm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                   at::ScalarType w_dtype, const std::optional<at::Tensor>& bias) {
+  const auto bb = check_fp8_weight_only_args(x, w, w_scale, w_dtype, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cuda::check_capability("fp8_weight_only_mm");
+  auto wd = dequantize_fp8_impl(w, w_scale, fp8_format_id(w_dtype, "w_dtype"), bb[0], bb[1], x.scalar_type());
+  return at::linear(x, wd, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : std::nullopt);
+}
+
 int fp4_element_id(c10::string_view element) {
   fp4_element_format(element);  // checks the name
   return element == "e2m1" ? kE2M1 : kE1M2;
@@ -221,17 +232,32 @@ at::Tensor fp4_mm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const at:
   return emulated_mm_cuda(af, bf, bias, out_dtype);
 }
 
+// Weight-only fp4: decode to x's dtype, then cuBLAS (as fp8_weight_only_mm_cuda).
+at::Tensor fp4_weight_only_mm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                   const at::Tensor& w_global_scale, c10::string_view format,
+                                   c10::string_view element, const std::optional<at::Tensor>& bias) {
+  const bool nv = fp4_is_nv(format);
+  const int elem = fp4_element_id(element);
+  check_fp4_weight_only_args(x, w, w_scale, w_global_scale, nv ? kNVBlock : kMXBlock, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  cuda::check_capability("fp4_weight_only_mm");
+  auto wd = dequantize_fp4_impl(w, w_scale, w_global_scale, nv, elem, x.scalar_type());
+  return at::linear(x, wd, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : std::nullopt);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(qkernels, CUDA, m) {
   m.impl("quantize_fp8", &quantize_fp8_cuda);
   m.impl("dequantize_fp8", &dequantize_fp8_cuda);
   m.impl("fp8_mm", &fp8_mm_cuda);
+  m.impl("fp8_weight_only_mm", &fp8_weight_only_mm_cuda);
   m.impl("fp4_encode", &fp4_encode_cuda);
   m.impl("fp4_decode", &fp4_decode_cuda);
   m.impl("quantize_fp4", &quantize_fp4_cuda);
   m.impl("dequantize_fp4", &dequantize_fp4_cuda);
   m.impl("fp4_mm", &fp4_mm_cuda);
+  m.impl("fp4_weight_only_mm", &fp4_weight_only_mm_cuda);
 }
 
 }  // namespace qkernels

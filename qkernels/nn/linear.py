@@ -55,7 +55,9 @@ from ..ops import (
     dequantize_fp4,
     dequantize_fp8,
     fp4_mm,
+    fp4_weight_only_mm,
     fp8_mm,
+    fp8_weight_only_mm,
     int4_weight_only_mm,
     int8_dynamic_mm,
     int8_weight_only_mm,
@@ -172,11 +174,11 @@ class QuantLinear(nn.Module):
         if isinstance(self.scheme, Int8Dynamic):
             return "int8_dynamic_mm"
         if isinstance(self.scheme, Fp8WeightOnly):
-            return "dequantize_fp8"
+            return "fp8_weight_only_mm"
         if isinstance(self.scheme, Fp8Dynamic):
             return "fp8_mm"
         if isinstance(self.scheme, Fp4):
-            return "dequantize_fp4" if self.scheme.weight_only else "fp4_mm"
+            return "fp4_weight_only_mm" if self.scheme.weight_only else "fp4_mm"
         return {"int4": "int4_weight_only_mm", "int8": "int8_weight_only_mm", "int8_grouped": "dequantize_affine"}[
             self.kind]
 
@@ -425,20 +427,16 @@ class QuantLinear(nn.Module):
         if x.numel() == 0:  # no tokens: fp8_mm / fp4_mm reject empty operands (their scale grids cannot tile 0 rows)
             return x.new_zeros(*x.shape[:-1], self.out_features)
         if isinstance(scheme, Fp8WeightOnly):
-            # W8A16: x stays float; dequantize the weight to x's dtype, then the float GEMM (exact decode, no fused
-            # fp8-weight kernel in qkernels yet)
-            w = dequantize_fp8(self.qweight.view(FP8_WEIGHT_DTYPE), self.scale, x.dtype, "row")
-            out = F.linear(x, w)
-            return out if self.bias is None else out + self.bias.to(out.dtype)
+            # x stays float; the weight is decoded inside the GEMM (CPU) or by the cast kernel for cuBLAS (GPU)
+            return fp8_weight_only_mm(x, self.qweight.view(FP8_WEIGHT_DTYPE), self.scale, self.bias)
         if isinstance(scheme, Fp8Dynamic):
             gran, block = self._fp8_act_args()
             a_q, a_scale = quantize_fp8(x, FP8_WEIGHT_DTYPE, gran, block if block is not None else 128)
             return fp8_mm(a_q, a_scale, self.qweight.view(FP8_WEIGHT_DTYPE), self.scale, x.dtype, self.bias)
         fmt = scheme.format
         if scheme.weight_only:
-            w = dequantize_fp4(self.qweight, self.scale, self.global_scale, fmt, out_dtype=x.dtype)
-            out = F.linear(x, w)
-            return out if self.bias is None else out + self.bias.to(out.dtype)
+            return fp4_weight_only_mm(x, self.qweight, self.scale, self.bias, format=fmt,
+                                      w_global_scale=self.global_scale)
         a_p, a_s, a_g = quantize_fp4(x, fmt)  # activations in the weight's format, nvfp4: per-call global scale
         return fp4_mm(a_p, a_s, self.qweight, self.scale, x.dtype, self.bias, format=fmt, a_global_scale=a_g,
                       b_global_scale=self.global_scale)

@@ -5,8 +5,8 @@ A scheme is a recipe (what to quantize, to which format, at which granularity), 
 a given shape can take the scheme (``quantize_`` skips, with a logged reason, the layers that cannot).
 
 Integer schemes run on the integer ops (:func:`qkernels.int4_weight_only_mm`, :func:`qkernels.int8_weight_only_mm`,
-:func:`qkernels.int8_dynamic_mm`); the fp8 / fp4 schemes on :func:`qkernels.dequantize_fp8`, :func:`qkernels.fp8_mm`
-and :func:`qkernels.fp4_mm` (see docs/float_formats.md).
+:func:`qkernels.int8_dynamic_mm`); the fp8 / fp4 schemes on :func:`qkernels.fp8_weight_only_mm`, :func:`qkernels.fp8_mm`,
+:func:`qkernels.fp4_weight_only_mm` and :func:`qkernels.fp4_mm` (see docs/float_formats.md).
 """
 
 from __future__ import annotations
@@ -177,8 +177,9 @@ class IntWeightInt8Act(Scheme):
 
 @dataclass(frozen=True)
 class Fp8WeightOnly(Scheme):
-    """W8A16 with fp8 e4m3fn weights and fp32 per-output-channel scales; activations stay float. The forward
-    decodes the weight to x's dtype (:func:`qkernels.dequantize_fp8`, exact) and runs ``F.linear``."""
+    """W8A16 with fp8 e4m3fn weights and fp32 per-output-channel scales; activations stay float. Runs
+    :func:`qkernels.fp8_weight_only_mm` (CPU: the weight decoded inside the GEMM; GPU: decoded to x's dtype for
+    cuBLAS)."""
 
     name: ClassVar[str] = "fp8_weight_only"
 
@@ -211,8 +212,8 @@ class Fp4(Scheme):
     e4m3fn scales + an fp32 tensor scale) weights; activations quantized at run time to the same format (nvfp4: with
     a per-call tensor scale). Runs :func:`qkernels.fp4_mm` (block-scaled ``torch._scaled_mm`` on sm100).
 
-    ``weight_only=True`` (W4A16, e.g. llm-compressor's NVFP4A16 / MXFP4A16): activations stay float; the forward
-    decodes the weight (:func:`qkernels.dequantize_fp4`, exact) and runs ``F.linear``."""
+    ``weight_only=True`` (W4A16, e.g. llm-compressor's NVFP4A16 / MXFP4A16): activations stay float; runs
+    :func:`qkernels.fp4_weight_only_mm`."""
 
     format: str = "nvfp4"
     weight_only: bool = False

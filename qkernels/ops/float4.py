@@ -178,6 +178,43 @@ def fp4_mm(a_packed, a_scale, b_packed, b_scale, out_dtype=torch.bfloat16, bias=
     return out.reshape(*a_packed.shape[:-1], N)
 
 
+def fp4_weight_only_mm(x, w_packed, w_scale, bias=None, *, format="mxfp4", element="e2m1", w_global_scale=None,
+                       backend=None):
+    """Weight-only block-scaled fp4 GEMM: ``x @ dequant(w)^T + bias`` with fp32 accumulation, x not quantized.
+
+    Args:
+        x: float32/bfloat16/float16 activations ``[..., K]``; the result has x's dtype.
+        w_packed: uint8 ``[N, K/2]`` and w_scale ``[N, K/B]`` from :func:`quantize_fp4` of the weight;
+            w_global_scale: its fp32 per-tensor scale (nvfp4 only).
+        bias: float ``[N]`` or None.
+    Returns: ``[..., N]`` in x's dtype. On CPU a fused kernel decodes the weight in registers for decode-sized
+    inputs (up to 8 rows of x, K % 32 == 0); on a GPU the cast kernel decodes it to x's dtype for cuBLAS.
+    """
+    _check_format(format)
+    _check_element(element)
+    check_float_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim [..., K], got a 0-d tensor")
+    check_tensor(w_packed, "w_packed", (torch.uint8,), dim=2)
+    K = x.shape[-1]
+    if w_packed.shape[1] * 2 != K:
+        raise ValueError(f"w_packed must have shape [N, K/2] with K/2={K / 2:g} (half of x's last dim), got "
+                         f"{tuple(w_packed.shape)}")
+    w2, sw, gw, _ = _fp4_operand(w_packed, w_scale, w_global_scale, format, "w_packed", "w_scale",
+                                 "w_global_scale")
+    N = w2.shape[0]
+    if bias is not None:
+        check_float_tensor(bias, "bias", dim=1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape [N] = [{N}], got {tuple(bias.shape)}")
+    for name, t in (("w_packed", w_packed), ("bias", bias)):
+        check_same_device("x", x, name, t)
+    x2 = x.reshape(-1, K)
+    out = call("fp4_weight_only_mm", (x2, w2, sw, gw, format, element, bias), x.device, backend,
+               format=format, element=element, M=x2.shape[0], K=K, N=N)
+    return out.reshape(*x.shape[:-1], N)
+
+
 # ---- fake (meta) kernels ---------------------------------------------------------------------------------------
 if _ext.HAS_C:
 
@@ -204,3 +241,7 @@ if _ext.HAS_C:
     @torch.library.register_fake("qkernels::fp4_mm")
     def _(a, a_scale, a_global_scale, b, b_scale, b_global_scale, format, element, bias, out_dtype):
         return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("qkernels::fp4_weight_only_mm")
+    def _(x, w, w_scale, w_global_scale, format, element, bias):
+        return x.new_empty((x.shape[0], w.shape[0]))

@@ -254,6 +254,39 @@ def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, b
     return out.reshape(*a_q.shape[:-1], N)
 
 
+def fp8_weight_only_mm(x, w_q, w_scale, bias=None, *, backend=None):
+    """Weight-only fp8 GEMM: ``x @ (w_q * w_scale)^T + bias`` with fp32 accumulation, x not quantized.
+
+    Args:
+        x: float32/bfloat16/float16 activations ``[..., K]``; the result has x's dtype.
+        w_q: float8 weight ``[N, K]`` (any of the four fp8 dtypes) and w_scale as :func:`quantize_fp8` returns it
+            for w: ``()``, ``[N, 1]`` / ``[N]`` per channel, ``[N, K / b]`` or ``[N / br, K / bc]`` blocks.
+        bias: float ``[N]`` or None.
+    Returns: ``[..., N]`` in x's dtype. On CPU a fused kernel decodes the weight in registers for decode-sized
+    inputs (up to 8 rows of x); on a GPU the cast kernel decodes it to x's dtype for cuBLAS.
+    """
+    check_float_tensor(x, "x")
+    check_tensor(w_q, "w_q", dim=2)
+    check_fp8_dtype(w_q.dtype, "w_q.dtype")
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim [..., K], got a 0-d tensor")
+    K = x.shape[-1]
+    if w_q.shape[1] != K:
+        raise ValueError(f"w_q must have shape [N, K] with K={K} (x's last dim), got {tuple(w_q.shape)}")
+    N = w_q.shape[0]
+    gw = _scale_grid(w_scale, "w_scale", w_q, w_q.shape[:-1], "w_q")
+    if bias is not None:
+        check_float_tensor(bias, "bias", dim=1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape [N] = [{N}], got {tuple(bias.shape)}")
+    for name, t in (("w_q", w_q), ("w_scale", w_scale), ("bias", bias)):
+        check_same_device("x", x, name, t)
+    x2 = x.reshape(-1, K)
+    out = call("fp8_weight_only_mm", (x2, w_q.view(torch.uint8), gw, w_q.dtype, bias), x.device, backend,
+               M=x2.shape[0], K=K, N=N)
+    return out.reshape(*x.shape[:-1], N)
+
+
 # ---- fake (meta) kernels ---------------------------------------------------------------------------------------
 if _ext.HAS_C:
 
@@ -270,3 +303,8 @@ if _ext.HAS_C:
     def _(a, a_scale, a_dtype, b, b_scale, b_dtype, bias, out_dtype):
         torch._check(a.shape[1] == b.shape[1], lambda: "a and b must have the same K")
         return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake("qkernels::fp8_weight_only_mm")
+    def _(x, w, w_scale, w_dtype, bias):
+        torch._check(x.shape[1] == w.shape[1], lambda: "x and w must have the same K")
+        return x.new_empty((x.shape[0], w.shape[0]))

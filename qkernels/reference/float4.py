@@ -26,6 +26,7 @@ Block formats (the last dim is split into blocks of B elements; ``x [R, K]`` giv
   amax (block and tensor) is taken over finite values.
 
 ``fp4_mm``: both operands dequantized as above (fp32), then ``a @ b.T + bias``; fp64 accumulation here.
+``fp4_weight_only_mm``: x (float, not quantized) times the dequantized weight, the result in x's dtype.
 """
 
 from __future__ import annotations
@@ -167,3 +168,13 @@ def fp4_mm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, format, eleme
     if bias is not None:
         out = out + bias.double()
     return out.to(out_dtype)
+
+
+def fp4_weight_only_mm(x, w, w_scale, w_global_scale, format, element, bias):
+    """x float [M, K]; w uint8 [N, K/2] with w_scale uint8 [N, K/B] -> ``x @ dequant(w).T + bias`` in x's dtype
+    [M, N] (fp64 accumulation here)."""
+    wf = dequantize_fp4(w, w_scale, w_global_scale, format, element, torch.float32).double()
+    out = x.double() @ wf.t()
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)

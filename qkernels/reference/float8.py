@@ -28,6 +28,8 @@ Conventions (every fast path reproduces these bit for bit):
 * ``dequantize``: ``float32(q) * scale`` (one fp32 product per element), then cast to ``out_dtype``.
 * ``fp8_mm``: both operands dequantized exactly as above, then ``a @ b.T + bias``; this reference accumulates in
   fp64 (tests measure every kernel's error against it); kernels accumulate in fp32.
+* ``fp8_weight_only_mm``: x (float, not quantized) times the dequantized weight, ``x @ b.T + bias``, fp64 here,
+  the result in x's dtype.
 """
 
 from __future__ import annotations
@@ -115,3 +117,13 @@ def fp8_mm(a, a_scale, a_dtype, b, b_scale, b_dtype, bias, out_dtype):
     if bias is not None:
         out = out + bias.double()
     return out.to(out_dtype)
+
+
+def fp8_weight_only_mm(x, w, w_scale, w_dtype, bias):
+    """x float [M, K]; w uint8 [N, K] (``w_dtype`` bits) with w_scale fp32 [N / bn, K / bk] ->
+    ``x @ dequant(w).T + bias`` in x's dtype [M, N] (fp64 accumulation here)."""
+    wf = dequantize_fp8(w, w_scale, w_dtype, *_grid_blocks(w, w_scale), torch.float64)
+    out = x.double() @ wf.t()
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)

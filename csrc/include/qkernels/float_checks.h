@@ -63,11 +63,12 @@ inline std::array<int64_t, 2> blocks_from_grid(const at::Tensor& t, const at::Te
   return {ok ? R / G0 : 1, ok ? C / G1 : 1};
 }
 
-inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& a, int64_t N) {
+inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& a, int64_t N,
+                       const char* aname = "a") {
   if (!bias.has_value()) return;
   check_float_input(*bias, "bias");
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [N] = [", N, "], got ", bias->sizes());
-  check_same_device(a, *bias, "a", "bias");
+  check_same_device(a, *bias, aname, "bias");
 }
 
 struct Fp8MmBlocks {
@@ -94,6 +95,24 @@ inline Fp8MmBlocks check_fp8_mm_args(const at::Tensor& a, const at::Tensor& a_sc
   check_same_device(a, b, "a", "b");
   check_same_device(a, b_scale, "a", "b_scale");
   return r;
+}
+
+// fp8_weight_only_mm: x float [M, K]; w [N, K] fp8 bits of w_dtype with the scale grid w_scale. Returns w's block
+// sizes.
+inline std::array<int64_t, 2> check_fp8_weight_only_args(const at::Tensor& x, const at::Tensor& w,
+                                                         const at::Tensor& w_scale, at::ScalarType w_dtype,
+                                                         const std::optional<at::Tensor>& bias) {
+  check_float_input(x, "x");
+  check_dim(x, 2, "x");
+  check_dtype(w, at::kByte, "w");
+  check_dim(w, 2, "w");
+  TORCH_CHECK(w.size(1) == x.size(1), "w must have shape [N, K] with K=", x.size(1), " (x's dim 1), got ", w.sizes());
+  fp8_format_id(w_dtype, "w_dtype");
+  const auto bb = blocks_from_grid(w, w_scale, "w", "w_scale");
+  check_bias(bias, x, w.size(0), "x");
+  check_same_device(x, w, "x", "w");
+  check_same_device(x, w_scale, "x", "w_scale");
+  return bb;
 }
 
 // ---- fp4 ----
@@ -161,6 +180,21 @@ inline int64_t check_fp4_mm_args(const at::Tensor& a, const at::Tensor& a_scale,
   check_global_scale(a_global_scale, "a_global_scale");
   check_global_scale(b_global_scale, "b_global_scale");
   check_bias(bias, a, b.size(0));
+  return K;
+}
+
+// fp4_weight_only_mm: x float [M, K]; w packed [N, K/2] with block scales; returns K.
+inline int64_t check_fp4_weight_only_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                                          const at::Tensor& w_global_scale, int64_t B,
+                                          const std::optional<at::Tensor>& bias) {
+  check_float_input(x, "x");
+  check_dim(x, 2, "x");
+  const int64_t K = check_fp4_operand(w, w_scale, B, "w", "w_scale");
+  TORCH_CHECK(K == x.size(1), "w must have shape [N, K/2] = [", w.size(0), ", ", x.size(1) / 2, "] to match x's K=",
+              x.size(1), ", got ", w.sizes());
+  check_same_device(x, w, "x", "w");
+  check_global_scale(w_global_scale, "w_global_scale");
+  check_bias(bias, x, w.size(0), "x");
   return K;
 }
 
