@@ -100,7 +100,9 @@ def bench_gemms(device, repeats, shapes):
             ("fp8 e4m3 tensor (quant x + mm)", lambda: fp8_dyn(wqt, wst, "tensor")),
             ("fp8 e4m3 row (quant x + mm)", lambda: fp8_dyn()),
             ("fp8 e4m3 block 1x128/128x128", lambda: fp8_dyn(wqb, wsb, "block", 128)),
-            # the Fp8WeightOnly layer's forward: decode the weight to x's dtype, then F.linear
+            # weight-only (x stays bf16): the fused op (the Fp8WeightOnly layer's forward), and decoding the weight
+            # to bf16 for F.linear on every call (what the layer did before the op existed)
+            ("fp8 e4m3 weight-only (fp8_weight_only_mm)", lambda: qkernels.fp8_weight_only_mm(xb, wq, ws)),
             ("fp8 e4m3 weight-only (dequantize + F.linear)",
              lambda: F.linear(xb, qkernels.dequantize_fp8(wq, ws, torch.bfloat16))),
         ]
@@ -113,6 +115,9 @@ def bench_gemms(device, repeats, shapes):
                                        b_global_scale=wg)
 
             cands.append((f"{fmt} (quant x + mm)", fp4_dyn))
+            cands.append((f"{fmt} weight-only (fp4_weight_only_mm)",
+                          lambda fmt=fmt, wp=wp, wsc=wsc, wg=wg: qkernels.fp4_weight_only_mm(
+                              xb, wp, wsc, format=fmt, w_global_scale=wg if fmt == "nvfp4" else None)))
         for name, fn in cands:
             t = timed(fn, repeats, device)
             rows.append(((M, N, K), name, t, flops / t / 1e9, base["F.linear bf16"] / t))
@@ -135,7 +140,7 @@ def main():
     print("| op | time (ms) | GB/s | % of memcpy | % of clone |\n|---|---:|---:|---:|---:|")
     for name, t, gbs in cast_rows:
         print(f"| {name} | {t * 1e3:.2f} | {gbs:.2f} | {100 * gbs / copy_gbs:.0f}% | {100 * gbs / clone_gbs:.0f}% |")
-    shapes = [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)]
+    shapes = [(1, 4096, 4096), (4, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096)]
     gemm_rows = bench_gemms(dev, args.repeats, shapes)
     print(f"\n### GEMMs x [M, K] @ W[N, K]^T (median of {args.repeats}; emulated rows include quantizing x)\n")
     print("| M, N, K | kernel | time (ms) | GFLOP/s | speedup vs bf16 F.linear |\n|---|---|---:|---:|---:|")

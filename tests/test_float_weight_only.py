@@ -1,5 +1,5 @@
 """fp8_weight_only_mm / fp4_weight_only_mm (float x times an fp8 / fp4 weight): every CPU path (the fused AVX2
-kernel for up to 8 rows of x, decode + sgemm beyond, the portable loops) against the fp64 reference, the dispatch
+kernel for up to 16 rows of x, decode + sgemm beyond, the portable loops) against the fp64 reference, the dispatch
 rows, bad input, opcheck and torch.compile."""
 
 import pytest
@@ -27,7 +27,7 @@ def _fp8_weight(N, K, dtype, gran, bs, seed):
 
 @pytest.mark.parametrize("dtype", FP8)
 @pytest.mark.parametrize("grid", FP8_GRIDS, ids=str)
-@pytest.mark.parametrize("M", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fp8_weight_only_matches_reference(isa_pair, dtype, grid, M, x_dtype):
     N, K = 256, 384
@@ -69,7 +69,7 @@ def test_fp8_weight_only_does_not_modify_inputs():
 # K = 48 (nvfp4 only: mxfp4 blocks are 32 elements) is no multiple of 32: the emulation at every M
 @pytest.mark.parametrize("fmt,K", [("mxfp4", 96), ("nvfp4", 96), ("nvfp4", 48)])
 @pytest.mark.parametrize("element", ["e2m1", "e1m2"])
-@pytest.mark.parametrize("M", [1, 5, 8, 9, 40])
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_fp4_weight_only_matches_reference(isa_pair, fmt, K, element, M, x_dtype):
     N = 70

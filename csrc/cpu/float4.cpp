@@ -252,8 +252,9 @@ at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& scale,
 }
 
 // Up to this many rows of activations, the fp4 GEMMs run the fused AVX2 kernel (weights decoded in registers);
-// beyond it decode + sgemm (the fused kernel re-decodes the weights for every 4 activation rows).
-constexpr int64_t kFp4FusedMaxM = 8;
+// beyond it decode + sgemm (the fused kernel re-decodes the weights for every 4 activation rows; measured
+// crossover: see kFp8FusedMaxM in float8.cpp).
+constexpr int64_t kFp4FusedMaxM = 16;
 
 // xf [M, K] fp32 (contiguous) @ dequant_fp4(rb)^T + bias, fp32 accumulation, -> out_dtype: the weight side shared by
 // fp4_mm and fp4_weight_only_mm. g: rb's global scale.

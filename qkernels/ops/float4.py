@@ -188,7 +188,7 @@ def fp4_weight_only_mm(x, w_packed, w_scale, bias=None, *, format="mxfp4", eleme
             w_global_scale: its fp32 per-tensor scale (nvfp4 only).
         bias: float ``[N]`` or None.
     Returns: ``[..., N]`` in x's dtype. On CPU a fused kernel decodes the weight in registers for decode-sized
-    inputs (up to 8 rows of x, K % 32 == 0); on a GPU the cast kernel decodes it to x's dtype for cuBLAS.
+    inputs (up to 16 rows of x, K % 32 == 0); on a GPU the cast kernel decodes it to x's dtype for cuBLAS.
     """
     _check_format(format)
     _check_element(element)

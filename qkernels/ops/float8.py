@@ -263,7 +263,7 @@ def fp8_weight_only_mm(x, w_q, w_scale, bias=None, *, backend=None):
             for w: ``()``, ``[N, 1]`` / ``[N]`` per channel, ``[N, K / b]`` or ``[N / br, K / bc]`` blocks.
         bias: float ``[N]`` or None.
     Returns: ``[..., N]`` in x's dtype. On CPU a fused kernel decodes the weight in registers for decode-sized
-    inputs (up to 8 rows of x); on a GPU the cast kernel decodes it to x's dtype for cuBLAS.
+    inputs (up to 16 rows of x); on a GPU the cast kernel decodes it to x's dtype for cuBLAS.
     """
     check_float_tensor(x, "x")
     check_tensor(w_q, "w_q", dim=2)
