@@ -2,13 +2,17 @@
 // the register kernels split weight rows among threads.
 #pragma once
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
+#include "float_kernels.h"
 #include "int_gemm_kernels.h"
 
 namespace qkernels {
@@ -23,6 +27,15 @@ inline bool use_avx2() {
     return false;
   }
   return cpu_has_avx2_fma();
+}
+
+// The element kind of T for the AVX2 float kernels (float_kernels.h); -1 for double, which they do not take.
+template <typename T>
+constexpr int float_kind() {
+  return std::is_same<T, float>::value            ? (int)FloatKind::kF32
+         : std::is_same<T, c10::BFloat16>::value ? (int)FloatKind::kBF16
+         : std::is_same<T, c10::Half>::value     ? (int)FloatKind::kF16
+                                                 : -1;
 }
 
 // The register kernels take rows in blocks of 4 (avx2_tiles.h kRowBlock).

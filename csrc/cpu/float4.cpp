@@ -38,15 +38,6 @@ std::unique_ptr<cpu::Fp4Decode> make_fp4_decode(const MiniFloat& f, bool nv, flo
   return d;
 }
 
-// The AVX2 kernels' element kind for T; double has none.
-template <typename T>
-constexpr int float_kind() {
-  return std::is_same<T, float>::value ? (int)cpu::FloatKind::kF32
-         : std::is_same<T, at::BFloat16>::value ? (int)cpu::FloatKind::kBF16
-         : std::is_same<T, at::Half>::value     ? (int)cpu::FloatKind::kF16
-                                                : -1;
-}
-
 // Inner loops as functions of plain values (see float8.cpp): no captured references in the loops, so they vectorize.
 template <typename T>
 void encode_pairs(const T* src, uint8_t* dst, int64_t npairs, float scale, const MiniFloatEncoder enc) {
@@ -231,11 +222,11 @@ at::Tensor dequantize_fp4_cpu(const at::Tensor& packed, const at::Tensor& scale,
   const auto dec = make_fp4_decode(f, nv, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequantize_fp4", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    if (avx2 && float_kind<scalar_t>() >= 0) {  // bit-identical to the loop below
+    if (avx2 && cpu::float_kind<scalar_t>() >= 0) {  // bit-identical to the loop below
       at::parallel_for(0, R, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           cpu::fp4_decode_row_avx2(rows.p + r * (K / 2), rows.s + r * (K / B), K, *dec, o + r * K,
-                                   (cpu::FloatKind)float_kind<scalar_t>());
+                                   (cpu::FloatKind)cpu::float_kind<scalar_t>());
         }
       });
       return;

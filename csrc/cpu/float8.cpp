@@ -51,20 +51,11 @@ std::array<float, 256> decode_table(const MiniFloat& f) {
   return lut;
 }
 
-// The AVX2 kernels' element kind for T; double has none (the portable loops take it).
-template <typename T>
-constexpr int float_kind() {
-  return std::is_same<T, float>::value ? (int)cpu::FloatKind::kF32
-         : std::is_same<T, at::BFloat16>::value ? (int)cpu::FloatKind::kBF16
-         : std::is_same<T, at::Half>::value     ? (int)cpu::FloatKind::kF16
-                                                : -1;
-}
-
 // One run of quantize_fp8 / dequantize_fp8: the AVX2 kernel where it applies (bit-identical), else the loop.
 template <typename T>
 void encode_any(const T* src, uint8_t* dst, int64_t n, float scale, const MiniFloatEncoder& enc, bool avx2) {
-  if (avx2 && float_kind<T>() >= 0) {
-    cpu::fp8_encode_avx2(src, (cpu::FloatKind)float_kind<T>(), n, scale, enc, dst);
+  if (avx2 && cpu::float_kind<T>() >= 0) {
+    cpu::fp8_encode_avx2(src, (cpu::FloatKind)cpu::float_kind<T>(), n, scale, enc, dst);
   } else {
     encode_run(src, dst, n, scale, enc);
   }
@@ -73,8 +64,8 @@ void encode_any(const T* src, uint8_t* dst, int64_t n, float scale, const MiniFl
 template <typename T>
 void decode_any(const uint8_t* src, T* dst, int64_t n, float scale, const cpu::Fp8HalfDecode& d, bool avx2,
                 const float* lut) {
-  if (avx2 && float_kind<T>() >= 0) {
-    cpu::fp8_decode_avx2(src, n, scale, d, dst, (cpu::FloatKind)float_kind<T>());
+  if (avx2 && cpu::float_kind<T>() >= 0) {
+    cpu::fp8_decode_avx2(src, n, scale, d, dst, (cpu::FloatKind)cpu::float_kind<T>());
   } else {
     decode_run(src, dst, n, scale, lut);
   }

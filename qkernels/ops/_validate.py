@@ -24,3 +24,11 @@ def check_float_tensor(t, name: str, dim: int | None = None):
 def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor | None):
     if b is not None and a.device != b.device:
         raise ValueError(f"{name_b} must be on the same device as {name_a} ({a.device}), got {b.device}")
+
+
+def check_bias(bias, N: int):
+    """An optional GEMM bias: None or a float ``[N]`` tensor."""
+    if bias is not None:
+        check_float_tensor(bias, "bias", dim=1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape [N] = [{N}], got {tuple(bias.shape)}")

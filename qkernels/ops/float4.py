@@ -9,7 +9,7 @@ import torch
 from .. import _ext
 from ..reference.float4 import ELEMENTS, FORMATS
 from ._call import call
-from ._validate import check_float_tensor, check_same_device, check_tensor
+from ._validate import check_bias, check_float_tensor, check_same_device, check_tensor
 from .float8 import check_out_dtype
 
 # the torch dtype each format's block scales are returned as (uint8 is accepted too)
@@ -167,10 +167,7 @@ def fp4_mm(a_packed, a_scale, b_packed, b_scale, out_dtype=torch.bfloat16, bias=
                          f"{tuple(b_packed.shape)}")
     b2, sb, gb, _ = _fp4_operand(b_packed, b_scale, b_global_scale, format, "b_packed", "b_scale", "b_global_scale")
     N = b2.shape[0]
-    if bias is not None:
-        check_float_tensor(bias, "bias", dim=1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must have shape [N] = [{N}], got {tuple(bias.shape)}")
+    check_bias(bias, N)
     for name, t in (("b_packed", b_packed), ("bias", bias)):
         check_same_device("a_packed", a_packed, name, t)
     out = call("fp4_mm", (a2, sa, ga, b2, sb, gb, format, element, bias, out_dtype), a_packed.device, backend,
@@ -203,10 +200,7 @@ def fp4_weight_only_mm(x, w_packed, w_scale, bias=None, *, format="mxfp4", eleme
     w2, sw, gw, _ = _fp4_operand(w_packed, w_scale, w_global_scale, format, "w_packed", "w_scale",
                                  "w_global_scale")
     N = w2.shape[0]
-    if bias is not None:
-        check_float_tensor(bias, "bias", dim=1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must have shape [N] = [{N}], got {tuple(bias.shape)}")
+    check_bias(bias, N)
     for name, t in (("w_packed", w_packed), ("bias", bias)):
         check_same_device("x", x, name, t)
     x2 = x.reshape(-1, K)

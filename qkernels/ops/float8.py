@@ -11,7 +11,7 @@ import torch
 from .. import _ext
 from ..reference.float8 import FP8_DTYPES
 from ._call import call
-from ._validate import FLOAT_DTYPES, check_float_tensor, check_same_device, check_tensor
+from ._validate import FLOAT_DTYPES, check_bias, check_float_tensor, check_same_device, check_tensor
 
 GRANULARITIES = ("tensor", "row", "block")
 OUT_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -198,6 +198,16 @@ def _scale_grid(scale, name, t2, lead_shape, dname):
     return g.float().contiguous()
 
 
+def _k_and_n(a, aname, w, wname) -> tuple[int, int]:
+    """(K, N) of a GEMM of ``a [..., K]`` with a 2-D weight ``w [N, K]``."""
+    if a.dim() == 0:
+        raise ValueError(f"{aname} must have at least 1 dim [..., K], got a 0-d tensor")
+    K = a.shape[-1]
+    if w.shape[1] != K:
+        raise ValueError(f"{wname} must have shape [N, K] with K={K} ({aname}'s last dim), got {tuple(w.shape)}")
+    return K, w.shape[0]
+
+
 def _blocks_of(grid, R, K) -> tuple[int, int]:
     """(block_rows, block_cols) of a scale grid tiling [R, K] (1 along an empty dim)."""
     G0, G1 = grid.shape
@@ -231,20 +241,12 @@ def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, b
     check_tensor(b_q, "b_q", dim=2)
     check_fp8_dtype(b_q.dtype, "b_q.dtype")
     check_out_dtype(out_dtype)
-    if a_q.dim() == 0:
-        raise ValueError("a_q must have at least 1 dim [..., K], got a 0-d tensor")
-    K = a_q.shape[-1]
-    if b_q.shape[1] != K:
-        raise ValueError(f"b_q must have shape [N, K] with K={K} (a_q's last dim), got {tuple(b_q.shape)}")
-    N = b_q.shape[0]
+    K, N = _k_and_n(a_q, "a_q", b_q, "b_q")
     a2 = a_q.reshape(-1, K)
     M = a2.shape[0]
     ga = _scale_grid(a_scale, "a_scale", a2, a_q.shape[:-1], "a_q")
     gb = _scale_grid(b_scale, "b_scale", b_q, b_q.shape[:-1], "b_q")
-    if bias is not None:
-        check_float_tensor(bias, "bias", dim=1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must have shape [N] = [{N}], got {tuple(bias.shape)}")
+    check_bias(bias, N)
     for name, t in (("b_q", b_q), ("a_scale", a_scale), ("b_scale", b_scale), ("bias", bias)):
         check_same_device("a_q", a_q, name, t)
     gran = _granularity_of(ga, gb, M, N)
@@ -268,17 +270,9 @@ def fp8_weight_only_mm(x, w_q, w_scale, bias=None, *, backend=None):
     check_float_tensor(x, "x")
     check_tensor(w_q, "w_q", dim=2)
     check_fp8_dtype(w_q.dtype, "w_q.dtype")
-    if x.dim() == 0:
-        raise ValueError("x must have at least 1 dim [..., K], got a 0-d tensor")
-    K = x.shape[-1]
-    if w_q.shape[1] != K:
-        raise ValueError(f"w_q must have shape [N, K] with K={K} (x's last dim), got {tuple(w_q.shape)}")
-    N = w_q.shape[0]
+    K, N = _k_and_n(x, "x", w_q, "w_q")
     gw = _scale_grid(w_scale, "w_scale", w_q, w_q.shape[:-1], "w_q")
-    if bias is not None:
-        check_float_tensor(bias, "bias", dim=1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must have shape [N] = [{N}], got {tuple(bias.shape)}")
+    check_bias(bias, N)
     for name, t in (("w_q", w_q), ("w_scale", w_scale), ("bias", bias)):
         check_same_device("x", x, name, t)
     x2 = x.reshape(-1, K)
