@@ -102,6 +102,17 @@ def build_methods(N: int, K: int):
     m["qkernels W8A8 dynamic (bf16 x)"] = (
         lambda: (q8.clone(), s8.clone()),
         lambda xf, xb, W: qkernels.int8_dynamic_mm(xb, W[0], W[1]), _nbytes(q8, s8))
+    # fp8 / fp4 weights with float activations (the Fp8WeightOnly / Fp4(weight_only=True) layers' ops)
+    f8, f8s = qkernels.quantize_fp8(w, torch.float8_e4m3fn, "row")
+    m["qkernels fp8 e4m3 weight-only (bf16 x)"] = (
+        lambda: (f8.clone(), f8s.clone()),
+        lambda xf, xb, W: qkernels.fp8_weight_only_mm(xb, W[0], W[1]), _nbytes(f8, f8s))
+    for fmt in ("mxfp4", "nvfp4"):
+        fp, fs, fg = qkernels.quantize_fp4(w, fmt)
+        m[f"qkernels {fmt} weight-only (bf16 x)"] = (
+            (lambda fp=fp, fs=fs, fg=fg: (fp.clone(), fs.clone(), fg)),
+            (lambda xf, xb, W, fmt=fmt: qkernels.fp4_weight_only_mm(xb, W[0], W[1], format=fmt, w_global_scale=W[2])),
+            _nbytes(fp, fs))
     # torchao's int4 CPU layout (Int4CPULayout) calls the same aten kernel as the 'torch int4' row above, so that
     # row stands for it; torchao is not a dependency of this benchmark.
     return m, w

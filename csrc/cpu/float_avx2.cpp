@@ -28,15 +28,19 @@ struct HalfConsts {
         mag_shift(_mm_cvtsi32_si128(d.mag_shift)) {}
 };
 
-// h for 16 codes; returns true when one of them is special (then use decode16_slow for these 16).
-QK_AVX2 inline bool half_bits16(const uint8_t* q, const HalfConsts& c, __m256i& h) {
+// h for 16 codes; ORs the lanes holding special codes into `spec` (then decode16_slow must take these 16). NAN80:
+// the format has a whole-code NaN (fnuz 0x80) to look for besides the magnitude test.
+template <bool NAN80>
+QK_AVX2 inline __m256i half_bits16(const uint8_t* q, const HalfConsts& c, __m256i& spec) {
   const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)q));
   const __m256i mag = _mm256_and_si256(v, c.mag_mask);
+  spec = _mm256_or_si256(spec, _mm256_cmpgt_epi16(mag, c.spec_min1));
+  if (NAN80) spec = _mm256_or_si256(spec, _mm256_cmpeq_epi16(v, c.nan_code));
   // the sign (bit 7) goes to bit 15: v << 8 puts it there, and the magnitude bits it drags along are masked off
-  h = _mm256_or_si256(_mm256_sll_epi16(mag, c.mag_shift), _mm256_and_si256(_mm256_slli_epi16(v, 8), c.sign_mask));
-  const __m256i spec = _mm256_or_si256(_mm256_cmpgt_epi16(mag, c.spec_min1), _mm256_cmpeq_epi16(v, c.nan_code));
-  return !_mm256_testz_si256(spec, spec);
+  return _mm256_or_si256(_mm256_sll_epi16(mag, c.mag_shift), _mm256_and_si256(_mm256_slli_epi16(v, 8), c.sign_mask));
 }
+
+QK_AVX2 inline bool any_lane(__m256i m) { return !_mm256_testz_si256(m, m); }
 
 QK_AVX2 inline void half_to_ps(__m256i h, __m256& lo, __m256& hi) {
   lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
@@ -49,15 +53,6 @@ QK_AVX2 inline void decode16_slow(const uint8_t* q, const Fp8HalfDecode& d, __m2
   for (int i = 0; i < 16; ++i) t[i] = d.lut_h[q[i]];
   lo = _mm256_load_ps(t);
   hi = _mm256_load_ps(t + 8);
-}
-
-QK_AVX2 inline void decode16(const uint8_t* q, const Fp8HalfDecode& d, const HalfConsts& c, __m256& lo, __m256& hi) {
-  __m256i h;
-  if (__builtin_expect(half_bits16(q, c, h), 0)) {
-    decode16_slow(q, d, lo, hi);
-  } else {
-    half_to_ps(h, lo, hi);
-  }
 }
 
 // ---- fp32 -> bf16 / fp16 with the rounding of c10's conversions ------------------------------------------------
@@ -151,7 +146,8 @@ QK_AVX2 inline float load1(const void* src, FloatKind in, int64_t i) {
 // (against 2 pmovsx + 2 cvtdq2ps for int8 weights). The products are h * x = value * x / pow2 exactly, so the
 // block sums are scaled by bscale * pow2 at the end. GROUPED (block-wise scales along K): the sums of each
 // G-block are folded into `total` with their block's scale; otherwise one scale per row multiplies the final sum.
-template <int NR, int MT, bool GROUPED>
+// The special-code test is folded over the NR rows of a step: one branch per step, not per row.
+template <int NR, int MT, bool GROUPED, bool NAN80>
 QK_AVX2 void f8_tile(const float* x, const uint8_t* w, const float* const (&srow)[NR], int64_t G, int64_t K,
                      const Fp8HalfDecode& d, const HalfConsts& hc, float* out, int64_t ldo, const char* pf) {
   __m256 total[NR][MT];
@@ -161,9 +157,17 @@ QK_AVX2 void f8_tile(const float* x, const uint8_t* w, const float* const (&srow
   for (int64_t g0 = 0; g0 < K; g0 += G) {
     for (int64_t k = g0; k < g0 + G; k += 16) {
       if (pf) _mm_prefetch(pf + (k / 16) * kPrefetchStep, _MM_HINT_T0);  // 4 rows x 16 bytes per step
+      __m256i h[NR];
+      __m256i spec = _mm256_setzero_si256();
+      for (int r = 0; r < NR; ++r) h[r] = half_bits16<NAN80>(w + r * K + k, hc, spec);
+      const bool special = __builtin_expect(any_lane(spec), 0);
       for (int r = 0; r < NR; ++r) {
         __m256 w0, w1;
-        decode16(w + r * K + k, d, hc, w0, w1);
+        if (special) {
+          decode16_slow(w + r * K + k, d, w0, w1);
+        } else {
+          half_to_ps(h[r], w0, w1);
+        }
         for (int m = 0; m < MT; ++m) {
           const float* xk = x + m * K + k;
           a[r][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk), a[r][m]);
@@ -268,9 +272,10 @@ QK_AVX2 void fp8_decode_avx2(const uint8_t* q, int64_t n, float scale, const Fp8
     const HalfConsts hc(d);
     const __m256 vs2 = _mm256_set1_ps(s2), vs = _mm256_set1_ps(scale);
     for (; i + 16 <= n; i += 16) {
-      __m256i h;
+      __m256i spec = _mm256_setzero_si256();
+      const __m256i h = half_bits16<true>(q + i, hc, spec);
       __m256 lo, hi;
-      if (__builtin_expect(half_bits16(q + i, hc, h), 0)) {
+      if (__builtin_expect(any_lane(spec), 0)) {
         decode16_slow(q + i, d, lo, hi);  // lut_h * pow2 = value exactly; then one rounding, as below
         lo = _mm256_mul_ps(_mm256_mul_ps(lo, _mm256_set1_ps(d.pow2)), vs);
         hi = _mm256_mul_ps(_mm256_mul_ps(hi, _mm256_set1_ps(d.pow2)), vs);
@@ -315,16 +320,20 @@ QK_AVX2 void fp8_mm_rows_avx2(const float* x, int64_t M, const uint8_t* w, const
                               int64_t bb0, int64_t G, int64_t K, const Fp8HalfDecode& d, float* out, int64_t ldo,
                               int64_t n0, int64_t n1) {
   const HalfConsts hc(d);
-  const bool grouped = G < K;
+  const bool grouped = G < K, nan80 = d.nan_code < 0x100;
   for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
     constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
     const float* srow[NR];
     for (int r = 0; r < NR; ++r) srow[r] = bscale + ((n + r) / bb0) * ldbs;
     const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * K) : nullptr;
+    const float* xm = x + m0 * K;
+    float* o = out + m0 * ldo + n;
     if (grouped) {
-      f8_tile<NR, MT, true>(x + m0 * K, w + n * K, srow, G, K, d, hc, out + m0 * ldo + n, ldo, pf);
+      if (nan80) f8_tile<NR, MT, true, true>(xm, w + n * K, srow, G, K, d, hc, o, ldo, pf);
+      else f8_tile<NR, MT, true, false>(xm, w + n * K, srow, G, K, d, hc, o, ldo, pf);
     } else {
-      f8_tile<NR, MT, false>(x + m0 * K, w + n * K, srow, K, K, d, hc, out + m0 * ldo + n, ldo, pf);
+      if (nan80) f8_tile<NR, MT, false, true>(xm, w + n * K, srow, K, K, d, hc, o, ldo, pf);
+      else f8_tile<NR, MT, false, false>(xm, w + n * K, srow, K, K, d, hc, o, ldo, pf);
     }
   });
 }
