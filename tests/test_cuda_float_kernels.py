@@ -153,23 +153,24 @@ def test_fp4_mm_cuda_emulation(format, M):
     assert ((out.double() - want).norm() / want.norm()).item() < TOL[torch.float32]
 
 
-# weight-only: the weight decoded to x's dtype by the cast kernel, then cuBLAS (bf16 x: one more bf16 rounding of
-# each weight than the fp64 reference, well inside the bf16 output tolerance)
+# weight-only: CUDA decodes the weight to x's dtype with the cast kernel, then cuBLAS; Triton decodes it inside its
+# GEMM (bf16 x: one more bf16 rounding of each weight than the fp64 reference, inside the bf16 output tolerance)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 33])
-def test_weight_only_mm_cuda(x_dtype, M):
+def test_weight_only_mm_cuda(x_dtype, M, backend):
     N, K = 96, 256
     x = torch.randn(M, K, device=DEV).to(x_dtype)
     bias = torch.randn(N, device=DEV)
     wq, ws = qkernels.quantize_fp8(torch.randn(N, K, device=DEV), granularity="block", block_size=(32, 128))
     assert qkernels.explain("fp8_weight_only_mm", DEV).backend == "cuda"
-    out = qkernels.fp8_weight_only_mm(x, wq, ws, bias)
+    out = qkernels.fp8_weight_only_mm(x, wq, ws, bias, backend=backend)
     want = ref.OPS["fp8_weight_only_mm"](x.double(), wq.view(torch.uint8), ws, wq.dtype, bias)
     assert out.dtype == x_dtype and ((out.double() - want).norm() / want.norm()).item() < TOL[x_dtype]
     for fmt in ("mxfp4", "nvfp4"):
         p, sc, g = qkernels.quantize_fp4(torch.randn(N, K, device=DEV), fmt)
         gs = g if fmt == "nvfp4" else None
-        out = qkernels.fp4_weight_only_mm(x, p, sc, bias, format=fmt, w_global_scale=gs)
+        out = qkernels.fp4_weight_only_mm(x, p, sc, bias, format=fmt, w_global_scale=gs, backend=backend)
         g_op = g if g is not None else torch.ones((), device=DEV)  # the op's global scale (1 for mxfp4)
         want = ref.OPS["fp4_weight_only_mm"](x.double(), p, sc.view(torch.uint8), g_op, fmt, "e2m1", bias)
         assert out.dtype == x_dtype and ((out.double() - want).norm() / want.norm()).item() < TOL[x_dtype], fmt

@@ -19,6 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from qkernels.reference.gguf import BLOCK as GGML_BLOCK  # noqa: E402
 from qkernels.triton import float_cast as fc  # noqa: E402
+from qkernels.triton import float_gemm as fg  # noqa: E402
 from qkernels.triton import gguf as tg  # noqa: E402
 from qkernels.triton import int8_dynamic as i8  # noqa: E402
 
@@ -82,3 +83,16 @@ def test_gguf_decode_compiles_for_rocm(type):
     k = _compile(tg._gguf_dequantize_kernel, {"data_ptr": "*u8", "out_ptr": "*fp16", "n": "i64"}, consts,
                  TARGETS["gfx942"], {"enable_fp_fusion": False})
     assert k.asm.get("amdgcn")
+
+
+@pytest.mark.parametrize("target", ["sm90", "gfx942"])
+@pytest.mark.parametrize("fp4", [False, True])
+def test_float_weight_only_mm_compiles_to_mma(target, fp4):
+    """The fp8 / fp4 weight-only GEMM (bf16 x, split-K) compiles and its dot reaches the tensor / matrix cores."""
+    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8" if fp4 else "*fp32", "lut_ptr": "*fp32",
+             "slut_ptr": "*fp32", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "br": "i32", "bc": "i32",
+             "nbc": "i32", "m_bucket": "i32"}
+    consts = {"FP4": fp4, "B": 32, "FP32_X": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}
+    k = _compile(fg._float_weight_mm_kernel, types, consts, TARGETS[target])
+    asm = k.asm.get("ptx") or k.asm.get("amdgcn") or ""
+    assert "mma" in asm or "mfma" in asm

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 import qkernels  # noqa: E402
 from qkernels import reference as ref  # noqa: E402
 from qkernels import triton as qtriton  # noqa: E402
+from qkernels.triton.int_gemm import INTERPRET_CONFIG  # noqa: E402
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -164,3 +165,52 @@ def test_w8a8_matches_cpu_kernel(xdtype, M, N, K):
 
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ---- weight-only GEMMs (qkernels/triton/float_gemm.py) ------------------------------------------------------------
+INTERPRET_SPLIT1 = dict(INTERPRET_CONFIG, SPLIT_K=1)
+WO_RTOL = {torch.float32: 1e-5, torch.float16: 4e-3}  # fp16: the weight is rounded to x's dtype for the dot, then
+# the result once more
+
+
+# bf16 x runs on GPUs only: the interpreter's dot does not take bf16 operands (as for the integer kernels)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K,blocks", [(1, 40, 64, (40, 64)), (3, 24, 96, (1, 96)), (5, 32, 64, (8, 32)),
+                                          (17, 20, 48, (4, 16))])
+def test_fp8_weight_only_mm(xdtype, M, N, K, blocks):
+    x = torch.randn(M, K).to(xdtype)
+    w = torch.randn(N, K) * 0.1
+    bias = torch.randn(N)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2fnuz):
+        q, s = ref.OPS["quantize_fp8"](w, None, dtype, *blocks, True)
+        want = ref.OPS["fp8_weight_only_mm"](x.double(), q, s, dtype, bias)
+        for config in (None, dict(INTERPRET_SPLIT1)):  # split-K (atomics) and one program per output tile
+            out = qtriton.get("fp8_weight_only_mm")(x, q, s, dtype, bias, config=config)
+            assert out.dtype == xdtype and out.shape == (M, N)
+            assert _rel(out, want) < WO_RTOL[xdtype], (dtype, config)
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("format,element", [("mxfp4", "e2m1"), ("nvfp4", "e2m1"), ("nvfp4", "e1m2")])
+@pytest.mark.parametrize("M,N,K", [(1, 24, 64), (6, 40, 96)])
+def test_fp4_weight_only_mm(xdtype, format, element, M, N, K):
+    x = torch.randn(M, K).to(xdtype)
+    w = torch.randn(N, K) * 0.1
+    w[3, 5] = float("nan")  # a NaN block: its row of the output is NaN
+    p, sc, g = ref.OPS["quantize_fp4"](w, format, element, None)
+    bias = torch.randn(N)
+    want = ref.OPS["fp4_weight_only_mm"](x.double(), p, sc, g, format, element, bias)
+    out = qtriton.get("fp4_weight_only_mm")(x, p, sc, g, format, element, bias)
+    assert torch.equal(out.isnan(), want.isnan()) and out[:, 3].isnan().all()
+    ok = ~want.isnan().any(0)
+    assert _rel(out[:, ok], want[:, ok]) < WO_RTOL[xdtype]
+
+
+def test_weight_only_public_api_forced_triton():
+    x = torch.randn(2, 3, 64)
+    wq, ws = qkernels.quantize_fp8(torch.randn(16, 64), torch.float8_e4m3fn, "row")
+    out = qkernels.fp8_weight_only_mm(x, wq, ws, backend="triton")
+    assert _rel(out, qkernels.fp8_weight_only_mm(x.double().float(), wq, ws, backend="reference").double()) < 1e-5
+    p, sc, _ = qkernels.quantize_fp4(torch.randn(16, 64), "mxfp4")
+    out = qkernels.fp4_weight_only_mm(x, p, sc, backend="triton")
+    assert _rel(out, qkernels.fp4_weight_only_mm(x, p, sc, backend="reference").double()) < 1e-5

@@ -26,6 +26,8 @@ MODULES: dict[str, str] = {
     "fp4_decode": "float_cast",
     "quantize_fp4": "float_cast",
     "dequantize_fp4": "float_cast",
+    "fp8_weight_only_mm": "float_gemm",
+    "fp4_weight_only_mm": "float_gemm",
     "gguf_dequantize": "gguf",
     "gguf_mm": "gguf",
 }

@@ -23,26 +23,58 @@ import triton.language as tl
 from . import register
 
 
+# ---- pieces shared with the fp8 / fp4 weight-only kernel (float_gemm.py) -----------------------------------------
+
+
+@triton.jit
+def tile_rows_cols(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output rows and columns and their masks."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def k_step(x_ptr, offs_m, m_mask, n_mask, i, per_split, K, BLOCK_K: tl.constexpr):
+    """K indices of step i of this program's K split, their mask, the x tile and the weight tile's mask. Tiles past
+    the end (uneven splits) are fully masked and add zero."""
+    offs_k = (tl.program_id(2) * per_split + i) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    return offs_k, x, k_mask[:, None] & n_mask[None, :]
+
+
+@triton.jit
+def dot_acc(acc, x, w, FP32_X: tl.constexpr):
+    """acc += x @ w: an IEEE fp32 dot for fp32 x (no TF32), else w rounded to x's dtype."""
+    if FP32_X:
+        acc += tl.dot(x, w, input_precision="ieee")
+    else:
+        acc += tl.dot(x, w.to(x.dtype))
+    return acc
+
+
+@triton.jit
+def store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, N, SPLIT_K: tl.constexpr):
+    """Without split-K: store (rounded once to the buffer's dtype); with it: atomically add into a zeroed fp32 buffer."""
+    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
 @triton.jit
 def _weight_only_mm_kernel(x_ptr, w_ptr, scale_ptr, zp_ptr, out_ptr, M, N, K, group_size, n_groups, m_bucket,
                            IS_INT4: tl.constexpr, IS_SIGNED: tl.constexpr, HAS_ZP: tl.constexpr,
                            FP32_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = tile_rows_cols(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     for i in range(0, per_split):
-        offs_k = (pid_k * per_split + i) * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K  # tiles past the end (uneven splits) are fully masked and add zero
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wmask = k_mask[:, None] & n_mask[None, :]
+        offs_k, x, wmask = k_step(x_ptr, offs_m, m_mask, n_mask, i, per_split, K, BLOCK_K)
         if IS_INT4:
             # [BLOCK_K, BLOCK_N]: element k of row n is nibble (k % 2) of byte k // 2
             b = tl.load(w_ptr + offs_n[None, :] * (K // 2) + (offs_k // 2)[:, None], mask=wmask, other=0)
@@ -55,19 +87,11 @@ def _weight_only_mm_kernel(x_ptr, w_ptr, scale_ptr, zp_ptr, out_ptr, M, N, K, gr
             w = tl.load(scale_ptr + gidx, mask=wmask, other=0.0) * q.to(tl.float32)
         else:
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=wmask, other=0).to(tl.float32)
-        if FP32_X:
-            acc += tl.dot(x, w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w.to(x.dtype))
+        acc = dot_acc(acc, x, w, FP32_X)
     if not IS_INT4:
         acc = acc * tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        # out is x's dtype here (no fp32 buffer, no conversion pass): round the fp32 sums once, as .to() would
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    # without split-K, out is x's dtype (no fp32 buffer, no conversion pass): the fp32 sums are rounded once
+    store_tile(out_ptr, acc, offs_m, offs_n, m_mask, n_mask, N, SPLIT_K)
 
 
 def _cfg(bm, bn, bk, split, warps, stages):
@@ -137,15 +161,21 @@ def _run(x, w, scale, zp, N, group_size, is_int4, is_signed, config=None):
     out = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if split
            else torch.empty((M, N), dtype=x.dtype, device=x.device))
     args = (xc, wc, sc, zc, out, M, N, K, group_size, K // group_size, m_bucket)
+    launch(_weight_only_mm_kernel, _tuned_kernel if split else _tuned_kernel_no_split, args, flags, M, N, config)
+    return out.to(x.dtype) if split else out
+
+
+def launch(kernel, tuned, args, flags, M, N, config):
+    """Run ``kernel`` with a fixed ``config`` (tests, the interpreter) or its autotuned wrapper ``tuned``; the grid
+    is (M tiles, N tiles, K splits)."""
     if config is not None:
         grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), config["SPLIT_K"])
-        _weight_only_mm_kernel[grid](*args, **flags, **config)
+        kernel[grid](*args, **flags, **config)
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-        (_tuned_kernel if split else _tuned_kernel_no_split)[grid](*args, **flags)
-    return out.to(x.dtype) if split else out
+        tuned[grid](*args, **flags)
 
 
 @register("int4_weight_only_mm")
