@@ -57,6 +57,16 @@ def test_fp8_weight_only_batched_no_bias_and_nan():
                        qkernels.fp8_weight_only_mm(x[0], wq, ws))
 
 
+def test_fp8_weight_only_shapes_outside_the_fused_kernel(isa_pair):
+    """K % 16 != 0 and a transposed (non-contiguous) x: the decode + sgemm path at M = 1, same results."""
+    wq, ws = _fp8_weight(24, 40, torch.float8_e5m2, "block", (4, 8), 6)
+    x = torch.randn(40, 2).t()
+    want = ref.OPS["fp8_weight_only_mm"](x.double(), wq.view(torch.uint8), ws, wq.dtype, None)
+    fast, slow = isa_pair(lambda: qkernels.fp8_weight_only_mm(x, wq, ws))
+    for out in (fast, slow):
+        assert rel_err(out, want) < RTOL[torch.float32]
+
+
 def test_fp8_weight_only_does_not_modify_inputs():
     wq, ws = _fp8_weight(16, 64, torch.float8_e4m3fn, "row", 128, 2)
     x, b = torch.randn(2, 64), torch.randn(16)
