@@ -6,11 +6,8 @@ import pytest
 import torch
 
 import qkernels
-from qkernels import _ext
 
 from .test_float8 import GEMM_RTOL
-
-pytestmark = pytest.mark.skipif(not _ext.HAS_C, reason="qkernels._C not built")
 
 
 def _bits(t):

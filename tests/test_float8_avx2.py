@@ -7,12 +7,9 @@ import pytest
 import torch
 
 import qkernels
-from qkernels import _ext
 from qkernels import reference as ref
 
 from .test_float8 import FP8, GEMM_RTOL, random_bits_f32
-
-pytestmark = pytest.mark.skipif(not _ext.HAS_C, reason="qkernels._C not built")
 
 
 def _isa():
