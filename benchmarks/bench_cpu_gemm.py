@@ -113,6 +113,11 @@ def build_methods(N: int, K: int):
             (lambda fp=fp, fs=fs, fg=fg: (fp.clone(), fs.clone(), fg)),
             (lambda xf, xb, W, fmt=fmt: qkernels.fp4_weight_only_mm(xb, W[0], W[1], format=fmt, w_global_scale=W[2])),
             _nbytes(fp, fs))
+        m[f"qkernels {fmt} weight-only (bf16 x, fp32 kernel)"] = (
+            (lambda fp=fp, fs=fs, fg=fg: (fp.clone(), fs.clone(), fg)),
+            (lambda xf, xb, W, fmt=fmt: _with_env("QKERNELS_CPU_I16", "0", lambda: qkernels.fp4_weight_only_mm(
+                xb, W[0], W[1], format=fmt, w_global_scale=W[2]))),
+            _nbytes(fp, fs))
     # torchao's int4 CPU layout (Int4CPULayout) calls the same aten kernel as the 'torch int4' row above, so that
     # row stands for it; torchao is not a dependency of this benchmark.
     return m, w

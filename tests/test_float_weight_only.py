@@ -74,8 +74,9 @@ def test_fp8_weight_only_does_not_modify_inputs():
         assert torch.equal(before, after)
 
 
-# K = 48 (nvfp4 only: mxfp4 blocks are 32 elements) is no multiple of 32: the emulation at every M
-@pytest.mark.parametrize("fmt,K", [("mxfp4", 96), ("nvfp4", 96), ("nvfp4", 48)])
+# K = 128: bf16 x at M < 4 takes the int16-activation kernel (K % 64 == 0); K = 96 the fp32 one; K = 48 (nvfp4 only: mxfp4
+# blocks are 32 elements) is no multiple of 32: the emulation at every M
+@pytest.mark.parametrize("fmt,K", [("mxfp4", 128), ("nvfp4", 128), ("mxfp4", 96), ("nvfp4", 96), ("nvfp4", 48)])
 @pytest.mark.parametrize("element", ["e2m1", "e1m2"])
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 40])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
@@ -95,6 +96,29 @@ def test_fp4_weight_only_matches_reference(isa_pair, fmt, K, element, M, x_dtype
     for out in (fast, slow):
         assert out.dtype == x_dtype and out.shape == (M, N)
         assert rel_err(out, want) < RTOL[x_dtype]
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("i16", ["1", "0"])
+def test_fp4_weight_only_int16_and_fp32_kernels(monkeypatch, fmt, i16):
+    """bf16 x on the int16-activation kernel (default, M < 4) and on the fp32 one (QKERNELS_CPU_I16=0, and M >= 4),
+    every tile shape, against the fp64 reference; x with NaN falls back to the fp32 kernel and gives NaN in its row
+    only."""
+    monkeypatch.setenv("QKERNELS_CPU_I16", i16)
+    gen = torch.Generator().manual_seed(7)
+    N, K = 37, 256
+    wp, ws, wg = qkernels.quantize_fp4(torch.randn(N, K, generator=gen) * 0.1, fmt)
+    g = wg if fmt == "nvfp4" else None
+    for M in (1, 2, 3, 4, 8, 16):
+        x = (torch.randn(M, K, generator=gen) * torch.logspace(-2, 2, K)).bfloat16()  # a wide range per block
+        want = ref.OPS["fp4_weight_only_mm"](x.double(), wp, ws.view(torch.uint8), wg if g is not None else
+                                             torch.ones(()), fmt, "e2m1", None)
+        out = qkernels.fp4_weight_only_mm(x, wp, ws, format=fmt, w_global_scale=g)
+        assert rel_err(out, want) < RTOL[torch.bfloat16], M
+    x = x[:3].clone()
+    x[1, 5] = float("nan")
+    out = qkernels.fp4_weight_only_mm(x, wp, ws, format=fmt, w_global_scale=g)
+    assert out[1].isnan().all() and out[torch.arange(3) != 1].isfinite().all()
 
 
 def test_fp4_weight_only_nan_block():

@@ -1,6 +1,7 @@
 // Which CPU kernels may run (the AVX2 ones of int_gemm_avx2.cpp / float_avx2.cpp, or the portable loops), and how
-// the register kernels split weight rows among threads.
+// the register kernels split weight rows among threads, and the int16 activations of the bf16/fp16 kernels.
 #pragma once
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -51,6 +52,41 @@ void for_n_ranges(int64_t N, int64_t K, int64_t M, const F& f) {
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     f(b0 * kRowBlock, std::min(N, b1 * kRowBlock));
   });
+}
+
+// bf16/fp16 x [M, K] -> the int16 activations of the *_rows_avx2_i16 kernels: per F-block of a row (F = 256, 128 or
+// 64, the largest that divides group_size; per-channel int8: K), x = xq * 2^(e - 14) with e the binary exponent of
+// the block's largest |x|, so |xq| < 2^15 and xq = round-to-nearest-even(x * 2^(14 - e)). For bf16 (8 significant
+// bits) every element within 2^-7 of the block's max is exact, fp16 (11 bits) within 2^-4; smaller ones are rounded
+// to 2^-15 of the block max, far below the rounding of the 16-bit output. permute: each 64-block in the int4
+// kernel's nibble order, xq[16 j + l] = q(x[4 l + j]) (else natural order, for int8); xsum = per-group sums of
+// xq * scale (exact int sums, scaled), for the int4 zero-point correction. Returns false (nothing
+// usable) when a row holds NaN or inf: the fp32 kernels handle those, propagating them like the reference.
+inline int64_t i16_block(int64_t group_size) {
+  return group_size % 256 == 0 ? 256 : group_size % 128 == 0 ? 128 : 64;
+}
+
+inline bool prepare_x_i16(const at::Tensor& x, int64_t group_size, bool permute, at::Tensor& xq, at::Tensor& xs,
+                   at::Tensor& xsum) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size, F = i16_block(group_size);
+  auto xf = x.to(at::kFloat).contiguous();  // exact for bf16/fp16, and ATen's conversion is vectorised
+  xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  xs = at::empty({M, K / F}, x.options().dtype(at::kFloat));
+  xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
+  return i16_quantize_rows_avx2(xf.data_ptr<float>(), M, K, F, group_size, permute, xq.data_ptr<int16_t>(),
+                                xs.data_ptr<float>(), xsum.data_ptr<float>());
+}
+
+// QKERNELS_CPU_I16: whether bf16/fp16 calls of the int4 and int8 weight-only GEMMs take the int16-activation
+// kernels. "auto" / "1" (default): yes, wherever the register kernels run (faster at every M up to the threshold;
+// docs/cpu_gemm.md has the numbers); "0": no (tests of the fp32 kernels on 16-bit x, benchmark A/B). Read per call.
+inline bool use_i16(const at::Tensor& x) {
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) return false;
+  const char* e = std::getenv("QKERNELS_CPU_I16");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return true;
+  TORCH_CHECK(std::strcmp(e, "0") == 0 || std::strcmp(e, "1") == 0,
+              "QKERNELS_CPU_I16 must be 'auto', '0' or '1', got '", e, "'");
+  return *e == '1';
 }
 
 }  // namespace cpu

@@ -249,18 +249,34 @@ constexpr int64_t kFp4FusedMaxM = 16;
 
 // xf [M, K] fp32 (contiguous) @ dequant_fp4(rb)^T + bias, fp32 accumulation, -> out_dtype: the weight side shared by
 // fp4_mm and fp4_weight_only_mm. g: rb's global scale.
-at::Tensor fp4_weight_gemm(const at::Tensor& xf, const Fp4Rows& rb, int64_t N, const MiniFloat& f, float g,
-                           const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+// x16: the bf16/fp16 x that xf was converted from (undefined for fp4_mm's decoded fp32 activations): when given,
+// the fused kernel may run on its int16 copy (cpu::use_i16, QKERNELS_CPU_I16), as the int4 / int8 kernels do.
+at::Tensor fp4_weight_gemm(const at::Tensor& xf, const at::Tensor& x16, const Fp4Rows& rb, int64_t N,
+                           const MiniFloat& f, float g, const std::optional<at::Tensor>& bias,
+                           at::ScalarType out_dtype) {
   const int64_t M = xf.size(0), K = xf.size(1);
   const float* xp = xf.data_ptr<float>();
   if (cpu::use_avx2() && M <= kFp4FusedMaxM && M > 0 && N > 0 && K % 32 == 0) {
-    // fused: the nibbles go straight into the FMA tiles (float_kernels.h)
+    // fused: the nibbles go straight into the FMA (or vpmaddwd) tiles (float_kernels.h)
     const auto dec = make_fp4_decode(f, rb.nv, g);
     auto out = at::empty({M, N}, xf.options());
     float* op = out.data_ptr<float>();
-    cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
-      cpu::fp4_mm_rows_avx2(xp, M, rb.p, rb.s, K, *dec, op, N, n0, n1);
-    });
+    at::Tensor xq, xs, xsum;
+    // int16 activations where the decode dominates: M < 4 (4096 x 4096, 2-core Zen 3, weights from DRAM, M = 1:
+    // mxfp4 1016 vs 1262 us, nvfp4 1153 vs 1315 us). At M = 4 and 16 the two kernels were within 5% (nvfp4's int16
+    // one slightly slower), so the fp32 kernel keeps those.
+    if (x16.defined() && M < 4 && K % 64 == 0 && cpu::use_i16(x16) &&
+        cpu::prepare_x_i16(x16, K, false, xq, xs, xsum)) {
+      const int64_t F = cpu::i16_block(K);
+      cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
+        cpu::fp4_mm_rows_avx2_i16(xq.data_ptr<int16_t>(), M, xs.data_ptr<float>(), F, rb.p, rb.s, K, *dec, op, N, n0,
+                                  n1);
+      });
+    } else {
+      cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
+        cpu::fp4_mm_rows_avx2(xp, M, rb.p, rb.s, K, *dec, op, N, n0, n1);
+      });
+    }
     if (bias.has_value()) out.add_(bias->to(at::kFloat).reshape({1, N}));
     return out.to(out_dtype);
   }
@@ -287,7 +303,7 @@ at::Tensor fp4_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::
   auto af = at::empty({M, K}, a.options().dtype(at::kFloat));
   for (int64_t m = 0; m < M; ++m) ra(m, af.data_ptr<float>() + m * K);
   const Fp4Rows rb{bc.data_ptr<uint8_t>(), bsc.data_ptr<uint8_t>(), K, B, nv, gb, t};
-  return fp4_weight_gemm(af, rb, N, f, gb, bias, out_dtype);
+  return fp4_weight_gemm(af, at::Tensor(), rb, N, f, gb, bias, out_dtype);
 }
 
 at::Tensor fp4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
@@ -300,7 +316,9 @@ at::Tensor fp4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& w, cons
   const float g = global_scale_value(w_global_scale, "w_global_scale");
   auto wc = w.contiguous(), wsc = w_scale.contiguous();
   const Fp4Rows rb{wc.data_ptr<uint8_t>(), wsc.data_ptr<uint8_t>(), K, B, nv, g, nibble_table(f)};
-  return fp4_weight_gemm(x.contiguous().to(at::kFloat), rb, w.size(0), f, g, bias, x.scalar_type());
+  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  return fp4_weight_gemm(x.contiguous().to(at::kFloat), half ? x.contiguous() : at::Tensor(), rb, w.size(0), f, g,
+                         bias, x.scalar_type());
 }
 
 }  // namespace

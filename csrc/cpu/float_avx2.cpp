@@ -257,6 +257,51 @@ QK_AVX2 void f4_tile(const float* x, const uint8_t* w, const uint8_t* ws, int64_
     for (int m = 0; m < MT; ++m) out[m * ldo + r] = hsum(total[r][m]) * 0.5f;  // the elements were 2 * value
 }
 
+// The same GEMM on int16 activations (bf16/fp16 x, x = xq * xs[m, k / F], i16_quantize_rows_avx2): the 32 looked-up
+// int8 values 2 * v widen to int16 and vpmaddwd multiplies them with xq, 16 products per instruction summed in
+// pairs into int32 (|2 v| <= 12, |xq| < 2^15: a lane stays below 2^20). Each fp4 block's int32 sums are converted
+// once and folded in with block_scale * xs. Per 32 weights and x row: 2 vpmaddwd against 4 FMAs, and 2 widenings
+// instead of 4 int8 -> fp32 conversions per weight row.
+template <int NR, int MT, bool NV>
+QK_AVX2 void f4i_tile(const int16_t* xq, const float* xs, int64_t F, const uint8_t* w, const uint8_t* ws, int64_t K,
+                      const Fp4Decode& d, float* out, int64_t ldo, const char* pf) {
+  const __m128i table = _mm_loadu_si128((const __m128i*)d.twice);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const int64_t nb = K / d.B, nF = K / F;
+  __m256 total[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    if (pf) _mm_prefetch(pf + (k / 32) * kPrefetchStep, _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)(w + r * (K / 2) + k / 2));
+      const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(b, nib));
+      const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(lo, hi));  // elements 0-15
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(lo, hi));  // elements 16-31
+      const uint8_t* sc = ws + r * nb + k / d.B;
+      // block scales broadcast once per weight row and step; x's block scale multiplies them per x row
+      const __m256 s0 = _mm256_set1_ps(d.block_scale[sc[0]]);
+      const __m256 s1 = NV ? _mm256_set1_ps(d.block_scale[sc[1]]) : s0;
+      for (int m = 0; m < MT; ++m) {
+        const __m256i* xv = (const __m256i*)(xq + m * K + k);
+        const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(xv));
+        const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1));
+        const __m256 sx = _mm256_broadcast_ss(xs + m * nF + k / F);
+        if (NV) {  // two 16-element blocks per step: combine them in fp32 before the one fold
+          const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, _mm256_mul_ps(_mm256_cvtepi32_ps(p0), s0));
+          total[r][m] = _mm256_fmadd_ps(v, sx, total[r][m]);
+        } else {
+          total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_mul_ps(s0, sx),
+                                        total[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) out[m * ldo + r] = hsum(total[r][m]) * 0.5f;  // the elements were 2 * value
+}
+
 }  // namespace
 
 QK_AVX2 void fp8_decode_avx2(const uint8_t* q, int64_t n, float scale, const Fp8HalfDecode& d, void* dst,
@@ -353,6 +398,24 @@ QK_AVX2 void fp4_mm_rows_avx2(const float* x, int64_t M, const uint8_t* w, const
   });
 }
 
+QK_AVX2 void fp4_mm_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, int64_t F, const uint8_t* w,
+                                  const uint8_t* wscale, int64_t K, const Fp4Decode& d, float* out, int64_t ldo,
+                                  int64_t n0, int64_t n1) {
+  const int64_t nb = K / d.B;
+  for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
+    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
+    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * (K / 2)) : nullptr;
+    if (pf_here) prefetch_rows(wscale + (n + kRowBlock) * nb, kRowBlock * nb);
+    const int16_t* xm = xq + m0 * K;
+    const float* xsm = xs + m0 * (K / F);
+    if (d.B == 16) {
+      f4i_tile<NR, MT, true>(xm, xsm, F, w + n * (K / 2), wscale + n * nb, K, d, out + m0 * ldo + n, ldo, pf);
+    } else {
+      f4i_tile<NR, MT, false>(xm, xsm, F, w + n * (K / 2), wscale + n * nb, K, d, out + m0 * ldo + n, ldo, pf);
+    }
+  });
+}
+
 QK_AVX2 void fp4_decode_row_avx2(const uint8_t* p, const uint8_t* s, int64_t K, const Fp4Decode& d, void* dst,
                                  FloatKind out) {
   const __m128i table = _mm_loadu_si128((const __m128i*)d.twice);
@@ -397,6 +460,8 @@ void fp8_mm_rows_avx2(const float*, int64_t, const uint8_t*, const float*, int64
                       const Fp8HalfDecode&, float*, int64_t, int64_t, int64_t) {}
 void fp4_mm_rows_avx2(const float*, int64_t, const uint8_t*, const uint8_t*, int64_t, const Fp4Decode&, float*,
                       int64_t, int64_t, int64_t) {}
+void fp4_mm_rows_avx2_i16(const int16_t*, int64_t, const float*, int64_t, const uint8_t*, const uint8_t*, int64_t,
+                          const Fp4Decode&, float*, int64_t, int64_t, int64_t) {}
 void fp4_decode_row_avx2(const uint8_t*, const uint8_t*, int64_t, const Fp4Decode&, void*, FloatKind) {}
 }  // namespace cpu
 }  // namespace qkernels

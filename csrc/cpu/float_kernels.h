@@ -67,6 +67,12 @@ struct Fp4Decode {
 void fp4_mm_rows_avx2(const float* x, int64_t M, const uint8_t* w, const uint8_t* wscale, int64_t K,
                       const Fp4Decode& d, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
+// The same on int16 activations (bf16/fp16 x): xq int16 [M, K] in natural order with x = xq * xs[m, k / F]
+// (i16_quantize_rows_avx2, int_gemm_kernels.h; F in {64, 128, 256} divides K). Needs K % 64 == 0.
+void fp4_mm_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, int64_t F, const uint8_t* w,
+                          const uint8_t* wscale, int64_t K, const Fp4Decode& d, float* out, int64_t ldo, int64_t n0,
+                          int64_t n1);
+
 // One row of dequantize_fp4: dst[k] = value(nibble k) * block_scale(s[k / B]), rounded once to dst's type, bit for
 // bit what Fp4Rows (float4.cpp) and the cast give. p: K/2 bytes, s: K/B codes; K % 32 == 0.
 void fp4_decode_row_avx2(const uint8_t* p, const uint8_t* s, int64_t K, const Fp4Decode& d, void* dst, FloatKind out);
