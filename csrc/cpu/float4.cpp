@@ -266,7 +266,7 @@ at::Tensor fp4_weight_gemm(const at::Tensor& xf, const at::Tensor& x16, const Fp
     // mxfp4 1016 vs 1262 us, nvfp4 1153 vs 1315 us). At M = 4 and 16 the two kernels were within 5% (nvfp4's int16
     // one slightly slower), so the fp32 kernel keeps those.
     if (x16.defined() && M < 4 && K % 64 == 0 && cpu::use_i16(x16) &&
-        cpu::prepare_x_i16(x16, K, false, xq, xs, xsum)) {
+        cpu::prepare_x_i16(xf, K, false, xq, xs, xsum)) {
       const int64_t F = cpu::i16_block(K);
       cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
         cpu::fp4_mm_rows_avx2_i16(xq.data_ptr<int16_t>(), M, xs.data_ptr<float>(), F, rb.p, rb.s, K, *dec, op, N, n0,
@@ -277,12 +277,9 @@ at::Tensor fp4_weight_gemm(const at::Tensor& xf, const at::Tensor& x16, const Fp
         cpu::fp4_mm_rows_avx2(xp, M, rb.p, rb.s, K, *dec, op, N, n0, n1);
       });
     }
-    if (bias.has_value()) out.add_(bias->to(at::kFloat).reshape({1, N}));
-    return out.to(out_dtype);
+    return cpu::finish_mm(out, bias, out_dtype);
   }
-  return cpu::emulated_mm(
-      M, N, K, [&](int64_t m, float* dst) { std::copy(xp + m * K, xp + (m + 1) * K, dst); }, rb, bias, out_dtype,
-      xf.options());
+  return cpu::emulated_mm(xf, N, rb, bias, out_dtype);
 }
 
 at::Tensor fp4_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& a_global_scale,

@@ -184,17 +184,16 @@ at::Tensor fp8_weight_gemm(const at::Tensor& xf, const at::Tensor& w, const at::
     cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
       cpu::fp8_mm_rows_avx2(xp, M, wp, sp, gs, bb[0], bb[1], K, *hd, op, N, n0, n1);
     });
-    if (bias.has_value()) out.add_(bias->to(at::kFloat).reshape({1, N}));
-    return out.to(out_dtype);
+    return cpu::finish_mm(out, bias, out_dtype);
   }
   return cpu::emulated_mm(
-      M, N, K, [&](int64_t m, float* dst) { std::copy(xp + m * K, xp + (m + 1) * K, dst); },
+      xf, N,
       [&](int64_t n, float* dst) {
         const float* srow = sp + (n / bb[0]) * gs;
         for (int64_t k0 = 0; k0 < K; k0 += bb[1])
           decode_any(wp + n * K + k0, dst + k0, bb[1], srow[k0 / bb[1]], *hd, avx2, lut.data());
       },
-      bias, out_dtype, xf.options());
+      bias, out_dtype);
 }
 
 at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::ScalarType a_dtype, const at::Tensor& b,

@@ -193,16 +193,25 @@ QK_AVX2 void f8_tile(const float* x, const uint8_t* w, const float* const (&srow
 
 // ---- fp4: 16 packed bytes -> 32 elements as 2 * value, in 4 vectors of 8 fp32 (elements 0-7, 8-15, 16-23, 24-31) --
 
+// 16 packed bytes -> their 32 nibbles (bl: low = elements 0, 2, ...; bh: high = 1, 3, ...) and the looked-up int8
+// 2 * value of elements 0-15 (e0) and 16-31 (e1), in order.
+QK_AVX2 inline void fp4_twice_i8(const uint8_t* p, __m128i table, __m128i& bl, __m128i& bh, __m128i& e0,
+                                 __m128i& e1) {
+  const __m128i b = _mm_loadu_si128((const __m128i*)p);
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  bl = _mm_and_si128(b, nib);
+  bh = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+  const __m128i lo = _mm_shuffle_epi8(table, bl), hi = _mm_shuffle_epi8(table, bh);
+  e0 = _mm_unpacklo_epi8(lo, hi);
+  e1 = _mm_unpackhi_epi8(lo, hi);
+}
+
 // SIGNED_ZERO: also give the -0 code (nibble 8) its sign, which the int8 table cannot hold (the casts are bit-exact;
 // the GEMM sums do not need it).
 template <bool SIGNED_ZERO = false>
 QK_AVX2 inline void fp4_twice32(const uint8_t* p, __m128i table, __m256 (&v)[4]) {
-  const __m128i b = _mm_loadu_si128((const __m128i*)p);
-  const __m128i nib = _mm_set1_epi8(0x0F);
-  const __m128i bl = _mm_and_si128(b, nib), bh = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
-  const __m128i lo = _mm_shuffle_epi8(table, bl);                                 // elements 0, 2, 4, ...
-  const __m128i hi = _mm_shuffle_epi8(table, bh);                                 // elements 1, 3, 5, ...
-  const __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi);  // elements 0-15, 16-31
+  __m128i bl, bh, e0, e1;
+  fp4_twice_i8(p, table, bl, bh, e0, e1);
   v[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e0));
   v[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(e0, 8)));
   v[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(e1));
@@ -266,7 +275,6 @@ template <int NR, int MT, bool NV>
 QK_AVX2 void f4i_tile(const int16_t* xq, const float* xs, int64_t F, const uint8_t* w, const uint8_t* ws, int64_t K,
                       const Fp4Decode& d, float* out, int64_t ldo, const char* pf) {
   const __m128i table = _mm_loadu_si128((const __m128i*)d.twice);
-  const __m128i nib = _mm_set1_epi8(0x0F);
   const int64_t nb = K / d.B, nF = K / F;
   __m256 total[NR][MT];
   for (int r = 0; r < NR; ++r)
@@ -274,11 +282,9 @@ QK_AVX2 void f4i_tile(const int16_t* xq, const float* xs, int64_t F, const uint8
   for (int64_t k = 0; k < K; k += 32) {
     if (pf) _mm_prefetch(pf + (k / 32) * kPrefetchStep, _MM_HINT_T0);
     for (int r = 0; r < NR; ++r) {
-      const __m128i b = _mm_loadu_si128((const __m128i*)(w + r * (K / 2) + k / 2));
-      const __m128i lo = _mm_shuffle_epi8(table, _mm_and_si128(b, nib));
-      const __m128i hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16(b, 4), nib));
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(lo, hi));  // elements 0-15
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(lo, hi));  // elements 16-31
+      __m128i bl, bh, e0, e1;
+      fp4_twice_i8(w + r * (K / 2) + k / 2, table, bl, bh, e0, e1);
+      const __m256i w0 = _mm256_cvtepi8_epi16(e0), w1 = _mm256_cvtepi8_epi16(e1);  // elements 0-15, 16-31
       const uint8_t* sc = ws + r * nb + k / d.B;
       // block scales broadcast once per weight row and step; x's block scale multiplies them per x row
       const __m256 s0 = _mm256_set1_ps(d.block_scale[sc[0]]);

@@ -20,16 +20,14 @@ import triton.language as tl
 from ..reference import float4 as ref4
 from . import register
 from .float_cast import _lut
-from .int_gemm import _CONFIGS, INTERPRET_CONFIG, _prune, dot_acc, k_step, launch, store_tile, tile_rows_cols
+from .int_gemm import _CONFIGS, INTERPRET_CONFIG, _prune, dot_acc, k_step, launch, store_tile, tile_start
 
 
 @triton.jit
 def _float_weight_mm_kernel(x_ptr, w_ptr, s_ptr, lut_ptr, slut_ptr, out_ptr, M, N, K, br, bc, nbc, m_bucket,
                             FP4: tl.constexpr, B: tl.constexpr, FP32_X: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    offs_m, offs_n, m_mask, n_mask = tile_rows_cols(M, N, BLOCK_M, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    offs_m, offs_n, m_mask, n_mask, acc, per_split = tile_start(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     for i in range(0, per_split):
         offs_k, x, wmask = k_step(x_ptr, offs_m, m_mask, n_mask, i, per_split, K, BLOCK_K)
         if FP4:
@@ -50,10 +48,18 @@ _KEY = ["m_bucket", "N", "K", "FP4", "FP32_X"]
 _tuned = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
                          reset_to_zero=["out_ptr"])(_float_weight_mm_kernel)
 
-def _block_scale_lut(nv: bool, g: torch.Tensor) -> torch.Tensor:
-    """fp32 factor of every fp4 block-scale code (e8m0, or e4m3 times the tensor scale g), from the reference."""
-    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).to(g.device)
-    return ref4._block_scale(codes, nv, g.float().reshape(())).float().contiguous()
+_E8M0: dict = {}
+
+
+def _block_scale_lut(nv: bool, g: torch.Tensor, device) -> torch.Tensor:
+    """fp32 factor of every fp4 block-scale code: e4m3 value times the tensor scale g (NVFP4), or the e8m0 power of
+    two (MXFP4); the value tables are the reference's, built once per device."""
+    if nv:
+        return _lut(torch.float8_e4m3fn, device) * g.to(device).float().reshape(())
+    key = str(device)
+    if key not in _E8M0:
+        _E8M0[key] = ref4.e8m0_to_float(torch.arange(256, dtype=torch.int32)).float().to(device)
+    return _E8M0[key]
 
 
 def _run(x, w, s, lut, slut, N, br, bc, nbc, fp4, B, bias, config):
@@ -90,5 +96,5 @@ def fp4_weight_only_mm(x, w, w_scale, w_global_scale, format, element, bias, *, 
     mxfp4) -> ``[M, N]`` in x's dtype."""
     nv = format == "nvfp4"
     B = ref4.FORMATS[format]
-    slut = _block_scale_lut(nv, w_global_scale.to(x.device))
+    slut = _block_scale_lut(nv, w_global_scale, x.device)
     return _run(x, w, w_scale, _lut(element, x.device), slut, w.shape[0], 1, 1, 1, True, B, bias, config)

@@ -27,11 +27,13 @@ from . import register
 
 
 @triton.jit
-def tile_rows_cols(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's output rows and columns and their masks."""
+def tile_start(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """This program's output rows and columns, their masks, a zeroed fp32 accumulator and the number of K steps of
+    its split."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_n, offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return offs_m, offs_n, offs_m < M, offs_n < N, acc, tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
 
 
 @triton.jit
@@ -70,9 +72,7 @@ def _weight_only_mm_kernel(x_ptr, w_ptr, scale_ptr, zp_ptr, out_ptr, M, N, K, gr
                            IS_INT4: tl.constexpr, IS_SIGNED: tl.constexpr, HAS_ZP: tl.constexpr,
                            FP32_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    offs_m, offs_n, m_mask, n_mask = tile_rows_cols(M, N, BLOCK_M, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    offs_m, offs_n, m_mask, n_mask, acc, per_split = tile_start(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     for i in range(0, per_split):
         offs_k, x, wmask = k_step(x_ptr, offs_m, m_mask, n_mask, i, per_split, K, BLOCK_K)
         if IS_INT4:
