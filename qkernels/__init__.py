@@ -64,3 +64,9 @@ from .formats.gguf import export_gguf, load_gguf  # noqa: E402
 
 __version__ = "0.1.0"
 HAS_EXTENSION = _ext.HAS_C
+
+# quant_method="qkernels" for transformers' from_pretrained / save_pretrained: registered when transformers loads its
+# quantizer table (an import hook: importing transformers here would cost seconds)
+from .integrations import install_transformers_hook as _install_transformers_hook  # noqa: E402
+
+_install_transformers_hook()
