@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 
 import numpy as np
@@ -178,3 +179,14 @@ def write_model_dir(path, model, qcfg, layer_fn, skip=("lm_head",)):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     return ref
+
+
+def random_codes(N, K, g, bits, sym, act_order, seed):
+    gen = torch.Generator().manual_seed(seed)
+    G = math.ceil(K / g)
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+    q = torch.randint(lo, hi, (N, K), generator=gen, dtype=torch.int8)
+    scale = (torch.rand(N, G, generator=gen) * 0.02 + 0.001).half().float()  # fp16-exact: lossless export
+    zp = None if sym else torch.randint(lo + 1, hi, (N, G), generator=gen, dtype=torch.int32)  # v1: zero >= 1
+    perm = torch.randperm(K, generator=gen) if act_order else None
+    return q, scale, zp, perm

@@ -1,10 +1,9 @@
-"""QuantLinear with a ragged last group (K not a multiple of the group size), the algorithms' QuantLinear outputs,
-and the GPTQ (2/3/4/8-bit) / AWQ writers checked against the AutoGPTQ / AutoAWQ packing loops of formats_fixtures."""
+"""QuantLinear with a ragged last group (K not a multiple of the group size) and the algorithms' QuantLinear outputs.
+The GPTQ / AWQ writers are tested in tests/test_formats_gptq.py / tests/test_formats_awq.py."""
 
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,12 +13,11 @@ import qkernels
 from qkernels.algorithms import (AWQConfig, GPTQConfig, QuantConfig, awq_quantize_model, export_gptq_tensors,
                                  fake_quantize, gptq_quantize_model, gptq_quantize_weight, rtn_quantize_model)
 from qkernels.algorithms.rtn import build_quant_linear, scheme_for
-from qkernels.formats import awq, gptq
 from qkernels.nn import Int4WeightOnly, Int8WeightOnly, IntWeightInt8Act, QuantLinear
 from qkernels.qat import fake_quant_act_int8
 from qkernels.reference import int_quant as ref_q
 
-from .formats_fixtures import autoawq_pack, autogptq_pack_rows, autogptq_pack_zeros
+from .conftest import rel_err
 from .test_nn_linear import make_linear
 
 transformers = pytest.importorskip("transformers")
@@ -29,10 +27,6 @@ RAGGED = [Int4WeightOnly(64), Int4WeightOnly(64, symmetric=True), Int4WeightOnly
           Int4WeightOnly(48, symmetric=True, bits=2), Int8WeightOnly(64, False), Int8WeightOnly(48, True),
           IntWeightInt8Act(4, 64), IntWeightInt8Act(6, 64, True)]
 
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
 
 
 # ---- ragged groups in QuantLinear --------------------------------------------------------------------------------
@@ -63,7 +57,7 @@ def test_ragged_layer_matches_reference(scheme, K):
     xr = fake_quant_act_int8(x) if isinstance(scheme, IntWeightInt8Act) else x
     out = q(x)
     assert out.shape == (3, 5, N)
-    assert _rel(out, F.linear(xr.double(), w_ref.double(), lin.bias.double())) < 1e-5
+    assert rel_err(out, F.linear(xr.double(), w_ref.double(), lin.bias.double())) < 1e-5
     # state_dict round trip into a freshly built layer
     q2 = QuantLinear(K, N, scheme)
     q2.load_state_dict(q.state_dict())
@@ -84,7 +78,7 @@ def test_ragged_asymmetric_padding_with_out_of_range_zero_point():
     assert torch.equal(layer._stored_codes()[:, K:], torch.full((N, 64 - K), 7, dtype=torch.int8))
     x = torch.randn(4, K)
     w = scale.repeat_interleave(g, 1)[:, :K] * (q.float() - 8)
-    assert _rel(layer(x), x.double() @ w.double().t()) < 1e-6
+    assert rel_err(layer(x), x.double() @ w.double().t()) < 1e-6
 
 
 def test_ragged_act_order_and_shards():
@@ -100,7 +94,7 @@ def test_ragged_act_order_and_shards():
     w[:, perm] = w_stored
     assert torch.equal(layer.dequantize(), w)
     x = torch.randn(6, K, generator=gen)
-    assert _rel(layer(x), F.linear(x.double(), w.double(), layer.bias.double())) < 1e-6
+    assert rel_err(layer(x), F.linear(x.double(), w.double(), layer.bias.double())) < 1e-6
     shards = [layer.shard(r, 2, 0) for r in range(2)]
     assert torch.equal(torch.cat([s(x) for s in shards], -1), layer(x))
     plain = QuantLinear.from_codes(q, scale, zp, Int4WeightOnly(g))
@@ -182,7 +176,7 @@ def test_algorithms_output_quantlinear(ragged_model, algo):
         assert any(x.input_perm is not None for x in layers.values())
     with torch.no_grad():
         out, exp = q(ids).logits, _as_float(q)(ids).logits
-    assert _rel(out, exp) < 1e-5
+    assert rel_err(out, exp) < 1e-5
 
 
 def test_gptq_result_to_quantlinear_ragged():
@@ -215,138 +209,13 @@ def test_eval_schemes_are_quantlinear(ragged_model):
         layers = [x for x in q.modules() if isinstance(x, QuantLinear)]
         assert len(layers) == 14, name
         with torch.no_grad():
-            assert _rel(q(ids).logits, _as_float(q)(ids).logits) < 1e-5, name
+            assert rel_err(q(ids).logits, _as_float(q)(ids).logits) < 1e-5, name
     # bits per weight: codes of the padded width + one fp32 scale per group (symmetric: no zero points)
     r = runner._quantize("rtn-int4", m, cfg, None, None)
     lin = [x for x in r.modules() if isinstance(x, QuantLinear)]
     expect = sum(x.out_features * (x.padded_in_features * 4 + x.scale.shape[1] * 32) for x in lin) / \
         sum(x.out_features * x.in_features for x in lin)
     assert metrics.bits_per_weight(r) == pytest.approx(expect)
-
-
-# ---- GPTQ export -------------------------------------------------------------------------------------------------
-def _random_codes(N, K, g, bits, sym, act_order, seed):
-    gen = torch.Generator().manual_seed(seed)
-    G = math.ceil(K / g)
-    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
-    q = torch.randint(lo, hi, (N, K), generator=gen, dtype=torch.int8)
-    scale = (torch.rand(N, G, generator=gen) * 0.02 + 0.001).half().float()  # fp16-exact: lossless export
-    zp = None if sym else torch.randint(lo + 1, hi, (N, G), generator=gen, dtype=torch.int32)  # v1: zero >= 1
-    perm = torch.randperm(K, generator=gen) if act_order else None
-    return q, scale, zp, perm
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("sym, act_order, v2", [(True, False, False), (False, True, False), (False, False, True)])
-def test_gptq_writer_matches_autogptq_and_round_trips(bits, sym, act_order, v2):
-    N, K, g = 64, 160, 64  # K = 2 groups of 64 + a ragged group of 32
-    q, scale, zp, perm = _random_codes(N, K, g, bits, sym, act_order, seed=bits)
-    scheme = Int4WeightOnly(g, sym, bits) if bits <= 4 else Int8WeightOnly(g, sym)
-    bias = torch.randn(N).half().float()
-    layer = QuantLinear.from_codes(q, scale, zp, scheme, bias, perm)
-    t = gptq.export_layer(layer, v2=v2, name="l")
-    # independent packer: AutoGPTQ's loops on the unsigned codes in input order
-    off = 1 << (bits - 1)
-    u = q.to(torch.int64) + off
-    if perm is not None:
-        u = u[:, torch.argsort(perm)]
-    zero = torch.full((N, 3), off) if zp is None else zp.to(torch.int64) + off
-    stored = zero if v2 else zero - 1
-    assert torch.equal(t["qweight"], torch.from_numpy(autogptq_pack_rows(u.t().numpy().astype(np.uint32), bits)))
-    assert torch.equal(t["qzeros"], torch.from_numpy(autogptq_pack_zeros(stored.t().numpy().astype(np.uint32), bits)))
-    assert t["scales"].dtype == torch.float16 and tuple(t["scales"].shape) == (3, N)
-    assert torch.equal(t["g_idx"][perm] if perm is not None else t["g_idx"], (torch.arange(K) // g).to(torch.int32))
-    # our loader reads it back to the same layer
-    back = gptq.convert_layer("l", {f"l.{k}": v for k, v in t.items()},
-                              gptq.parse_config({"bits": bits, "group_size": g,
-                                                 "checkpoint_format": "gptq_v2" if v2 else "gptq"}))
-    assert back.scheme == scheme and torch.equal(back.dequantize(), layer.dequantize())
-    x = torch.randn(5, K)
-    if perm is None:
-        assert torch.equal(back.qweight, layer.qweight) and torch.equal(back(x), layer(x))
-    else:  # the loader orders each group's features ascending: same weights, another summation order
-        assert _rel(back(x), layer(x)) < 1e-6
-
-
-def test_gptq_writer_errors():
-    q, scale, zp, _ = _random_codes(64, 160, 64, 4, False, False, 0)
-    zp[0, 0] = -8  # unsigned zero 0: v1 stores zero - 1 = -1
-    with pytest.raises(ValueError, match="v1 cannot store a zero point of 0: write checkpoint_format='gptq_v2'"):
-        gptq.pack_layer(q, scale, zp, 4, 64, name="blk.q")
-    assert gptq.pack_layer(q, scale, zp, 4, 64, v2=True)["qzeros"].shape == (3, 8)
-    with pytest.raises(ValueError, match=r"blk.q: in_features=48 and out_features=64 must fill whole int32 words of "
-                                         r"3-bit values \(multiples of 32\)"):
-        gptq.pack_layer(q[:, :48].clamp(-4, 3), scale[:, :1], None, 3, 64, name="blk.q")
-    with pytest.raises(ValueError, match=r"codes must lie in \[-4, 3\] for 3 bits"):
-        gptq.pack_layer(q, scale, None, 3, 64)
-    with pytest.raises(ValueError, match="only integer weight-only layers"):
-        gptq.export_layer(QuantLinear.from_linear(make_linear(64, 64), IntWeightInt8Act(4, 32)))
-
-
-@pytest.mark.parametrize("bits, act_order, fmt", [(3, False, "gptq"), (4, True, "gptq_v2"), (8, True, "gptq")])
-def test_save_gptq_model_dir_round_trip(tmp_path, bits, act_order, fmt):
-    model = tiny_llama(intermediate=96)  # down_proj K=96: a ragged last group of 32 with group_size 64
-    cfg = QuantConfig(bits, 64, True)
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-    q = gptq_quantize_model(model, [ids], GPTQConfig(cfg, act_order=act_order), progress=False)
-    for m in q.modules():  # fp16-exact scales, as the checkpoint stores them
-        if isinstance(m, QuantLinear):
-            m.scale.copy_(m.scale.half().float())
-    qkernels.formats.gptq.save_gptq(q, str(tmp_path), checkpoint_format=fmt)
-    loaded = qkernels.load_quantized(str(tmp_path))
-    for n, m in q.named_modules():
-        if isinstance(m, QuantLinear):
-            assert torch.equal(loaded.get_submodule(n).dequantize(), m.dequantize()), n
-    assert _rel(logits(loaded), logits(q)) < 1e-5
-
-
-# ---- AWQ export --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sym", [False, True])
-def test_awq_writer_matches_autoawq_and_round_trips(sym):
-    N, K, g = 64, 128, 32  # N: a multiple of 32 for the fixture's packer
-    q, scale, zp, _ = _random_codes(N, K, g, 4, sym, False, seed=7)
-    layer = QuantLinear.from_codes(q, scale, zp, Int4WeightOnly(g, sym), torch.randn(N).half().float())
-    t = awq.export_layer(layer, "l")
-    u = (q.to(torch.int32) + 8).t().contiguous()
-    z = torch.full((N, K // g), 8, dtype=torch.int32) if zp is None else zp + 8
-    assert torch.equal(t["qweight"], autoawq_pack(u)) and torch.equal(t["qzeros"], autoawq_pack(z.t().contiguous()))
-    back = awq.convert_layer("l", {f"l.{k}": v for k, v in t.items()}, awq.parse_config({"bits": 4, "group_size": g}))
-    assert back.scheme == layer.scheme
-    for k in ("qweight", "scale", "zero_point", "bias"):
-        a, b = getattr(back, k), getattr(layer, k)
-        assert (a is None and b is None) or torch.equal(a.float(), b.float()), k
-    x = torch.randn(3, K)
-    assert torch.equal(back(x), layer(x))
-
-
-def test_awq_writer_errors():
-    ragged = QuantLinear.from_linear(make_linear(96, 48), Int4WeightOnly(64))
-    with pytest.raises(ValueError, match=r"model.layers.3.mlp.down_proj: AWQ needs in_features divisible by group_size "
-                                         r"\(no ragged groups in AutoAWQ\), got in_features=96, group_size=64"):
-        awq.export_layer(ragged, "model.layers.3.mlp.down_proj")
-    q, scale, zp, perm = _random_codes(48, 128, 32, 4, False, True, 0)
-    with pytest.raises(ValueError, match="l: AWQ has no act-order"):
-        awq.export_layer(QuantLinear.from_codes(q, scale, zp, Int4WeightOnly(32), None, perm), "l")
-    with pytest.raises(ValueError, match="only Int4WeightOnly layers"):
-        awq.export_layer(QuantLinear.from_linear(make_linear(128, 48), Int8WeightOnly()), "l")
-
-
-def test_save_awq_model_dir_round_trip(tmp_path):
-    model = tiny_llama()
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-    q = awq_quantize_model(model, [ids], AWQConfig(QuantConfig(4, 32, False), n_grid=4), progress=False)
-    for m in q.modules():
-        if isinstance(m, QuantLinear):
-            m.scale.copy_(m.scale.half().float())
-    awq.save_awq(q, str(tmp_path))
-    loaded = qkernels.load_quantized(str(tmp_path))
-    for n, m in q.named_modules():
-        if isinstance(m, QuantLinear):
-            assert torch.equal(loaded.get_submodule(n).dequantize(), m.dequantize()), n
-    assert torch.equal(logits(loaded), logits(q))
-    ragged = rtn_quantize_model(tiny_llama(intermediate=96), QuantConfig(4, 64, True))
-    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj: AWQ needs in_features divisible"):
-        awq.save_awq(ragged, str(tmp_path / "r"))
 
 
 def test_ragged_compile_fullgraph():
@@ -356,4 +225,4 @@ def test_ragged_compile_fullgraph():
     x = torch.randn(3, 200)
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="eager")(x)
-    assert _rel(compiled, eager) < 1e-6
+    assert rel_err(compiled, eager) < 1e-6

@@ -16,11 +16,11 @@ import torch
 import qkernels
 from qkernels import reference as ref
 
-from .conftest import requires_sm
+from .conftest import GEMM_RTOL_TABLE, rel_err, requires_sm
 
 pytestmark = [pytest.mark.gpu, requires_sm(8, 0)]
 
-TOL = {torch.float16: 3e-3, torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
+TOL = GEMM_RTOL_TABLE["cuda_int"]
 DEV = "cuda"
 
 
@@ -35,10 +35,6 @@ def _no_tf32():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
-
-
-def _rel_err(out, expected):
-    return ((out.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
 
 def _cuda_op(name):
@@ -158,9 +154,9 @@ def test_direct_decode_large_n_default():
         x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
         out = _cuda_op("int4_weight_only_mm")(x, packed, scale, zp, group, True)
         want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, group, True)
-        assert out.dtype == torch.bfloat16 and _rel_err(out, want) < TOL[torch.bfloat16]
+        assert out.dtype == torch.bfloat16 and rel_err(out, want) < TOL[torch.bfloat16]
         out = _cuda_op("int8_weight_only_mm")(x, q8, s8)
-        assert _rel_err(out, ref.OPS["int8_weight_only_mm"](x.double(), q8, s8)) < TOL[torch.bfloat16]
+        assert rel_err(out, ref.OPS["int8_weight_only_mm"](x.double(), q8, s8)) < TOL[torch.bfloat16]
 
 
 def _w4(N, K, group, signed, with_zp):
@@ -181,7 +177,7 @@ def test_int4_mm_many_m(dtype, M, decode_kernel):
     out = _cuda_op("int4_weight_only_mm")(x, packed, scale, zp, group, True)
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, group, True)
     assert out.shape == (M, N) and out.dtype == dtype
-    assert _rel_err(out, want) < TOL[dtype]
+    assert rel_err(out, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -195,7 +191,7 @@ def test_int4_mm_groups(dtype, group, signed, with_zp, M, decode_kernel):
     x = torch.randn(M, K, device=DEV, dtype=dtype)
     out = _cuda_op("int4_weight_only_mm")(x, packed, scale, zp, g, signed)
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, g, signed)
-    assert _rel_err(out, want) < TOL[dtype]
+    assert rel_err(out, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -206,7 +202,7 @@ def test_int4_mm_k_tails(dtype, K, decode_kernel):
     x = torch.randn(3, K, device=DEV, dtype=dtype)
     out = _cuda_op("int4_weight_only_mm")(x, packed, scale, zp, group, True)
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, group, True)
-    assert _rel_err(out, want) < TOL[dtype]
+    assert rel_err(out, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -219,7 +215,7 @@ def test_int8_mm(dtype, M, N, K, decode_kernel):
     out = _cuda_op("int8_weight_only_mm")(x, q_w, scale)
     want = ref.OPS["int8_weight_only_mm"](x.double(), q_w, scale)
     assert out.shape == (M, N) and out.dtype == dtype
-    assert _rel_err(out, want) < TOL[dtype]
+    assert rel_err(out, want) < TOL[dtype]
 
 
 def test_gemm_noncontiguous_and_unaligned_inputs():
@@ -229,11 +225,11 @@ def test_gemm_noncontiguous_and_unaligned_inputs():
     x = base[:, 1:]  # rows not 16-byte aligned and not contiguous
     out = _cuda_op("int4_weight_only_mm")(x, packed, scale, zp, group, True)
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, group, True)
-    assert _rel_err(out, want) < TOL[torch.bfloat16]
+    assert rel_err(out, want) < TOL[torch.bfloat16]
     xt = torch.randn(K, 5, device=DEV, dtype=torch.float16).t()
     out = _cuda_op("int4_weight_only_mm")(xt, packed, scale.half(), None, group, True)  # fp16 scale is accepted
     want = ref.OPS["int4_weight_only_mm"](xt.double(), packed, scale.half().float(), None, group, True)
-    assert _rel_err(out, want) < TOL[torch.float16]
+    assert rel_err(out, want) < TOL[torch.float16]
 
 
 def test_gemm_empty_and_public_api():
@@ -243,7 +239,7 @@ def test_gemm_empty_and_public_api():
     x = torch.randn(2, 3, 64, device=DEV, dtype=torch.bfloat16)
     out = qkernels.int4_weight_only_mm(x, packed, scale, zp, 32, signed=True)
     want = ref.OPS["int4_weight_only_mm"](x.reshape(-1, 64).double(), packed, scale, zp, 32, True)
-    assert out.shape == (2, 3, 16) and _rel_err(out.reshape(-1, 16), want) < TOL[torch.bfloat16]
+    assert out.shape == (2, 3, 16) and rel_err(out.reshape(-1, 16), want) < TOL[torch.bfloat16]
 
 
 def test_gemm_cuda_matches_cpu_kernel():
@@ -251,7 +247,7 @@ def test_gemm_cuda_matches_cpu_kernel():
     x = torch.randn(9, 512, device=DEV, dtype=torch.float32)
     out = _cuda_op("int4_weight_only_mm")(x, packed, scale, zp, 64, False)
     cpu = torch.ops.qkernels.int4_weight_only_mm(x.cpu(), packed.cpu(), scale.cpu(), zp.cpu(), 64, False)
-    assert _rel_err(out.cpu(), cpu) < 1e-5
+    assert rel_err(out.cpu(), cpu) < 1e-5
 
 
 def test_gemm_opcheck():
@@ -271,7 +267,7 @@ def test_gemm_torch_compile():
         return qkernels.int4_weight_only_mm(x, packed, scale, zp, 64, signed=True) * 2
 
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, 64, True) * 2
-    assert _rel_err(f(x), want) < TOL[torch.bfloat16]
+    assert rel_err(f(x), want) < TOL[torch.bfloat16]
 
 
 def test_gemm_on_side_stream():
@@ -282,7 +278,7 @@ def test_gemm_on_side_stream():
         out = _cuda_op("int4_weight_only_mm")(x, packed, scale, zp, 128, True)
     s.synchronize()
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, 128, True)
-    assert _rel_err(out, want) < TOL[torch.float16]
+    assert rel_err(out, want) < TOL[torch.float16]
 
 
 # ---- Triton kernels on the GPU (compiled, autotuned) ---------------------------------------------------------------
@@ -309,11 +305,11 @@ def test_triton_gemms_on_gpu(dtype, M, config):
     x = torch.randn(M, K, device=DEV, dtype=dtype)
     out = qtriton.get("int4_weight_only_mm")(x, packed, scale, zp, group, True, config=config)
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, group, True)
-    assert out.dtype == dtype and _rel_err(out, want) < TOL[dtype]
+    assert out.dtype == dtype and rel_err(out, want) < TOL[dtype]
     q_w = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=DEV)
     s8 = torch.rand(N, device=DEV) * 0.01
     out = qtriton.get("int8_weight_only_mm")(x, q_w, s8, config=config)
-    assert _rel_err(out, ref.OPS["int8_weight_only_mm"](x.double(), q_w, s8)) < TOL[dtype]
+    assert rel_err(out, ref.OPS["int8_weight_only_mm"](x.double(), q_w, s8)) < TOL[dtype]
 
 
 def test_triton_through_dispatch_on_gpu():
@@ -321,7 +317,7 @@ def test_triton_through_dispatch_on_gpu():
     packed, scale, zp = _w4(64, 256, 64, True, True)
     x = torch.randn(3, 256, device=DEV, dtype=torch.bfloat16)
     out = qkernels.int4_weight_only_mm(x, packed, scale, zp, 64, signed=True, backend="triton")
-    assert _rel_err(out, ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, 64, True)) < TOL[torch.bfloat16]
+    assert rel_err(out, ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, 64, True)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])

@@ -7,7 +7,7 @@ import torch
 
 import qkernels
 
-from .test_float8 import GEMM_RTOL
+from .conftest import FLOAT_GEMM_RTOL as GEMM_RTOL
 
 
 def _bits(t):

@@ -6,9 +6,12 @@ import torch
 import torch.nn.functional as F
 
 import qkernels
-from .formats_fixtures import autoawq_pack, awq_layer, tiny_llama, write_model_dir
+from qkernels.algorithms import AWQConfig, QuantConfig, awq_quantize_model, rtn_quantize_model
 from qkernels.formats import CheckpointError, awq
-from qkernels.nn import Int4WeightOnly, QuantLinear
+from qkernels.nn import Int4WeightOnly, Int8WeightOnly, QuantLinear
+
+from .formats_fixtures import autoawq_pack, awq_layer, logits, random_codes, tiny_llama, write_model_dir
+from .test_nn_linear import make_linear
 
 
 def convert(tensors, group_size, name="l"):
@@ -72,3 +75,52 @@ def test_awq_bad_inputs():
         awq.parse_config({"bits": 8, "group_size": 128})
     with pytest.raises(CheckpointError, match="in_features=64 is not divisible by group_size=48"):
         awq.convert_layer("l", t, awq.parse_config({"bits": 4, "group_size": 48}))
+
+
+# ---- AWQ export (qkernels.formats.awq writer) --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sym", [False, True])
+def test_awq_writer_matches_autoawq_and_round_trips(sym):
+    N, K, g = 64, 128, 32  # N: a multiple of 32 for the fixture's packer
+    q, scale, zp, _ = random_codes(N, K, g, 4, sym, False, seed=7)
+    layer = QuantLinear.from_codes(q, scale, zp, Int4WeightOnly(g, sym), torch.randn(N).half().float())
+    t = awq.export_layer(layer, "l")
+    u = (q.to(torch.int32) + 8).t().contiguous()
+    z = torch.full((N, K // g), 8, dtype=torch.int32) if zp is None else zp + 8
+    assert torch.equal(t["qweight"], autoawq_pack(u)) and torch.equal(t["qzeros"], autoawq_pack(z.t().contiguous()))
+    back = awq.convert_layer("l", {f"l.{k}": v for k, v in t.items()}, awq.parse_config({"bits": 4, "group_size": g}))
+    assert back.scheme == layer.scheme
+    for k in ("qweight", "scale", "zero_point", "bias"):
+        a, b = getattr(back, k), getattr(layer, k)
+        assert (a is None and b is None) or torch.equal(a.float(), b.float()), k
+    x = torch.randn(3, K)
+    assert torch.equal(back(x), layer(x))
+
+
+def test_awq_writer_errors():
+    ragged = QuantLinear.from_linear(make_linear(96, 48), Int4WeightOnly(64))
+    with pytest.raises(ValueError, match=r"model.layers.3.mlp.down_proj: AWQ needs in_features divisible by group_size "
+                                         r"\(no ragged groups in AutoAWQ\), got in_features=96, group_size=64"):
+        awq.export_layer(ragged, "model.layers.3.mlp.down_proj")
+    q, scale, zp, perm = random_codes(48, 128, 32, 4, False, True, 0)
+    with pytest.raises(ValueError, match="l: AWQ has no act-order"):
+        awq.export_layer(QuantLinear.from_codes(q, scale, zp, Int4WeightOnly(32), None, perm), "l")
+    with pytest.raises(ValueError, match="only Int4WeightOnly layers"):
+        awq.export_layer(QuantLinear.from_linear(make_linear(128, 48), Int8WeightOnly()), "l")
+
+
+def test_save_awq_model_dir_round_trip(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    q = awq_quantize_model(model, [ids], AWQConfig(QuantConfig(4, 32, False), n_grid=4), progress=False)
+    for m in q.modules():
+        if isinstance(m, QuantLinear):
+            m.scale.copy_(m.scale.half().float())
+    awq.save_awq(q, str(tmp_path))
+    loaded = qkernels.load_quantized(str(tmp_path))
+    for n, m in q.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(loaded.get_submodule(n).dequantize(), m.dequantize()), n
+    assert torch.equal(logits(loaded), logits(q))
+    ragged = rtn_quantize_model(tiny_llama(intermediate=96), QuantConfig(4, 64, True))
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj: AWQ needs in_features divisible"):
+        awq.save_awq(ragged, str(tmp_path / "r"))

@@ -3,16 +3,22 @@ converted by qkernels.formats.gptq; dequantized weights must match the encoded f
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import qkernels
-from .formats_fixtures import gptq_layer, tiny_llama, write_model_dir
+from qkernels.algorithms import GPTQConfig, QuantConfig, gptq_quantize_model
 from qkernels.formats import CheckpointError, gptq
 from qkernels.formats._common import pack_bits, unpack_bits
-from qkernels.nn import Int4WeightOnly, Int8WeightOnly, QuantLinear
+from qkernels.nn import Int4WeightOnly, Int8WeightOnly, IntWeightInt8Act, QuantLinear
+
+from .conftest import rel_err
+from .formats_fixtures import (autogptq_pack_rows, autogptq_pack_zeros, gptq_layer, logits, random_codes, tiny_llama,
+                               write_model_dir)
+from .test_nn_linear import make_linear
 
 
 def convert(tensors, bits, group_size, v2, name="layer"):
@@ -175,3 +181,68 @@ def test_bad_model_dir_leaves_model_untouched(tmp_path):
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.extra must replace an nn.Linear of the model"):
         qkernels.load_quantized(str(tmp_path), model=target)
     assert not any(isinstance(m, QuantLinear) for m in target.modules())
+
+
+# ---- GPTQ export (qkernels.formats.gptq writer) -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym, act_order, v2", [(True, False, False), (False, True, False), (False, False, True)])
+def test_gptq_writer_matches_autogptq_and_round_trips(bits, sym, act_order, v2):
+    N, K, g = 64, 160, 64  # K = 2 groups of 64 + a ragged group of 32
+    q, scale, zp, perm = random_codes(N, K, g, bits, sym, act_order, seed=bits)
+    scheme = Int4WeightOnly(g, sym, bits) if bits <= 4 else Int8WeightOnly(g, sym)
+    bias = torch.randn(N).half().float()
+    layer = QuantLinear.from_codes(q, scale, zp, scheme, bias, perm)
+    t = gptq.export_layer(layer, v2=v2, name="l")
+    # independent packer: AutoGPTQ's loops on the unsigned codes in input order
+    off = 1 << (bits - 1)
+    u = q.to(torch.int64) + off
+    if perm is not None:
+        u = u[:, torch.argsort(perm)]
+    zero = torch.full((N, 3), off) if zp is None else zp.to(torch.int64) + off
+    stored = zero if v2 else zero - 1
+    assert torch.equal(t["qweight"], torch.from_numpy(autogptq_pack_rows(u.t().numpy().astype(np.uint32), bits)))
+    assert torch.equal(t["qzeros"], torch.from_numpy(autogptq_pack_zeros(stored.t().numpy().astype(np.uint32), bits)))
+    assert t["scales"].dtype == torch.float16 and tuple(t["scales"].shape) == (3, N)
+    assert torch.equal(t["g_idx"][perm] if perm is not None else t["g_idx"], (torch.arange(K) // g).to(torch.int32))
+    # our loader reads it back to the same layer
+    back = gptq.convert_layer("l", {f"l.{k}": v for k, v in t.items()},
+                              gptq.parse_config({"bits": bits, "group_size": g,
+                                                 "checkpoint_format": "gptq_v2" if v2 else "gptq"}))
+    assert back.scheme == scheme and torch.equal(back.dequantize(), layer.dequantize())
+    x = torch.randn(5, K)
+    if perm is None:
+        assert torch.equal(back.qweight, layer.qweight) and torch.equal(back(x), layer(x))
+    else:  # the loader orders each group's features ascending: same weights, another summation order
+        assert rel_err(back(x), layer(x)) < 1e-6
+
+
+def test_gptq_writer_errors():
+    q, scale, zp, _ = random_codes(64, 160, 64, 4, False, False, 0)
+    zp[0, 0] = -8  # unsigned zero 0: v1 stores zero - 1 = -1
+    with pytest.raises(ValueError, match="v1 cannot store a zero point of 0: write checkpoint_format='gptq_v2'"):
+        gptq.pack_layer(q, scale, zp, 4, 64, name="blk.q")
+    assert gptq.pack_layer(q, scale, zp, 4, 64, v2=True)["qzeros"].shape == (3, 8)
+    with pytest.raises(ValueError, match=r"blk.q: in_features=48 and out_features=64 must fill whole int32 words of "
+                                         r"3-bit values \(multiples of 32\)"):
+        gptq.pack_layer(q[:, :48].clamp(-4, 3), scale[:, :1], None, 3, 64, name="blk.q")
+    with pytest.raises(ValueError, match=r"codes must lie in \[-4, 3\] for 3 bits"):
+        gptq.pack_layer(q, scale, None, 3, 64)
+    with pytest.raises(ValueError, match="only integer weight-only layers"):
+        gptq.export_layer(QuantLinear.from_linear(make_linear(64, 64), IntWeightInt8Act(4, 32)))
+
+
+@pytest.mark.parametrize("bits, act_order, fmt", [(3, False, "gptq"), (4, True, "gptq_v2"), (8, True, "gptq")])
+def test_save_gptq_model_dir_round_trip(tmp_path, bits, act_order, fmt):
+    model = tiny_llama(intermediate=96)  # down_proj K=96: a ragged last group of 32 with group_size 64
+    cfg = QuantConfig(bits, 64, True)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    q = gptq_quantize_model(model, [ids], GPTQConfig(cfg, act_order=act_order), progress=False)
+    for m in q.modules():  # fp16-exact scales, as the checkpoint stores them
+        if isinstance(m, QuantLinear):
+            m.scale.copy_(m.scale.half().float())
+    qkernels.formats.gptq.save_gptq(q, str(tmp_path), checkpoint_format=fmt)
+    loaded = qkernels.load_quantized(str(tmp_path))
+    for n, m in q.named_modules():
+        if isinstance(m, QuantLinear):
+            assert torch.equal(loaded.get_submodule(n).dequantize(), m.dequantize()), n
+    assert rel_err(logits(loaded), logits(q)) < 1e-5

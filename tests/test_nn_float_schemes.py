@@ -15,22 +15,17 @@ from qkernels.nn import Fp4, Fp8Dynamic, Fp8WeightOnly, Int8WeightOnly, QuantLin
 from .formats_fixtures import IDS, logits, quant_names, tiny_llama  # noqa: F401
 from qkernels.nn.linear import FP8_WEIGHT_DTYPE
 
-from .conftest import requires_sm
+from .conftest import GEMM_RTOL_TABLE, rel_err, requires_sm
 
 FP8 = [Fp8WeightOnly(), Fp8Dynamic("row"), Fp8Dynamic("tensor"), Fp8Dynamic("block")]
 FP4 = [Fp4("mxfp4"), Fp4("nvfp4"), Fp4("nvfp4", weight_only=True)]
 SCHEMES = FP8 + FP4
 # relative error of the layer vs the reference path: the same fp8/fp4 codes (the casts are bit-exact), the layer
 # accumulates in fp32 and rounds once to x's dtype, the reference accumulates in fp64
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TOL = GEMM_RTOL_TABLE["layer"]
 # RTN error of the whole layer vs the float F.linear on random Gaussian data (weights and, for W8A8/W4A4,
 # activations rounded): e4m3 has 3 mantissa bits (~2.5% rms per tensor), e2m1 1 bit (~10-15%)
 FLOAT_ERR = {"fp8_weight_only": 0.04, "fp8_dynamic": 0.05, "fp4": 0.25}
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def make_linear(K=256, N=128, bias=True, seed=0):
@@ -68,9 +63,9 @@ def test_forward_matches_reference(scheme, dtype, lead):
     x = torch.randn(*lead, 256).to(dtype)
     out = q(x)
     assert out.shape == (*lead, 128) and out.dtype == dtype
-    assert rel(out, expected(q, x)) < TOL[dtype]
+    assert rel_err(out, expected(q, x)) < TOL[dtype]
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-    err = rel(out, ref)
+    err = rel_err(out, ref)
     assert 0 < err < FLOAT_ERR[scheme.name]
 
 
@@ -122,7 +117,7 @@ def test_state_dict_dtype_cast_and_repr(scheme):
     qb = QuantLinear.from_linear(make_linear(seed=2), scheme).to(torch.bfloat16)
     assert torch.equal(qb.qweight, q.qweight) and qb.qweight.dtype == torch.uint8
     xb = x.bfloat16()  # same input: the difference is the bf16 bias and scales only
-    assert rel(qb(xb), q(xb)) < 1e-2
+    assert rel_err(qb(xb), q(xb)) < 1e-2
     r = repr(q)
     assert f"scheme={scheme!r}" in r and f"op={q.op}" in r and f"backend={q.backend()}" in r
     assert q.backend() in ("cpu", "reference")
@@ -158,7 +153,7 @@ def test_non_contiguous_input_no_bias_and_empty():
         q = QuantLinear.from_linear(make_linear(bias=False), scheme)
         x = torch.randn(5, 512)[:, ::2]
         assert not x.is_contiguous()
-        assert rel(q(x), expected(q, x)) < 1e-5
+        assert rel_err(q(x), expected(q, x)) < 1e-5
         assert q.bias is None and "bias=False" in repr(q)
         for dtype in (torch.float32, torch.bfloat16):
             empty = q(torch.randn(2, 0, 256, dtype=dtype))
@@ -175,7 +170,7 @@ def test_non_finite_activations_propagate():
         out = q(x)
         assert out[1].isnan().any(), scheme
         assert torch.isfinite(out[[0, 2]]).all(), scheme
-        assert rel(out[[0, 2]], q(x[[0, 2]])) < 1e-6
+        assert rel_err(out[[0, 2]], q(x[[0, 2]])) < 1e-6
 
 
 # ---- quantize_ on a tiny transformers Llama, save/load, compile --------------------------------------------------
@@ -199,7 +194,7 @@ def test_quantize_llama_save_load(tmp_path, scheme, caplog):
         assert any("skipping model.layers.0.self_attn.k_proj" in r.getMessage() and "divisible by 128" in
                    r.getMessage() for r in caplog.records)
     out = logits(model)
-    err = rel(out, ref)
+    err = rel_err(out, ref)
     assert 0 < err < LLAMA_ERR[scheme.name]
     qkernels.save_quantized(model, str(tmp_path))
     cfg = json.load(open(tmp_path / "config.json"))
@@ -220,7 +215,7 @@ def test_compile_fullgraph():
         ref = model(x)
         # aot_eager: dynamo capture (graph breaks raise with fullgraph) plus the fake kernels, no C++ codegen
         out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
-    assert rel(out, ref) < 1e-6
+    assert rel_err(out, ref) < 1e-6
 
 
 # ---- tensor-parallel shards --------------------------------------------------------------------------------------
@@ -232,7 +227,7 @@ def test_shards_recombine(scheme):
     world = 2
     cols = [q.shard(r, world, 0) for r in range(world)]
     assert torch.equal(torch.cat([c.dequantize() for c in cols], 0), q.dequantize())
-    assert rel(torch.cat([c(x) for c in cols], -1), full) < 1e-6
+    assert rel_err(torch.cat([c(x) for c in cols], -1), full) < 1e-6
     rows = [q.shard(r, world, 1) for r in range(world)]
     assert torch.equal(torch.cat([r.dequantize() for r in rows], 1), q.dequantize())
     assert [r.bias is not None for r in rows] == [True, False]
@@ -240,7 +235,7 @@ def test_shards_recombine(scheme):
     # weight-only: exact up to fp32 summation order; W8A8 / W4A4 shards quantize their own slice of x
     tol = 1e-5 if "weight_only" in scheme.name or getattr(scheme, "weight_only", False) else \
         {"fp8_dynamic": 0.03, "fp4": 0.15}[scheme.name]
-    assert rel(out, full) < tol
+    assert rel_err(out, full) < tol
     with pytest.raises(ValueError, match="divisible by world_size=3"):
         q.shard(0, 3, 0)
 
@@ -296,4 +291,4 @@ def test_cuda_matches_reference(scheme):
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     qc = q.to("cuda")
     out = qc(x.cuda()).cpu()
-    assert rel(out, expected(q, x)) < 2e-2
+    assert rel_err(out, expected(q, x)) < 2e-2

@@ -10,17 +10,14 @@ import qkernels
 from qkernels import reference
 from qkernels.nn import Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantLinear
 
+from .conftest import GEMM_RTOL_TABLE, rel_err
+
 WEIGHT_ONLY = [Int4WeightOnly(64), Int4WeightOnly(32, symmetric=True), Int4WeightOnly(-1), Int8WeightOnly(),
                Int8WeightOnly(64, symmetric=False), Int8WeightOnly(32)]
 ALL = WEIGHT_ONLY + [Int8Dynamic()]
 # relative error ||out - ref|| / ||ref|| of the layer against an fp64 F.linear on its dequantized weight: the
 # kernels accumulate in fp32 and round the output to x's dtype once
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+TOL = GEMM_RTOL_TABLE["layer"]
 
 
 def make_linear(K=192, N=40, bias=True, seed=0):
@@ -53,10 +50,10 @@ def test_forward_matches_dequantized(scheme, dtype, lead):
     out = q(x)
     assert out.shape == (*lead, 40) and out.dtype == dtype
     tol = TOL[dtype] * (4 if isinstance(scheme, Int8Dynamic) else 1)  # W8A8: reference rounds x per token in fp32
-    assert rel(out, expected(q, x)) < tol
+    assert rel_err(out, expected(q, x)) < tol
     # and the quantized layer is close to the float one (RTN error only)
     ref = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-    assert rel(out, ref) < (0.15 if q.kind == "int4" else 0.03)
+    assert rel_err(out, ref) < (0.15 if q.kind == "int4" else 0.03)
 
 
 @pytest.mark.parametrize("scheme", ALL, ids=repr)
@@ -87,7 +84,7 @@ def test_non_contiguous_input_and_no_bias():
     big = torch.randn(6, 384)
     x = big[:, ::2]
     assert not x.is_contiguous()
-    assert rel(q(x), expected(q, x)) < 1e-5
+    assert rel_err(q(x), expected(q, x)) < 1e-5
     assert q.bias is None and "bias=False" in repr(q)
 
 
@@ -99,7 +96,7 @@ def test_act_order_permutation():
     # stored column j is input feature perm[j]
     assert torch.equal(q.dequantize()[:, perm], base.dequantize())
     x = torch.randn(3, 192)
-    assert rel(q(x), expected(q, x)) < 1e-5
+    assert rel_err(q(x), expected(q, x)) < 1e-5
     assert "act_order=True" in repr(q)
 
 
@@ -132,7 +129,7 @@ def test_to_device_and_forced_backend(monkeypatch):
     out = q(x)
     monkeypatch.setenv("QKERNELS_BACKEND", "reference")
     assert q.backend() == "reference"
-    assert rel(q(x), out) < 1e-6
+    assert rel_err(q(x), out) < 1e-6
 
 
 @pytest.mark.gpu
@@ -144,7 +141,7 @@ def test_cuda_matches_cpu(scheme):
     qc = q.to("cuda")
     assert qc.qweight.is_cuda
     out = qc(x.cuda()).cpu()
-    assert rel(out, expected(q.cpu(), x)) < TOL[torch.float16] * 4
+    assert rel_err(out, expected(q.cpu(), x)) < TOL[torch.float16] * 4
 
 
 @pytest.mark.parametrize("scheme", [Fp8WeightOnly(), Fp8Dynamic("tensor"), Fp4("mxfp4")], ids=repr)
@@ -152,7 +149,7 @@ def test_float_schemes_build(scheme):
     """The fp8/fp4 schemes build like the integer ones (their numerics: tests/test_nn_float_schemes.py)."""
     q = QuantLinear.from_linear(make_linear(K=256), scheme)
     assert q.kind in ("fp8", "fp4") and q.qweight.dtype == torch.uint8
-    assert rel(q.dequantize(), make_linear(K=256).weight) < 0.2
+    assert rel_err(q.dequantize(), make_linear(K=256).weight) < 0.2
     assert QuantLinear(256, 64, scheme).in_features == 256
 
 
@@ -187,7 +184,7 @@ def test_compile_fullgraph():
     with torch.no_grad():
         ref = model(x)
         out = torch.compile(model, fullgraph=True)(x)  # fullgraph: any graph break is an error
-    assert rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
 
 
 # ---- tensor-parallel shards (single process; the gloo test is tests/test_nn_distributed.py) ------------------
@@ -206,7 +203,7 @@ def test_shards_recombine(scheme, world):
     assert torch.equal(torch.cat([r.dequantize() for r in rows], 1), q.dequantize())
     out = sum(r(x[:, i * k:(i + 1) * k]) for i, r in enumerate(rows))
     tol = 0.02 if isinstance(scheme, Int8Dynamic) else 1e-5  # W8A8 shards quantize their own slice of x
-    assert rel(out, full) < tol
+    assert rel_err(out, full) < tol
 
 
 def test_shard_bad_args():
@@ -231,4 +228,4 @@ def test_property_int4_any_shape(N, groups, gs, M, sym):
     lin = make_linear(K=groups * gs, N=N, seed=N)
     q = QuantLinear.from_linear(lin, Int4WeightOnly(gs, sym))
     x = torch.randn(M, groups * gs)
-    assert rel(q(x), expected(q, x)) < 1e-5
+    assert rel_err(q(x), expected(q, x)) < 1e-5

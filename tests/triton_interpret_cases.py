@@ -29,8 +29,8 @@ from qkernels import reference as ref  # noqa: E402
 from qkernels import triton as qtriton  # noqa: E402
 
 
-def _rel_err(out, expected):
-    return ((out.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+from tests.conftest import GEMM_RTOL_TABLE  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
 
 
 # ---- packing and (de)quantization: bit-exact --------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_public_api_forced_triton():
 
 # ---- GEMMs: documented relative error against the fp64 reference ---------------------------------------------
 # fp32 x: IEEE fp32 dot, error ~ K * 2^-24; fp16 x: weights rounded to fp16 (2^-11) and output rounded to fp16.
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+TOL = GEMM_RTOL_TABLE["triton_int"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -122,7 +122,7 @@ def test_int4_weight_only_mm(dtype, M, N, K, group, signed, with_zp, config):
     out = qtriton.get("int4_weight_only_mm")(x, packed, scale, zp, group, signed, config=config)
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, scale, zp, group, signed)
     assert out.shape == (M, N) and out.dtype == dtype
-    assert _rel_err(out, want) < TOL[dtype]
+    assert rel_err(out, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -134,7 +134,7 @@ def test_int8_weight_only_mm(dtype, M, N, K):
     out = qtriton.get("int8_weight_only_mm")(x, q_w, scale)
     want = ref.OPS["int8_weight_only_mm"](x.double(), q_w, scale)
     assert out.shape == (M, N) and out.dtype == dtype
-    assert _rel_err(out, want) < TOL[dtype]
+    assert rel_err(out, want) < TOL[dtype]
 
 
 def test_gemm_public_api_forced_triton_noncontiguous():
@@ -144,5 +144,5 @@ def test_gemm_public_api_forced_triton_noncontiguous():
     packed = qkernels.pack_int4(q)
     out = qkernels.int4_weight_only_mm(x, packed, s, z, 64, signed=True, backend="triton")
     want = ref.OPS["int4_weight_only_mm"](x.double(), packed, s, z, 64, True)
-    assert _rel_err(out, want) < TOL[torch.float32]
+    assert rel_err(out, want) < TOL[torch.float32]
     assert qkernels.explain("int4_weight_only_mm", "cpu", backend="triton").backend == "triton"

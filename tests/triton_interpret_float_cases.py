@@ -160,11 +160,10 @@ def test_w8a8_matches_cpu_kernel(xdtype, M, N, K):
     want = ref.OPS["int8_dynamic_mm"](x, q_w, w_s)
     finite = torch.isfinite(want)
     assert torch.equal(torch.isnan(out), torch.isnan(want))
-    assert _rel(out[finite], want[finite]) < {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[xdtype]
+    assert rel_err(out[finite], want[finite]) < {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[xdtype]
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+from tests.conftest import rel_err  # noqa: E402
 
 
 # ---- weight-only GEMMs (qkernels/triton/float_gemm.py) ------------------------------------------------------------
@@ -187,7 +186,7 @@ def test_fp8_weight_only_mm(xdtype, M, N, K, blocks):
         for config in (None, dict(INTERPRET_SPLIT1)):  # split-K (atomics) and one program per output tile
             out = qtriton.get("fp8_weight_only_mm")(x, q, s, dtype, bias, config=config)
             assert out.dtype == xdtype and out.shape == (M, N)
-            assert _rel(out, want) < WO_RTOL[xdtype], (dtype, config)
+            assert rel_err(out, want) < WO_RTOL[xdtype], (dtype, config)
 
 
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.float16])
@@ -203,14 +202,14 @@ def test_fp4_weight_only_mm(xdtype, format, element, M, N, K):
     out = qtriton.get("fp4_weight_only_mm")(x, p, sc, g, format, element, bias)
     assert torch.equal(out.isnan(), want.isnan()) and out[:, 3].isnan().all()
     ok = ~want.isnan().any(0)
-    assert _rel(out[:, ok], want[:, ok]) < WO_RTOL[xdtype]
+    assert rel_err(out[:, ok], want[:, ok]) < WO_RTOL[xdtype]
 
 
 def test_weight_only_public_api_forced_triton():
     x = torch.randn(2, 3, 64)
     wq, ws = qkernels.quantize_fp8(torch.randn(16, 64), torch.float8_e4m3fn, "row")
     out = qkernels.fp8_weight_only_mm(x, wq, ws, backend="triton")
-    assert _rel(out, qkernels.fp8_weight_only_mm(x.double().float(), wq, ws, backend="reference").double()) < 1e-5
+    assert rel_err(out, qkernels.fp8_weight_only_mm(x.double().float(), wq, ws, backend="reference").double()) < 1e-5
     p, sc, _ = qkernels.quantize_fp4(torch.randn(16, 64), "mxfp4")
     out = qkernels.fp4_weight_only_mm(x, p, sc, backend="triton")
-    assert _rel(out, qkernels.fp4_weight_only_mm(x, p, sc, backend="reference").double()) < 1e-5
+    assert rel_err(out, qkernels.fp4_weight_only_mm(x, p, sc, backend="reference").double()) < 1e-5

@@ -24,7 +24,7 @@ TYPES = [R.TYPE_NAMES[t] for t in dispatch.GGUF_TRITON_DECODE]
 # byte offsets of the fp16 d / dmin fields of each block (MXFP4's e8m0 scale is always finite)
 FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "MXFP4": (),
                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-GEMM_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}  # tests/conftest.py's
+from tests.conftest import GEMM_RTOL  # noqa: E402
 
 
 def _random_blocks(name: str, rows: int, nblocks: int, seed: int, finite: bool = True) -> torch.Tensor:
