@@ -2,7 +2,6 @@
 checkpoints, save_pretrained, quantize on load, pipeline; offline on tiny random Llamas."""
 
 import json
-import os
 import subprocess
 import sys
 

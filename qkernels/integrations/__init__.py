@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import importlib.util
 import sys
+import warnings
 
 _TRIGGER = "transformers.quantizers.auto"  # holds the quant_method -> quantizer tables; modeling_utils imports it
 
@@ -22,8 +22,11 @@ def _register_transformers():
     mod = sys.modules.get(f"{__name__}.transformers_quantizer")
     if mod is not None and not hasattr(mod, "register"):
         return  # that module is being imported (it imported transformers' table): it registers at its end
-    from .transformers_quantizer import register
-
+    try:
+        from .transformers_quantizer import register
+    except ImportError as e:  # e.g. transformers 4.x: from_pretrained must keep working for everything else
+        warnings.warn(f"quant_method='qkernels' is not registered with transformers: {e}", stacklevel=2)
+        return
     register()
 
 

@@ -21,6 +21,7 @@ The on-disk format is qkernels' own; the transformers loading API used here (``H
 from __future__ import annotations
 
 import torch
+import transformers
 from torch import nn
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
@@ -31,6 +32,11 @@ from ..formats import native
 from ..nn.linear import QuantLinear
 from ..nn.quantize import output_embedding_names, set_submodule
 from ..nn.schemes import Scheme
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    # the HfQuantizer / weight-loading hooks used below are those of transformers 5 (ConversionOps, get_quantize_ops)
+    raise ImportError(f"qkernels' transformers integration needs transformers>=5, found {transformers.__version__}; "
+                      "qkernels.load_quantized works with either")
 
 QUANT_METHOD = "qkernels"
 
