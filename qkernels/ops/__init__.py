@@ -12,3 +12,4 @@ from .int_quant import (
     quantize_affine_with_qparams,
     unpack_int4,
 )
+from . import autograd  # registers the GEMM ops' gradients (after the families' fake kernels)

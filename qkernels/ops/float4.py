@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from . import autograd
 from ..reference.float4 import ELEMENTS, FORMATS
 from ._call import call
 from ._validate import check_bias, check_float_tensor, check_same_device, check_tensor
@@ -17,11 +18,15 @@ SCALE_DTYPES = {"mxfp4": torch.float8_e8m0fnu, "nvfp4": torch.float8_e4m3fn}
 
 
 def _check_format(format):
+    if not isinstance(format, str):
+        raise TypeError(f"format must be one of {tuple(FORMATS)}, got {type(format).__name__} {format!r}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {tuple(FORMATS)}, got {format!r}")
 
 
 def _check_element(element):
+    if not isinstance(element, str):
+        raise TypeError(f"element must be one of {tuple(ELEMENTS)}, got {type(element).__name__} {element!r}")
     if element not in ELEMENTS:
         raise ValueError(f"element must be one of {tuple(ELEMENTS)}, got {element!r}")
 
@@ -100,6 +105,9 @@ def quantize_fp4(x, format="mxfp4", *, element="e2m1", global_scale=None, backen
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dim [..., K], got a 0-d tensor")
     K = x.shape[-1]
+    if K == 0:
+        raise ValueError(f"the last dim of x must be positive (a multiple of the {format} block size {B}), got "
+                         f"shape {tuple(x.shape)}")
     if K % B:
         raise ValueError(f"the last dim of x ({K}) must be a multiple of the {format} block size {B}; "
                          f"x has shape {tuple(x.shape)}")
@@ -120,6 +128,9 @@ def _fp4_operand(packed, scale, g, format, pname, sname, gname):
         raise ValueError(f"{pname} must have at least 1 dim, got a 0-d tensor")
     B = FORMATS[format]
     K = packed.shape[-1] * 2
+    if K == 0:
+        raise ValueError(f"the last dim of {pname} must be positive (K/2, K a multiple of the {format} block size "
+                         f"{B}), got shape {tuple(packed.shape)}")
     if K % B:
         raise ValueError(f"the unpacked last dim of {pname} ({K}) must be a multiple of the {format} block size {B}")
     codes = _scale_codes(scale, sname, format, (*packed.shape[:-1], K // B), packed.device)
@@ -141,6 +152,7 @@ def dequantize_fp4(packed, scale, global_scale=None, format="mxfp4", *, element=
     _check_element(element)
     check_out_dtype(out_dtype)
     p2, s2, g, K = _fp4_operand(packed, scale, global_scale, format, "packed", "scale", "global_scale")
+    autograd.check_param_no_grad(global_scale, "global_scale", "dequantize_fp4")
     out = call("dequantize_fp4", (p2, s2, g, format, element, out_dtype), packed.device, backend)
     return out.reshape(*packed.shape[:-1], K)
 
@@ -170,8 +182,9 @@ def fp4_mm(a_packed, a_scale, b_packed, b_scale, out_dtype=torch.bfloat16, bias=
     check_bias(bias, N)
     for name, t in (("b_packed", b_packed), ("bias", bias)):
         check_same_device("a_packed", a_packed, name, t)
-    out = call("fp4_mm", (a2, sa, ga, b2, sb, gb, format, element, bias, out_dtype), a_packed.device, backend,
-               format=format, element=element, out_dtype=out_dtype, M=a2.shape[0], K=K, N=N)
+    args = (a2, sa, ga, b2, sb, gb, format, element, bias, out_dtype)
+    out = autograd.run("fp4_mm", args, lambda: call("fp4_mm", args, a_packed.device, backend, format=format,
+                                                    element=element, out_dtype=out_dtype, M=a2.shape[0], K=K, N=N))
     return out.reshape(*a_packed.shape[:-1], N)
 
 
@@ -204,8 +217,10 @@ def fp4_weight_only_mm(x, w_packed, w_scale, bias=None, *, format="mxfp4", eleme
     for name, t in (("w_packed", w_packed), ("bias", bias)):
         check_same_device("x", x, name, t)
     x2 = x.reshape(-1, K)
-    out = call("fp4_weight_only_mm", (x2, w2, sw, gw, format, element, bias), x.device, backend,
-               format=format, element=element, M=x2.shape[0], K=K, N=N)
+    args = (x2, w2, sw, gw, format, element, bias)
+    out = autograd.run("fp4_weight_only_mm", args, lambda: call("fp4_weight_only_mm", args, x.device, backend,
+                                                                format=format, element=element, M=x2.shape[0],
+                                                                K=K, N=N))
     return out.reshape(*x.shape[:-1], N)
 
 

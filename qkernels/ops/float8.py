@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from . import autograd
 from ..reference.float8 import FP8_DTYPES
 from ._call import call
-from ._validate import FLOAT_DTYPES, check_bias, check_float_tensor, check_same_device, check_tensor
+from ._validate import FLOAT_DTYPES, check_bias, check_bool, check_float_tensor, check_same_device, check_tensor
 
 GRANULARITIES = ("tensor", "row", "block")
 OUT_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -22,12 +23,16 @@ def _dtype_name(d) -> str:
 
 
 def check_fp8_dtype(dtype, name: str = "dtype"):
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch float8 dtype, got {type(dtype).__name__} {dtype!r}")
     if dtype not in FP8_DTYPES:
         names = ", ".join(_dtype_name(d) for d in FP8_DTYPES)
         raise ValueError(f"{name} must be one of {names}, got {dtype!r}")
 
 
 def check_out_dtype(out_dtype):
+    if not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"out_dtype must be a torch.dtype, got {type(out_dtype).__name__} {out_dtype!r}")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of float32/bfloat16/float16/float64, got {out_dtype!r}")
 
@@ -49,6 +54,8 @@ def _block_pair(block_size) -> tuple[int, int]:
 
 def fp8_layout(shape, granularity, block_size, name="x"):
     """-> (R, C, block_rows, block_cols, public scale shape) for a tensor of ``shape`` seen as ``[R, C]``."""
+    if not isinstance(granularity, str):
+        raise TypeError(f"granularity must be one of {GRANULARITIES}, got {type(granularity).__name__}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     shape = tuple(shape)
@@ -112,13 +119,14 @@ def quantize_fp8(x, dtype=torch.float8_e4m3fn, granularity="tensor", block_size=
     """
     check_float_tensor(x, "x")
     check_fp8_dtype(dtype)
+    saturate = check_bool(saturate, "saturate")
     R, C, br, bc, sshape = fp8_layout(x.shape, granularity, block_size)
     if scale is not None:
         scale = _scale_arg(scale, "scale", sshape, x.device).reshape(R // br, C // bc)
     if x.numel() == 0:
         s = torch.ones(sshape, dtype=torch.float32, device=x.device) if scale is None else scale.reshape(sshape)
         return torch.empty(x.shape, dtype=dtype, device=x.device), s
-    q, s = call("quantize_fp8", (x.reshape(R, C), scale, dtype, br, bc, bool(saturate)), x.device, backend)
+    q, s = call("quantize_fp8", (x.reshape(R, C), scale, dtype, br, bc, saturate), x.device, backend)
     return q.reshape(x.shape).view(dtype), s.reshape(sshape)
 
 
@@ -164,6 +172,7 @@ def dequantize_fp8(q, scale, out_dtype=torch.float32, granularity=None, block_si
         granularity, inferred = _infer_granularity(q, scale)
         block_size = inferred if block_size is None else block_size
     R, C, br, bc, sshape = fp8_layout(q.shape, granularity, block_size if block_size is not None else 128, "q")
+    autograd.check_param_no_grad(scale, "scale", "dequantize_fp8")
     s = _scale_arg(scale, "scale", sshape, q.device).reshape(R // br, C // bc)
     if q.numel() == 0:
         return torch.empty(q.shape, dtype=out_dtype, device=q.device)
@@ -172,8 +181,13 @@ def dequantize_fp8(q, scale, out_dtype=torch.float32, granularity=None, block_si
     return out.reshape(q.shape)
 
 
-def _scale_grid(scale, name, t2, lead_shape, dname):
-    """Normalize an fp8_mm scale to the 2-D grid ``[G0, G1]`` that tiles the 2-D operand ``t2 [R, K]``."""
+def _scale_grid(scale, name, t2, lead_shape, dname, block_size=None):
+    """Normalize an fp8_mm scale to the 2-D grid ``[G0, G1]`` that tiles the 2-D operand ``t2 [R, K]``.
+
+    A 2-D grid with fewer rows than the operand (blocks of br > 1 rows) cannot be told apart by its shape from a
+    per-row or 1 x b scale that lost rows (``w_scale[:12]`` of a ``[24, 1]`` scale tiles ``[24, K]`` as 2 x K
+    blocks). Without ``block_size`` only square blocks (br == bc: 128 x 128 as DeepSeek-V3, torchao and
+    QuantLinear use) are taken for such a grid; other block shapes must be named by ``block_size``."""
     if not isinstance(scale, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(scale).__name__}")
     if scale.dtype not in FLOAT_DTYPES:
@@ -195,6 +209,18 @@ def _scale_grid(scale, name, t2, lead_shape, dname):
     if G1 == 0 or K % G1 or (G0 == 0 and R != 0) or (G0 != 0 and R % G0):
         raise ValueError(f"{name} of shape {tuple(scale.shape)} must evenly tile {dname} viewed as [{R}, {K}]: "
                          f"its dims must divide {R} and {K}")
+    br, bc = (R // G0 if G0 else 1), K // G1
+    if block_size is not None:
+        want = _block_pair(block_size)
+        if (br, bc) != want and not (g.shape == (1, 1) and scale.numel() == 1 and want == (R, K)):
+            raise ValueError(f"{name} of shape {tuple(scale.shape)} tiles {dname} [{R}, {K}] in {br} x {bc} blocks, "
+                             f"but the block size given is {want[0]} x {want[1]}: expected shape "
+                             f"[{R // want[0] if R % want[0] == 0 else '?'}, {K // want[1] if K % want[1] == 0 else '?'}]")
+    elif br > 1 and G0 > 1 and br != bc:
+        raise ValueError(f"{name} of shape {tuple(scale.shape)} matches no scale layout of {dname} [{R}, {K}]: "
+                         f"expected one value, [{R}] / [{R}, 1] per row, [{R}, K/b] for 1 x b blocks or [{R}/b, {K}/b] "
+                         f"for b x b blocks; it would tile {dname} in {br} x {bc} blocks: pass "
+                         f"{name.split('_')[0]}_block_size=({br}, {bc}) if that is meant")
     return g.float().contiguous()
 
 
@@ -203,6 +229,9 @@ def _k_and_n(a, aname, w, wname) -> tuple[int, int]:
     if a.dim() == 0:
         raise ValueError(f"{aname} must have at least 1 dim [..., K], got a 0-d tensor")
     K = a.shape[-1]
+    if K == 0:
+        raise ValueError(f"{aname}'s last dim K must be positive (the reduction dim of the GEMM), got shape "
+                         f"{tuple(a.shape)}")
     if w.shape[1] != K:
         raise ValueError(f"{wname} must have shape [N, K] with K={K} ({aname}'s last dim), got {tuple(w.shape)}")
     return K, w.shape[0]
@@ -222,7 +251,8 @@ def _granularity_of(ga, gb, M, N) -> str:
     return "block"
 
 
-def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, backend=None):
+def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, a_block_size=None,
+           b_block_size=None, backend=None):
     """Scaled fp8 GEMM: ``(a_q * a_scale) @ (b_q * b_scale)^T + bias`` with fp32 accumulation.
 
     Args:
@@ -232,6 +262,9 @@ def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, b
         b_q: float8 weight ``[N, K]`` (nn.Linear layout). The fp8 dtypes of a and b may differ.
         b_scale: ``()``, ``[N, 1]`` / ``[N]`` per channel, ``[N / 128, K / 128]`` for 128x128 blocks.
         out_dtype: float32/bfloat16/float16/float64. bias: float ``[N]`` or None, added in fp32.
+        a_block_size, b_block_size: the (block_rows, block_cols) the scale was made with; checked against the
+            scale's shape. Needed for blocks spanning several rows that are not square (e.g. 2 x 32): such a grid
+            is otherwise indistinguishable from a per-row scale with rows missing, and refused.
     Returns: ``[..., N]`` in out_dtype.
     Runs ``torch._scaled_mm`` where the GPU has fp8 (see ``qkernels.explain("fp8_mm", ...)``), else the
     emulated path (decode to fp32, then matmul) with the same semantics.
@@ -244,19 +277,20 @@ def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, b
     K, N = _k_and_n(a_q, "a_q", b_q, "b_q")
     a2 = a_q.reshape(-1, K)
     M = a2.shape[0]
-    ga = _scale_grid(a_scale, "a_scale", a2, a_q.shape[:-1], "a_q")
-    gb = _scale_grid(b_scale, "b_scale", b_q, b_q.shape[:-1], "b_q")
+    ga = _scale_grid(a_scale, "a_scale", a2, a_q.shape[:-1], "a_q", a_block_size)
+    gb = _scale_grid(b_scale, "b_scale", b_q, b_q.shape[:-1], "b_q", b_block_size)
     check_bias(bias, N)
     for name, t in (("b_q", b_q), ("a_scale", a_scale), ("b_scale", b_scale), ("bias", bias)):
         check_same_device("a_q", a_q, name, t)
     gran = _granularity_of(ga, gb, M, N)
-    out = call("fp8_mm", (a2.view(torch.uint8), ga, a_q.dtype, b_q.view(torch.uint8), gb, b_q.dtype, bias, out_dtype),
-               a_q.device, backend, a_dtype=a_q.dtype, b_dtype=b_q.dtype, granularity=gran, out_dtype=out_dtype,
-               M=M, K=K, N=N, a_blocks=_blocks_of(ga, M, K), b_blocks=_blocks_of(gb, N, K))
+    args = (a2.view(torch.uint8), ga, a_q.dtype, b_q.view(torch.uint8), gb, b_q.dtype, bias, out_dtype)
+    out = autograd.run("fp8_mm", args, lambda: call(
+        "fp8_mm", args, a_q.device, backend, a_dtype=a_q.dtype, b_dtype=b_q.dtype, granularity=gran,
+        out_dtype=out_dtype, M=M, K=K, N=N, a_blocks=_blocks_of(ga, M, K), b_blocks=_blocks_of(gb, N, K)))
     return out.reshape(*a_q.shape[:-1], N)
 
 
-def fp8_weight_only_mm(x, w_q, w_scale, bias=None, *, backend=None):
+def fp8_weight_only_mm(x, w_q, w_scale, bias=None, *, w_block_size=None, backend=None):
     """Weight-only fp8 GEMM: ``x @ (w_q * w_scale)^T + bias`` with fp32 accumulation, x not quantized.
 
     Args:
@@ -264,6 +298,8 @@ def fp8_weight_only_mm(x, w_q, w_scale, bias=None, *, backend=None):
         w_q: float8 weight ``[N, K]`` (any of the four fp8 dtypes) and w_scale as :func:`quantize_fp8` returns it
             for w: ``()``, ``[N, 1]`` / ``[N]`` per channel, ``[N, K / b]`` or ``[N / br, K / bc]`` blocks.
         bias: float ``[N]`` or None.
+        w_block_size: the (block_rows, block_cols) w_scale was made with, checked against its shape; required
+            for blocks spanning several rows that are not square (see :func:`fp8_mm`).
     Returns: ``[..., N]`` in x's dtype. On CPU a fused kernel decodes the weight in registers for decode-sized
     inputs (up to 16 rows of x); on a GPU the cast kernel decodes it to x's dtype for cuBLAS.
     """
@@ -271,13 +307,14 @@ def fp8_weight_only_mm(x, w_q, w_scale, bias=None, *, backend=None):
     check_tensor(w_q, "w_q", dim=2)
     check_fp8_dtype(w_q.dtype, "w_q.dtype")
     K, N = _k_and_n(x, "x", w_q, "w_q")
-    gw = _scale_grid(w_scale, "w_scale", w_q, w_q.shape[:-1], "w_q")
+    gw = _scale_grid(w_scale, "w_scale", w_q, w_q.shape[:-1], "w_q", w_block_size)
     check_bias(bias, N)
     for name, t in (("w_q", w_q), ("w_scale", w_scale), ("bias", bias)):
         check_same_device("x", x, name, t)
     x2 = x.reshape(-1, K)
-    out = call("fp8_weight_only_mm", (x2, w_q.view(torch.uint8), gw, w_q.dtype, bias), x.device, backend,
-               M=x2.shape[0], K=K, N=N)
+    args = (x2, w_q.view(torch.uint8), gw, w_q.dtype, bias)
+    out = autograd.run("fp8_weight_only_mm", args,
+                       lambda: call("fp8_weight_only_mm", args, x.device, backend, M=x2.shape[0], K=K, N=N))
     return out.reshape(*x.shape[:-1], N)
 
 

@@ -6,12 +6,42 @@ exactly like ggml (and ``gguf.quants.quantize``). Semantics: :mod:`qkernels.refe
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import _ext
+from . import autograd
 from ..reference.gguf import BLOCK, TYPE_NAMES, TYPES
 from ._call import call
-from ._validate import FLOAT_DTYPES, check_float_tensor, check_same_device, check_tensor
+from ._validate import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_float_tensor,
+    check_int,
+    check_same_device,
+    check_shape_arg,
+    check_tensor,
+    has_values,
+)
+
+FP16_MAX = 65504.0
+# The largest |x| each type can encode: ggml stores block scales (and Q4_1/Q5_1 block minima, K-quant super-block
+# scales and mins) as fp16, and llama.cpp (like gguf-py) writes inf there for larger inputs, which decodes to inf /
+# NaN. The bound is 65504 times the factor between a block's largest |x| and its largest fp16 field: the code range
+# for Q4_0 (8), Q5_0 (16), Q8_0 (127); 1 for the stored minima of Q4_1/Q5_1 and the values of F16; the 6-bit (Q4_K,
+# Q5_K: 63) or 4-bit (Q2_K: 15) super-block quantization of the sub-block minima; for Q3_K / Q6_K the sub-block
+# scale search (which can pick scale = max / 1 in the worst case) times the signed sub-scale range (32 / 128).
+# Beyond these the K-quant searches also overflow float32 (sums of x^2) and the C++ and reference encoders part.
+# Inputs within the bound are still checked after encoding (gguf_quantize's header check), since the scale
+# searches can round a block's scale a little above this estimate.
+MAX_ABS = {1: FP16_MAX, 2: 8 * FP16_MAX, 3: FP16_MAX, 6: 16 * FP16_MAX, 7: FP16_MAX, 8: 127 * FP16_MAX,
+           10: 15 * FP16_MAX, 11: 32 * FP16_MAX, 12: 63 * FP16_MAX, 13: 63 * FP16_MAX, 14: 128 * FP16_MAX}
+# byte offsets of each type's fp16 block fields (d, and m / dmin), checked for inf after encoding
+FP16_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 10: (80, 82), 11: (108,), 12: (0, 2), 13: (0, 2),
+               14: (208,)}
+# the sub-block an importance matrix weights in the K-quant scale searches (16 or 32 columns)
+IMATRIX_SUB_BLOCK = {10: 16, 11: 16, 12: 32, 13: 32, 14: 16}
 
 
 def type_id(type) -> int:
@@ -20,10 +50,13 @@ def type_id(type) -> int:
         if type.upper() not in TYPES:
             raise ValueError(f"type must be one of {sorted(TYPES)}, got {type!r}")
         return TYPES[type.upper()]
+    if isinstance(type, bool):
+        raise TypeError(f"type must be a ggml type name or int id, got {type!r}")
     try:
-        t = int(type)
-    except (TypeError, ValueError):
-        raise TypeError(f"type must be a ggml type name or id, got {type!r}") from None
+        t = operator.index(type)  # ints and IntEnums (gguf.GGMLQuantizationType), not 2.5 or "2"-like objects
+    except TypeError:
+        raise TypeError(f"type must be a ggml type name (str) or id (int), got {type.__class__.__name__} "
+                        f"{type!r}") from None
     if t not in BLOCK:
         name = getattr(type, "name", str(t))
         raise ValueError(f"type must be one of {sorted(TYPES)} (ggml ids {sorted(BLOCK)}), got {name} ({t})")
@@ -35,8 +68,10 @@ def block_info(type) -> tuple[int, int]:
     return BLOCK[type_id(type)]
 
 
-def _check_cols(cols: int, t: int, what: str):
+def _check_cols(cols: int, t: int, what: str, allow_zero: bool = False):
     bs = BLOCK[t][0]
+    if cols == 0 and not allow_zero:
+        raise ValueError(f"{what} must be positive (a multiple of the {TYPE_NAMES[t]} block size {bs}), got 0")
     if cols % bs:
         raise ValueError(f"{what} ({cols}) must be a multiple of the {TYPE_NAMES[t]} block size {bs}")
 
@@ -55,15 +90,57 @@ def gguf_quantize(x, type, imatrix=None, *, backend=None):
         raise NotImplementedError(f"imatrix is supported for the K-quants (Q2_K..Q6_K; Q8_0/MXFP4 ignore it, as in "
                                   f"llama.cpp), not for {TYPE_NAMES[t]}")
     if imatrix is not None:
-        check_tensor(imatrix, "imatrix", FLOAT_DTYPES, dim=1)
-        if imatrix.shape[0] != cols:
-            raise ValueError(f"imatrix must have shape [{cols}] (one weight per column of x), got {tuple(imatrix.shape)}")
-        check_same_device("x", x, "imatrix", imatrix)
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf; GGUF quantization needs finite values")
+        _check_imatrix(imatrix, t, cols, x)
+    if x.numel() and has_values(x):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf; GGUF quantization needs finite values")
+        amax = float(x.abs().max())
+        if t in MAX_ABS and amax > MAX_ABS[t]:
+            raise ValueError(f"x's largest magnitude {amax:.4g} exceeds {MAX_ABS[t]:.6g}, the largest {TYPE_NAMES[t]} "
+                             f"can encode: its block scales are fp16 (largest finite value {FP16_MAX:g}), which "
+                             f"llama.cpp would store as inf; scale x down or use a wider type (BF16, F32)")
     x2 = x.reshape(-1, cols)
     out = call("gguf_quantize", (x2, t, imatrix), x.device, backend, type=t, imatrix=imatrix is not None)
+    if t in FP16_FIELDS and out.numel() and has_values(out):
+        _check_fp16_fields(out, t, x)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _check_imatrix(imatrix, t: int, cols: int, x):
+    """llama.cpp's importance weights (mean squared activations per input column): finite, >= 0, and some weight in
+    every sub-block the K-quant searches fit; an all-zero sub-block makes the weighted search return all-zero codes
+    (and NaN/negative weights make the C++ and reference searches part ways), so these are refused."""
+    check_tensor(imatrix, "imatrix", FLOAT_DTYPES, dim=1)
+    if imatrix.shape[0] != cols:
+        raise ValueError(f"imatrix must have shape [{cols}] (one weight per column of x), got {tuple(imatrix.shape)}")
+    check_same_device("x", x, "imatrix", imatrix)
+    if not has_values(imatrix) or t not in IMATRIX_SUB_BLOCK:
+        return
+    im = imatrix.float()
+    if not bool(torch.isfinite(im).all()):
+        raise ValueError("imatrix contains NaN or inf; importance weights must be finite and >= 0")
+    if bool((im < 0).any()):
+        raise ValueError(f"imatrix must be >= 0 (importance weights are mean squared activations), got a minimum of "
+                         f"{float(im.min()):.4g}")
+    sub = IMATRIX_SUB_BLOCK[t]
+    zero = (im.reshape(-1, sub) > 0).sum(1) == 0
+    if bool(zero.any()):
+        j = int(zero.nonzero()[0]) * sub
+        raise ValueError(f"imatrix[{j}:{j + sub}] is all zero: {TYPE_NAMES[t]} fits its scales per {sub} columns "
+                         f"with these weights, and an all-zero sub-block would quantize to zeros; give every "
+                         f"{sub}-column sub-block a positive weight (e.g. imatrix.clamp_min(eps))")
+
+
+def _check_fp16_fields(out, t: int, x):
+    """After encoding: every fp16 block field finite (the scale searches can land just above MAX_ABS's estimate)."""
+    bs, ts = BLOCK[t]
+    blocks = out.reshape(-1, ts)
+    for off in FP16_FIELDS[t]:
+        v = blocks[:, off:off + 2].contiguous().view(torch.float16)
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"x (largest magnitude {float(x.abs().max()):.4g}) overflows the fp16 block scales of "
+                             f"{TYPE_NAMES[t]} (largest finite value {FP16_MAX:g}); scale x down or use a wider "
+                             f"type (BF16, F32)")
 
 
 def gguf_dequantize(data, type, shape, dtype=torch.float32, *, backend=None):
@@ -71,11 +148,12 @@ def gguf_dequantize(data, type, shape, dtype=torch.float32, *, backend=None):
     ``[..., cols]`` to ``dtype`` (bit-identical to ggml's dequantize_row_* in float32)."""
     check_tensor(data, "data", (torch.uint8,))
     t = type_id(type)
-    shape = tuple(int(s) for s in shape)
+    check_dtype(dtype, "dtype", FLOAT_DTYPES + (torch.float64,))
+    shape = check_shape_arg(shape, "shape")
     if len(shape) == 0:
         raise ValueError("shape must have at least 1 dim [..., cols], got ()")
     cols = shape[-1]
-    _check_cols(cols, t, "the last dim of shape")
+    _check_cols(cols, t, "the last dim of shape", allow_zero=True)
     rows = 1
     for s in shape[:-1]:
         rows *= s
@@ -94,6 +172,7 @@ def gguf_mm(x, data, type, N, K, *, backend=None):
     Returns ``[..., N]`` in x's dtype (fp32 accumulation)."""
     check_float_tensor(x, "x")
     t = type_id(type)
+    N, K = check_int(N, "N"), check_int(K, "K")
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"x must have shape [..., K] with K={K}, got {tuple(x.shape)}")
     _check_cols(K, t, "K")
@@ -103,7 +182,8 @@ def gguf_mm(x, data, type, N, K, *, backend=None):
         raise ValueError(f"data must have shape [N, K/{bs}*{ts}] = {(N, K // bs * ts)}, got {tuple(data.shape)}")
     check_same_device("x", x, "data", data)
     x2 = x.reshape(-1, K)
-    out = call("gguf_mm", (x2, data, t, N, K), x.device, backend, type=t, M=x2.shape[0])
+    args = (x2, data, t, N, K)
+    out = autograd.run("gguf_mm", args, lambda: call("gguf_mm", args, x.device, backend, type=t, M=x2.shape[0]))
     return out.reshape(*x.shape[:-1], N)
 
 

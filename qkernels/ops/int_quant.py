@@ -5,19 +5,21 @@ Semantics (rounding, ranges, zero points, degenerate groups) are specified in :m
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import _ext
+from . import autograd
 from ._call import call
-from ._validate import check_float_tensor, check_tensor
+from ._validate import check_bool, check_dtype, check_float_tensor, check_tensor, has_values
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _resolve_group(w: torch.Tensor, group_size) -> tuple[torch.Tensor, int, bool]:
-    """Returns (w viewed for the op, group size along its last dim, per_tensor)."""
+def _resolve_group(w: torch.Tensor, group_size, name: str = "w") -> tuple[torch.Tensor, int, bool]:
+    """Returns (w viewed for the op, group size along its last dim, per_tensor); ``name`` is the caller's argument."""
     if w.dim() == 0:
-        raise ValueError("w must have at least 1 dim, got a 0-d tensor")
+        raise ValueError(f"{name} must have at least 1 dim, got a 0-d tensor")
     K = w.shape[-1]
     if group_size == "tensor":
         return w.reshape(1, -1), w.numel(), True
@@ -28,16 +30,26 @@ def _resolve_group(w: torch.Tensor, group_size) -> tuple[torch.Tensor, int, bool
     if group_size <= 0:
         raise ValueError(f"group_size must be positive (or -1/'channel', 'tensor'), got {group_size}")
     if K % group_size != 0:
-        raise ValueError(f"group_size {group_size} must divide the last dim of w ({K}); w has shape {tuple(w.shape)}")
+        raise ValueError(f"group_size {group_size} must divide the last dim of {name} ({K}); {name} has shape "
+                         f"{tuple(w.shape)}")
     return w, group_size, False
 
 
 def _check_bits(bits):
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int in [2, 8], got {type(bits).__name__} {bits!r}")
+    if not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in [2, 8], got {bits!r}")
 
 
+def _check_flag(v, name: str) -> bool:
+    # numpy bools come from configs read with numpy; a str ("no") or an int is a mistake, not a flag
+    return bool(v) if isinstance(v, np.bool_) else check_bool(v, name)
+
+
 def _check_domain(zero_point_domain: str) -> bool:
+    if not isinstance(zero_point_domain, str):
+        raise TypeError(f"zero_point_domain must be 'int' or 'float', got {type(zero_point_domain).__name__}")
     if zero_point_domain not in ("int", "float"):
         raise ValueError(f"zero_point_domain must be 'int' or 'float', got {zero_point_domain!r}")
     return zero_point_domain == "float"
@@ -56,6 +68,8 @@ def choose_qparams_affine(w, bits=8, group_size=-1, symmetric=True, *, signed=Tr
     """
     check_float_tensor(w, "w")
     _check_bits(bits)
+    symmetric = _check_flag(symmetric, "symmetric")
+    signed = _check_flag(signed, "signed")
     fz = _check_domain(zero_point_domain)
     if fz and signed:
         signed = False  # the float zero-point domain stores unsigned codes [0, 2^bits - 1]
@@ -63,12 +77,38 @@ def choose_qparams_affine(w, bits=8, group_size=-1, symmetric=True, *, signed=Tr
     if wv.numel() == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
     # data-dependent checks run eagerly; under torch.compile the C++ kernels' own checks apply
-    if not torch.compiler.is_compiling() and not torch.isfinite(wv).all():
+    if has_values(wv) and not torch.isfinite(wv).all():
         raise ValueError("w contains NaN or inf; quantization needs finite values")
-    scale, zp = call("choose_qparams_affine", (wv, bits, g, bool(symmetric), bool(signed), fz), w.device, backend)
+    scale, zp = call("choose_qparams_affine", (wv, bits, g, symmetric, signed, fz), w.device, backend)
+    if has_values(wv):
+        _check_representable(wv, g, scale, zp, bits, symmetric, signed, fz)
     if per_tensor:
         scale, zp = scale.reshape(()), zp.reshape(())
     return scale, zp
+
+
+def _check_representable(wv, g, scale, zp, bits, symmetric, signed, fz):
+    """Finite in, finite out: a group whose range max - min exceeds float32 (e.g. [-3e38, 3e38]) gets an inf
+    scale, and a range within an ulp of float32's max can dequantize its extreme code to inf. The per-group
+    extremes the codes can dequantize to are checked (cheap: one value per group) and such weights refused."""
+    if fz:
+        hi = scale * float((1 << bits) - 1) + zp
+        lo = zp
+    elif symmetric:  # codes within +-(2^(b-1) - 1) of the zero point: |w| <= amax = scale * (2^(b-1) - 1)
+        hi = scale * float((1 << (bits - 1)) - 1)
+        lo = -hi
+    else:
+        qmin, qmax = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        hi, lo = scale * (qmax - zp).float(), scale * (qmin - zp).float()
+    bad = ~(torch.isfinite(scale) & torch.isfinite(hi) & torch.isfinite(lo))
+    if bad.any():
+        i = int(bad.reshape(-1).nonzero()[0])
+        grp = wv.reshape(-1, g)[i].float()
+        lim = torch.finfo(torch.float32).max
+        raise ValueError(f"w's group {i} spans [{float(grp.min()):.4g}, {float(grp.max()):.4g}]: its quantization "
+                         f"range (max - min, or the largest dequantized code) exceeds float32's largest value "
+                         f"{lim:.4g}, so the scale or the dequantized weight would be inf; scale w down (or use "
+                         f"symmetric quantization, whose range is max |w|)")
 
 
 def quantize_affine(w, bits=8, group_size=-1, symmetric=True, *, signed=True, zero_point_domain="int",
@@ -97,6 +137,7 @@ def quantize_affine_with_qparams(w, scale, zero_point, bits=8, group_size=-1, *,
     """Quantize with given ``scale``/``zero_point`` (shapes as returned by :func:`choose_qparams_affine`)."""
     check_float_tensor(w, "w")
     _check_bits(bits)
+    signed = _check_flag(signed, "signed")
     fz = _check_domain(zero_point_domain)
     if fz:
         signed = False
@@ -104,7 +145,7 @@ def quantize_affine_with_qparams(w, scale, zero_point, bits=8, group_size=-1, *,
     if wv.numel() == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
     # data-dependent checks run eagerly; under torch.compile the C++ kernels' own checks apply
-    if not torch.compiler.is_compiling() and not torch.isfinite(wv).all():
+    if has_values(wv) and not torch.isfinite(wv).all():
         raise ValueError("w contains NaN or inf; quantization needs finite values")
     pshape = (*wv.shape[:-1], wv.shape[-1] // g)
     scale = _param(scale, "scale", torch.float32, pshape, per_tensor, w.device)
@@ -112,7 +153,9 @@ def quantize_affine_with_qparams(w, scale, zero_point, bits=8, group_size=-1, *,
         zero_point = _param(zero_point, "zero_point", torch.float32 if fz else torch.int32, pshape, per_tensor, w.device)
     elif fz:
         raise ValueError("zero_point (the group minima) is required when zero_point_domain='float'")
-    q = call("quantize_affine", (wv, scale, zero_point, bits, g, bool(signed), fz), w.device, backend)
+    if has_values(scale) and not (torch.isfinite(scale) & (scale > 0)).all():
+        raise ValueError("scale must be finite and positive (as choose_qparams_affine returns it)")
+    q = call("quantize_affine", (wv, scale, zero_point, bits, g, signed, fz), w.device, backend)
     return q.reshape(w.shape)
 
 
@@ -125,9 +168,10 @@ def dequantize_affine(q, scale, zero_point=None, group_size=-1, *, zero_point_do
     """
     check_tensor(q, "q", (torch.int8, torch.uint8))
     fz = _check_domain(zero_point_domain)
-    if out_dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise ValueError(f"out_dtype must be one of float32/bfloat16/float16/float64, got {out_dtype}")
-    qv, g, per_tensor = _resolve_group(q, group_size)
+    check_dtype(out_dtype, "out_dtype", FLOAT_DTYPES + (torch.float64,))
+    qv, g, per_tensor = _resolve_group(q, group_size, "q")
+    autograd.check_param_no_grad(scale, "scale", "dequantize_affine")
+    autograd.check_param_no_grad(zero_point, "zero_point", "dequantize_affine")
     pshape = (*qv.shape[:-1], qv.shape[-1] // g if g else 0)
     scale = _param(scale, "scale", torch.float32, pshape, per_tensor, q.device)
     if zero_point is not None:
@@ -167,7 +211,7 @@ def pack_int4(q, backend=None):
     check_tensor(q, "q", (torch.int8, torch.uint8))
     if q.dim() == 0 or q.shape[-1] % 2 != 0:
         raise ValueError(f"the last dim of q must be even to pack two int4 per byte, got shape {tuple(q.shape)}")
-    if q.numel() > 0 and not torch.compiler.is_compiling():
+    if q.numel() > 0 and has_values(q):
         lo, hi = (-8, 7) if q.dtype == torch.int8 else (0, 15)
         qmin, qmax = int(q.min()), int(q.max())
         if qmin < lo or qmax > hi:
@@ -180,7 +224,7 @@ def unpack_int4(packed, signed=True, backend=None):
     check_tensor(packed, "packed", (torch.uint8,))
     if packed.dim() == 0:
         raise ValueError("packed must have at least 1 dim, got a 0-d tensor")
-    return call("unpack_int4", (packed, bool(signed)), packed.device, backend)
+    return call("unpack_int4", (packed, _check_flag(signed, "signed")), packed.device, backend)
 
 
 # ---- fake (meta) kernels: shapes and dtypes only, for torch.compile / opcheck ---------------------------------
