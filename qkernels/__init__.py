@@ -8,7 +8,7 @@ Public API (all backed by ``torch.ops.qkernels.*``; see ``qkernels.explain(op)``
   :func:`int8_dynamic_mm` (W8A8)
 * modules: :class:`QuantLinear` and the schemes (:class:`Int4WeightOnly`, :class:`Int8WeightOnly`,
   :class:`Int8Dynamic`, :class:`IntWeightInt8Act`, :class:`Fp8WeightOnly`, :class:`Fp8Dynamic`, :class:`Fp4`),
-  :func:`quantize_`
+  :func:`quantize_`, :func:`fuse_projections`
 * checkpoints: :func:`save_quantized`, :func:`load_quantized` (qkernels, GPTQ, AWQ, compressed-tensors)
 * fp8: :func:`quantize_fp8`, :func:`dequantize_fp8` (per-tensor / per-row / block scales, e4m3fn, e5m2, fnuz),
   :func:`fp8_mm` (scaled fp8 GEMM: torch._scaled_mm where the GPU has fp8, emulated elsewhere),
@@ -56,6 +56,7 @@ from .nn import (
     Int8WeightOnly,
     IntWeightInt8Act,
     QuantLinear,
+    fuse_projections,
     quantize_,
 )
 from .formats import load_quantized, save_quantized

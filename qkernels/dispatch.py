@@ -203,6 +203,30 @@ def min_sm(major: int, minor: int = 0):
     return check
 
 
+# the tensor-core decode kernels of csrc/cuda/int_gemm.cu take at most this many rows of x (launchers.h kMmaMaxM)
+CUDA_MMA_MAX_M = 64
+
+
+def int_gemm_cuda_path(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+    """The integer weight-only GEMMs on CUDA (sm80+). The C++ host code then picks, per call, the tensor-core decode
+    kernel or dequantize + cuBLAS (csrc/cuda/int_gemm_ops.cpp decode_path); this check only says which, from the
+    ``dtype``, ``M``, ``K`` and ``group_size`` the op passes, so ``explain`` shows it."""
+    ok, why = min_sm(8, 0)(dev, ctx)
+    if not ok:
+        return ok, why
+    dtype, M, K, g = ctx.get("dtype"), ctx.get("M"), ctx.get("K"), ctx.get("group_size", 32)
+    if dtype is None or M is None or K is None:
+        return True, f"{why} (tensor-core decode kernel or dequantize + cuBLAS, chosen per call in C++)"
+    blockers = [b for b, bad in (
+        (f"x is {str(dtype).replace('torch.', '')}, not bf16/fp16", dtype not in (torch.bfloat16, torch.float16)),
+        (f"M={M} > {CUDA_MMA_MAX_M}", M > CUDA_MMA_MAX_M),
+        (f"K={K} or group_size={g} not a multiple of 32", K % 32 or g % 32)) if bad]
+    if blockers:
+        return True, f"{why}: dequantize + cuBLAS ({'; '.join(blockers)})"
+    return True, f"{why}: tensor-core decode kernel (M <= {CUDA_MMA_MAX_M}, 16-byte aligned operands; direct or " \
+                 f"split-K by grid size)"
+
+
 # ggml type ids the C++ encoder implements (with and without an importance matrix)
 GGUF_CPU_ENCODE = (0, 1, 30, 2, 3, 6, 7, 8, 39, 10, 11, 12, 13, 14)
 
@@ -373,8 +397,8 @@ TABLE: dict[str, list[Rule]] = {
     "pack_int4": standard_rules("pack_int4"),
     "unpack_int4": standard_rules("unpack_int4"),
     # integer dequant-GEMMs (qkernels/ops/int_gemm.py); tensor-core kernels need mma.sync (sm80+)
-    "int4_weight_only_mm": standard_rules("int4_weight_only_mm", min_sm(8, 0)),
-    "int8_weight_only_mm": standard_rules("int8_weight_only_mm", min_sm(8, 0)),
+    "int4_weight_only_mm": standard_rules("int4_weight_only_mm", int_gemm_cuda_path),
+    "int8_weight_only_mm": standard_rules("int8_weight_only_mm", int_gemm_cuda_path),
     "quantize_per_token_int8": standard_rules("quantize_per_token_int8"),
     "int8_dynamic_mm": standard_rules("int8_dynamic_mm", min_sm(8, 0)),
     # fp8 casts (qkernels/ops/float8.py): CUDA (hardware cvt for saturating e4m3fn/e5m2 on sm89+, software
@@ -384,7 +408,8 @@ TABLE: dict[str, list[Rule]] = {
     # fp8 GEMM: torch._scaled_mm on sm89/sm90/sm100 and gfx942 (fnuz), block-wise scaled_mm on sm90; emulated
     # (CUDA decode + cuBLAS on NVIDIA, plain PyTorch on ROCm) where those cannot run
     "fp8_mm": scaled_mm_rules("fp8_mm", fp8_native),
-    # weight-only fp8 GEMM: fused decode kernel on CPU; CUDA decodes the weight (cast kernel) for cuBLAS; no Triton
+    # weight-only fp8 GEMM: fused decode kernel on CPU; CUDA decodes the weight (cast kernel) for cuBLAS; Triton
+    # decodes by table lookup inside the integer GEMM's tiles (qkernels/triton/float_gemm.py, the ROCm path)
     "fp8_weight_only_mm": standard_rules("fp8_weight_only_mm"),
     # fp4 elements and MXFP4/NVFP4 blocks (qkernels/ops/float4.py): CUDA (e2m1 cvt on sm100a), Triton, C++ CPU
     "fp4_encode": standard_rules("fp4_encode"),
@@ -429,6 +454,14 @@ def choose(op: str, device: torch.device | str | None = None, backend: str | Non
         whys = "; ".join(w for _, w in rejected) or "the op has no such backend"
         raise RuntimeError(f"backend {forced!r} was forced for {op} but cannot run on {dev}: {whys}")
     raise RuntimeError(f"no backend can run {op} on {dev}: {rejected}")  # unreachable: reference always works
+
+
+def shape_class(ctx: dict) -> tuple:
+    """The part of an op's context a cached decision may depend on (ops/_call.py compiled_op): every value except
+    M, which is reduced to its power-of-two class (decode M=1, small batches, prefill), so a cache keyed by it stays
+    small. A rule must not distinguish two Ms of the same class (none reads M today)."""
+    return tuple((k, (1 << (v - 1).bit_length()) if k == "M" and isinstance(v, int) and v > 0 else v)
+                 for k, v in ctx.items())
 
 
 _CPU_FAST: dict[str, bool] = {}

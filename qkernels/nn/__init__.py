@@ -1,6 +1,8 @@
 """Quantized modules: :class:`QuantLinear`, the schemes and :func:`quantize_` (checkpoints: :mod:`qkernels.formats`),
-and :class:`GGUFLinear` (weights kept in llama.cpp blocks)."""
+:func:`fuse_projections` (q/k/v and gate/up as one GEMM) and :class:`GGUFLinear` (weights kept in llama.cpp
+blocks)."""
 
+from .fuse import fuse_projections
 from .gguf_linear import GGUFLinear
 from .linear import QuantLinear
 from .quantize import quantize_
@@ -8,4 +10,4 @@ from .schemes import (SCHEMES, Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, I
                       IntWeightInt8Act, Scheme)
 
 __all__ = ["QuantLinear", "quantize_", "SCHEMES", "Scheme", "Int4WeightOnly", "Int8WeightOnly", "Int8Dynamic",
-           "IntWeightInt8Act", "Fp8WeightOnly", "Fp8Dynamic", "Fp4", "GGUFLinear"]
+           "IntWeightInt8Act", "Fp8WeightOnly", "Fp8Dynamic", "Fp4", "GGUFLinear", "fuse_projections"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .linear import QuantLinear
@@ -30,7 +31,8 @@ def default_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
     return lambda module, name: isinstance(module, nn.Linear) and name not in skip
 
 
-def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, str], bool] | None = None, *,
+              include_lm_head: bool | Scheme = False) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` by :class:`QuantLinear` (round to nearest), in place.
 
     Args:
@@ -39,6 +41,12 @@ def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, 
             ``Fp8Dynamic("row")``, ``Fp4("nvfp4")``.
         filter_fn: ``filter_fn(module, fully_qualified_name) -> bool`` picks the Linears to quantize. The default
             takes every ``nn.Linear`` except the output embedding (``lm_head``); embeddings are never Linears and stay.
+        include_lm_head: also quantize the output head(s) (the modules :func:`output_embedding_names` finds, whatever
+            ``filter_fn`` says): ``True`` with ``scheme``, or a scheme of its own (e.g. ``Int8WeightOnly()`` for the
+            head with an int4 body). A head tied to the input embedding is untied: the head becomes a QuantLinear of
+            the shared weight, the embedding keeps the float weight for its lookup (which reads one row per token,
+            not the table), and ``model.config.tie_word_embeddings`` is set to False so transformers does not tie
+            them again.
     Layers whose shape the scheme cannot take (e.g. in_features not divisible by the group size) are skipped with a
     logged reason (logger ``qkernels.nn``). All layers are quantized before any is swapped, so an error leaves the
     model untouched. Returns ``model``.
@@ -47,27 +55,48 @@ def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(scheme, Scheme):
         raise TypeError(f"scheme must be a qkernels.nn scheme (e.g. Int4WeightOnly()), got {type(scheme).__name__}")
+    if not isinstance(include_lm_head, (bool, Scheme)):
+        raise TypeError(f"include_lm_head must be a bool or a qkernels.nn scheme, got {type(include_lm_head).__name__}")
     if filter_fn is None:
         filter_fn = default_filter(model)
     if isinstance(model, nn.Linear):
         raise TypeError("quantize_ swaps submodules in place; wrap a bare nn.Linear (nn.Sequential(linear)) or use "
                         "QuantLinear.from_linear(linear, scheme)")
+    heads = output_embedding_names(model) if include_lm_head is not False else set()
+    head_scheme = scheme if include_lm_head is True else include_lm_head
     swaps = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or isinstance(mod, QuantLinear):
             continue
-        if not filter_fn(mod, name):
+        s = head_scheme if name in heads else scheme
+        if name not in heads and not filter_fn(mod, name):
             logger.info("quantize_: %s left unquantized (filter_fn)", name)
             continue
-        why = scheme.check_shape(mod.in_features, mod.out_features)
+        why = s.check_shape(mod.in_features, mod.out_features)
         if why:
             logger.warning("quantize_: skipping %s (Linear(%d, %d)): %s", name, mod.in_features, mod.out_features, why)
             continue
-        swaps.append((name, QuantLinear.from_linear(mod, scheme)))
+        swaps.append((name, QuantLinear.from_linear(mod, s)))
+    untied = _tied_heads(model, {name for name, _ in swaps} & heads)
     for name, q in swaps:
         set_submodule(model, name, q)
-    logger.info("quantize_: %d Linear layers -> %r", len(swaps), scheme)
+    if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the head is a QuantLinear now: transformers must not re-tie it
+    logger.info("quantize_: %d Linear layers -> %r%s", len(swaps), scheme,
+                f" (output head {', '.join(sorted(heads))} -> {head_scheme!r}, untied: {untied})" if heads else "")
     return model
+
+
+def _tied_heads(model: nn.Module, heads: set[str]) -> list[str]:
+    """The heads among ``heads`` whose weight is shared with another module (the input embedding)."""
+    if not heads:
+        return []
+    owners: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append(name)
+    return sorted(h for h in heads if len(set(owners.get(id(model.get_submodule(h).weight), ()))) > 1)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module):

@@ -38,6 +38,25 @@ class Scheme:
     """Base class. ``name`` identifies the scheme in saved quantization configs."""
 
     name: ClassVar[str] = "scheme"
+    # Capabilities (what QuantLinear, qkernels.nn.layouts and the algorithms read instead of testing scheme types):
+    # act_int8: activations rounded per token to int8 before the weight-only GEMM (a QAT simulation)
+    act_int8: ClassVar[bool] = False
+
+    @property
+    def layout(self) -> str:
+        """How a QuantLinear stores the weight: "int4", "int8" (per-channel, fused kernels), "int8_grouped", "fp8"
+        or "fp4" (a key of :data:`qkernels.nn.layouts.LAYOUTS`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its layout")
+
+    @property
+    def op(self) -> str:
+        """The qkernels op a QuantLinear's forward runs."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its op")
+
+    @property
+    def float_codes(self) -> bool:
+        """True for fp8 / fp4 codes (QuantLinear.from_float_codes), False for integer codes (from_codes)."""
+        return self.layout in ("fp8", "fp4")
 
     def check_shape(self, in_features: int, out_features: int) -> str | None:
         """None if a Linear ``[out_features, in_features]`` can take this scheme, else the reason it cannot."""
@@ -105,6 +124,9 @@ class Int4WeightOnly(Scheme):
         _check_bool("symmetric", "Int4WeightOnly", self.symmetric)
         _check_choice("bits", "Int4WeightOnly", self.bits, (2, 3, 4))
 
+    layout = property(lambda self: "int4", doc=Scheme.layout.__doc__)
+    op = property(lambda self: "int4_weight_only_mm", doc=Scheme.op.__doc__)
+
     def __repr__(self):  # bits only when it is not the default, so reprs of 4-bit schemes stay as they were
         extra = "" if self.bits == 4 else f", bits={self.bits}"
         return f"Int4WeightOnly(group_size={self.group_size}, symmetric={self.symmetric}{extra})"
@@ -137,6 +159,8 @@ class Int8WeightOnly(Scheme):
         """True when the fused W8A16 kernel runs it (per-channel symmetric)."""
         return self.group_size == -1 and self.symmetric
 
+    layout = property(lambda self: "int8" if self.fused else "int8_grouped", doc=Scheme.layout.__doc__)
+    op = property(lambda self: "int8_weight_only_mm" if self.fused else "dequantize_affine", doc=Scheme.op.__doc__)
 
 
 @dataclass(frozen=True)
@@ -145,6 +169,8 @@ class Int8Dynamic(Scheme):
     Runs :func:`qkernels.int8_dynamic_mm`."""
 
     name: ClassVar[str] = "int8_dynamic"
+    layout = property(lambda self: "int8", doc=Scheme.layout.__doc__)
+    op = property(lambda self: "int8_dynamic_mm", doc=Scheme.op.__doc__)
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,9 @@ class IntWeightInt8Act(Scheme):
     group_size: int = 128
     symmetric: bool = False
     name: ClassVar[str] = "int_weight_int8_act"
+    act_int8: ClassVar[bool] = True
+    layout = property(lambda self: "int4" if self.bits <= 4 else "int8_grouped", doc=Scheme.layout.__doc__)
+    op = property(lambda self: "int4_weight_only_mm" if self.bits <= 4 else "dequantize_affine", doc=Scheme.op.__doc__)
 
     def __post_init__(self):
         _check_choice("bits", "IntWeightInt8Act", self.bits, tuple(range(2, 9)))
@@ -182,6 +211,8 @@ class Fp8WeightOnly(Scheme):
     cuBLAS)."""
 
     name: ClassVar[str] = "fp8_weight_only"
+    layout = property(lambda self: "fp8", doc=Scheme.layout.__doc__)
+    op = property(lambda self: "fp8_weight_only_mm", doc=Scheme.op.__doc__)
 
 
 @dataclass(frozen=True)
@@ -193,6 +224,8 @@ class Fp8Dynamic(Scheme):
 
     granularity: str = "row"
     name: ClassVar[str] = "fp8_dynamic"
+    layout = property(lambda self: "fp8", doc=Scheme.layout.__doc__)
+    op = property(lambda self: "fp8_mm", doc=Scheme.op.__doc__)
 
     def __post_init__(self):
         _check_choice("granularity", "Fp8Dynamic", self.granularity, ("row", "tensor", "block"))
@@ -218,6 +251,8 @@ class Fp4(Scheme):
     format: str = "nvfp4"
     weight_only: bool = False
     name: ClassVar[str] = "fp4"
+    layout = property(lambda self: "fp4", doc=Scheme.layout.__doc__)
+    op = property(lambda self: "fp4_weight_only_mm" if self.weight_only else "fp4_mm", doc=Scheme.op.__doc__)
 
     def __post_init__(self):
         _check_choice("format", "Fp4", self.format, ("mxfp4", "nvfp4"))

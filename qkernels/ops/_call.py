@@ -9,7 +9,9 @@ import torch
 from .. import _ext, dispatch
 from .. import reference as _reference
 
-# op name -> callable for the "native" backend (torch's own hardware ops); families fill it in.
+# op name -> callable for the "native" backend (torch's own hardware ops). The fp8 / fp4 scaled GEMMs below are the
+# only ones; they live here, not in ops/float8.py / float4.py, because this module calls them (and the families
+# import from it: the other way round would be an import cycle).
 NATIVE: dict = {}
 
 
@@ -91,14 +93,48 @@ NATIVE["fp8_mm"] = _native_fp8_mm
 NATIVE["fp4_mm"] = _native_fp4_mm
 
 
+def _overload(op: str):
+    return getattr(torch.ops.qkernels, op).default
+
+
+# (op, device, shape class) -> the compiled kernel's OpOverload, or None where an unforced call runs something else
+_COMPILED: dict = {}
+
+
+def compiled_op(op: str, device: torch.device, **ctx):
+    """The op's compiled kernel (``torch.ops.qkernels.<op>.default``) when an unforced call on ``device`` runs it
+    (the dispatch table picks "cpu" or "cuda"), else None: then go through :func:`call`.
+
+    The decode hot path: the answer is cached per (op, device, :func:`dispatch.shape_class` of ``ctx``), so a call
+    costs a dict lookup instead of a walk of the table. Never cached and always None under torch.compile (the caller
+    takes its traceable path), ``mock_device`` or QKERNELS_BACKEND (read on every call, so setting it takes effect at
+    once): there ``call`` runs ``choose``. The compiled kernels check their arguments themselves (TORCH_CHECK), so a
+    caller may skip its Python-side checks when it gets an op here and run them only if the kernel raises, to turn
+    the kernel's message into the Python one."""
+    if torch.compiler.is_compiling() or dispatch._MOCK is not None or os.environ.get("QKERNELS_BACKEND"):
+        return None
+    key = (op, device) if device.type == "cpu" else (op, device, dispatch.shape_class(ctx))
+    try:
+        return _COMPILED[key]
+    except KeyError:
+        pass
+    if device.type == "cpu":
+        fn = _overload(op) if dispatch.cpu_fast_path(op) else None  # without choose: see dispatch.cpu_fast_path
+    else:
+        fn = _overload(op) if dispatch.choose(op, device, **ctx).backend == "cuda" else None
+    _COMPILED[key] = fn
+    return fn
+
+
 def call(op: str, args: tuple, device: torch.device, backend: str | None = None, **ctx):
     """``args`` are the schema's positional arguments. Under torch.compile the registered op is called directly
     (its fake kernel makes it traceable; the dispatcher then picks the CPU/CUDA kernel)."""
     if torch.compiler.is_compiling() and _ext.HAS_C:
         return getattr(torch.ops.qkernels, op)(*args)
-    if (device.type == "cpu" and backend is None and dispatch._MOCK is None and dispatch.cpu_fast_path(op)
-            and not os.environ.get("QKERNELS_BACKEND")):
-        return getattr(torch.ops.qkernels, op).default(*args)  # what choose would pick (dispatch.cpu_fast_path)
+    if backend is None:
+        fn = compiled_op(op, device, **ctx)
+        if fn is not None:
+            return fn(*args)
     decision = dispatch.choose(op, device, backend, **ctx)
     b = decision.backend
     if b in ("cpu", "cuda"):

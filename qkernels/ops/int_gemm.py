@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._call import call
+from ._call import call, compiled_op
 from ._validate import FLOAT_DTYPES, check_float_tensor, check_same_device, check_tensor
 
 
@@ -22,19 +22,22 @@ def _flatten_x(x):
     return x if d == 2 else x.reshape(-1, x.shape[-1])
 
 
-def int4_weight_only_mm(x, packed_w, scale, zero_point=None, group_size=128, *, signed=True, backend=None):
-    """W4A16: ``x @ dequant(W)^T`` with W = scale * (q - zero_point) per group of ``group_size`` along K.
+def _run_compiled(fn, x, args, check):
+    """Run the compiled kernel ``fn`` on ``x`` flattened to 2-D and ``args``, skipping the Python-side checks: the
+    kernel checks every argument itself (TORCH_CHECK). If it raises, ``check()`` runs the Python checks, which raise
+    the ValueError / TypeError naming the argument; if they pass, the kernel's own error stands. Decode calls the
+    op once per layer per token, and the Python checks cost more than the kernel on small layers (issue 18)."""
+    try:
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        out = fn(x2, *args)
+    except Exception:
+        check()
+        raise
+    return out if x2 is x else out.reshape(*x.shape[:-1], out.shape[1])
 
-    Args:
-        x: float32/bf16/fp16 ``[..., K]``.
-        packed_w: uint8 ``[N, K/2]`` from :func:`qkernels.pack_int4` (element 2i in the low nibble).
-        scale: float ``[N, K // group_size]``.
-        zero_point: int32 ``[N, K // group_size]`` in [-8, 16], or None (0).
-        group_size: divisor of K; K means per-channel.
-        signed: nibbles hold int4 in [-8, 7] (pack_int4 of int8 codes) or, if False, [0, 15] (of uint8 codes).
-    Returns: ``[..., N]`` in x's dtype.
-    """
-    # decode calls this once per layer per token, so the checks avoid repeated shape/attribute lookups (~10 us saved)
+
+def _check_int4_args(x, packed_w, scale, zero_point, group_size):
+    """The Python-side checks of int4_weight_only_mm; returns (x as [M, K], N)."""
     x2 = _flatten_x(x)
     K = x2.shape[1]
     check_tensor(packed_w, "packed_w", (torch.uint8,), dim=2)
@@ -55,9 +58,59 @@ def int4_weight_only_mm(x, packed_w, scale, zero_point=None, group_size=128, *, 
     for name, t in (("packed_w", packed_w), ("scale", scale), ("zero_point", zero_point)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} must be on the same device as x ({device}), got {t.device}")
-    out = call("int4_weight_only_mm", (x2, packed_w, scale, zero_point, group_size, bool(signed)), device, backend,
+    return x2, N
+
+
+def int4_weight_only_mm(x, packed_w, scale, zero_point=None, group_size=128, *, signed=True, backend=None):
+    """W4A16: ``x @ dequant(W)^T`` with W = scale * (q - zero_point) per group of ``group_size`` along K.
+
+    Args:
+        x: float32/bf16/fp16 ``[..., K]``.
+        packed_w: uint8 ``[N, K/2]`` from :func:`qkernels.pack_int4` (element 2i in the low nibble).
+        scale: float ``[N, K // group_size]``.
+        zero_point: int32 ``[N, K // group_size]`` in [-8, 16], or None (0).
+        group_size: divisor of K; K means per-channel.
+        signed: nibbles hold int4 in [-8, 7] (pack_int4 of int8 codes) or, if False, [0, 15] (of uint8 codes).
+    Returns: ``[..., N]`` in x's dtype.
+    """
+    if backend is None and type(group_size) is int and isinstance(x, torch.Tensor):
+        fn = compiled_op("int4_weight_only_mm", x.device)
+        if fn is not None:
+            return _run_compiled(fn, x, (packed_w, scale, zero_point, group_size, bool(signed)),
+                                 lambda: _check_int4_args(x, packed_w, scale, zero_point, group_size))
+    x2, N = _check_int4_args(x, packed_w, scale, zero_point, group_size)
+    K = x2.shape[1]
+    out = call("int4_weight_only_mm", (x2, packed_w, scale, zero_point, group_size, bool(signed)), x.device, backend,
                dtype=x.dtype, M=x2.shape[0], K=K, N=N, group_size=group_size)
     return out if x2 is x else out.reshape(*x.shape[:-1], N)
+
+
+def _check_int8_args(x, q_w, scale, scale_name):
+    """The Python-side checks of the W8A16 / W8A8 GEMMs (int8 ``q_w [N, K]``, per-channel ``scale [N]``); returns
+    x as [M, K]."""
+    x2 = _flatten_x(x)
+    K = x.shape[-1]
+    check_tensor(q_w, "q_w", (torch.int8,), dim=2)
+    if q_w.shape[1] != K:
+        raise ValueError(f"q_w must have shape [N, K] with K={K} (x's last dim), got {tuple(q_w.shape)}")
+    check_tensor(scale, scale_name, FLOAT_DTYPES, dim=1)
+    if scale.shape[0] != q_w.shape[0]:
+        raise ValueError(f"{scale_name} must have shape [N] = [{q_w.shape[0]}], got {tuple(scale.shape)}")
+    check_same_device("x", x, "q_w", q_w)
+    check_same_device("x", x, scale_name, scale)
+    return x2
+
+
+def _int8_mm(op, x, q_w, scale, scale_name, backend):
+    if backend is None and isinstance(x, torch.Tensor):
+        fn = compiled_op(op, x.device)
+        if fn is not None:
+            return _run_compiled(fn, x, (q_w, scale), lambda: _check_int8_args(x, q_w, scale, scale_name))
+    x2 = _check_int8_args(x, q_w, scale, scale_name)
+    # W8A16 on CUDA: the C++ host picks decode kernel or cuBLAS from these (dispatch.int_gemm_cuda_path explains it)
+    ctx = dict(dtype=x.dtype, M=x2.shape[0], K=x2.shape[1]) if op == "int8_weight_only_mm" else {}
+    out = call(op, (x2, q_w, scale), x.device, backend, **ctx)
+    return out if x2 is x else out.reshape(*x.shape[:-1], q_w.shape[0])
 
 
 def int8_weight_only_mm(x, q_w, scale, *, backend=None):
@@ -66,18 +119,7 @@ def int8_weight_only_mm(x, q_w, scale, *, backend=None):
     Args:
         x: float32/bf16/fp16 ``[..., K]``; q_w: int8 ``[N, K]``; scale: float ``[N]`` (per output channel).
     """
-    x2 = _flatten_x(x)
-    K = x.shape[-1]
-    check_tensor(q_w, "q_w", (torch.int8,), dim=2)
-    if q_w.shape[1] != K:
-        raise ValueError(f"q_w must have shape [N, K] with K={K} (x's last dim), got {tuple(q_w.shape)}")
-    check_tensor(scale, "scale", FLOAT_DTYPES, dim=1)
-    if scale.shape[0] != q_w.shape[0]:
-        raise ValueError(f"scale must have shape [N] = [{q_w.shape[0]}], got {tuple(scale.shape)}")
-    check_same_device("x", x, "q_w", q_w)
-    check_same_device("x", x, "scale", scale)
-    out = call("int8_weight_only_mm", (x2, q_w, scale), x.device, backend, dtype=x.dtype, M=x2.shape[0], K=K)
-    return out if x2 is x else out.reshape(*x.shape[:-1], q_w.shape[0])
+    return _int8_mm("int8_weight_only_mm", x, q_w, scale, "scale", backend)
 
 
 def quantize_per_token_int8(x, *, backend=None):
@@ -91,18 +133,7 @@ def quantize_per_token_int8(x, *, backend=None):
 def int8_dynamic_mm(x, q_w, w_scale, *, backend=None):
     """W8A8: x quantized per token to int8 (:func:`quantize_per_token_int8`), int32-exact products with the int8
     weight ``q_w [N, K]``, scaled by ``x_scale[m] * w_scale[n]``. Returns ``[..., N]`` in x's dtype."""
-    x2 = _flatten_x(x)
-    K = x.shape[-1]
-    check_tensor(q_w, "q_w", (torch.int8,), dim=2)
-    if q_w.shape[1] != K:
-        raise ValueError(f"q_w must have shape [N, K] with K={K} (x's last dim), got {tuple(q_w.shape)}")
-    check_tensor(w_scale, "w_scale", FLOAT_DTYPES, dim=1)
-    if w_scale.shape[0] != q_w.shape[0]:
-        raise ValueError(f"w_scale must have shape [N] = [{q_w.shape[0]}], got {tuple(w_scale.shape)}")
-    check_same_device("x", x, "q_w", q_w)
-    check_same_device("x", x, "w_scale", w_scale)
-    out = call("int8_dynamic_mm", (x2, q_w, w_scale), x.device, backend, dtype=x.dtype, M=x2.shape[0], K=K)
-    return out if x2 is x else out.reshape(*x.shape[:-1], q_w.shape[0])
+    return _int8_mm("int8_dynamic_mm", x, q_w, w_scale, "w_scale", backend)
 
 
 if _ext.HAS_C:

@@ -1,0 +1,506 @@
+"""How a :class:`~qkernels.nn.QuantLinear` stores and runs each weight layout: the per-scheme code of the layer.
+
+A scheme names its layout (:attr:`Scheme.layout`: "int4", "int8", "int8_grouped", "fp8", "fp4") and its op
+(:attr:`Scheme.op`); :data:`LAYOUTS` maps the layout to the object below that allocates the buffers, fills them
+(from a float weight or from codes), runs the forward, decodes the weight and cuts tensor-parallel shards. QuantLinear
+itself holds no per-scheme branch: a new scheme with an existing layout only declares ``layout`` and ``op``; a new
+layout adds one class here. The buffer table is in :mod:`qkernels.nn.linear`'s docstring.
+
+The forward of the integer layouts is the decode hot path (one call per layer per token): where an unforced call runs
+a compiled kernel (:func:`qkernels.ops._call.compiled_op`, decided once per op and device and cached) it calls the
+``torch.ops`` op directly on the buffers, whose shapes and dtypes were checked when they were filled; only the
+input's dtype and last dim are checked per call (two attribute reads). If the kernel raises (e.g. x on another
+device), the public op runs instead and raises its Python-side error. Forced backends (``QKERNELS_BACKEND``),
+``mock_device`` and torch.compile go through the public ops as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import (
+    dequantize_affine,
+    dequantize_fp4,
+    dequantize_fp8,
+    fp4_mm,
+    fp4_weight_only_mm,
+    fp8_mm,
+    fp8_weight_only_mm,
+    int4_weight_only_mm,
+    int8_dynamic_mm,
+    int8_weight_only_mm,
+    pack_int4,
+    quantize_affine,
+    quantize_fp4,
+    quantize_fp8,
+    quantize_per_token_int8,
+    unpack_int4,
+)
+from ..ops._call import compiled_op
+from ..ops._validate import FLOAT_DTYPES, check_float_tensor
+from ..ops.float4 import SCALE_DTYPES as FP4_SCALE_DTYPES
+from ..reference.float4 import FORMATS as FP4_BLOCK
+from .schemes import padded_in_features
+
+FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
+# the 1 x 128 activation blocks and 128 x 128 weight blocks of Fp8Dynamic("block") (DeepSeek-V3, arXiv:2412.19437)
+FP8_BLOCK = 128
+_PUBLIC = {"int4_weight_only_mm": int4_weight_only_mm, "int8_weight_only_mm": int8_weight_only_mm,
+           "int8_dynamic_mm": int8_dynamic_mm}
+
+
+def check_input(x, K: int):
+    """A QuantLinear's input: float ``[..., K]`` (TypeError / ValueError naming x otherwise)."""
+    check_float_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError(f"x must have shape [..., K] with K={K} (in_features), got a 0-d tensor")
+    if x.shape[-1] != K:
+        raise ValueError(f"x must have shape [..., K] with K={K} (in_features), got {tuple(x.shape)}, i.e. "
+                         f"K={x.shape[-1]}")
+
+
+def _input_ok(x, K: int) -> bool:
+    try:
+        return x.dtype in FLOAT_DTYPES and x.shape[-1] == K
+    except (AttributeError, IndexError):
+        return False
+
+
+def _check_presence(name: str, value, layer):
+    """An optional argument must be given exactly when the layer has that buffer."""
+    buf = getattr(layer, name)
+    if (value is None) != (buf is None):
+        raise ValueError(f"{name} must be {'None' if buf is None else 'given'} for {layer.scheme!r}")
+
+
+def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+class Layout:
+    """The storage and compute of one weight layout (stateless: one shared instance per layout)."""
+
+    name = "?"
+    family = "integer"  # "integer" (set_quantized / from_codes) or "float" (set_float_quantized / from_float_codes)
+
+    def init_buffers(self, layer, device):
+        raise NotImplementedError
+
+    def padded_in_features(self, layer) -> int:
+        return layer.in_features
+
+    def backend_ctx(self, layer) -> dict:
+        """What the forward passes to the dispatch table (for :meth:`QuantLinear.backend`)."""
+        return {}
+
+    def quantize(self, layer, w: torch.Tensor):
+        """Fill the buffers from the float weight ``w [N, K]`` (round to nearest)."""
+        raise NotImplementedError
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def codes(self, layer) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, layer, dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shard(self, layer, rank: int, world_size: int, dim: int):
+        raise NotImplementedError
+
+
+# ---- integer layouts ---------------------------------------------------------------------------------------------
+class _IntLayout(Layout):
+    def set_codes(self, layer, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None):
+        """QuantLinear.set_quantized: int8 codes ``q [N, K]`` (ragged last group padded with its zero point)."""
+        N, K = layer.out_features, layer.in_features
+        if tuple(q.shape) != (N, K) or q.dtype != torch.int8:
+            raise ValueError(f"q must be int8 of shape {(N, K)}, got {q.dtype} {tuple(q.shape)}")
+        bits = layer.bits
+        if bits < 8 and q.numel():
+            lo, hi = int(q.min()), int(q.max())
+            qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+            if lo < qmin or hi > qmax:
+                raise ValueError(f"int{bits} codes must be in [{qmin}, {qmax}], got [{lo}, {hi}]")
+        sshape = tuple(layer.scale.shape)
+        if self.name == "int8" and scale.dim() == 2 and scale.shape[1] == 1:
+            scale = scale.reshape(-1)
+        if tuple(scale.shape) != sshape:
+            raise ValueError(f"scale must have shape {sshape} for {layer.scheme!r} on K={K}, got "
+                             f"{tuple(scale.shape)}")
+        _check_presence("zero_point", zero_point, layer)
+        if zero_point is not None and tuple(zero_point.shape) != sshape:
+            raise ValueError(f"zero_point must have shape {sshape}, got {tuple(zero_point.shape)}")
+        Kp = layer.padded_in_features
+        if Kp != K:
+            # the padding columns of the ragged last group hold its zero point: they dequantize to exactly 0
+            lo, hi = (-8, 7) if self.name == "int4" else (-128, 127)
+            fill = torch.zeros(N, 1, dtype=torch.int8, device=q.device) if zero_point is None else \
+                zero_point[:, -1:].clamp(lo, hi).to(device=q.device, dtype=torch.int8)
+            q = torch.cat([q, fill.expand(N, Kp - K)], 1)
+        layer.qweight.copy_(pack_int4(q) if self.name == "int4" else q)
+        layer.scale.copy_(scale.float())
+        if zero_point is not None:
+            layer.zero_point.copy_(zero_point.to(torch.int32))
+
+    def stored_codes(self, layer) -> torch.Tensor:
+        """Integer codes ``[N, Kp]``, ragged-group padding included."""
+        return layer.qweight
+
+    def codes(self, layer):
+        return self.stored_codes(layer)[:, :layer.in_features]
+
+    def dequantize(self, layer, dtype):
+        scale = layer.scale if layer.scale.dim() == 2 else layer.scale.reshape(-1, 1)
+        w = dequantize_affine(self.stored_codes(layer), scale, layer.zero_point, layer.group_size,
+                              out_dtype=dtype)[:, :layer.in_features]
+        if layer.input_perm is not None:
+            w = torch.empty_like(w).index_copy_(1, layer.input_perm, w)
+        return w
+
+    def forward(self, layer, x):
+        K = layer.in_features
+        if not _input_ok(x, K):
+            check_input(x, K)
+        b = layer._buffers
+        if layer.scheme.act_int8:
+            # W{bits}A8 as QAT simulates it: x rounded per token to int8 and decoded (qkernels.qat.fake_quant_act_int8)
+            qx, sx = quantize_per_token_int8(x)
+            x = (qx.float() * sx.unsqueeze(-1)).to(x.dtype)
+        perm = b["input_perm"]
+        if perm is not None:
+            x = x.index_select(-1, perm)
+        pad = layer._pad
+        if pad:  # a ragged last group: zero inputs meet the padding codes
+            x = F.pad(x, (0, pad))
+        return add_bias(self.mm(layer, b, x), b["bias"])
+
+    def mm(self, layer, b: dict, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., Kp] @ W^T`` without bias, on the op the scheme names."""
+        op = layer._op
+        args = self.op_args(layer, b)
+        fn = compiled_op(op, x.device)
+        if fn is not None:
+            try:
+                x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+                out = fn(x2, *args)
+                return out if x2 is x else out.reshape(*x.shape[:-1], out.shape[1])
+            except Exception:  # fall through: the public op raises its Python-side error (or runs where it can)
+                pass
+        return self.public_mm(layer, b, x)
+
+    def op_args(self, layer, b: dict) -> tuple:
+        raise NotImplementedError
+
+    def public_mm(self, layer, b: dict, x):
+        return _PUBLIC[layer._op](x, b["qweight"], b["scale"])
+
+    def shard(self, layer, rank, world_size, dim):
+        N, K = layer.out_features, layer.in_features
+        q, scale, zp = layer.codes(), layer.scale, layer.zero_point
+        cls = type(layer)
+        if dim == 0:
+            if N % world_size:
+                raise ValueError(f"out_features={N} must be divisible by world_size={world_size}")
+            n = N // world_size
+            rows = slice(rank * n, (rank + 1) * n)
+            bias = None if layer.bias is None else layer.bias[rows]
+            return cls.from_codes(q[rows].contiguous(), scale[rows].contiguous(),
+                                  None if zp is None else zp[rows].contiguous(), layer.scheme, bias, layer.input_perm)
+        if layer.input_perm is not None:
+            raise NotImplementedError("row-parallel sharding of an act-order (input_perm) layer is not supported: "
+                                      "its groups are not contiguous in the input features; shard dim=0 instead")
+        if K % world_size:
+            raise ValueError(f"in_features={K} must be divisible by world_size={world_size}")
+        k = K // world_size
+        g = layer.group_size
+        scheme = layer.scheme
+        if layer.scale.dim() == 2 and g != K:
+            if k % g:
+                raise ValueError(f"row shards of {k} input features must hold whole groups of {g}")
+            gs = slice(rank * k // g, (rank + 1) * k // g)
+            scale, zp = scale[:, gs].contiguous(), None if zp is None else zp[:, gs].contiguous()
+        elif layer.scale.dim() == 2:  # one group per row: each shard keeps the row's scale, as its own group
+            scheme = type(scheme)(**{**scheme.__dict__, "group_size": -1})
+        cols = slice(rank * k, (rank + 1) * k)
+        bias = layer.bias if (layer.bias is not None and rank == 0) else None
+        return cls.from_codes(q[:, cols].contiguous(), scale, zp, scheme, bias)
+
+
+class _GroupedLayout(_IntLayout):
+    """Codes in groups of ``group_size`` along K, padded to whole groups; fp32 scales and int32 zero points."""
+
+    def padded_in_features(self, layer):
+        return padded_in_features(layer.in_features, layer.group_size)
+
+    def init_buffers(self, layer, device):
+        N, Kp = layer.out_features, layer.padded_in_features
+        G = Kp // layer.group_size
+        layer.register_buffer("qweight", self.codes_buffer(N, Kp, device))
+        layer.register_buffer("scale", torch.ones(N, G, dtype=torch.float32, device=device))
+        zp = None if layer.scheme.symmetric else torch.zeros(N, G, dtype=torch.int32, device=device)
+        layer.register_buffer("zero_point", zp)
+
+    def quantize(self, layer, w):
+        # zero columns up to whole groups: they leave every group's range (which always covers 0) unchanged
+        K, Kp = layer.in_features, layer.padded_in_features
+        wp = w if Kp == K else F.pad(w, (0, Kp - K))
+        sym = layer.scheme.symmetric
+        q, s, zp = quantize_affine(wp, layer.bits, layer.group_size, sym)
+        self.set_codes(layer, q[:, :K], s, None if sym else zp)
+
+
+class Int4Layout(_GroupedLayout):
+    """uint8 ``[N, Kp/2]`` nibbles (pack_int4), run by int4_weight_only_mm."""
+
+    name = "int4"
+
+    def codes_buffer(self, N, Kp, device):
+        return torch.zeros(N, Kp // 2, dtype=torch.uint8, device=device)
+
+    def stored_codes(self, layer):
+        return unpack_int4(layer.qweight)
+
+    def op_args(self, layer, b):
+        return b["qweight"], b["scale"], b["zero_point"], layer._group, True
+
+    def public_mm(self, layer, b, x):
+        return int4_weight_only_mm(x, b["qweight"], b["scale"], b["zero_point"], layer._group)
+
+
+class Int8GroupedLayout(_GroupedLayout):
+    """int8 ``[N, Kp]`` codes with groups / zero points: dequantize_affine + F.linear (exact, no fused kernel)."""
+
+    name = "int8_grouped"
+
+    def codes_buffer(self, N, Kp, device):
+        return torch.zeros(N, Kp, dtype=torch.int8, device=device)
+
+    def mm(self, layer, b, x):
+        w = dequantize_affine(b["qweight"], b["scale"], b["zero_point"], layer._group, out_dtype=x.dtype)
+        return F.linear(x, w)
+
+
+class Int8Layout(_IntLayout):
+    """Per-channel symmetric int8 ``[N, K]`` with fp32 scales ``[N]``: int8_weight_only_mm / int8_dynamic_mm."""
+
+    name = "int8"
+
+    def init_buffers(self, layer, device):
+        N, K = layer.out_features, layer.in_features
+        layer.register_buffer("qweight", torch.zeros(N, K, dtype=torch.int8, device=device))
+        layer.register_buffer("scale", torch.ones(N, dtype=torch.float32, device=device))
+        layer.register_buffer("zero_point", None)
+
+    def quantize(self, layer, w):
+        q, s, _ = quantize_affine(w, 8, -1, True)
+        self.set_codes(layer, q, s.reshape(-1), None)
+
+    def op_args(self, layer, b):
+        return b["qweight"], b["scale"]
+
+
+# ---- fp8 / fp4 layouts -------------------------------------------------------------------------------------------
+class _FloatLayout(Layout):
+    family = "float"
+
+    def quantize_checked(self, layer, w):
+        if not bool(torch.isfinite(w).all()):
+            # the fp8/fp4 casts would keep NaN (as a NaN code / NaN block scale): refuse, as quantize_affine does
+            raise ValueError(f"linear.weight contains NaN or inf; cannot quantize it to {layer.scheme!r}")
+        self.quantize(layer, w)
+
+    def forward(self, layer, x):
+        check_input(x, layer.in_features)
+        if x.numel() == 0:  # no tokens: fp8_mm / fp4_mm reject empty operands (their scale grids cannot tile 0 rows)
+            return x.new_zeros(*x.shape[:-1], layer.out_features)
+        return self.mm(layer, x)
+
+    def set_codes(self, layer, qweight, scale, global_scale):
+        """QuantLinear.set_float_quantized (shapes and dtypes checked)."""
+        N, K = layer.out_features, layer.in_features
+        want, wdt = self.qweight_spec(N, K)
+        if tuple(qweight.shape) != want or qweight.dtype not in wdt:
+            names = " or ".join(str(d).replace("torch.", "") for d in wdt)
+            raise ValueError(f"qweight must be {names} of shape {want} for {layer.scheme!r}, got {qweight.dtype} "
+                             f"{tuple(qweight.shape)}")
+        sshape = tuple(layer.scale.shape)
+        scale = self.scale_codes(layer, scale, sshape)
+        if tuple(scale.shape) != sshape:
+            raise ValueError(f"scale must have shape {sshape} for {layer.scheme!r} on [{N}, {K}], got "
+                             f"{tuple(scale.shape)}")
+        _check_presence("global_scale", global_scale, layer)
+        layer.qweight.copy_(qweight.view(torch.uint8))
+        layer.scale.copy_(scale)
+        if global_scale is not None:
+            if global_scale.numel() != 1 or not global_scale.dtype.is_floating_point:
+                raise ValueError(f"global_scale must be one float, got {global_scale.dtype} "
+                                 f"{tuple(global_scale.shape)}")
+            layer.global_scale.copy_(global_scale.float().reshape(()))
+
+    def shard(self, layer, rank, world_size, dim):
+        """Whole scale blocks per rank (per-tensor scales and the nvfp4 global scale are shared)."""
+        N, K = layer.out_features, layer.in_features
+        size = N if dim == 0 else K
+        if size % world_size:
+            name = "out_features" if dim == 0 else "in_features"
+            raise ValueError(f"{name}={size} must be divisible by world_size={world_size}")
+        n = size // world_size
+        q, s = self.shard_codes(layer, rank, n, dim)
+        if dim == 0:
+            bias = None if layer.bias is None else layer.bias[rank * n:(rank + 1) * n]
+        else:
+            bias = layer.bias if (layer.bias is not None and rank == 0) else None
+        return type(layer).from_float_codes(q.contiguous(), s.contiguous(), layer.scheme, bias, layer.global_scale)
+
+
+class Fp8Layout(_FloatLayout):
+    """uint8 ``[N, K]`` (float8_e4m3fn bits) with fp32 scales per channel / tensor / 128x128 block."""
+
+    name = "fp8"
+
+    @staticmethod
+    def weight_args(scheme) -> tuple[str, object]:
+        """quantize_fp8's granularity and block for the weight."""
+        g = getattr(scheme, "granularity", "row")
+        return (g, (FP8_BLOCK, FP8_BLOCK)) if g == "block" else (g, None)
+
+    @staticmethod
+    def act_args(scheme) -> tuple[str, object]:
+        """quantize_fp8's granularity and block for the activations (Fp8Dynamic)."""
+        g = scheme.granularity
+        return (g, FP8_BLOCK) if g == "block" else (g, None)
+
+    def init_buffers(self, layer, device):
+        N, K = layer.out_features, layer.in_features
+        g, _ = self.weight_args(layer.scheme)
+        sshape = {"row": (N, 1), "tensor": (), "block": (N // FP8_BLOCK, K // FP8_BLOCK)}[g]
+        layer.register_buffer("qweight", torch.zeros(N, K, dtype=torch.uint8, device=device))
+        layer.register_buffer("scale", torch.ones(sshape, dtype=torch.float32, device=device))
+        layer.register_buffer("zero_point", None)
+
+    def backend_ctx(self, layer):
+        if layer.op != "fp8_mm":
+            return {}
+        # what the forward passes (out_dtype: bf16, the usual activation dtype)
+        return dict(a_dtype=FP8_WEIGHT_DTYPE, b_dtype=FP8_WEIGHT_DTYPE, granularity=layer.scheme.granularity,
+                    K=layer.in_features, N=layer.out_features)
+
+    def quantize(self, layer, w):
+        gran, block = self.weight_args(layer.scheme)
+        q, s = quantize_fp8(w, FP8_WEIGHT_DTYPE, gran, block if block is not None else 128)
+        self.set_codes(layer, q, s, None)
+
+    def qweight_spec(self, N, K):
+        return (N, K), (FP8_WEIGHT_DTYPE, torch.uint8)
+
+    def in_features_of(self, qweight):
+        return qweight.shape[1]
+
+    def scale_codes(self, layer, scale, sshape):
+        N = layer.out_features
+        if not scale.dtype.is_floating_point or scale.dtype.itemsize < 2:
+            raise TypeError(f"scale must be float32/bfloat16/float16, got {scale.dtype}")
+        if sshape == (N, 1) and tuple(scale.shape) == (N,):
+            scale = scale.reshape(N, 1)
+        if sshape == () and scale.numel() == 1:
+            scale = scale.reshape(())
+        return scale.float()
+
+    def mm(self, layer, x):
+        w = layer.qweight.view(FP8_WEIGHT_DTYPE)
+        if layer.op == "fp8_weight_only_mm":
+            # x stays float; the weight is decoded inside the GEMM (CPU) or by the cast kernel for cuBLAS (GPU)
+            return fp8_weight_only_mm(x, w, layer.scale, layer.bias)
+        gran, block = self.act_args(layer.scheme)
+        a_q, a_scale = quantize_fp8(x, FP8_WEIGHT_DTYPE, gran, block if block is not None else 128)
+        return fp8_mm(a_q, a_scale, w, layer.scale, x.dtype, layer.bias)
+
+    def codes(self, layer):
+        return layer.qweight.view(FP8_WEIGHT_DTYPE)
+
+    def dequantize(self, layer, dtype):
+        gran, block = self.weight_args(layer.scheme)
+        return dequantize_fp8(self.codes(layer), layer.scale, dtype, gran, block)
+
+    def shard_codes(self, layer, rank, n, dim):
+        gran, _ = self.weight_args(layer.scheme)
+        if gran == "block" and n % FP8_BLOCK:
+            raise ValueError(f"shards of {n} must hold whole {FP8_BLOCK}x{FP8_BLOCK} scale blocks")
+        q = self.codes(layer)
+        sl = slice(rank * n, (rank + 1) * n)
+        q = q[sl] if dim == 0 else q[:, sl]
+        s = layer.scale
+        if gran == "block":
+            bs = slice(rank * n // FP8_BLOCK, (rank + 1) * n // FP8_BLOCK)
+            s = s[bs] if dim == 0 else s[:, bs]
+        elif gran == "row" and dim == 0:
+            s = s[sl]
+        return q, s
+
+
+class Fp4Layout(_FloatLayout):
+    """uint8 ``[N, K/2]`` e2m1 nibbles with uint8 block scales ``[N, K/B]`` (+ nvfp4's fp32 global scale)."""
+
+    name = "fp4"
+
+    def init_buffers(self, layer, device):
+        N, K = layer.out_features, layer.in_features
+        fmt = layer.scheme.format
+        layer.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8, device=device))
+        layer.register_buffer("scale", torch.zeros(N, K // FP4_BLOCK[fmt], dtype=torch.uint8, device=device))
+        layer.register_buffer("zero_point", None)
+        if fmt == "nvfp4":
+            layer.register_buffer("global_scale", torch.ones((), dtype=torch.float32, device=device))
+
+    def backend_ctx(self, layer):
+        if layer.op != "fp4_mm":
+            return {}
+        return dict(format=layer.scheme.format, K=layer.in_features, N=layer.out_features)
+
+    def quantize(self, layer, w):
+        packed, s, g = quantize_fp4(w, layer.scheme.format)
+        self.set_codes(layer, packed, s, g)
+
+    def qweight_spec(self, N, K):
+        return (N, K // 2), (torch.uint8,)
+
+    def in_features_of(self, qweight):
+        return 2 * qweight.shape[1]  # two e2m1 codes per byte
+
+    def scale_codes(self, layer, scale, sshape):
+        sdt = FP4_SCALE_DTYPES[layer.scheme.format]
+        if scale.dtype not in (sdt, torch.uint8):
+            raise TypeError(f"scale must be {str(sdt).replace('torch.', '')} (or its uint8 bits) for "
+                            f"{layer.scheme!r}, got {scale.dtype}")
+        return scale.view(torch.uint8)
+
+    def mm(self, layer, x):
+        fmt = layer.scheme.format
+        if layer.op == "fp4_weight_only_mm":
+            return fp4_weight_only_mm(x, layer.qweight, layer.scale, layer.bias, format=fmt,
+                                      w_global_scale=layer.global_scale)
+        a_p, a_s, a_g = quantize_fp4(x, fmt)  # activations in the weight's format, nvfp4: per-call global scale
+        return fp4_mm(a_p, a_s, layer.qweight, layer.scale, x.dtype, layer.bias, format=fmt, a_global_scale=a_g,
+                      b_global_scale=layer.global_scale)
+
+    def codes(self, layer):
+        return layer.qweight
+
+    def dequantize(self, layer, dtype):
+        return dequantize_fp4(layer.qweight, layer.scale, layer.global_scale, layer.scheme.format, out_dtype=dtype)
+
+    def shard_codes(self, layer, rank, n, dim):
+        fmt = layer.scheme.format
+        B = FP4_BLOCK[fmt]
+        if dim == 1 and n % B:
+            raise ValueError(f"row shards of {n} input features must hold whole {fmt} blocks of {B}")
+        if dim == 0:
+            sl = slice(rank * n, (rank + 1) * n)
+            return layer.qweight[sl], layer.scale[sl]
+        return layer.qweight[:, rank * n // 2:(rank + 1) * n // 2], layer.scale[:, rank * n // B:(rank + 1) * n // B]
+
+
+LAYOUTS: dict[str, Layout] = {c.name: c() for c in (Int4Layout, Int8GroupedLayout, Int8Layout, Fp8Layout, Fp4Layout)}
