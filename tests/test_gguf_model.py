@@ -2,7 +2,6 @@
 truncated / corrupt files."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +9,8 @@ import torch
 
 import qkernels
 from qkernels import gguf as qg
+
+from .gguf_corruption_fixtures import patch_tensor_info
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -268,15 +269,7 @@ def test_garbage_and_missing_files(tmp_path):
 
 
 def _patch_tensor_info(path, out, name, *, dtype=None, ne0=None):
-    shutil.copy(path, out)
-    r = gguf.GGUFReader(out, "r+")
-    t = next(t for t in r.tensors if t.name == name)
-    if dtype is not None:
-        t.field.parts[4][0] = dtype
-    if ne0 is not None:
-        t.field.parts[3][0] = ne0
-    r.data.flush()
-    del r
+    patch_tensor_info(path, out, name, type_id=dtype, ne0=ne0)
 
 
 def test_unknown_and_unsupported_tensor_types(good_file, tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.linear import QuantLinear
+from ..nn.schemes import Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8WeightOnly
+
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be converted: the message names the layer/tensor, what was expected and what came."""
@@ -74,6 +77,78 @@ def check_finite(key: str, t: torch.Tensor):
         raise CheckpointError(f"{key} contains NaN or inf")
 
 
+def check_positive(key: str, t: torch.Tensor):
+    """Finite and > 0: every quantizer whose checkpoints we read clamps its scales away from zero (AutoGPTQ, AutoAWQ,
+    compressed-tensors, qkernels' own RTN/GPTQ/AWQ/QAT), so a zero, negative, NaN or inf scale is corruption."""
+    check_finite(key, t)
+    bad = ~(t.float() > 0)
+    if bool(bad.any()):
+        raise CheckpointError(f"{key} must be positive, got {int(bad.sum())} values <= 0 "
+                              f"(e.g. {float(t.float()[bad][0])})")
+
+
+def check_range(key: str, t: torch.Tensor, lo: int, hi: int, what: str):
+    if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
+        raise CheckpointError(f"{key}: {what} must be in [{lo}, {hi}], got [{int(t.min())}, {int(t.max())}]")
+
+
+def zero_point_range(bits: int) -> tuple[int, int]:
+    """Zero points of b-bit signed codes lie in ``[-2^(b-1), 2^(b-1)]``: one more than the code range at the top,
+    because GPTQ v1 stores ``zero - 1`` in b bits, so its zero 2^b (shifted: 2^(b-1)) is representable."""
+    return -(1 << (bits - 1)), 1 << (bits - 1)
+
+
+# fp8 e4m3fn codes that are NaN (e4m3fn has no inf); e8m0 0xFF is NaN (OCP MX v1.0)
+_E4M3_NAN = (0x7F, 0xFF)
+
+
+def check_quant_linear(name: str, layer, full: bool = True):
+    """Check the decoded content of a converted :class:`qkernels.nn.QuantLinear` (any format ends here), from its
+    state-dict buffers (``qweight``, ``scale``, ``zero_point``, ``global_scale``, ``bias``):
+
+    * always (cheap, O(scales)): integer / fp8 scales finite and positive; zero points in
+      :func:`zero_point_range`; fp4 block scales not NaN and not negative (zero is a legitimate all-zero block);
+      nvfp4 global scale finite and positive; bias finite.
+    * ``full`` (one pass over the codes): integer codes in the scheme's ``bits`` range where the storage can hold more
+      (2/3-bit codes in nibbles, 5..7-bit codes in int8), fp8 weight codes not NaN.
+    """
+    scheme = layer.scheme
+    scale = layer.scale
+    if isinstance(scheme, Fp4):
+        codes = scale.view(torch.uint8)
+        if scheme.format == "nvfp4":
+            bad = (codes & 0x7F) == 0x7F
+            neg = ((codes & 0x80) != 0) & ((codes & 0x7F) != 0)
+        else:
+            bad, neg = codes == 0xFF, torch.zeros_like(codes, dtype=torch.bool)
+        if bool(bad.any()):
+            raise CheckpointError(f"{name}.scale: {int(bad.sum())} {scheme.format} block scales are NaN")
+        if bool(neg.any()):
+            raise CheckpointError(f"{name}.scale: {int(neg.sum())} {scheme.format} block scales are negative")
+        if layer.global_scale is not None:
+            check_positive(f"{name}.global_scale", layer.global_scale)
+    else:
+        check_positive(f"{name}.scale", scale)
+    if layer.zero_point is not None:
+        check_range(f"{name}.zero_point", layer.zero_point, *zero_point_range(getattr(scheme, "bits", 8)),
+                    f"zero points of {getattr(scheme, 'bits', 8)}-bit codes")
+    if layer.bias is not None:
+        check_finite(f"{name}.bias", layer.bias)
+    if not full:
+        return
+    if isinstance(scheme, (Fp8WeightOnly, Fp8Dynamic)):
+        q = layer.qweight.view(torch.uint8)
+        bad = (q & 0x7F) == 0x7F
+        if bool(bad.any()):
+            raise CheckpointError(f"{name}.qweight: {int(bad.sum())} fp8 e4m3fn codes are NaN")
+    elif not isinstance(scheme, Fp4):
+        bits = getattr(scheme, "bits", 8)
+        storage = 4 if layer.qweight.dtype == torch.uint8 else 8  # packed nibbles or int8 codes
+        if bits < storage:
+            check_range(f"{name}.qweight", layer.codes(), -(1 << (bits - 1)), (1 << (bits - 1)) - 1,
+                        f"codes of {type(scheme).__name__}(bits={bits})")
+
+
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -129,12 +204,13 @@ def to_quant_linear(key: str, q: torch.Tensor, scale: torch.Tensor, zero_point: 
     2- and 3-bit codes are a subset of int4, so they are held as ``Int4WeightOnly(bits=2/3)`` without any loss; 8-bit
     codes with groups or zero points are kept as int8 codes (``Int8WeightOnly(group_size, symmetric)``).
     """
-    from ..nn.linear import QuantLinear
-    from ..nn.schemes import Int4WeightOnly, Int8WeightOnly
-
     N, K = q.shape
     G = scale.shape[1]
-    check_finite(f"{key} scales", scale)
+    check_positive(f"{key} scales", scale)
+    if zero_point is not None:
+        check_range(f"{key} zero points", zero_point, *zero_point_range(bits), f"zero points of {bits}-bit codes")
+    if bias is not None:
+        check_finite(f"{key} bias", bias)
     if zero_point is not None and not bool(zero_point.any()):
         zero_point = None  # all-zero zero points (symmetric checkpoints): the faster symmetric kernel path
     group = -1 if G == 1 else (group_size or K // G)

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.linear import QuantLinear
+from ..nn.schemes import Int4WeightOnly
 from ._common import CheckpointError, FLOATS, check_shape, need, pack_bits, prefixes, to_quant_linear, unpack_bits
+from .model_dir import write_model_dir
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -117,8 +120,6 @@ def pack_layer(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
 
 def export_layer(layer, name: str = "layer") -> dict[str, torch.Tensor]:
     """The AWQ tensors of a :class:`qkernels.nn.QuantLinear` with an ``Int4WeightOnly`` scheme (no act-order)."""
-    from ..nn.schemes import Int4WeightOnly
-
     if not isinstance(layer.scheme, Int4WeightOnly):
         raise ValueError(f"{name}: only Int4WeightOnly layers have an AWQ layout, got {layer.scheme!r}")
     if layer.input_perm is not None:
@@ -130,9 +131,6 @@ def save_awq(model, save_dir: str) -> str:
     """Write ``model``'s :class:`QuantLinear` layers as an AutoAWQ GEMM model directory (``config.json`` with
     ``quantization_config = {"quant_method": "awq", "bits": 4, "group_size", "zero_point": true, "version": "gemm"}``).
     Every quantized layer must be ``Int4WeightOnly`` with the same group size. Returns ``save_dir``."""
-    from ..nn.linear import QuantLinear
-    from .hf import write_model_dir
-
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("save_awq: the model has no QuantLinear layers")

@@ -36,6 +36,8 @@ import re
 
 import torch
 
+from ..nn.linear import QuantLinear
+from ..nn.schemes import Fp4
 from ._common import (
     CheckpointError,
     FLOATS,
@@ -163,9 +165,6 @@ def convert_layer(name: str, tensors: dict, w: dict):
 
 def convert_nvfp4_layer(name: str, tensors: dict, quantized_acts: bool):
     """One ``nvfp4-pack-quantized`` layer -> ``QuantLinear`` with ``Fp4("nvfp4")`` (see the module docstring)."""
-    from ..nn.linear import QuantLinear
-    from ..nn.schemes import Fp4
-
     packed = need(tensors, f"{name}.weight_packed", (torch.uint8,), 2)
     N, K = packed.shape[0], packed.shape[1] * 2
     scale = need(tensors, f"{name}.weight_scale", (torch.float8_e4m3fn,), 2)

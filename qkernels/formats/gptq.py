@@ -28,8 +28,11 @@ import math
 
 import torch
 
+from ..nn.linear import QuantLinear
+from ..nn.schemes import Int4WeightOnly, Int8WeightOnly
 from ._common import (CheckpointError, FLOATS, check_shape, group_perm, need, pack_bits, prefixes, to_quant_linear,
                       unpack_bits)
+from .model_dir import write_model_dir
 
 BITS = (2, 3, 4, 8)
 
@@ -155,8 +158,6 @@ def pack_layer(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
 def export_layer(layer, v2: bool = False, name: str = "layer") -> dict[str, torch.Tensor]:
     """The GPTQ tensors of a :class:`qkernels.nn.QuantLinear` with an integer weight-only scheme
     (``Int4WeightOnly``: its ``bits``; ``Int8WeightOnly``: 8 bits)."""
-    from ..nn.schemes import Int4WeightOnly, Int8WeightOnly
-
     if not isinstance(layer.scheme, (Int4WeightOnly, Int8WeightOnly)):
         raise ValueError(f"{name}: only integer weight-only layers (Int4WeightOnly, Int8WeightOnly) have a GPTQ "
                          f"layout, got {layer.scheme!r}")
@@ -170,9 +171,6 @@ def save_gptq(model, save_dir: str, checkpoint_format: str = "gptq") -> str:
     ``model.safetensors`` + ``config.json`` with ``quantization_config = {"quant_method": "gptq", "bits",
     "group_size", "desc_act", "sym", "checkpoint_format"}`` (and ``quantization_config.json``). Every quantized
     layer must have the same ``bits`` and ``group_size`` (one config per checkpoint). Returns ``save_dir``."""
-    from ..nn.linear import QuantLinear
-    from .hf import write_model_dir
-
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

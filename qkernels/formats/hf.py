@@ -26,7 +26,8 @@ from torch import nn
 from ..nn.linear import QuantLinear
 from ..nn.quantize import set_submodule
 from . import awq, compressed_tensors, gptq, native
-from ._common import CheckpointError
+from ._common import CheckpointError, check_quant_linear
+from .model_dir import WEIGHTS_NAME, write_model_dir  # noqa: F401 - WEIGHTS_NAME re-exported
 
 CONVERTERS = {
     "qkernels": native.convert,
@@ -34,7 +35,6 @@ CONVERTERS = {
     "awq": awq.convert,
     "compressed-tensors": compressed_tensors.convert,
 }
-WEIGHTS_NAME = "model.safetensors"
 
 
 # ---- save ------------------------------------------------------------------------------------------------------
@@ -55,65 +55,61 @@ def save_quantized(model: nn.Module, save_dir: str) -> str:
     return write_model_dir(model, save_dir, qcfg, metadata={"quant_method": "qkernels"})
 
 
-def write_model_dir(model: nn.Module, save_dir: str, qcfg: dict, layer_tensors=None,
-                    metadata: dict | None = None) -> str:
-    """Write ``model``'s state dict (tied tensors once) to ``save_dir/model.safetensors``, ``qcfg`` to
-    ``quantization_config.json`` and, for transformers models, ``config.json`` (with ``quantization_config``).
-
-    ``layer_tensors(name, layer) -> {suffix: tensor}``, when given, replaces the buffers of every QuantLinear
-    ``name`` by the tensors ``name.suffix`` (a checkpoint format's packed layout)."""
-    from safetensors.torch import save_file
-
-    packed = {}
-    if layer_tensors is not None:
-        for name, m in model.named_modules():
-            if isinstance(m, QuantLinear):
-                packed.update({f"{name}.{k}": v for k, v in layer_tensors(name, m).items()})
-    owners = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)} if packed else set()
-    sd, seen = {}, {}
-    for k, v in model.state_dict(keep_vars=False).items():
-        if k.rpartition(".")[0] in owners:
-            continue
-        if v.device.type == "meta":
-            raise ValueError(f"{k} is on the meta device; materialize the model before saving")
-        key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else None
-        if key is not None and key in seen:
-            continue  # tied with seen[key]: load_quantized re-ties from the model's own aliasing
-        if key is not None:
-            seen[key] = k
-        sd[k] = v.detach().contiguous().cpu()
-    sd.update({k: v.detach().contiguous().cpu() for k, v in packed.items()})
-    os.makedirs(save_dir, exist_ok=True)
-    save_file(sd, os.path.join(save_dir, WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
-    with open(os.path.join(save_dir, "quantization_config.json"), "w") as f:
-        json.dump(qcfg, f, indent=1)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        d = config.to_dict()
-        d["quantization_config"] = qcfg
-        with open(os.path.join(save_dir, "config.json"), "w") as f:
-            json.dump(d, f, indent=1)
-    return save_dir
-
-
 # ---- load ------------------------------------------------------------------------------------------------------
-def read_quantization_config(path: str) -> tuple[dict, dict | None]:
-    """(quantization_config, config.json dict or None) of a checkpoint directory."""
+# keys of GPTQ/AWQ configs that record how a checkpoint was made or is to be run (calibration, kernels) without
+# changing what the stored tensors mean; tools fill them differently in config.json and quantize_config.json
+_PROVENANCE_KEYS = frozenset({
+    "model_name_or_path", "model_file_base_name", "quantizer", "meta", "damp_percent", "damp_auto_increment",
+    "true_sequential", "static_groups", "dataset", "tokenizer", "batch_size", "cache_block_outputs", "use_cuda_fp16",
+    "use_exllama", "exllama_config", "max_input_length", "module_name_preceding_first_block", "backend",
+})
+
+
+def read_quantization_config(path: str, strict: bool = False) -> tuple[dict, dict | None]:
+    """(quantization_config, config.json dict or None) of a checkpoint directory: the first found of config.json's
+    ``quantization_config``, quantization_config.json, quantize_config.json (AutoGPTQ's; quant_method "gptq").
+
+    ``strict`` (what :func:`load_quantized` uses): the other copies are read too and every key that two of them
+    share must have the same value (CheckpointError otherwise), so that an edit to one copy cannot be silently
+    ignored. (save_quantized writes two copies; GPTQ directories often carry AutoGPTQ's file next to config.json.)"""
     config = None
     cpath = os.path.join(path, "config.json")
     if os.path.exists(cpath):
         config = _read_json(cpath)
-        if isinstance(config.get("quantization_config"), dict):
-            return config["quantization_config"], config
+    found = []
+    if config is not None and isinstance(config.get("quantization_config"), dict):
+        found.append(("config.json", config["quantization_config"]))
     for fname, default_method in (("quantization_config.json", None), ("quantize_config.json", "gptq")):
         p = os.path.join(path, fname)
-        if os.path.exists(p):
-            q = _read_json(p)
-            if default_method and "quant_method" not in q:
-                q = {**q, "quant_method": default_method}
-            return q, config
-    raise CheckpointError(f"{path}: no quantization_config found (looked in config.json, quantization_config.json, "
-                          "quantize_config.json)")
+        if (found and not strict) or not os.path.exists(p):
+            continue
+        q = _read_json(p)
+        if default_method and "quant_method" not in q:
+            q = {**q, "quant_method": default_method}
+        for other, oq in found:
+            differ = sorted(k for k in set(oq) & set(q) - _PROVENANCE_KEYS if oq[k] != q[k])
+            if differ:
+                where, a, b = _first_difference(q[differ[0]], oq[differ[0]], differ[0])
+                raise CheckpointError(f"{path}: {fname} and {other} disagree on quantization_config key(s) {differ}, "
+                                      f"e.g. {where}: {a!r:.60} vs {b!r:.60}; fix or remove one of them")
+        found.append((fname, q))
+    if not found:
+        raise CheckpointError(f"{path}: no quantization_config found (looked in config.json, "
+                              "quantization_config.json, quantize_config.json)")
+    return found[0][1], config
+
+
+def _first_difference(a, b, where: str):
+    """(path, value in a, value in b) of the first place two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k, "<absent>") != b.get(k, "<absent>"):
+                return _first_difference(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{where}[{k!r}]")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{where}[{i}]")
+    return where, a, b
 
 
 def _read_json(p: str) -> dict:
@@ -147,12 +143,44 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def convert_checkpoint(tensors: dict, qcfg: dict) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
-    """Converted layers ({name: QuantLinear}) and the remaining (unquantized) tensors."""
+def convert_checkpoint(tensors: dict, qcfg: dict, validate: bool = True
+                       ) -> tuple[dict[str, nn.Module], dict[str, torch.Tensor]]:
+    """Converted layers ({name: QuantLinear}) and the remaining (unquantized) tensors, checked as
+    :func:`load_quantized` documents (``validate=False`` skips the scans over codes and float tensors)."""
     method = qcfg.get("quant_method")
     if method not in CONVERTERS:
         raise CheckpointError(f"quantization_config.quant_method must be one of {sorted(CONVERTERS)}, got {method!r}")
-    return CONVERTERS[method](tensors, qcfg)
+    layers, rest = CONVERTERS[method](tensors, qcfg)
+    for name, layer in layers.items():
+        check_quant_linear(name, layer, full=validate)
+    if validate:
+        # NaN is never a weight; inf is left alone (some models keep -inf attention masks as buffers)
+        bad = [k for k, t in rest.items() if t.is_floating_point() and bool(torch.isnan(t).any())]
+        if bad:
+            raise CheckpointError(f"tensors {bad[:6]} contain NaN")
+    return layers, rest
+
+
+def check_buffer_dtypes(model: nn.Module, entries) -> dict[str, torch.dtype]:
+    """``quantization_config.buffer_dtypes`` ({buffer name: dtype name}, written by :func:`save_quantized`) checked
+    against ``model``: each entry must name a floating buffer outside the state dict and a floating dtype."""
+    if entries is None:
+        return {}
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"quantization_config.buffer_dtypes must be a dict, got {type(entries).__name__}")
+    persistent = set(model.state_dict())
+    buffers = {n: b for n, b in model.named_buffers() if n not in persistent and b.is_floating_point()}
+    out = {}
+    for name, dt in entries.items():
+        if name not in buffers:
+            raise CheckpointError(f"quantization_config.buffer_dtypes[{name!r}]: the model has no such floating "
+                                  f"non-persistent buffer (it has {sorted(buffers)[:6]})")
+        dtype = getattr(torch, dt, None) if isinstance(dt, str) else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CheckpointError(f"quantization_config.buffer_dtypes[{name!r}] must name a floating torch dtype "
+                                  f"('float32', 'bfloat16', ...), got {dt!r}")
+        out[name] = dtype
+    return out
 
 
 def _build_hf_model(config: dict | None, dtype):
@@ -259,7 +287,7 @@ def load_into(model: nn.Module, layers: dict[str, nn.Module], rest: dict[str, to
 
 
 def load_quantized(path: str, model: nn.Module | None = None, *, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> nn.Module:
+                   dtype: torch.dtype | None = None, validate: bool = True) -> nn.Module:
     """Load a quantized checkpoint directory (or a ``.safetensors`` file next to its config) as a model whose
     quantized Linears are :class:`QuantLinear`.
 
@@ -268,23 +296,56 @@ def load_quantized(path: str, model: nn.Module | None = None, *, device: str | t
             model directory.
         model: the module to load into (same architecture; it is modified in place). When None, ``config.json``
             must describe a transformers model, which is built from it.
-        device: where the loaded model ends up. dtype: float dtype for a model built from config.json (default:
-            the config's dtype); the checkpoint's own tensors keep their stored dtypes.
+        device: where the loaded model ends up.
+        dtype: float ``torch.dtype`` of the model built from config.json and of the checkpoint's unquantized float
+            tensors (embeddings, norms...), which are cast to it; the quantized layers keep their stored buffers.
+            None (default): the config's dtype for the model, the stored dtypes for the tensors. Not allowed with
+            ``model`` (cast that model before loading).
+        validate: run the full checks (default). Always checked, whatever ``validate``: the config (method, bits,
+            group size...), which must agree between config.json and quantization_config.json /
+            quantize_config.json; every tensor's presence, dtype and shape against the config and the model;
+            scales finite and positive (fp4 block scales: not NaN, not negative), zero points within the codes'
+            range, bias finite, act-order permutations, ``buffer_dtypes``. ``validate=True`` adds the passes over
+            whole tensors: codes within ``bits`` where their storage holds more (2/3-bit in nibbles, 5..7-bit in
+            int8), fp8 codes not NaN, no NaN in the unquantized tensors. See docs/validation.md: safetensors files
+            have no checksums, so flipped bits that leave a code in range cannot be detected.
+
+    Raises:
+        TypeError: an argument of the wrong type. CheckpointError (a ValueError): a corrupt or inconsistent
+            checkpoint, naming the file, tensor or config key. The model is not modified when anything fails.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (or None to build one from config.json), got "
+                        f"{type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        hint = f" (torch.{dtype})" if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) \
+            else ""
+        raise TypeError(f"dtype must be a floating torch.dtype{hint} or None, got {type(dtype).__name__} {dtype!r}")
+    if dtype is not None and model is not None:
+        raise ValueError("dtype applies to a model built from config.json; with model= cast that model before "
+                         "loading (the quantized layers keep their stored dtypes)")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    device = torch.device(device)
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     cdir = path if os.path.isdir(path) else os.path.dirname(path)
-    qcfg, config = read_quantization_config(cdir)
+    qcfg, config = read_quantization_config(cdir, strict=True)
     tensors = read_tensors(path)
-    layers, rest = convert_checkpoint(tensors, qcfg)
+    layers, rest = convert_checkpoint(tensors, qcfg, validate)
     if model is None:
         model = _build_hf_model(config, dtype)
+    buffer_dtypes = check_buffer_dtypes(model, qcfg.get("buffer_dtypes"))
+    if dtype is not None:
+        rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rest.items()}
     load_into(model, layers, rest)
-    for name, dt in (qcfg.get("buffer_dtypes") or {}).items():
+    for name, dt in buffer_dtypes.items():
         mod, _, attr = name.rpartition(".")
         owner = model.get_submodule(mod) if mod else model
-        buf = getattr(owner, attr, None)
-        if isinstance(buf, torch.Tensor) and buf.is_floating_point() and hasattr(torch, str(dt)):
-            setattr(owner, attr, buf.to(getattr(torch, dt)))
+        setattr(owner, attr, getattr(owner, attr).to(dt))
     return model.to(device)
