@@ -1,0 +1,115 @@
+"""Greedy decode loops timed token by token: a transformers causal LM (eager with a DynamicCache, or one compiled
+single-token step over a StaticCache) and llama.cpp through llama-cpp-python's low-level eval.
+
+The compiled path is the one the README recommends for a quantized model:
+
+    step = CompiledDecoder(model, max_len=prompt_len + new_tokens)
+    tokens, timing = step.generate(prompt_ids, new_tokens)
+
+The prompt (prefill) runs eagerly into the static cache, as transformers' own ``generate(...,
+cache_implementation="static")`` does: compiling it would add a second graph per prompt length. Every decode step
+then calls the same compiled graph with a ``[1, 1]`` token and a ``[1, 1]`` position tensor: shapes and the cache's
+tensor addresses never change, so dynamo neither breaks the graph (``fullgraph=True`` raises if it would) nor
+recompiles per token (``recompiles()`` counts it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Timing:
+    prefill_s: float
+    decode_s: list = field(default_factory=list)  # one entry per generated token after the first
+
+    @property
+    def decode_tok_s(self) -> float:
+        return len(self.decode_s) / sum(self.decode_s) if self.decode_s else float("nan")
+
+
+def _argmax_last(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1].argmax(-1, keepdim=True)  # [1, 1] int64
+
+
+@torch.no_grad()  # as model.generate (inference_mode tensors carry no version counter some layers use)
+def eager_generate(model, prompt_ids: list, new_tokens: int) -> tuple[list, Timing]:
+    """Greedy decoding with a DynamicCache (what ``model.generate`` uses by default), no sampling machinery.
+
+    Returns the ``new_tokens`` generated ids and the timing: ``prefill_s`` is the prompt forward plus the argmax of
+    the first token (time to first token), ``decode_s`` one forward + argmax per further token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    t0 = time.perf_counter()
+    tok = _argmax_last(model(input_ids=ids, cache=cache, use_cache=True).logits)
+    timing = Timing(time.perf_counter() - t0)
+    out = [int(tok)]
+    for _ in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        tok = _argmax_last(model(input_ids=tok, cache=cache, use_cache=True).logits)
+        out.append(int(tok))  # int() syncs, so the step is timed whole
+        timing.decode_s.append(time.perf_counter() - t0)
+    return out, timing
+
+
+class CompiledDecoder:
+    """A StaticCache of ``max_len`` tokens and one ``torch.compile``d single-token step (greedy argmax inside the
+    graph). The graph is compiled on the first decode step; :meth:`generate` can be called again (same or another
+    prompt up to ``max_len`` tokens in all) without recompiling: the cache is reset in place."""
+
+    def __init__(self, model, max_len: int, *, fullgraph: bool = True, mode: str | None = None):
+        from transformers import StaticCache
+
+        self.model, self.max_len = model, int(max_len)
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
+        self._step = torch.compile(self._decode_step, fullgraph=fullgraph, mode=mode, dynamic=False)
+
+    def _decode_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=tok, position_ids=pos, cache=self.cache, use_cache=True).logits
+        return _argmax_last(logits)
+
+    @torch.no_grad()  # as model.generate (inference_mode tensors carry no version counter some layers use)
+    def generate(self, prompt_ids: list, new_tokens: int) -> tuple[list, Timing]:
+        P = len(prompt_ids)
+        if P + new_tokens > self.max_len:
+            raise ValueError(f"prompt ({P}) + new_tokens ({new_tokens}) exceeds max_len={self.max_len}")
+        self.cache.reset()
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        pos = torch.arange(P).unsqueeze(0)
+        t0 = time.perf_counter()
+        tok = _argmax_last(self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True).logits)
+        timing = Timing(time.perf_counter() - t0)
+        out = [int(tok)]
+        for i in range(new_tokens - 1):
+            t0 = time.perf_counter()
+            # fresh [1, 1] tensors each step: the graph takes them as inputs (a Python int would be a constant)
+            tok = self._step(tok.clone(), torch.tensor([[P + i]]))
+            out.append(int(tok))
+            timing.decode_s.append(time.perf_counter() - t0)
+        return out, timing
+
+
+def llama_cpp_generate(llm, prompt_ids: list, new_tokens: int) -> tuple[list, Timing]:
+    """Greedy decoding through llama-cpp-python's low-level loop: ``Llama.eval`` of the prompt, then one token at a
+    time, numpy argmax of the last logits row. Its high-level ``generate()`` / ``__call__`` spend most of a small
+    model's step in per-token Python sampling code, which would measure the binding rather than ggml."""
+    import numpy as np
+
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt_ids)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    timing = Timing(time.perf_counter() - t0)
+    out = [tok]
+    for _ in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        timing.decode_s.append(time.perf_counter() - t0)
+    return out, timing
