@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qkernels
@@ -103,6 +103,44 @@ def test_pack_unpack_int4_match_reference(seed, signed, rows, half):
     assert torch.equal(qkernels.unpack_int4(raw, signed), ref.int_quant.unpack_int4(raw, signed))
 
 
+@FUZZ
+@given(seed=st.integers(0, 2**31 - 1), mag=st.sampled_from(MAGNITUDES), special=st.sampled_from(SPECIALS),
+       wmag=st.sampled_from([1e-3, 1.0, 1e30, 1e38]), op=st.sampled_from(["int4", "int8", "int8_dynamic"]),
+       M=st.integers(1, 20))
+# the issue's cases: weights ~1e38 with x ~1e-30 (int4's AVX2 path), |x| >= 3e35, an inf in x
+@example(seed=0, mag=1e-30, special="none", wmag=1e38, op="int4", M=1)
+@example(seed=1, mag=1e-30, special="none", wmag=1e38, op="int4", M=17)
+@example(seed=2, mag=1e35, special="none", wmag=1.0, op="int8", M=1)
+@example(seed=3, mag=1e35, special="none", wmag=1.0, op="int8_dynamic", M=3)
+@example(seed=4, mag=1.0, special="inf", wmag=1.0, op="int4", M=2)
+@example(seed=5, mag=1.0, special="-inf", wmag=1.0, op="int8", M=2)
+@example(seed=6, mag=1.0, special="inf", wmag=1.0, op="int8_dynamic", M=2)
+def test_int_gemms_match_reference(seed, mag, special, wmag, op, M):
+    """W4A16 / W8A16 / W8A8 on hostile x and weights up to float32's limit (the products x * w stay finite when
+    the exact result is: the bound below is the fp64 sum of |x w|)."""
+    N, K = 12, 64
+    w = _data((N, K), seed + 1, wmag)
+    x = _data((M, K), seed, mag, special)
+    if op == "int4":
+        q, s, zp = qkernels.quantize_affine(w, 4, 32, True)
+        packed = qkernels.pack_int4(q)
+        out = qkernels.int4_weight_only_mm(x, packed, s, zp, 32)
+        want = ref.OPS["int4_weight_only_mm"](x.double(), packed, s, zp, 32, True)
+        wd = qkernels.dequantize_affine(q, s, zp, 32, out_dtype=torch.float64)
+    else:
+        q, s, _ = qkernels.quantize_affine(w, 8, -1, True)
+        s = s.reshape(-1)
+        mm = qkernels.int8_weight_only_mm if op == "int8" else qkernels.int8_dynamic_mm
+        out = mm(x, q, s)
+        want = ref.OPS[f"{op}_weight_only_mm" if op == "int8" else "int8_dynamic_mm"](x.double(), q, s)
+        wd = q.double() * s.double()[:, None]
+    bound = x.double().nan_to_num(0, 0, 0).abs() @ wd.abs().t()
+    if op == "int8_dynamic":  # x is rounded to 8 bits first: compare with the reference's own rounding
+        qx, sx = ref.int_gemm.quantize_per_token_int8(x)
+        bound = (qx.double().abs() * sx.double()[:, None]).nan_to_num(0, 0, 0) @ wd.abs().t()
+    _check_gemm(out, want, bound, K, 1e-5)
+
+
 # ---- fp8 -------------------------------------------------------------------------------------------------------
 
 
@@ -124,6 +162,9 @@ def test_fp8_casts_match_reference(seed, mag, special, dtype, gran, saturate, x_
 @given(seed=st.integers(0, 2**31 - 1), mag=st.sampled_from(MAGNITUDES), special=st.sampled_from(SPECIALS),
        dtype=st.sampled_from(FP8), gran=st.sampled_from(["tensor", "row", "block"]), M=st.integers(1, 20),
        bias=st.booleans())
+@example(seed=0, mag=1e-42, special="none", dtype=torch.float8_e4m3fn, gran="row", M=1, bias=False)  # subnormal x
+@example(seed=1, mag=1e35, special="none", dtype=torch.float8_e4m3fn, gran="row", M=2, bias=False)
+@example(seed=2, mag=1.0, special="inf", dtype=torch.float8_e5m2, gran="tensor", M=3, bias=True)
 def test_fp8_weight_only_mm_matches_reference(seed, mag, special, dtype, gran, M, bias):
     N, K = 12, 64
     w = _data((N, K), seed + 1, 1.0)
@@ -178,6 +219,9 @@ def test_fp4_casts_match_reference(seed, mag, special, fmt, element):
 @FUZZ
 @given(seed=st.integers(0, 2**31 - 1), mag=st.sampled_from(MAGNITUDES), special=st.sampled_from(SPECIALS),
        fmt=st.sampled_from(["mxfp4", "nvfp4"]), M=st.integers(1, 20), bias=st.booleans())
+@example(seed=0, mag=1e35, special="none", fmt="mxfp4", M=1, bias=False)
+@example(seed=1, mag=1e-42, special="none", fmt="nvfp4", M=2, bias=False)
+@example(seed=2, mag=1.0, special="inf", fmt="mxfp4", M=3, bias=True)
 def test_fp4_weight_only_mm_matches_reference(seed, mag, special, fmt, M, bias):
     N, K = 12, 64
     p, s, g = qkernels.quantize_fp4(_data((N, K), seed + 1, 1.0), fmt)
