@@ -11,6 +11,7 @@ import qkernels
 from qkernels.algorithms import (AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quantize_model,
                                  export_gptq_tensors, fake_quantize, gptq_quantize_model, gptq_quantize_weight,
                                  quantize_weight, rtn_quantize_model)
+from qkernels.algorithms._layers import UnsupportedModel
 from qkernels.algorithms.awq import fold_scales
 from qkernels.algorithms.rtn import build_quant_linear
 from qkernels.nn import Int4WeightOnly, QuantLinear
@@ -201,11 +202,13 @@ class _NotALlama(nn.Module):
         return self.model.layers[0](input_ids.float())
 
 
-def test_awq_unsupported_architecture_falls_back(caplog):
+def test_awq_unsupported_architecture_refused_or_rtn_with_warning():
     m = _NotALlama()
-    with caplog.at_level(logging.WARNING, logger="qkernels.algorithms"):
+    with pytest.raises(UnsupportedModel, match="no layer mapping"):
         awq_quantize_model(m, [torch.zeros(1, 16)], progress=False)
-    assert "falling back to round-to-nearest" in caplog.text
+    assert isinstance(m.model.layers[0][0], nn.Linear)  # untouched
+    with pytest.warns(UserWarning, match="falling back to round-to-nearest"):
+        awq_quantize_model(m, [torch.zeros(1, 16)], AWQConfig(fallback_rtn=True), progress=False)
     assert isinstance(m.model.layers[0][0], QuantLinear)
 
 

@@ -100,6 +100,9 @@ def tiny_dir(tmp_path_factory):
     return d, text
 
 
+from qkernels.eval.runner import DEFAULT_SCHEMES  # noqa: E402
+
+
 def test_cli_smoke(tiny_dir, tmp_path, capsys):
     from qkernels.cli import main
 
@@ -107,18 +110,59 @@ def test_cli_smoke(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["eval", "--model", str(d), "--text", str(text), "--ctx", "64", "--eval-tokens", "256",
                "--calib-tokens", "256", "--awq-calib-tokens", "128", "--calib-ctx", "64", "--group-size", "32",
-               "--awq-grid", "4", "--qat", "--qat-steps", "2", "--no-progress", "--out", str(out)])
+               "--awq-grid", "4", "--qat", "--qat-steps", "2", "--no-progress", "--out", str(out),
+               "--schemes", ",".join(DEFAULT_SCHEMES + ("awq-gptq-int4-asym-mse",))])
     assert rc == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     schemes = [r["scheme"] for r in res["rows"]]
-    assert schemes == ["float", "int8", "rtn-int4", "gptq-int4", "awq-int4", "q8_0", "q4_k_m", "qat-int4"]
+    assert schemes == list(DEFAULT_SCHEMES) + ["awq-gptq-int4-asym-mse", "qat-int4"]
+    assert {"rtn-int4-asym", "gptq-int4-asym", "awq-int4-asym"} <= set(schemes)
     for r in res["rows"]:
         assert r["ppl"] > 1 and math.isfinite(r["dppl_pct"]) and 0 <= r["top1_agree"] <= 1
         assert r["scheme"] in printed
     assert res["rows"][0]["dppl_pct"] == 0 and res["rows"][0]["bits_per_weight"] == 32
     assert res["rows"][2]["bits_per_weight"] == pytest.approx(5.0)
     assert (out / "dppl_vs_bits.png").stat().st_size > 1000
+
+
+def test_awq_row_refused_model_is_rtn_with_a_note():
+    from qkernels.eval import runner
+
+    m = models.tiny_llama()
+    m.config.model_type = "mystery"  # a family without an AWQ mapping
+    ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    notes = {}
+    q = runner._quantize("awq-int4", m, runner.EvalConfig(group_size=32, progress=False), {"awq": [ids]}, None, notes)
+    assert "AWQ refused" in notes["awq-int4"] and "RTN instead" in notes["awq-int4"]
+    assert type(q.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+    row = {"scheme": "awq-int4", "bits_per_weight": 5.0, "size_mb": 1.0, "ppl": 2.0, "dppl_pct": 1.0, "top1_agree": 1.0,
+           "tokens_per_s": 1.0, "quantize_time": {"wall_s": 1.0}, "note": notes["awq-int4"]}
+    assert "RTN instead" in runner.format_table([row])
+
+
+def test_plot_labels_do_not_overlap(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qkernels.eval.runner import _place_labels
+
+    pts = [(4.25, 30.1), (4.25, 28.0), (4.5, 20.3), (4.5, 21.0), (4.5, 11.0), (4.25, 29.5), (8.0, 0.05), (8.5, 0.06)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(*zip(*pts))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    fig.tight_layout()
+    texts = _place_labels(ax, pts, [f"scheme-number-{i}" for i in range(len(pts))])
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t, r) for t in texts]
+    assert len(boxes) == len(pts)
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(len(boxes)) for j in range(i))
+    plt.close(fig)
 
 
 def test_cli_errors(tiny_dir, tmp_path, capsys):

@@ -6,8 +6,30 @@ its outputs (computed by the already-quantized layer) become layer i+1's inputs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+@contextlib.contextmanager
+def one_thread():
+    """For loops of many small ops on CPU (GPTQ's columns, per-layer RTN): one thread avoids an OpenMP barrier per
+    op, which costs milliseconds whenever the cores are shared with other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def pad_cols(w: torch.Tensor, g: int) -> torch.Tensor:
+    """``w`` ``[..., K]`` zero-padded on the right to a multiple of ``g`` columns (the ragged last group)."""
+    K = w.shape[-1]
+    Kp = -(-K // g) * g
+    return w if Kp == K else F.pad(w, (0, Kp - K))
 
 
 class UnsupportedModel(ValueError):

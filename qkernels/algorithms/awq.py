@@ -3,38 +3,41 @@
 Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han, "AWQ: Activation-aware Weight Quantization for LLM
 Compression and Acceleration", MLSys 2024, arXiv:2306.00978.
 
-Per decoder layer (HF Llama layout), for each group of linears that read the same input:
+Per decoder layer, for each group of linears that read the same input (the family's mapping:
+:mod:`qkernels.algorithms.families`; Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3, Phi-3, StableLM):
 
 1. scale search: ``s = mean|x|^alpha`` per input channel (normalised by ``sqrt(max(s) min(s))``) for alpha on a grid
    in [0, 1); the weights become ``Q(W * s) / s`` and the alpha minimising the MSE of the block output (attention,
    MLP or down projection) against the float block is kept;
-2. the chosen ``s`` is folded into the preceding op (RMSNorm weight / previous linear's rows divided by ``s``, the
-   linears' columns multiplied by ``s``): the float model computes the same function (up to fp32 rounding);
+2. the chosen ``s`` is folded into the preceding op (norm weight, Gemma's ``1 + w``, previous linear's rows divided
+   by ``s``, the linears' columns multiplied by ``s``): the float model computes the same function (up to fp32
+   rounding), which is checked on every layer with random scales before it is touched;
 3. clipping search: per weight group, the clamp ``[-m, m]`` with ``m = r * max|w|`` (r from 1 down to
    ``1 - max_shrink``) minimising the group's output error on sampled tokens (not for q/k, whose errors the softmax
    amplifies differently);
 4. RTN quantization of the scaled, clipped weights. Next layer's inputs come from this layer in float (as in the
    reference implementation).
 
-A model without the Llama layer layout falls back to RTN with a logged message.
+A family without a mapping, or a layer on which folding is not invariant, is refused (``UnsupportedModel``), or
+quantized with RTN and a warning when ``AWQConfig.fallback_rtn`` is set.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ._layers import UnsupportedModel, capture_layer_inputs, check_finite, decoder_layers, layer_forward
-from .rtn import INT4_G128, QuantConfig, _one_thread, _pad_cols, fake_quantize, quantizable_linears, rtn_quantize_model, \
+from ._layers import UnsupportedModel, capture_layer_inputs, check_finite, decoder_layers, layer_forward, one_thread, \
+    pad_cols
+from .families import LLAMA, Family, check_invariance, check_layout, family_of, fold
+from .rtn import INT4_G128, QuantConfig, fake_quantize, quantizable_linears, rtn_quantize_model, \
     set_module, build_quant_linear
 
 log = logging.getLogger("qkernels.algorithms")
-
-_LLAMA_NAMES = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass(frozen=True)
@@ -45,17 +48,11 @@ class AWQConfig:
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_tokens: int = 256
+    fallback_rtn: bool = False
 
     def __post_init__(self):
         if self.n_grid < 1 or self.clip_grid < 1:
             raise ValueError(f"n_grid and clip_grid must be >= 1, got {self.n_grid}, {self.clip_grid}")
-
-
-def _check_layout(layer: nn.Module) -> None:
-    names = {n for n, _ in layer.named_modules()}
-    missing = [n for n in _LLAMA_NAMES if n not in names]
-    if missing:
-        raise UnsupportedModel(f"decoder layer {type(layer).__name__} lacks {missing} (AWQ supports the Llama layout)")
 
 
 def _scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -95,9 +92,9 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tenso
     qc = cfg.quant
     N, K = w.shape
     g = qc.group(K)
-    wp = _pad_cols(w.float(), g)
+    wp = pad_cols(w.float(), g)
     G = wp.shape[1] // g
-    xg = _pad_cols(x.float(), g).reshape(-1, G, g)  # [T, G, g]
+    xg = pad_cols(x.float(), g).reshape(-1, G, g)  # [T, G, g]
     best_max = torch.empty(N, G)
     for n0 in range(0, N, 128):
         wg = wp[n0:n0 + 128].reshape(-1, G, g)  # [n, G, g]
@@ -119,15 +116,16 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, cfg: AWQConfig) -> torch.Tenso
 
 def _apply_clip(lin: nn.Linear, max_val: torch.Tensor, g: int) -> None:
     K = lin.in_features
-    wp = _pad_cols(lin.weight.data.float(), g).reshape(lin.out_features, -1, g)
+    wp = pad_cols(lin.weight.data.float(), g).reshape(lin.out_features, -1, g)
     m = max_val.unsqueeze(-1)
     lin.weight.data = torch.clamp(wp, -m, m).reshape(lin.out_features, -1)[:, :K].to(lin.weight.dtype)
 
 
 @torch.no_grad()
 def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """``prev``'s output channels divided by ``s`` (an RMSNorm/LayerNorm weight or a Linear's rows), the following
-    linears' input columns multiplied by ``s``: the composed float function is unchanged."""
+    """``prev``'s output channels divided by ``s`` (a plain RMSNorm/LayerNorm weight (and bias) or a Linear's rows),
+    the following linears' input columns multiplied by ``s``: the composed float function is unchanged. Not for
+    Gemma's ``(1 + w)`` norms or fused projections: :func:`qkernels.algorithms.families.fold` handles every family."""
     if isinstance(prev, nn.Linear):
         prev.weight.data.div_(s.view(-1, 1).to(prev.weight.dtype))
         if prev.bias is not None:
@@ -144,50 +142,57 @@ def _cat(xs):
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs], 0)
 
 
-@torch.no_grad()
-def awq_scale_layer(layer: nn.Module, inps: list[torch.Tensor], kws: list[dict], cfg: AWQConfig) -> dict:
-    """Scale search + folding (+ clip search and clamping) on one float decoder layer, in place.
+def _first(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
 
-    Returns the captured float outputs of the layer (for the next layer) and the per-linear inputs."""
-    _check_layout(layer)
+
+def _with_first(args, kwargs, x):
+    return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+
+def _out(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+@torch.no_grad()
+def awq_scale_layer(layer: nn.Module, inps: list[torch.Tensor], kws: list[dict], cfg: AWQConfig,
+                    fam: Family = LLAMA) -> dict:
+    """Scale search + folding (+ clip search and clamping) on one float decoder layer of family ``fam``, in place.
+
+    Returns the captured float outputs of the layer (for the next layer) and the chosen alphas."""
+    check_layout(layer, fam)
+    groups = [g for g in fam.groups if g.applies(layer)]
     lin = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     feats: dict[str, list[torch.Tensor]] = {n: [] for n in lin}
+    calls: dict[str, list] = {g.block: [] for g in groups}  # each block's (args, kwargs) per batch, to replay it
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: feats[n].append(a[0].detach())) for n, m in lin.items()]
+    hooks += [layer.get_submodule(b).register_forward_pre_hook(
+        lambda mod, a, kw, b=b: calls[b].append((a, dict(kw))), with_kwargs=True) for b in calls]
     try:
         outs = [layer_forward(layer, x, kw) for x, kw in zip(inps, kws)]
     finally:
         for h in hooks:
             h.remove()
-    at, mlp = layer.self_attn, layer.mlp
-    attn_in = feats["self_attn.q_proj"]
-
-    def attn_block():
-        return [at(hidden_states=x, **kw)[0] for x, kw in zip(attn_in, kws)]
-
-    mlp_in = feats["mlp.gate_proj"]
-    down_in = feats["mlp.down_proj"]
-    plans = [
-        (layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], attn_block),
-        (layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"], lambda: [mlp(x) for x in mlp_in]),
-        (lin["mlp.up_proj"], ["mlp.down_proj"], lambda: [lin["mlp.down_proj"](x) for x in down_in]),
-    ]
-    if lin["self_attn.v_proj"].weight.shape == lin["self_attn.o_proj"].weight.shape:  # no GQA: v -> o can fold
-        o_in = feats["self_attn.o_proj"]
-        plans.insert(1, (lin["self_attn.v_proj"], ["self_attn.o_proj"],
-                         lambda: [lin["self_attn.o_proj"](x) for x in o_in]))
     alphas = {}
-    for prev, names, block in plans:
-        x_all = _cat(feats[names[0]])
-        check_finite(x_all, f"the input of {names[0]}")
-        ref = block()
-        s, alpha = search_scale([lin[n] for n in names], x_all.abs().float().mean(0), block, ref, cfg)
-        fold_scales(prev, [lin[n] for n in names], s)
-        for n in names:  # the inputs those linears now see
+    for grp in groups:
+        block = layer.get_submodule(grp.block)
+        linears = [lin[n] for n in grp.linears]
+
+        def run_block(block=block, b=grp.block):
+            return [_out(block(*a, **kw)) for a, kw in calls[b]]
+
+        x_all = _cat(feats[grp.linears[0]])
+        check_finite(x_all, f"the input of {grp.linears[0]}")
+        ref = run_block()
+        s, alpha = search_scale(linears, x_all.abs().float().mean(0), run_block, ref, cfg)
+        fold(layer, grp, s)
+        for n in grp.linears:  # the inputs those linears (and the block) now see
             feats[n] = [x / s for x in feats[n]]
-        alphas[names[0]] = alpha
+        calls[grp.block] = [_with_first(a, kw, _first(a, kw) / s) for a, kw in calls[grp.block]]
+        alphas[grp.linears[0]] = alpha
     if cfg.clip:
         for n, m in lin.items():
-            if n.endswith(("q_proj", "k_proj")):
+            if n in fam.no_clip:
                 continue
             x = _cat(feats[n])
             step = max(1, x.shape[0] // cfg.clip_tokens)
@@ -202,27 +207,38 @@ def awq_quantize_model(model: nn.Module, calib_batches: list[torch.Tensor], cfg:
 
     Args:
         calib_batches: int64 token ids ``[B, L]``.
-    Unsupported layouts fall back to RTN (logged)."""
+    Raises :class:`qkernels.algorithms.UnsupportedModel` for a family without a mapping
+    (:data:`qkernels.algorithms.families.FAMILIES`) or a layer on which folding scales is not invariant (checked
+    on every layer before it is scaled); ``cfg.fallback_rtn`` quantizes such a model with RTN instead, with a warning
+    (only when the model is refused before any layer was touched)."""
     from tqdm.auto import tqdm
 
     if not calib_batches:
         raise ValueError("calib_batches must hold at least one [B, L] batch of token ids, got none")
     quantizable_linears(model)
     try:
+        fam = family_of(model)
         layers = decoder_layers(model)
-        _check_layout(layers[0])
+        check_layout(layers[0], fam)
+        inps, kws = capture_layer_inputs(model, calib_batches)
+        for x in inps:
+            check_finite(x, "the input of decoder layer 0")
+        check_invariance(layers[0], fam, inps[0], kws[0], "decoder layer 0")
     except UnsupportedModel as e:
-        log.warning("AWQ: %s; falling back to round-to-nearest quantization", e)
+        if not cfg.fallback_rtn:
+            raise
+        warnings.warn(f"{e}; falling back to round-to-nearest quantization", stacklevel=2)
         return rtn_quantize_model(model, cfg.quant) if quantize else model
-    inps, kws = capture_layer_inputs(model, calib_batches)
     for li, layer in enumerate(tqdm(layers, desc="AWQ layers", disable=not progress)):
         for x in inps:
             check_finite(x, f"the input of decoder layer {li}")
-        res = awq_scale_layer(layer, inps, kws, cfg)
+        if li:
+            check_invariance(layer, fam, inps[0], kws[0], f"decoder layer {li}")
+        res = awq_scale_layer(layer, inps, kws, cfg, fam)
         log.debug("AWQ layer %d alphas %s", li, res["alphas"])
         inps = res["outs"]
         if quantize:
-            with _one_thread():
+            with one_thread():
                 for n, m in list(layer.named_modules()):
                     if isinstance(m, nn.Linear):
                         set_module(layer, n, build_quant_linear(m, cfg.quant))

@@ -23,20 +23,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import ops
-from ._layers import capture_layer_inputs, check_finite, decoder_layers, layer_forward
-from .rtn import (INT4_G128, QuantConfig, _one_thread, _pad_cols, quantizable_linears, quantize_with, set_module,
+from .families import FAMILIES, LLAMA
+from .grids import group_qparams
+from ._layers import capture_layer_inputs, check_finite, decoder_layers, layer_forward, one_thread, pad_cols
+from .rtn import (INT4_G128, QuantConfig, quantizable_linears, quantize_with, set_module,
                   build_quant_linear)
 
 log = logging.getLogger("qkernels.algorithms")
 
 # quantization order inside a Llama-style decoder layer (names relative to the layer)
-LLAMA_SEQUENTIAL = [
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.gate_proj", "mlp.up_proj"],
-    ["mlp.down_proj"],
-]
+LLAMA_SEQUENTIAL = [list(g) for g in LLAMA.sequential]
 
 
 @dataclass(frozen=True)
@@ -72,8 +68,8 @@ class GPTQResult:
 
 def _group_qparams(w: torch.Tensor, cfg: QuantConfig):
     """scale/zero_point ``[N, 1]`` for the columns ``w`` ``[N, k]`` forming one group."""
-    s, z = ops.choose_qparams_affine(w.contiguous(), cfg.bits, w.shape[1], cfg.symmetric)
-    return s, None if cfg.symmetric else z
+    s, z = group_qparams(w, cfg)
+    return s.unsqueeze(1), None if z is None else z.unsqueeze(1)
 
 
 class Hessian:
@@ -117,7 +113,7 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> GPTQResult:
     """Quantizes one weight ``W`` float ``[N, K]`` given its input Hessian ``H`` fp32 ``[K, K]``."""
     if W.device.type == "cpu":
-        with _one_thread():
+        with one_thread():
             return _gptq_quantize_weight(W, H, cfg)
     return _gptq_quantize_weight(W, H, cfg)
 
@@ -259,7 +255,7 @@ def _gptq_quantize_weight(W, H, cfg):
         if perm is not None:
             g_idx = torch.empty_like(ar)
             g_idx[perm] = ar // g
-    q = _pad_cols(Q, g).to(torch.int8)
+    q = pad_cols(Q, g).to(torch.int8)
     return GPTQResult(q, scale, zp, perm, g_idx.to(torch.int32), loss)
 
 
@@ -294,9 +290,12 @@ def collect_hessians(layer: nn.Module, linears: dict[str, nn.Linear], inps: list
 
 
 def _sequential_groups(layer: nn.Module, names: list[str], true_sequential: bool) -> list[list[str]]:
-    if true_sequential and all(n in names for grp in LLAMA_SEQUENTIAL for n in grp):
-        rest = [n for n in names if not any(n in grp for grp in LLAMA_SEQUENTIAL)]
-        return LLAMA_SEQUENTIAL + ([rest] if rest else [])
+    """The groups of ``names`` in execution order (the first family layout that names them all), else one group."""
+    if true_sequential:
+        for seq in dict.fromkeys(f.sequential for f in FAMILIES.values()):
+            if all(n in names for grp in seq for n in grp):
+                rest = [n for n in names if not any(n in grp for grp in seq)]
+                return [list(g) for g in seq] + ([rest] if rest else [])
     return [names]
 
 

@@ -36,10 +36,10 @@ from ..formats.gguf import MIXES, hf_to_gguf_name, tensor_type
 from ..nn.gguf_linear import GGUFLinear
 from ..ops.gguf import gguf_quantize, type_id
 from ..reference.gguf import BLOCK, CODES, IMATRIX_TYPES, TYPE_NAMES, TYPES, block_affine, pack_codes
-from ._layers import capture_layer_inputs, check_finite, decoder_layers, layer_forward
+from ._layers import capture_layer_inputs, check_finite, decoder_layers, layer_forward, one_thread
 from .gptq import (ColumnGrid, GPTQConfig, _inverse_cholesky, _sequential_groups, collect_hessians, gptq_column_loop,
                    prepare_hessian)
-from .rtn import _one_thread, quantizable_linears, set_module
+from .rtn import quantizable_linears, set_module
 
 log = logging.getLogger("qkernels.algorithms")
 
@@ -143,7 +143,7 @@ def gptq_gguf_quantize_weight(W: torch.Tensor, H: torch.Tensor, type, cfg: GGUFG
         raise ValueError(f"W must be a 2-D weight [N, K], got shape {tuple(W.shape)}")
     t = _check_type(type, W.shape[1])
     if W.device.type == "cpu":
-        with _one_thread():
+        with one_thread():
             return _gptq_gguf_quantize_weight(W, H, t, cfg)
     return _gptq_gguf_quantize_weight(W, H, t, cfg)
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from .. import ops
 from ..nn.linear import QuantLinear
-from .rtn import INT4_G128, QuantConfig, _pad_cols, fake_quantize, qparams, quantizable_linears, quantize_weight, \
+from ._layers import pad_cols
+from .rtn import INT4_G128, QuantConfig, fake_quantize, qparams, quantizable_linears, quantize_weight, \
     set_module, build_quant_linear
 
 log = logging.getLogger("qkernels.algorithms")
@@ -31,6 +32,11 @@ class QATScheme:
     weight: QuantConfig = INT4_G128
     act_int8_per_token: bool = False
     learnable_scales: bool = False
+
+    def __post_init__(self):
+        if self.learnable_scales and self.weight.full_range:
+            # the learned scales are kept positive (clamped), which the signed full-range scale is not
+            raise ValueError("learnable_scales needs a QuantConfig without full_range (its scales can be negative)")
 
 
 def _round_ste(v: torch.Tensor) -> torch.Tensor:
@@ -68,7 +74,7 @@ class FakeQuantLinear(nn.Module):
         """(codes as fp32 in the padded grouped layout [N, G, g], scale [N, G, 1], zero point or 0)."""
         qc = self.scheme.weight
         qmin, qmax = -(1 << (qc.bits - 1)), (1 << (qc.bits - 1)) - 1
-        wg = _pad_cols(w.float(), self.group_size).reshape(self.out_features, -1, self.group_size)
+        wg = pad_cols(w.float(), self.group_size).reshape(self.out_features, -1, self.group_size)
         s = self.scale.clamp(min=1e-8).unsqueeze(-1)
         z = 0.0 if self.zero_point is None else self.zero_point.float().unsqueeze(-1)
         return torch.clamp(_round_ste(wg / s) + z, qmin, qmax), s, z

@@ -8,15 +8,15 @@ multiple of it) is allowed and padded with zeros, which leave its range unchange
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ._layers import one_thread, pad_cols
+from .grids import group_qparams
 from ..nn.linear import QuantLinear
 from ..nn.schemes import Int4WeightOnly, Int8WeightOnly, IntWeightInt8Act, Scheme
 
@@ -25,17 +25,35 @@ log = logging.getLogger("qkernels.algorithms")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weight quantization scheme: ``bits`` in 2..8, ``group_size`` (-1 = per output channel), symmetric or not."""
+    """Weight quantization scheme: ``bits`` in 2..8, ``group_size`` (-1 = per output channel), symmetric or not,
+    and how each group's scale is chosen (:mod:`qkernels.algorithms.grids`):
+
+    * ``full_range`` (symmetric only): ``s = x / -2^(b-1)`` with ``x`` the group's value of largest magnitude (the
+      scale carries its sign), so all ``2^b`` levels are used, as llama.cpp's Q4_0; default: ``s = amax / (2^(b-1)-1)``;
+    * ``mse``: the group's range shrunk by the factor (on ``mse_grid`` steps from 1 to ``1 - mse_max_shrink``) whose
+      codes, with a least-squares scale (symmetric), give the smallest squared weight error.
+    """
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    full_range: bool = False
+    mse: bool = False
+    mse_grid: int = 40
+    mse_max_shrink: float = 0.5
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an int in [2, 8], got {self.bits!r}")
         if not isinstance(self.group_size, int) or (self.group_size <= 0 and self.group_size != -1):
             raise ValueError(f"group_size must be a positive int or -1 (per channel), got {self.group_size!r}")
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range applies to the symmetric grid (an asymmetric grid already uses every "
+                             "level); got full_range=True with symmetric=False")
+        if isinstance(self.mse_grid, bool) or not isinstance(self.mse_grid, int) or self.mse_grid < 1:
+            raise ValueError(f"mse_grid must be a positive int, got {self.mse_grid!r}")
+        if not 0 <= self.mse_max_shrink < 1:
+            raise ValueError(f"mse_max_shrink must be in [0, 1), got {self.mse_max_shrink!r}")
 
     def group(self, K: int) -> int:
         return K if self.group_size == -1 else self.group_size
@@ -43,36 +61,21 @@ class QuantConfig:
     @property
     def name(self) -> str:
         g = "ch" if self.group_size == -1 else f"g{self.group_size}"
-        return f"int{self.bits}-{g}-{'sym' if self.symmetric else 'asym'}"
+        grid = ("-full" if self.full_range else "") + ("-mse" if self.mse else "")
+        return f"int{self.bits}-{g}-{'sym' if self.symmetric else 'asym'}{grid}"
 
 
 INT8_WEIGHT_ONLY = QuantConfig(8, -1, True)
 INT4_G128 = QuantConfig(4, 128, True)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """For loops of many small ops on CPU (GPTQ's columns, per-layer RTN): one thread avoids an OpenMP barrier per
-    op, which costs milliseconds whenever the cores are shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _pad_cols(w: torch.Tensor, g: int) -> torch.Tensor:
-    K = w.shape[-1]
-    Kp = -(-K // g) * g
-    return w if Kp == K else F.pad(w, (0, Kp - K))
-
-
 def qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 scale and int32 zero point (None if symmetric) ``[N, G]`` of ``w`` ``[N, K]`` (ragged last group ok)."""
     g = cfg.group(w.shape[-1])
-    scale, zp = ops.choose_qparams_affine(_pad_cols(w.float(), g), cfg.bits, g, cfg.symmetric)
-    return scale, None if cfg.symmetric else zp
+    wp = pad_cols(w.float(), g)
+    scale, zp = group_qparams(wp.reshape(-1, g), cfg)
+    N = w.shape[0]
+    return scale.reshape(N, -1), None if zp is None else zp.reshape(N, -1)
 
 
 def quantize_with(w, scale, zero_point, cfg: QuantConfig, group_size: int):
@@ -89,7 +92,7 @@ def fake_quantize(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     K = w.shape[-1]
     g = cfg.group(K)
     scale, zp = qparams(w, cfg)
-    wp = _pad_cols(w.float(), g)
+    wp = pad_cols(w.float(), g)
     wg = wp.reshape(w.shape[0], -1, g)
     _, deq = quantize_with(wg, scale.unsqueeze(-1), None if zp is None else zp.unsqueeze(-1), cfg, g)
     return deq.reshape(wp.shape)[:, :K]
@@ -100,9 +103,14 @@ def quantize_weight(w: torch.Tensor, cfg: QuantConfig):
     if not torch.isfinite(w).all():
         raise ValueError(f"weight of shape {tuple(w.shape)} contains NaN or inf; cannot quantize")
     g = cfg.group(w.shape[-1])
-    wp = _pad_cols(w.detach().float(), g)
-    q, scale, zp = ops.quantize_affine(wp, cfg.bits, g, cfg.symmetric)
-    return q, scale, None if cfg.symmetric else zp
+    wp = pad_cols(w.detach().float(), g)
+    if not cfg.full_range and not cfg.mse:
+        q, scale, zp = ops.quantize_affine(wp, cfg.bits, g, cfg.symmetric)
+        return q, scale, None if cfg.symmetric else zp
+    scale, zp = qparams(wp, cfg)
+    N = wp.shape[0]
+    q, _ = quantize_with(wp.reshape(N, -1, g), scale.unsqueeze(-1), None if zp is None else zp.unsqueeze(-1), cfg, g)
+    return q.reshape(N, -1).to(torch.int8), scale, zp
 
 
 def scheme_for(cfg: QuantConfig, in_features: int, act_int8_per_token: bool = False) -> Scheme:
@@ -176,7 +184,7 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def rtn_quantize_model(model: nn.Module, cfg: QuantConfig = INT4_G128) -> nn.Module:
     """Replaces every quantizable linear of ``model`` (in place) by its RTN-quantized :class:`QuantLinear` (scheme:
     :func:`scheme_for`); returns ``model``."""
-    with _one_thread():
+    with one_thread():
         for name, lin in quantizable_linears(model).items():
             set_module(model, name, build_quant_linear(lin, cfg))
     return model

@@ -105,3 +105,35 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+# tiny random configs of each decoder family with a layer mapping (qkernels.algorithms.families): tests, smoke runs
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "stablelm")
+
+
+def tiny_causal_lm(model_type: str, kv_heads: int = 2, seed: int = 0, vocab_size: int = 256, hidden: int = 64,
+                   layers: int = 2, heads: int = 4, intermediate: int = 128):
+    """A random causal LM of HF ``model_type`` (one of :data:`TINY_FAMILIES`) with hidden size ``hidden``. Norm
+    weights (and LayerNorm biases) are randomised too: HF initialises them to the identity (Gemma's to 0, i.e.
+    ``1 + 0``), which would hide a wrong fold of AWQ's scales into them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_type not in TINY_FAMILIES:
+        raise ValueError(f"model_type must be one of {TINY_FAMILIES}, got {model_type!r}")
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if model_type in ("qwen3", "gemma", "gemma2", "gemma3_text"):
+        kw["head_dim"] = hidden // heads
+    if model_type in ("gemma2", "gemma3_text", "qwen2", "qwen3", "mistral"):
+        kw["sliding_window"] = 64
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, **kw)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model

@@ -9,11 +9,13 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..algorithms._layers import UnsupportedModel
 from ..algorithms import AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quantize_model, gptq_quantize_model, \
     rtn_quantize_model
 from ..algorithms import qat as qat_mod
@@ -26,9 +28,35 @@ log = logging.getLogger("qkernels.eval")
 # q8_0 / q4_k_m: llama.cpp's own quantizer (the GGUF mixes of the same names, per-tensor types by llama.cpp's rules);
 # gptq-q4_k_m: the same mix and bytes format with GPTQ choosing the codes (qkernels.algorithms.gptq_gguf). It is
 # not in the default run: its column loop adds about 5 minutes on a 2-core CPU (`qkernels eval --gguf-gptq`).
-DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "gptq-int4", "awq-int4", "q8_0", "q4_k_m")
-ALL_SCHEMES = DEFAULT_SCHEMES + ("gptq-q4_k_m", "qat-int4")
+#
+# Integer schemes are named ALGO-intBITS[-asym][-full][-mse] (parse_scheme): ALGO is rtn, gptq, awq, awq-gptq (AWQ's
+# scales folded, then GPTQ's rounding) or qat; -asym: zero points (default: --asym or symmetric); -full: the
+# symmetric grid uses all 2^b levels (llama.cpp Q4_0's scale); -mse: each group's range searched for the smallest
+# squared error (qkernels.algorithms.grids). The group size is --group-size.
+DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "rtn-int4-asym", "gptq-int4", "gptq-int4-asym", "awq-int4",
+                   "awq-int4-asym", "q8_0", "q4_k_m")
+ALL_SCHEMES = DEFAULT_SCHEMES + ("rtn-int4-full-mse", "rtn-int4-asym-mse", "gptq-int4-full-mse", "gptq-int4-asym-mse",
+                                 "awq-gptq-int4-asym-mse", "gptq-q4_k_m", "qat-int4")
 GGUF_MIXES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
+_INT_SCHEME = re.compile(r"^(rtn|gptq|awq|awq-gptq|qat)-int([2-8])((?:-(?:asym|full|mse))*)$")
+
+
+def parse_scheme(name: str, group_size: int = 128, symmetric: bool = True) -> tuple[str, QuantConfig] | None:
+    """``(algorithm, QuantConfig)`` of an integer scheme name (see the comment above), None for float / int8 /
+    GGUF names; raises ValueError for an unknown name."""
+    if name in ("float", "int8", "gptq-q4_k_m") or name in GGUF_MIXES:
+        return None
+    m = _INT_SCHEME.match(name)
+    if m is None:
+        raise ValueError(f"unknown scheme {name!r}; choose from {ALL_SCHEMES} or a name ALGO-intBITS[-asym][-full]"
+                         "[-mse] with ALGO in rtn, gptq, awq, awq-gptq, qat")
+    flags = m.group(3).split("-")[1:]
+    if len(set(flags)) != len(flags):
+        raise ValueError(f"scheme {name!r} repeats an option")
+    sym = symmetric and "asym" not in flags
+    if "full" in flags and not sym:
+        raise ValueError(f"scheme {name!r}: -full applies to the symmetric grid only")
+    return m.group(1), QuantConfig(int(m.group(2)), group_size, sym, full_range="full" in flags, mse="mse" in flags)
 
 
 @dataclass
@@ -68,21 +96,13 @@ class _Clock:
         return {"wall_s": round(time.perf_counter() - self.wall, 2), "cpu_s": round(time.process_time() - self.cpu, 2)}
 
 
-def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows):
-    q4 = QuantConfig(4, cfg.group_size, cfg.symmetric)
+def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows, notes: dict | None = None):
+    notes = {} if notes is None else notes
     if name == "float":
         return base
     m = copy.deepcopy(base)
     if name == "int8":
         return rtn_quantize_model(m, QuantConfig(8, -1, True))
-    if name == "rtn-int4":
-        return rtn_quantize_model(m, q4)
-    if name == "gptq-int4":
-        return gptq_quantize_model(m, calib["gptq"], GPTQConfig(q4, act_order=cfg.gptq_act_order,
-                                                        true_sequential=cfg.gptq_true_sequential),
-                                   progress=cfg.progress)
-    if name == "awq-int4":
-        return awq_quantize_model(m, calib["awq"], AWQConfig(q4, n_grid=cfg.awq_grid), progress=cfg.progress)
     if name in GGUF_MIXES:
         return gguf_quantize_model(m, GGUF_MIXES[name])
     if name == "gptq-q4_k_m":
@@ -90,20 +110,38 @@ def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows):
                                         GGUFGPTQConfig(act_order=cfg.gguf_gptq_act_order,
                                                        true_sequential=cfg.gptq_true_sequential),
                                         progress=cfg.progress)
-    if name == "qat-int4":
-        qat_mod.prepare(m, QATScheme(q4))
+    algo, qc = parse_scheme(name, cfg.group_size, cfg.symmetric)
+    gptq_cfg = GPTQConfig(qc, act_order=cfg.gptq_act_order, true_sequential=cfg.gptq_true_sequential)
+    if algo == "rtn":
+        return rtn_quantize_model(m, qc)
+    if algo == "gptq":
+        return gptq_quantize_model(m, calib["gptq"], gptq_cfg, progress=cfg.progress)
+    if algo in ("awq", "awq-gptq"):
+        fold_only = algo == "awq-gptq"  # AWQ's scales only (its clipping would fight GPTQ's error feedback)
+        try:
+            awq_quantize_model(m, calib["awq"], AWQConfig(qc, n_grid=cfg.awq_grid, clip=not fold_only),
+                               progress=cfg.progress, quantize=not fold_only)
+        except UnsupportedModel as e:
+            # never a silently broken row: RTN instead, and the table says so
+            log.warning("%s: %s; this row is RTN", name, e)
+            notes[name] = f"AWQ refused ({e}); RTN instead"
+            return rtn_quantize_model(copy.deepcopy(base), qc)
+        if fold_only:
+            return gptq_quantize_model(m, calib["gptq"], gptq_cfg, progress=cfg.progress)
+        return m
+    if algo == "qat":
+        qat_mod.prepare(m, QATScheme(qc))
         losses = qat_mod.finetune(m, qat_windows, steps=cfg.qat_steps, lr=cfg.qat_lr, teacher=base,
                                   progress=cfg.progress)
         log.info("QAT loss %.4f -> %.4f", losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
         return qat_mod.convert(m)
-    raise ValueError(f"unknown scheme {name!r}; choose from {ALL_SCHEMES}")
+    raise AssertionError(algo)
 
 
 def run(cfg: EvalConfig) -> dict:
     """Runs the comparison; returns the results dict (also written to ``cfg.out``/results.json)."""
     for s in cfg.schemes:
-        if s not in ALL_SCHEMES:
-            raise ValueError(f"unknown scheme {s!r}; choose from {ALL_SCHEMES}")
+        parse_scheme(s, cfg.group_size, cfg.symmetric)  # unknown names fail before the model is loaded
     total = _Clock()
     torch.manual_seed(0)
     clk = _Clock()
@@ -120,13 +158,13 @@ def run(cfg: EvalConfig) -> dict:
     log.info("model loaded in %.1fs; eval windows %s, calibration windows %s", t_load["wall_s"], tuple(ev.shape),
              tuple(cal.shape))
 
-    rows, ref_top1, float_ppl = [], None, None
+    rows, ref_top1, float_ppl, notes = [], None, None, {}
     schemes = list(cfg.schemes)
     if "float" not in schemes:
         schemes.insert(0, "float")  # the reference for dPPL and agreement
     for name in schemes:
         clk = _Clock()
-        m = _quantize(name, base, cfg, calib, qat_windows)
+        m = _quantize(name, base, cfg, calib, qat_windows, notes)
         t_q = clk.read()
         res, top1 = metrics.evaluate_lm(m, ev, cfg.batch_size, ref_top1, cfg.progress, desc=f"eval {name}")
         if name == "float":
@@ -135,6 +173,8 @@ def run(cfg: EvalConfig) -> dict:
         row = {"scheme": name, "bits_per_weight": metrics.bits_per_weight(m),
                "size_mb": metrics.model_size_bytes(m) / 1e6, **res,
                "dppl_pct": 100.0 * (res["ppl"] / float_ppl - 1.0), "quantize_time": t_q}
+        if name in notes:
+            row["note"] = notes[name]
         rows.append(row)
         print(_format_row(row), flush=True)
         if cfg.lm_eval:
@@ -154,12 +194,14 @@ def run(cfg: EvalConfig) -> dict:
     return out
 
 
-HEADER = f"{'scheme':<12} {'bits/w':>7} {'size MB':>8} {'PPL':>8} {'dPPL %':>8} {'top1 agree':>10} {'tok/s':>7} {'quant s':>8}"
+HEADER = f"{'scheme':<22} {'bits/w':>7} {'size MB':>8} {'PPL':>8} {'dPPL %':>8} {'top1 agree':>10} {'tok/s':>7} {'quant s':>8}"
 
 
 def _format_row(r: dict) -> str:
-    return (f"{r['scheme']:<12} {r['bits_per_weight']:>7.2f} {r['size_mb']:>8.1f} {r['ppl']:>8.3f} "
-            f"{r['dppl_pct']:>8.2f} {r['top1_agree']:>10.4f} {r['tokens_per_s']:>7.1f} {r['quantize_time']['wall_s']:>8.1f}")
+    note = f"  ({r['note']})" if r.get("note") else ""
+    return (f"{r['scheme']:<22} {r['bits_per_weight']:>7.2f} {r['size_mb']:>8.1f} {r['ppl']:>8.3f} "
+            f"{r['dppl_pct']:>8.2f} {r['top1_agree']:>10.4f} {r['tokens_per_s']:>7.1f} {r['quantize_time']['wall_s']:>8.1f}"
+            + note)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -182,7 +224,36 @@ def format_lm_eval(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PLOT_FLOOR_PCT = 0.01  # the log axis cannot show 0 or less: such rows (the float reference) sit on this floor
+
+
+def _place_labels(ax, points: list[tuple[float, float]], labels: list[str], fontsize: float = 8.0) -> list:
+    """One label per point, right of it, moved down or up in whole line heights until its box (estimated from the
+    font size, in display pixels) overlaps no marker and no label placed before; greedy, in order of decreasing y. Call after the
+    axes limits and the layout are final."""
+    fig = ax.figure
+    px = fig.dpi / 72.0
+    h, cw = 1.25 * fontsize * px, 0.62 * fontsize * px  # line height, generous average glyph width
+    disp = ax.transData.transform(points)
+    r = 4 * px  # the markers are obstacles too
+    placed, texts = [(x - r, y - r, x + r, y + r) for x, y in disp], []
+    for i in sorted(range(len(points)), key=lambda i: -points[i][1]):
+        x0, y0 = disp[i]
+        w = cw * len(labels[i])
+        for k in range(200):  # offsets 0, -1, +1, -2, +2 ... line heights
+            dy = h * ((k + 1) // 2) * (1 if k % 2 == 0 else -1)
+            box = (x0 + 6 * px, y0 - h / 2 + dy, x0 + 6 * px + w, y0 + h / 2 + dy)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        texts.append(ax.annotate(labels[i], points[i], textcoords="offset points", fontsize=fontsize, va="center",
+                                 xytext=(6, dy / px), arrowprops=dict(arrowstyle="-", lw=0.4, color="gray")
+                                 if dy else None))
+    return texts
+
+
 def plot(rows: list[dict], path: str) -> str | None:
+    """dPPL (log axis) vs stored bits per weight, one labelled point per scheme; labels never overlap."""
     try:
         import matplotlib
 
@@ -191,20 +262,21 @@ def plot(rows: list[dict], path: str) -> str | None:
     except ImportError:
         log.warning("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    placed = []  # label positions so far: schemes with nearly equal (bits, dPPL) get their labels stacked
-    for r in rows:
-        x, y = r["bits_per_weight"], r["dppl_pct"]
-        ax.scatter(x, y, s=40)
-        near = sum(1 for px, py in placed if abs(px - x) < 0.5 and abs(py - y) < 3.0)
-        placed.append((x, y))
-        ax.annotate(r["scheme"], (x, y), textcoords="offset points", xytext=(5, 5 - 12 * near))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    pts = [(r["bits_per_weight"], max(r["dppl_pct"], PLOT_FLOOR_PCT)) for r in rows]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=30)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ys = [p[1] for p in pts]
+    ax.set_ylim(min(ys) / 2, max(ys) * 3)
+    xs = [p[0] for p in pts]
+    ax.set_xlim(min(xs) / 1.15, max(xs) * 1.6)  # room for the labels right of the points
     ax.set_xlabel("stored bits per weight (linear layers)")
-    ax.set_ylabel("perplexity increase vs float (%)")
-    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_ylabel(f"perplexity increase vs float (%, log; <= {PLOT_FLOOR_PCT} shown at {PLOT_FLOOR_PCT})")
     ax.set_title("quality vs size")
+    ax.grid(True, which="major", lw=0.3)
     fig.tight_layout()
+    _place_labels(ax, pts, [r["scheme"] for r in rows])
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
