@@ -4,22 +4,31 @@
 
 On a 64 x 64 layer at M = 1 the GEMM itself takes well under a microsecond, so the times are the Python and
 dispatcher cost of one call: what a decode step pays per linear layer on top of the kernel (issue 18: the eager
-quantized model was no faster than bf16 because of it). For each scheme the same run times, round-robin
-(benchmarks.harness.time_cpu_interleaved, ``--calls`` back-to-back calls per sample, median over the rounds):
+quantized model was no faster than bf16 because of it). For each scheme the same run times:
 
 * ``F.linear``: ``F.linear(x, w)`` with the float weight in x's dtype (the baseline, once per run),
 * ``nn.Linear``: the float module call (shows what ``nn.Module.__call__`` itself costs),
 * ``op``: the public function the layer's forward runs, on the layer's own buffers (for the dynamic schemes the
   GEMM on pre-quantized activations: the activation quantization is a second op the layer has to call),
-* ``QuantLinear``: ``layer(x)``, the module call as a model makes it.
+* ``forward``: ``layer.forward(x)`` (the issue's measure), and ``QuantLinear``: ``layer(x)``, the module call as a
+  model makes it (compared with the ``nn.Linear`` module call: ``nn.Module.__call__`` costs both the same).
 
-Ratios are to ``F.linear`` within the same run (the machine is shared: absolute times drift, ratios much less).
-Goals (issue 18): ``QuantLinear`` <= 1.5x and the public op <= 2x of ``F.linear``.
+* ``kernel``: the ``torch.ops.qkernels`` op called directly with the same arguments (the dispatcher and the C++
+  entry, no Python around it): the floor the Python side can reach.
+
+Each sample times ``--calls`` back-to-back calls; the methods are sampled round-robin in shuffled order and each
+time is the **minimum** over the samples (``--stat median`` for the median): a per-call cost is fixed, and on a
+shared machine preemption only ever adds to a sample, so the minimum estimates it best (as ``timeit`` advises).
+Ratios are to ``F.linear`` within the same run. Goals (issue 18): ``QuantLinear.forward`` <= 1.5x and the public op <=
+2x of ``F.linear``.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +37,7 @@ import qkernels
 from qkernels.nn import (Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly,
                          IntWeightInt8Act, QuantLinear)
 
-from .harness import machine_info, print_table, time_cpu_interleaved
+from .harness import machine_info, print_table
 
 
 def schemes(k: int):
@@ -74,11 +83,40 @@ def public_op(layer: QuantLinear, x: torch.Tensor):
                                    b_global_scale=layer.global_scale)
 
 
-def _repeat(fn, calls: int):
-    def run(_i):
+def raw_kernel(layer: QuantLinear, x: torch.Tensor):
+    """The torch.ops op of the integer layouts called directly (None for the others: their public ops prepare
+    scale grids and activations in Python first, so there is no one op call to compare with)."""
+    op, g = layer.op, layer.group_size
+    w, sc, zp = layer.qweight, layer.scale, layer.zero_point
+    if op == "int4_weight_only_mm":
+        fn = torch.ops.qkernels.int4_weight_only_mm.default
+        return lambda: fn(x, w, sc, zp, g, True)
+    if op in ("int8_weight_only_mm", "int8_dynamic_mm"):
+        fn = getattr(torch.ops.qkernels, op).default
+        return lambda: fn(x, w, sc)
+    return None
+
+
+def time_calls(fns: dict, calls: int, min_time_s: float, stat: str) -> dict:
+    """Seconds per call of each zero-argument ``fns[name]``: samples of ``calls`` calls, round-robin in a shuffled
+    order (fixed seed), at least 20 rounds and ``min_time_s`` seconds; min or median over the samples."""
+    for fn in fns.values():
         for _ in range(calls):
             fn()
-    return run
+    samples = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
+    start, rounds = time.perf_counter(), 0
+    while rounds < 20 or (time.perf_counter() - start < min_time_s and rounds < 2000):
+        rng.shuffle(order)
+        for k in order:
+            fn = fns[k]
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[k].append((time.perf_counter() - t0) / calls)
+        rounds += 1
+    pick = min if stat == "min" else statistics.median
+    return {k: pick(v) for k, v in samples.items()}
 
 
 def main(argv=None):
@@ -90,6 +128,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calls", type=int, default=50, help="back-to-back calls per timed sample")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per scheme (at least)")
+    p.add_argument("--stat", default="min", choices=("min", "median"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -103,23 +142,27 @@ def main(argv=None):
     print(f"# per-call overhead, Linear({a.k}, {a.n}), M={a.m}, {a.dtype}, {a.threads} thread(s); "
           f"{info.get('cpu', '')}, torch {torch.__version__}")
     rows = []
+    layers = {name: QuantLinear.from_linear(lin, scheme) for name, scheme in schemes(a.k).items()}  # as a model
     with torch.inference_mode():
-        for name, scheme in schemes(a.k).items():
-            layer = QuantLinear.from_linear(lin, scheme)
-            fns = {
-                "F.linear": _repeat(lambda: F.linear(x, w, b), a.calls),
-                "nn.Linear": _repeat(lambda: lin_d(x), a.calls),
-                "op": _repeat(public_op(layer, x), a.calls),
-                "QuantLinear": _repeat(lambda: layer(x), a.calls),
-            }
-            t = {k: v / a.calls for k, v in time_cpu_interleaved(fns, min_time_s=a.min_time).items()}
+        for name, layer in layers.items():
+            fns = {"F.linear": lambda: F.linear(x, w, b), "nn.Linear": lambda: lin_d(x),
+                   "op": public_op(layer, x), "forward": lambda: layer.forward(x), "QuantLinear": lambda: layer(x)}
+            raw = raw_kernel(layer, x)
+            if raw is not None:
+                fns["kernel"] = raw
+            t = time_calls(fns, a.calls, a.min_time, a.stat)
             base = t["F.linear"]
-            rows.append({"scheme": name, "op": layer.op, "F.linear us": f"{base * 1e6:.1f}",
-                         "nn.Linear us": f"{t['nn.Linear'] * 1e6:.1f}", "op us": f"{t['op'] * 1e6:.1f}",
-                         "QuantLinear us": f"{t['QuantLinear'] * 1e6:.1f}", "op / F.linear": f"{t['op'] / base:.2f}",
-                         "QuantLinear / F.linear": f"{t['QuantLinear'] / base:.2f}"})
-    print_table(rows, ["scheme", "op", "F.linear us", "nn.Linear us", "op us", "QuantLinear us", "op / F.linear",
-                       "QuantLinear / F.linear"])
+            us = lambda k: f"{t[k] * 1e6:.1f}" if k in t else "-"  # noqa: E731
+            rows.append({"scheme": name, "op": layer.op, "F.linear us": us("F.linear"), "nn.Linear us": us("nn.Linear"),
+                         "kernel us": us("kernel"), "op us": us("op"), "forward us": us("forward"),
+                         "QuantLinear us": us("QuantLinear"),
+                         "kernel / F.linear": f"{t['kernel'] / base:.2f}" if "kernel" in t else "-",
+                         "op / F.linear": f"{t['op'] / base:.2f}", "forward / F.linear": f"{t['forward'] / base:.2f}",
+                         "QuantLinear / nn.Linear": f"{t['QuantLinear'] / t['nn.Linear']:.2f}"})
+    print(f"# {a.stat} per call over samples of {a.calls} calls")
+    print_table(rows, ["scheme", "op", "F.linear us", "nn.Linear us", "kernel us", "op us", "forward us",
+                       "QuantLinear us", "kernel / F.linear", "op / F.linear", "forward / F.linear",
+                       "QuantLinear / nn.Linear"])
 
 
 if __name__ == "__main__":

@@ -115,3 +115,22 @@ def test_layer_input_errors(scheme):
         q(torch.ones(2, 96, dtype=torch.int64))
     with pytest.raises(ValueError, match="got a 0-d tensor"):
         q(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("scheme", [Int4WeightOnly(32), Int8WeightOnly()], ids=repr)
+def test_bias_cast_follows_the_buffer(scheme):
+    """The bias kept in the activation dtype is recast when the fp32 buffer changes in place or is loaded."""
+    q = layer(scheme)
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    want = lambda: q._layout.mm(q, q._buffers, x) + q.bias.to(x.dtype)  # noqa: E731
+    assert q.bias.dtype == torch.float32 and torch.equal(q(x), want())
+    with torch.no_grad():
+        q.bias.add_(1.0)
+    assert torch.equal(q(x), want())
+    sd = q.state_dict()
+    sd["bias"] = torch.randn(40)
+    q.load_state_dict(sd)
+    assert torch.equal(q(x), want())
+    with torch.inference_mode():  # an inference-mode bias has no version counter: cast per call
+        q2 = layer(scheme)
+        assert torch.equal(q2(x), q2._layout.mm(q2, q2._buffers, x) + q2.bias.to(x.dtype))

@@ -74,8 +74,24 @@ def _check_presence(name: str, value, layer):
         raise ValueError(f"{name} must be {'None' if buf is None else 'given'} for {layer.scheme!r}")
 
 
-def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias.to(out.dtype)
+def add_bias(layer, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out + bias.to(out.dtype)`` (the same rounding), without the two temporaries on the hot path: the bias is
+    kept cast to the last activation dtype (recast when the buffer is replaced or changed in place: its version
+    counter moves; a bias made under inference_mode has none and is cast per call), and added in place to the fresh
+    kernel output unless autograd tracks it."""
+    if bias is None:
+        return out
+    if torch.compiler.is_compiling():  # traced: no data pointers or version counters, and the graph fuses it anyway
+        return out + bias.to(out.dtype)
+    if bias.dtype != out.dtype:
+        if bias.is_inference():  # no version counter to tell an in-place change: cast per call
+            return out.add_(bias.to(out.dtype)) if not out.requires_grad else out + bias.to(out.dtype)
+        key = (out.dtype, bias._version, bias.data_ptr())
+        cached = layer._bias_cast
+        if cached is None or cached[0] != key:
+            cached = layer._bias_cast = (key, bias.to(out.dtype))
+        bias = cached[1]
+    return out + bias if out.requires_grad else out.add_(bias)
 
 
 class Layout:
@@ -175,7 +191,7 @@ class _IntLayout(Layout):
         pad = layer._pad
         if pad:  # a ragged last group: zero inputs meet the padding codes
             x = F.pad(x, (0, pad))
-        return add_bias(self.mm(layer, b, x), b["bias"])
+        return add_bias(layer, self.mm(layer, b, x), b["bias"])
 
     def mm(self, layer, b: dict, x: torch.Tensor) -> torch.Tensor:
         """``x [..., Kp] @ W^T`` without bias, on the op the scheme names."""

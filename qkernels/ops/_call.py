@@ -99,6 +99,17 @@ def _overload(op: str):
 
 # (op, device, shape class) -> the compiled kernel's OpOverload, or None where an unforced call runs something else
 _COMPILED: dict = {}
+# QKERNELS_BACKEND is read on every call: os.environ.get costs ~1 us (it encodes the key), a look-up in the mapping
+# os.environ keeps in sync (its _data, what os.environ.get reads too) ~0.05 us; a call decodes the value only when
+# the variable is set
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("QKERNELS_BACKEND") if _ENV_DATA is not None else None
+
+
+def backend_forced_by_env() -> bool:
+    if _ENV_DATA is None:
+        return bool(os.environ.get("QKERNELS_BACKEND"))
+    return bool(_ENV_DATA.get(_ENV_KEY))
 
 
 def compiled_op(op: str, device: torch.device, **ctx):
@@ -111,7 +122,7 @@ def compiled_op(op: str, device: torch.device, **ctx):
     once): there ``call`` runs ``choose``. The compiled kernels check their arguments themselves (TORCH_CHECK), so a
     caller may skip its Python-side checks when it gets an op here and run them only if the kernel raises, to turn
     the kernel's message into the Python one."""
-    if torch.compiler.is_compiling() or dispatch._MOCK is not None or os.environ.get("QKERNELS_BACKEND"):
+    if dispatch._MOCK is not None or backend_forced_by_env() or torch.compiler.is_compiling():
         return None
     key = (op, device) if device.type == "cpu" else (op, device, dispatch.shape_class(ctx))
     try:
