@@ -294,7 +294,7 @@ def test_corrupt_gguf_raises_naming_the_problem_quickly(gguf_file, tmp_path, cas
     t0 = time.perf_counter()
     with pytest.raises(GGUFError, match=match):
         qkernels.load_gguf(dst)
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 10  # ~0.05 s on an idle machine; minutes before the header checks
 
 
 def test_gguf_unsupported_features_and_argument_types(gguf_file, tmp_path):

@@ -11,6 +11,7 @@ and exporting a llama model to GGUF.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -578,8 +579,6 @@ def load_gguf_tokenizer(path):
 
 def _tokenizer_fields(tokenizer) -> dict:
     """gguf tokenizer.* fields for a transformers BPE tokenizer (GPT-2 style, like convert_hf_to_gguf's gpt2 vocab)."""
-    import json
-
     vocab = tokenizer.get_vocab()
     n = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(n)]
@@ -603,8 +602,6 @@ def _tokenizer_fields(tokenizer) -> dict:
 
 
 def _add_field(writer, key, value):
-    import gguf
-
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
@@ -620,7 +617,6 @@ def _add_field(writer, key, value):
             writer.add_array(key, list(value))
     elif value is not None:
         raise TypeError(f"cannot write metadata {key!r} of type {type(value).__name__}")
-    del gguf
 
 
 def _float_weight(mod_or_tensor) -> torch.Tensor:
