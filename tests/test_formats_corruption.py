@@ -185,6 +185,21 @@ def test_gptq_and_awq_scales_must_be_positive(tmp_path):
         qkernels.load_quantized(str(tmp_path))
 
 
+def test_compressed_tensors_zero_point_out_of_range():
+    from qkernels.formats import compressed_tensors as ct
+    from qkernels.formats._common import pack_bits
+
+    N, K = 16, 64
+    q = torch.randint(0, 16, (N, K), generator=torch.Generator().manual_seed(0))
+    tensors = {"l.weight_packed": pack_bits(q, 4), "l.weight_shape": torch.tensor([N, K]),
+               "l.weight_scale": torch.tensor([0.01])}
+    w = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "tensor"}
+    ct.convert_layer("l", {**tensors, "l.weight_zero_point": torch.tensor([3], dtype=torch.int32)}, w)  # fine
+    with pytest.raises(CheckpointError, match=r"l zero points: zero points of 4-bit codes must be in \[-8, 8\], "
+                                              r"got \[100, 100\]"):
+        ct.convert_layer("l", {**tensors, "l.weight_zero_point": torch.tensor([100], dtype=torch.int32)}, w)
+
+
 def test_load_quantized_argument_types(saved):
     good, _ = saved
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module .* got str"):
