@@ -139,6 +139,10 @@ CASES = {
     "buffer_dtypes: unknown buffer": (
         dict(qcfg=lambda d: d["buffer_dtypes"].update({"model.rotary_emb.inv_freqq": "float32"})),
         r"buffer_dtypes\['model\.rotary_emb\.inv_freqq'\]: the model has no such floating non-persistent buffer"),
+    "buffer_dtypes: a dtype the model never had": (
+        dict(qcfg=lambda d: d["buffer_dtypes"].update({"model.rotary_emb.inv_freq": "bfloat16"})),
+        r"buffer_dtypes\['model\.rotary_emb\.inv_freq'\] is 'bfloat16', but the model builds that buffer as float32 "
+        r"and the checkpoint's float tensors are \['float32'\]"),
     "buffer_dtypes: not a float dtype": (
         dict(qcfg=lambda d: d["buffer_dtypes"].update({"model.rotary_emb.inv_freq": "int8"})),
         r"buffer_dtypes\['model\.rotary_emb\.inv_freq'\] must name a floating torch dtype"),

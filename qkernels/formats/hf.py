@@ -161,9 +161,11 @@ def convert_checkpoint(tensors: dict, qcfg: dict, validate: bool = True
     return layers, rest
 
 
-def check_buffer_dtypes(model: nn.Module, entries) -> dict[str, torch.dtype]:
+def check_buffer_dtypes(model: nn.Module, entries, stored: set = frozenset()) -> dict[str, torch.dtype]:
     """``quantization_config.buffer_dtypes`` ({buffer name: dtype name}, written by :func:`save_quantized`) checked
-    against ``model``: each entry must name a floating buffer outside the state dict and a floating dtype."""
+    against ``model``: each entry must name a floating buffer outside the state dict and a floating dtype, and that
+    dtype must be one the buffer can have had at save time: the one the model builds it with, or one of ``stored``
+    (the dtypes of the checkpoint's unquantized float tensors: a model cast with ``.to(dtype)`` casts those too)."""
     if entries is None:
         return {}
     if not isinstance(entries, dict):
@@ -179,6 +181,12 @@ def check_buffer_dtypes(model: nn.Module, entries) -> dict[str, torch.dtype]:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise CheckpointError(f"quantization_config.buffer_dtypes[{name!r}] must name a floating torch dtype "
                                   f"('float32', 'bfloat16', ...), got {dt!r}")
+        built = buffers[name].dtype
+        if dtype != built and dtype not in stored:
+            names = sorted(str(d).replace("torch.", "") for d in stored)
+            raise CheckpointError(f"quantization_config.buffer_dtypes[{name!r}] is {dt!r}, but the model builds that "
+                                  f"buffer as {str(built).replace('torch.', '')} and the checkpoint's float tensors "
+                                  f"are {names}: a model cast to {dt} would have {dt} tensors")
         out[name] = dtype
     return out
 
@@ -340,7 +348,8 @@ def load_quantized(path: str, model: nn.Module | None = None, *, device: str | t
     layers, rest = convert_checkpoint(tensors, qcfg, validate)
     if model is None:
         model = _build_hf_model(config, dtype)
-    buffer_dtypes = check_buffer_dtypes(model, qcfg.get("buffer_dtypes"))
+    buffer_dtypes = check_buffer_dtypes(model, qcfg.get("buffer_dtypes"),
+                                        {t.dtype for t in rest.values() if t.is_floating_point()})
     if dtype is not None:
         rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in rest.items()}
     load_into(model, layers, rest)
