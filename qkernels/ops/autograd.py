@@ -128,9 +128,18 @@ def _backward(op):
     return backward
 
 
+# Ops whose outputs are codes or the parameters of a rounding: not differentiable. Without an Autograd kernel
+# torch's fallback marks their outputs as requiring grad (with a grad_fn that warns, then fails, in backward), so
+# an activation scale of a W8A8 layer would look like a trainable parameter; falling through makes them constants.
+NON_DIFFERENTIABLE = ("choose_qparams_affine", "quantize_affine", "pack_int4", "unpack_int4", "quantize_per_token_int8",
+                      "quantize_fp8", "fp4_encode", "quantize_fp4", "gguf_quantize")
+
 if _ext.HAS_C:
     for _op in GEMMS:
         torch.library.register_autograd(f"qkernels::{_op}", _backward(_op), setup_context=_setup_context(_op))
+    _LIB = torch.library.Library("qkernels", "IMPL")  # kept alive: the registrations last as long as the library
+    for _op in NON_DIFFERENTIABLE:
+        _LIB.impl(_op, torch.library.fallthrough_kernel, "Autograd")
 
 
 def _differentiable_reference(op: str, fn):
@@ -201,9 +210,27 @@ def activation_ste(x: torch.Tensor, y: torch.Tensor, weight) -> torch.Tensor:
     return _ActivationSTE.apply(x, y, weight)
 
 
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_rounded):
+        return x_rounded.view_as(x_rounded)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def straight_through(x: torch.Tensor, x_rounded: torch.Tensor) -> torch.Tensor:
+    """``x_rounded`` (x fake-quantized, e.g. rounded per token to int8 and decoded) with the gradient passed to
+    ``x`` unchanged (bit-exact forward, unlike ``x + (x_rounded - x).detach()``)."""
+    if not needs_grad((x,)) or torch.compiler.is_compiling():
+        return x_rounded
+    return _StraightThrough.apply(x, x_rounded)
+
+
 for _op in GEMMS:
     _reference.OPS[_op] = _differentiable_reference(_op, _reference.OPS[_op])
 
 
 __all__ = ["GEMMS", "activation_ste", "check_no_param_grad", "check_param_no_grad", "dequantized_weight",
-           "needs_grad", "run"]
+           "needs_grad", "run", "straight_through"]

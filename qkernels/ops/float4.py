@@ -43,7 +43,8 @@ def fp4_encode(x, element="e2m1", *, backend=None):
     _check_element(element)
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"the last dim of x must be even to pack two fp4 per byte, got shape {tuple(x.shape)}")
-    return call("fp4_encode", (x, element), x.device, backend)
+    with torch.no_grad():  # codes: no gradient (see qkernels.ops.autograd)
+        return call("fp4_encode", (x, element), x.device, backend)
 
 
 def fp4_decode(packed, element="e2m1", out_dtype=torch.float32, *, backend=None):
@@ -116,7 +117,8 @@ def quantize_fp4(x, format="mxfp4", *, element="e2m1", global_scale=None, backen
             raise ValueError(f"global_scale is only used by format='nvfp4', got format={format!r}")
         global_scale = _global_arg(global_scale, "global_scale", x.device)
     x2 = x.reshape(-1, K)
-    packed, scale, g = call("quantize_fp4", (x2, format, element, global_scale), x.device, backend)
+    with torch.no_grad():  # codes and scales of a rounding: no gradient (see qkernels.ops.autograd)
+        packed, scale, g = call("quantize_fp4", (x2, format, element, global_scale), x.device, backend)
     packed = packed.reshape(*x.shape[:-1], K // 2)
     scale = scale.reshape(*x.shape[:-1], K // B).view(SCALE_DTYPES[format])
     return packed, scale, (g if format == "nvfp4" else None)

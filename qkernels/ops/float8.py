@@ -126,7 +126,8 @@ def quantize_fp8(x, dtype=torch.float8_e4m3fn, granularity="tensor", block_size=
     if x.numel() == 0:
         s = torch.ones(sshape, dtype=torch.float32, device=x.device) if scale is None else scale.reshape(sshape)
         return torch.empty(x.shape, dtype=dtype, device=x.device), s
-    q, s = call("quantize_fp8", (x.reshape(R, C), scale, dtype, br, bc, saturate), x.device, backend)
+    with torch.no_grad():  # codes and scales of a rounding: no gradient (see qkernels.ops.autograd)
+        q, s = call("quantize_fp8", (x.reshape(R, C), scale, dtype, br, bc, saturate), x.device, backend)
     return q.reshape(x.shape).view(dtype), s.reshape(sshape)
 
 

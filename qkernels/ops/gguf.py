@@ -100,7 +100,8 @@ def gguf_quantize(x, type, imatrix=None, *, backend=None):
                              f"can encode: its block scales are fp16 (largest finite value {FP16_MAX:g}), which "
                              f"llama.cpp would store as inf; scale x down or use a wider type (BF16, F32)")
     x2 = x.reshape(-1, cols)
-    out = call("gguf_quantize", (x2, t, imatrix), x.device, backend, type=t, imatrix=imatrix is not None)
+    with torch.no_grad():  # block codes: no gradient
+        out = call("gguf_quantize", (x2, t, imatrix), x.device, backend, type=t, imatrix=imatrix is not None)
     if t in FP16_FIELDS and out.numel() and has_values(out):
         _check_fp16_fields(out, t, x)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -79,7 +79,8 @@ def choose_qparams_affine(w, bits=8, group_size=-1, symmetric=True, *, signed=Tr
     # data-dependent checks run eagerly; under torch.compile the C++ kernels' own checks apply
     if has_values(wv) and not torch.isfinite(wv).all():
         raise ValueError("w contains NaN or inf; quantization needs finite values")
-    scale, zp = call("choose_qparams_affine", (wv, bits, g, symmetric, signed, fz), w.device, backend)
+    with torch.no_grad():  # quantization parameters of a rounding: no gradient (see qkernels.ops.autograd)
+        scale, zp = call("choose_qparams_affine", (wv, bits, g, symmetric, signed, fz), w.device, backend)
     if has_values(wv):
         _check_representable(wv, g, scale, zp, bits, symmetric, signed, fz)
     if per_tensor:
@@ -155,7 +156,8 @@ def quantize_affine_with_qparams(w, scale, zero_point, bits=8, group_size=-1, *,
         raise ValueError("zero_point (the group minima) is required when zero_point_domain='float'")
     if has_values(scale) and not (torch.isfinite(scale) & (scale > 0)).all():
         raise ValueError("scale must be finite and positive (as choose_qparams_affine returns it)")
-    q = call("quantize_affine", (wv, scale, zero_point, bits, g, signed, fz), w.device, backend)
+    with torch.no_grad():
+        q = call("quantize_affine", (wv, scale, zero_point, bits, g, signed, fz), w.device, backend)
     return q.reshape(w.shape)
 
 
