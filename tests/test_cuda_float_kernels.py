@@ -132,7 +132,7 @@ def test_fp8_mm_cuda_emulation(out_dtype, M, N, K, a_block, b_block):
     b_q, b_s = qkernels.quantize_fp8(torch.randn(N, K, device=DEV), torch.float8_e5m2, granularity="block",
                                      block_size=b_block)
     bias = torch.randn(N, device=DEV)
-    out = qkernels.fp8_mm(a_q, a_s, b_q, b_s, out_dtype=out_dtype, bias=bias, backend="cuda")
+    out = qkernels.fp8_mm(a_q, a_s, b_q, b_s, out_dtype=out_dtype, bias=bias, backend="cuda", b_block_size=b_block)
     want = ref.OPS["fp8_mm"](a_q.view(torch.uint8), a_s, a_q.dtype, b_q.view(torch.uint8), b_s.reshape(
         N // b_block[0], -1), b_q.dtype, bias, torch.float64)
     assert out.dtype == out_dtype
@@ -164,7 +164,7 @@ def test_weight_only_mm_cuda(x_dtype, M, backend):
     bias = torch.randn(N, device=DEV)
     wq, ws = qkernels.quantize_fp8(torch.randn(N, K, device=DEV), granularity="block", block_size=(32, 128))
     assert qkernels.explain("fp8_weight_only_mm", DEV).backend == "cuda"
-    out = qkernels.fp8_weight_only_mm(x, wq, ws, bias, backend=backend)
+    out = qkernels.fp8_weight_only_mm(x, wq, ws, bias, backend=backend, w_block_size=(32, 128))
     want = ref.OPS["fp8_weight_only_mm"](x.double(), wq.view(torch.uint8), ws, wq.dtype, bias)
     assert out.dtype == x_dtype and ((out.double() - want).norm() / want.norm()).item() < TOL[x_dtype]
     for fmt in ("mxfp4", "nvfp4"):
