@@ -32,9 +32,10 @@ def _weights(seed=0):
     out.append(("int4", lambda x, b, be=None: qkernels.int4_weight_only_mm(x, packed, s, zp, 32, backend=be), W, False))
     q8, s8, _ = qkernels.quantize_affine(w, 8, -1, True)
     W8 = q8.float() * s8
-    out.append(("int8", lambda x, b, be=None: qkernels.int8_weight_only_mm(x, q8, s8.reshape(-1), backend=be), W8, False))
+    s8 = s8.reshape(-1)
+    out.append(("int8", lambda x, b, be=None: qkernels.int8_weight_only_mm(x, q8, s8, backend=be), W8, False))
     # W8A8: straight-through gradient, as for the float weight
-    out.append(("int8_dynamic", lambda x, b, be=None: qkernels.int8_dynamic_mm(x, q8, s8.reshape(-1), backend=be), W8, False))
+    out.append(("int8_dynamic", lambda x, b, be=None: qkernels.int8_dynamic_mm(x, q8, s8, backend=be), W8, False))
     for gran, bs in (("row", 128), ("block", (8, 32))):
         wq, ws = qkernels.quantize_fp8(w, torch.float8_e4m3fn, gran, bs)
         kw = {"w_block_size": bs} if gran == "block" else {}

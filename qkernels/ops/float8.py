@@ -214,9 +214,10 @@ def _scale_grid(scale, name, t2, lead_shape, dname, block_size=None):
     if block_size is not None:
         want = _block_pair(block_size)
         if (br, bc) != want and not (g.shape == (1, 1) and scale.numel() == 1 and want == (R, K)):
+            rows = R // want[0] if R % want[0] == 0 else "?"
+            cols = K // want[1] if K % want[1] == 0 else "?"
             raise ValueError(f"{name} of shape {tuple(scale.shape)} tiles {dname} [{R}, {K}] in {br} x {bc} blocks, "
-                             f"but the block size given is {want[0]} x {want[1]}: expected shape "
-                             f"[{R // want[0] if R % want[0] == 0 else '?'}, {K // want[1] if K % want[1] == 0 else '?'}]")
+                             f"but the block size given is {want[0]} x {want[1]}: expected shape [{rows}, {cols}]")
     elif br > 1 and G0 > 1 and br != bc:
         raise ValueError(f"{name} of shape {tuple(scale.shape)} matches no scale layout of {dname} [{R}, {K}]: "
                          f"expected one value, [{R}] / [{R}, 1] per row, [{R}, K/b] for 1 x b blocks or [{R}/b, {K}/b] "
