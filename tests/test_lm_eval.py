@@ -105,3 +105,20 @@ def test_cli_lm_eval(tiny_dir, tmp_path, capsys):  # noqa: F811 - the fixture im
     for r in rows:
         assert r["lm_eval"][CLOZE_TASK]["n"] == 4 and 0 <= r["lm_eval"][CLOZE_TASK]["acc"] <= 1
         assert f"{r['scheme']:<12} {CLOZE_TASK}" in printed
+
+
+def test_lm_eval_batched_matches_batch_one_and_our_scoring():
+    # right-padded batches through QuantLinear layers must not change any decision
+    from qkernels import Int4WeightOnly, quantize_
+
+    m = models.tiny_llama(vocab_size=258, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, seed=2)
+    quantize_(m, Int4WeightOnly(group_size=32))
+    tok = models.tiny_tokenizer()
+    text = _eval_text()
+    one = run_lm_eval(m, tok, CLOZE_TASK, eval_text=text, limit=12, batch_size=1)[CLOZE_TASK]
+    four = run_lm_eval(m, tok, CLOZE_TASK, eval_text=text, limit=12, batch_size=4)[CLOZE_TASK]
+    assert four["n"] == one["n"] == 12 and four["wall_s"] > 0
+    assert four["acc"] == one["acc"] and four["acc_norm"] == one["acc_norm"]
+    assert math.isclose(four["acc"], _our_accuracy(m, tok, cloze_items(text)[:12]), abs_tol=1e-9)
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        run_lm_eval(m, tok, CLOZE_TASK, eval_text=text, batch_size=0)

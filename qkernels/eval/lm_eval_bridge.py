@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 
 log = logging.getLogger("qkernels.eval")
 
@@ -94,7 +95,12 @@ def run_lm_eval(model, tokenizer, tasks: str, eval_text: str | None = None, incl
     ``{"error": why}`` when lm-eval is missing or a task cannot run (e.g. its data would need a download).
 
     ``tasks``: comma-separated lm-eval task names; ``qkernels_pydoc_cloze`` is built from ``eval_text``.
-    ``include_path``: a folder of the user's own task YAMLs. ``limit``: at most this many items per task."""
+    ``include_path``: a folder of the user's own task YAMLs. ``limit``: at most this many items per task.
+    ``batch_size``: requests per forward (lm-eval's HFLM pads each batch on the right and reads every request's
+    log-likelihood at its own positions, so the scores do not depend on it up to float summation order; >1 is
+    several times faster on CPU). Every task's entry also carries ``wall_s``, the time of the whole lm-eval pass."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -118,8 +124,10 @@ def run_lm_eval(model, tokenizer, tasks: str, eval_text: str | None = None, incl
             tm = TaskManager(include_path=paths, include_defaults=False) if paths else None
             if tm is None or not set(names) <= set(tm.all_tasks):
                 tm = TaskManager(include_path=paths or None)
+            t0 = time.perf_counter()
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit)
+            wall = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - e.g. a hub task offline: report, do not lose the other results
             msg = f"lm-eval could not run {tasks!r}: {type(e).__name__}: {e} (its task data must be available offline)"
             log.warning(msg)
@@ -129,4 +137,5 @@ def run_lm_eval(model, tokenizer, tasks: str, eval_text: str | None = None, incl
         out[task] = {k.split(",")[0]: v for k, v in metrics.items()
                      if isinstance(v, (int, float)) and "stderr" not in k}
         out[task]["n"] = res.get("n-samples", {}).get(task, {}).get("effective")
+        out[task]["wall_s"] = round(wall, 2)
     return out
