@@ -23,9 +23,9 @@ inline at::Tensor finish_mm(at::Tensor& out, const std::optional<at::Tensor>& bi
 }
 
 // af: the activations, already decoded to fp32 [M, K] (contiguous); decode_b(n, dst[K]) writes one fp32 weight row.
+// Returns af @ W^T in fp32 [M, N] (the caller's row guard, then finish_mm).
 template <typename DecodeB>
-at::Tensor emulated_mm(const at::Tensor& af, int64_t N, const DecodeB& decode_b, const std::optional<at::Tensor>& bias,
-                       at::ScalarType out_dtype) {
+at::Tensor emulated_mm(const at::Tensor& af, int64_t N, const DecodeB& decode_b) {
   const int64_t M = af.size(0), K = af.size(1);
   auto fopts = af.options();
   auto out = at::zeros({M, N}, fopts);
@@ -51,7 +51,7 @@ at::Tensor emulated_mm(const at::Tensor& af, int64_t N, const DecodeB& decode_b,
       });
     }
   }
-  return finish_mm(out, bias, out_dtype);
+  return out;
 }
 
 }  // namespace cpu

@@ -13,7 +13,9 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "amax.h"
 #include "emulated_mm.h"
+#include "row_guard.h"
 #include "float_kernels.h"
 #include "qkernels/check.h"
 #include "qkernels/float4.h"
@@ -51,28 +53,6 @@ void encode_pairs_scaled(const T* src, uint8_t* dst, int64_t npairs, const float
   for (int64_t i = 0; i < npairs; ++i)
     dst[i] = (uint8_t)(minifloat_encode(static_cast<float>(src[2 * i]) / scale[i], enc) |
                        (minifloat_encode(static_cast<float>(src[2 * i + 1]) / scale[i], enc) << 4));
-}
-
-// max finite |src[i]| as an integer max over the bit patterns (vectorizes without -ffast-math); -1 if any NaN/inf
-template <typename T>
-int32_t amax_bits(const T* src, int64_t n) {
-  int32_t m = 0, bad = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t a = (int32_t)(f32_bits(static_cast<float>(src[i])) & 0x7FFFFFFFu);
-    bad |= a >= 0x7F800000;
-    m = std::max(m, a < 0x7F800000 ? a : 0);
-  }
-  return bad ? -1 : m;
-}
-
-template <typename T>
-float finite_amax(const T* src, int64_t n) {
-  int32_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t a = (int32_t)(f32_bits(static_cast<float>(src[i])) & 0x7FFFFFFFu);
-    m = std::max(m, a < 0x7F800000 ? a : 0);
-  }
-  return bits_f32((uint32_t)m);
 }
 
 float global_scale_value(const at::Tensor& g, const char* name) {
@@ -143,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
         // tensor amax over finite values (max is exact, so the parallel reduction order does not matter)
         const float amax = at::parallel_reduce(
             0, R * K, 1 << 16, 0.f,
-            [&](int64_t b, int64_t e, float m) { return std::max(m, finite_amax(xp + b, e - b)); },
+            [&](int64_t b, int64_t e, float m) { return std::max(m, cpu::finite_amax(xp + b, e - b)); },
             [](float p, float q) { return std::max(p, q); });
         g = nv_global_scale(amax, f);
       }
@@ -162,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp4_cpu(const at::Tensor
         uint8_t* srow = sp + r * nb;
         bool any_zero = false;
         for (int64_t j = 0; j < nb; ++j) {
-          const int32_t abits = amax_bits(src + j * B, B);
+          const int32_t abits = cpu::finite_amax_bits_or_neg(src + j * B, B);
           const float amax = bits_f32((uint32_t)std::max(abits, 0));
           // a non-finite block gets the NaN scale code; its elements (like those of an NV block whose scale rounds
           // to 0) are stored as zeros below
@@ -255,18 +235,22 @@ at::Tensor fp4_weight_gemm(const at::Tensor& xf, const at::Tensor& x16, const Fp
                            const MiniFloat& f, float g, const std::optional<at::Tensor>& bias,
                            at::ScalarType out_dtype) {
   const int64_t M = xf.size(0), K = xf.size(1);
-  const float* xp = xf.data_ptr<float>();
+  // extreme rows of x rescaled, outputs the fp32 paths could not get right recomputed (row_guard.h)
+  const cpu::RowGuard guard(xf);
+  const at::Tensor xk = guard.rescaled() ? guard.rescaled_x() : xf;
+  const float* xp = xk.data_ptr<float>();
+  at::Tensor out;
   if (cpu::use_avx2() && M <= kFp4FusedMaxM && M > 0 && N > 0 && K % 32 == 0) {
     // fused: the nibbles go straight into the FMA (or vpmaddwd) tiles (float_kernels.h)
     const auto dec = make_fp4_decode(f, rb.nv, g);
-    auto out = at::empty({M, N}, xf.options());
+    out = at::empty({M, N}, xf.options());
     float* op = out.data_ptr<float>();
     at::Tensor xq, xs, xsum;
     // int16 activations where the decode dominates: M < 4 (4096 x 4096, 2-core Zen 3, weights from DRAM, M = 1:
     // mxfp4 1016 vs 1262 us, nvfp4 1153 vs 1315 us). At M = 4 and 16 the two kernels were within 5% (nvfp4's int16
     // one slightly slower), so the fp32 kernel keeps those.
     if (x16.defined() && M < 4 && K % 64 == 0 && cpu::use_i16(x16) &&
-        cpu::prepare_x_i16(xf, K, false, xq, xs, xsum)) {
+        cpu::prepare_x_i16(xk, K, false, xq, xs, xsum)) {
       const int64_t F = cpu::i16_block(K);
       cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
         cpu::fp4_mm_rows_avx2_i16(xq.data_ptr<int16_t>(), M, xs.data_ptr<float>(), F, rb.p, rb.s, K, *dec, op, N, n0,
@@ -277,9 +261,18 @@ at::Tensor fp4_weight_gemm(const at::Tensor& xf, const at::Tensor& x16, const Fp
         cpu::fp4_mm_rows_avx2(xp, M, rb.p, rb.s, K, *dec, op, N, n0, n1);
       });
     }
-    return cpu::finish_mm(out, bias, out_dtype);
+  } else {
+    out = cpu::emulated_mm(xk, N, rb);
   }
-  return cpu::emulated_mm(xf, N, rb, bias, out_dtype);
+  // the reference's weight: the fp32 products value * block scale (Fp4Rows)
+  guard.finish(out, [&](const double* xr, int64_t n) {
+    std::vector<float> wrow(K);
+    rb(n, wrow.data());
+    double acc = 0.0;
+    for (int64_t k = 0; k < K; ++k) acc += xr[k] * (double)wrow[k];
+    return acc;
+  });
+  return cpu::finish_mm(out, bias, out_dtype);
 }
 
 at::Tensor fp4_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& a_global_scale,

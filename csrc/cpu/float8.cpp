@@ -12,7 +12,9 @@
 #include <type_traits>
 
 #include "cpu_dispatch.h"
+#include "amax.h"
 #include "emulated_mm.h"
+#include "row_guard.h"
 #include "float_kernels.h"
 #include "qkernels/check.h"
 #include "qkernels/float8.h"
@@ -23,18 +25,6 @@ namespace {
 
 // Inner loops as functions of plain values: captured references (and uint8_t stores, which may alias anything)
 // would otherwise force reloads of the loop bound and encoder constants every element and block vectorization.
-// Max of the finite |src[i]|. Non-negative floats order like their bit patterns, so this is an integer max
-// reduction, which vectorizes without -ffast-math (a float max reduction does not).
-template <typename T>
-float amax_run(const T* src, int64_t n) {
-  int32_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t a = (int32_t)(f32_bits(static_cast<float>(src[i])) & 0x7FFFFFFFu);
-    m = std::max(m, a < 0x7F800000 ? a : 0);
-  }
-  return bits_f32((uint32_t)m);
-}
-
 template <typename T>
 void encode_run(const T* src, uint8_t* dst, int64_t n, float scale, const MiniFloatEncoder enc) {
   for (int64_t i = 0; i < n; ++i) dst[i] = minifloat_encode(static_cast<float>(src[i]) / scale, enc);
@@ -98,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_cpu(const at::Tensor& x, const s
       at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
           for (int64_t j = 0; j < nbc; ++j) {
-            ra[r * nbc + j] = amax_run(xp + r * C + j * block_cols, block_cols);
+            ra[r * nbc + j] = cpu::finite_amax(xp + r * C + j * block_cols, block_cols);
           }
       });
       float* sp = s.data_ptr<float>();
@@ -175,25 +165,34 @@ at::Tensor fp8_weight_gemm(const at::Tensor& xf, const at::Tensor& w, const at::
   auto wc = w.contiguous(), wsc = ws.contiguous();
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   const float* sp = wsc.data_ptr<float>();
-  const float* xp = xf.data_ptr<float>();
   const int64_t gs = ws.size(1);
+  // extreme rows of x rescaled, outputs the fp32 paths could not get right recomputed (row_guard.h)
+  const cpu::RowGuard guard(xf);
+  const at::Tensor xk = guard.rescaled() ? guard.rescaled_x() : xf;
+  const float* xp = xk.data_ptr<float>();
+  at::Tensor out;
   if (avx2 && M <= kFp8FusedMaxM && M > 0 && N > 0 && K % 16 == 0 && bb[1] % 16 == 0) {
     // fused: the codes go straight into the FMA tiles with their block scales (float_kernels.h)
-    auto out = at::empty({M, N}, xf.options());
+    out = at::empty({M, N}, xf.options());
     float* op = out.data_ptr<float>();
     cpu::for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
       cpu::fp8_mm_rows_avx2(xp, M, wp, sp, gs, bb[0], bb[1], K, *hd, op, N, n0, n1);
     });
-    return cpu::finish_mm(out, bias, out_dtype);
+  } else {
+    out = cpu::emulated_mm(xk, N, [&](int64_t n, float* dst) {
+      const float* srow = sp + (n / bb[0]) * gs;
+      for (int64_t k0 = 0; k0 < K; k0 += bb[1])
+        decode_any(wp + n * K + k0, dst + k0, bb[1], srow[k0 / bb[1]], *hd, avx2, lut.data());
+    });
   }
-  return cpu::emulated_mm(
-      xf, N,
-      [&](int64_t n, float* dst) {
-        const float* srow = sp + (n / bb[0]) * gs;
-        for (int64_t k0 = 0; k0 < K; k0 += bb[1])
-          decode_any(wp + n * K + k0, dst + k0, bb[1], srow[k0 / bb[1]], *hd, avx2, lut.data());
-      },
-      bias, out_dtype);
+  // the reference's weight: the fp32 product value * scale
+  guard.finish(out, [&](const double* xr, int64_t n) {
+    const float* srow = sp + (n / bb[0]) * gs;
+    double acc = 0.0;
+    for (int64_t k = 0; k < K; ++k) acc += xr[k] * (double)(lut[wp[n * K + k]] * srow[k / bb[1]]);
+    return acc;
+  });
+  return cpu::finish_mm(out, bias, out_dtype);
 }
 
 at::Tensor fp8_mm_cpu(const at::Tensor& a, const at::Tensor& a_scale, at::ScalarType a_dtype, const at::Tensor& b,

@@ -23,6 +23,7 @@
 
 #include "cpu_dispatch.h"
 #include "int_gemm_kernels.h"
+#include "row_guard.h"
 #include "qkernels/check.h"
 #include "qkernels/int_checks.h"
 #include "qkernels/int_gemm.h"
@@ -151,6 +152,31 @@ void tiled_dequant_mm(const at::Tensor& xf, int64_t N, int64_t K, at::Tensor& ou
   });
 }
 
+// x @ dequant(W)^T in double for the row guard's repairs, W decoded as the reference decodes it: the fp32 product
+// scale * (q - zero_point), then exact in double.
+struct Int4ExactRow {
+  const uint8_t* w;
+  const float* s;
+  const int32_t* zp;  // nullptr: 0
+  int64_t K, group_size;
+  bool is_signed;
+  double operator()(const double* xr, int64_t n) const {
+    const int64_t G = K / group_size;
+    const uint8_t* row = w + n * (K / 2);
+    double acc = 0.0;
+    for (int64_t g = 0; g < G; ++g) {
+      const float sg = s[n * G + g];
+      const int32_t z = zp ? zp[n * G + g] : 0;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
+        const int32_t nib = (row[k >> 1] >> (4 * (k & 1))) & 0xF;
+        const int32_t q = is_signed ? (nib ^ 8) - 8 : nib;
+        acc += xr[k] * (double)(sg * (float)(q - z));
+      }
+    }
+    return acc;
+  }
+};
+
 at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                                    const std::optional<at::Tensor>& zero_point, int64_t group_size, bool is_signed) {
   check_int4_mm_args(x, packed_w, scale, zero_point, group_size);
@@ -166,16 +192,19 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   auto wc = packed_w.contiguous();
   const float* s = sf.data_ptr<float>();
   const uint8_t* w = wc.data_ptr<uint8_t>();
+  at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
+  const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
+  // x's extreme rows go to the kernels rescaled, and outputs they could not get right are recomputed (row_guard.h)
+  const cpu::RowGuard guard(x);
+  const at::Tensor xk = guard.rescaled() ? guard.rescaled_x() : x;
 
   if (avx2 && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
     // the 64-k mask-decode kernel where the shape allows it, else the 32-k one (group_size 32, K = 64 n + 32)
     const bool k64 = K % 64 == 0 && group_size % 64 == 0 && use_w4_k64();
     // bf16/fp16 x: the int16-activation kernel (k64 layout only), unless x holds NaN/inf; else the fp32 kernels
     at::Tensor xq, xsc, xp, xsum, row_scale;
-    const bool i16 = k64 && use_i16(x) && prepare_x_i16(x, group_size, true, xq, xsc, xsum);
-    if (!i16) std::tie(xp, xsum, row_scale) = int4_prepare_x(x, group_size, k64);
-    at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
-    const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
+    const bool i16 = k64 && use_i16(x) && prepare_x_i16(xk, group_size, true, xq, xsc, xsum);
+    if (!i16) std::tie(xp, xsum, row_scale) = int4_prepare_x(xk, group_size, k64);
     const float* xs = xsum.data_ptr<float>();
     float* o = out.data_ptr<float>();
     const int64_t F = i16_block(group_size);
@@ -193,32 +222,33 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
       if (b) bad = true;
     });
     if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
-    return out.to(x.scalar_type());
-  }
-  auto xf = x.to(at::kFloat).contiguous();
-  // zz = zero_point (+8 for signed codes), int8, range-checked
-  const at::Tensor zz = int4_effective_zero_points(zero_point, N, G, is_signed, x.options());
-  const int8_t* z = zz.data_ptr<int8_t>();
-  if (avx2 && K % 32 == 0 && group_size % 32 == 0) {
-    const uint8_t mask = is_signed ? 0x88 : 0x00;
-    tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
-      cpu::w4_dequant_rows_avx2(w, s, z, K, group_size, mask, dst, n, n + 1);
-    });
   } else {
-    // the decode of the CUDA kernels (qkernels/int_gemm.h), so CPU tests check the GPU's per-element math
-    tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
-      const uint8_t* row = w + n * (K / 2);
-      for (int64_t g = 0; g < G; ++g) {
-        const float sg = s[n * G + g];
-        const float zz = int4_biased_zero((int32_t)z[n * G + g] - (is_signed ? 8 : 0), is_signed);
-        // group_size may be odd, so walk elements and pick the nibble by parity
-        for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
-          const uint32_t fields = int4_word_to_fields(row[k >> 1], is_signed);
-          dst[k] = dequant_int4_field(int4_field(fields, (int)(k & 1)), sg, zz);
+    auto xf = xk.to(at::kFloat).contiguous();
+    // zz = zero_point (+8 for signed codes), int8, range-checked
+    const at::Tensor zz = int4_effective_zero_points(zero_point, N, G, is_signed, x.options());
+    const int8_t* z = zz.data_ptr<int8_t>();
+    if (avx2 && K % 32 == 0 && group_size % 32 == 0) {
+      const uint8_t mask = is_signed ? 0x88 : 0x00;
+      tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
+        cpu::w4_dequant_rows_avx2(w, s, z, K, group_size, mask, dst, n, n + 1);
+      });
+    } else {
+      // the decode of the CUDA kernels (qkernels/int_gemm.h), so CPU tests check the GPU's per-element math
+      tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
+        const uint8_t* row = w + n * (K / 2);
+        for (int64_t g = 0; g < G; ++g) {
+          const float sg = s[n * G + g];
+          const float zz = int4_biased_zero((int32_t)z[n * G + g] - (is_signed ? 8 : 0), is_signed);
+          // group_size may be odd, so walk elements and pick the nibble by parity
+          for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
+            const uint32_t fields = int4_word_to_fields(row[k >> 1], is_signed);
+            dst[k] = dequant_int4_field(int4_field(fields, (int)(k & 1)), sg, zz);
+          }
         }
-      }
-    });
+      });
+    }
   }
+  guard.finish(out, Int4ExactRow{w, s, zp, K, group_size, is_signed});
   return out.to(x.scalar_type());
 }
 
@@ -233,31 +263,38 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, c
   const float* s = sf.data_ptr<float>();
   const int8_t* w = wc.data_ptr<int8_t>();
   const bool avx2 = use_avx2();
-  if (avx2 && M <= small_m_threshold() && K % 64 == 0 && use_i16(x)) {
-    at::Tensor xq, xsc, xsum;
-    if (prepare_x_i16(x, K, false, xq, xsc, xsum)) {
-      const int16_t* xqp = xq.data_ptr<int16_t>();
-      const float* xsp = xsc.data_ptr<float>();
+  const cpu::RowGuard guard(x);  // see int4_weight_only_mm_cpu
+  const at::Tensor xk = guard.rescaled() ? guard.rescaled_x() : x;
+  at::Tensor xq, xsc, xsum;
+  if (avx2 && M <= small_m_threshold() && K % 64 == 0 && use_i16(x) && prepare_x_i16(xk, K, false, xq, xsc, xsum)) {
+    const int16_t* xqp = xq.data_ptr<int16_t>();
+    const float* xsp = xsc.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    const int64_t F = i16_block(K);
+    for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
+      cpu::w8a16_rows_avx2_i16(xqp, M, xsp, w, s, K, F, o, N, n0, n1);
+    });
+  } else {
+    auto xf = xk.to(at::kFloat).contiguous();
+    if (avx2 && M <= small_m_threshold() && K % 16 == 0) {
+      const float* xp = xf.data_ptr<float>();
       float* o = out.data_ptr<float>();
-      const int64_t F = i16_block(K);
-      for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
-        cpu::w8a16_rows_avx2_i16(xqp, M, xsp, w, s, K, F, o, N, n0, n1);
+      for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) { cpu::w8a16_rows_avx2(xp, M, w, s, K, o, N, n0, n1); });
+    } else if (avx2 && K % 16 == 0) {
+      tiled_dequant_mm(xf, N, K, out,
+                       [&](int64_t n, float* dst) { cpu::w8_dequant_rows_avx2(w, s, K, dst, n, n + 1); });
+    } else {
+      tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
+        for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * int8_field_value(int8_field((uint8_t)w[n * K + k], 0));
       });
-      return out.to(x.scalar_type());
     }
   }
-  auto xf = x.to(at::kFloat).contiguous();
-  if (avx2 && M <= small_m_threshold() && K % 16 == 0) {
-    const float* xp = xf.data_ptr<float>();
-    float* o = out.data_ptr<float>();
-    for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) { cpu::w8a16_rows_avx2(xp, M, w, s, K, o, N, n0, n1); });
-  } else if (avx2 && K % 16 == 0) {
-    tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) { cpu::w8_dequant_rows_avx2(w, s, K, dst, n, n + 1); });
-  } else {
-    tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
-      for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * int8_field_value(int8_field((uint8_t)w[n * K + k], 0));
-    });
-  }
+  // the reference's weight: q * scale in double (exact)
+  guard.finish(out, [&](const double* xr, int64_t n) {
+    double acc = 0.0;
+    for (int64_t k = 0; k < K; ++k) acc += xr[k] * ((double)w[n * K + k] * (double)s[n]);
+    return acc;
+  });
   return out.to(x.scalar_type());
 }
 
@@ -329,7 +366,9 @@ at::Tensor int8_dynamic_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, const
   float* o = out.data_ptr<float>();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      for (int64_t n = 0; n < N; ++n) o[m * N + n] = (float)a[m * N + n] * sxp[m] * swp[n];
+      // in double, in the reference's order: (acc * x_scale) * w_scale in fp32 overflows for |x| >~ 1e35 where the
+      // result itself is finite
+      for (int64_t n = 0; n < N; ++n) o[m * N + n] = (float)((double)a[m * N + n] * (double)sxp[m] * (double)swp[n]);
   });
   return out.to(x.scalar_type());
 }
