@@ -189,3 +189,25 @@ def test_float_layers_keep_peft_default():
     pm = get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
     kinds = {type(m).__name__ for n, m in pm.named_modules() if n.endswith("q_proj")}
     assert kinds == {"QuantLinearLora", "Linear"}
+
+
+def test_lora_on_from_pretrained_model(tmp_path):
+    # the README path: from_pretrained(qkernels dir) -> LoRA -> a step -> save the adapter
+    from qkernels import save_quantized
+
+    model = tiny()
+    quantize_(model, Int4WeightOnly(group_size=32))
+    save_quantized(model, tmp_path / "q")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    pm = get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    assert len(lora_layers(pm)) == 14
+    before = frozen_buffers(pm)
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    loss0 = pm(input_ids=IDS, labels=IDS).loss
+    loss0.backward()
+    opt.step()
+    with torch.no_grad():
+        assert pm(input_ids=IDS, labels=IDS).loss < loss0
+    assert all(torch.equal(v, frozen_buffers(pm)[n][k]) for n, b in before.items() for k, v in b.items())
+    pm.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
