@@ -109,3 +109,21 @@ def test_per_tensor_scales_not_fused(caplog, scheme, why):
 def test_bad_model():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         fuse_projections("model")
+
+
+def test_compile_fullgraph_one_gemm_per_group():
+    """torch.compile traces the fused model without graph breaks, and the graph holds one GEMM per fused group:
+    per layer qkv, o, gate_up, down."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_llama()
+    qkernels.quantize_(model, Int4WeightOnly(32))
+    fuse_projections(model)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    with torch.no_grad():
+        ref = model(IDS).logits
+        out = torch.compile(model, fullgraph=True, backend=counter)(IDS).logits
+    assert torch.equal(out, ref)
+    gemms = [n for g in counter.graphs for n in g.graph.nodes if "int4_weight_only_mm" in str(n.target)]
+    assert len(gemms) == 2 * 4

@@ -11,7 +11,8 @@ The model's own forward stays untouched: ``q_proj``, ``k_proj``, ``v_proj`` beco
 that call the shared :class:`FusedLinear` (registered on the parent as ``qkv_proj`` / ``gate_up_proj``). The first
 slice called with an input runs the fused GEMM and keeps the output; the others, called with the same tensor object
 (unchanged since: same version counter; under ``torch.inference_mode`` tensors have none, so there the same object
-counts as the same input), return their column slice of it; the output is dropped once each slice
+counts as the same input, and so it does under torch.compile, which traces one fused GEMM per group with
+``fullgraph=True``), return their column slice of it; the output is dropped once each slice
 has taken its part. A slice called with another input (or twice with the same one) runs the fused GEMM again, so any
 call order stays correct, only slower. The state dict then holds ``qkv_proj.*`` instead of ``q_proj.*``...: fuse
 after loading, save unfused models.
@@ -87,7 +88,7 @@ class FusedLinear(nn.Module):
     def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
         key = self._key
         # inference-mode tensors have no version counter: there the same object is taken as the same input
-        version = None if x.is_inference() else x._version
+        version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
         if self._outs is None or self._taken[i] or key[0] is not x or key[1] != version:
             self._outs = self.linear(x).split(self.sizes, dim=-1)
             self._key, self._taken = (x, version), [False] * len(self.sizes)
