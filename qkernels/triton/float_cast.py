@@ -25,7 +25,7 @@ import triton.language as tl
 from ..reference import float4 as ref4
 from ..reference import float8 as ref8
 from . import register
-from .int_quant import _launch_opts
+from ._common import kernel_input, launch_opts, load_f32, store_float, value_table
 
 BLOCK = 1024
 BLOCKS_PER_PROGRAM = 32  # MXFP4 / NVFP4 blocks quantized by one program
@@ -92,27 +92,6 @@ def _encode(v, ENC_MIN_NORMAL: tl.constexpr, ENC_MAGIC_BITS: tl.constexpr, ENC_M
 
 
 @triton.jit
-def _load_f32(ptr, offs, mask, IN_BF16: tl.constexpr):
-    """Loads as fp32; bf16 inputs (ptr is the tensor viewed as int16) widen on the bits, exactly: the interpreter's
-    own bf16 -> fp32 conversion gets subnormals wrong."""
-    if IN_BF16:
-        return ((tl.load(ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _store_float(ptr, offs, v, mask, OUT_BF16: tl.constexpr):
-    """Stores fp32 v; for bf16 outputs (ptr is the bf16 tensor viewed as int16) rounds to nearest even by hand."""
-    if OUT_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        r = tl.where(v != v, 0x7FC0, r)  # NaN stays a quiet NaN (the rounding carry could reach the sign)
-        tl.store(ptr + offs, r.to(tl.int16), mask=mask)
-    else:
-        tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _block_scale(s_ptr, offs, mask, C, br, bc, nbc):
     """The scale of flat element ``offs`` of a [R, C] tensor scaled per (br x bc) block (nbc blocks per row)."""
     r = offs // C
@@ -129,7 +108,7 @@ def _quantize_fp8_kernel(x_ptr, s_ptr, q_ptr, n, C, br, bc, nbc, IN_BF16: tl.con
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     s = _block_scale(s_ptr, offs, mask, C, br, bc, nbc)
-    v = tl.math.div_rn(_load_f32(x_ptr, offs, mask, IN_BF16), s)
+    v = tl.math.div_rn(load_f32(x_ptr, offs, mask, IN_BF16), s)
     code = _encode(v, ENC_MIN_NORMAL, ENC_MAGIC_BITS, ENC_MAGIC, ENC_ROUND_HALF, ENC_SHIFT, ENC_REBIAS, ENC_MAX_CODE,
                    ENC_OVF, ENC_NBITS, ENC_NAN_POS, ENC_NAN_NEG, ENC_ZERO_MASK)
     tl.store(q_ptr + offs, code.to(tl.uint8), mask=mask)
@@ -142,7 +121,7 @@ def _dequantize_fp8_kernel(q_ptr, s_ptr, lut_ptr, out_ptr, n, C, br, bc, nbc, OU
     mask = offs < n
     s = _block_scale(s_ptr, offs, mask, C, br, bc, nbc)
     code = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
-    _store_float(out_ptr, offs, tl.load(lut_ptr + code, mask=mask, other=0.0) * s, mask, OUT_BF16)
+    store_float(out_ptr, offs, tl.load(lut_ptr + code, mask=mask, other=0.0) * s, mask, OUT_BF16)
 
 
 @triton.jit
@@ -153,10 +132,10 @@ def _fp4_encode_kernel(x_ptr, out_ptr, n_bytes, IN_BF16: tl.constexpr, BLOCK: tl
                        ENC_NAN_POS: tl.constexpr, ENC_NAN_NEG: tl.constexpr, ENC_ZERO_MASK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_bytes
-    lo = _encode(_load_f32(x_ptr, 2 * offs, mask, IN_BF16), ENC_MIN_NORMAL, ENC_MAGIC_BITS,
+    lo = _encode(load_f32(x_ptr, 2 * offs, mask, IN_BF16), ENC_MIN_NORMAL, ENC_MAGIC_BITS,
                  ENC_MAGIC, ENC_ROUND_HALF, ENC_SHIFT, ENC_REBIAS, ENC_MAX_CODE, ENC_OVF, ENC_NBITS, ENC_NAN_POS,
                  ENC_NAN_NEG, ENC_ZERO_MASK)
-    hi = _encode(_load_f32(x_ptr, 2 * offs + 1, mask, IN_BF16), ENC_MIN_NORMAL, ENC_MAGIC_BITS,
+    hi = _encode(load_f32(x_ptr, 2 * offs + 1, mask, IN_BF16), ENC_MIN_NORMAL, ENC_MAGIC_BITS,
                  ENC_MAGIC, ENC_ROUND_HALF, ENC_SHIFT, ENC_REBIAS, ENC_MAX_CODE, ENC_OVF, ENC_NBITS, ENC_NAN_POS,
                  ENC_NAN_NEG, ENC_ZERO_MASK)
     tl.store(out_ptr + offs, (lo | (hi << 4)).to(tl.uint8), mask=mask)
@@ -167,8 +146,8 @@ def _fp4_decode_kernel(p_ptr, lut_ptr, out_ptr, n_bytes, OUT_BF16: tl.constexpr,
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_bytes
     p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.int32)
-    _store_float(out_ptr, 2 * offs, tl.load(lut_ptr + (p & 0xF), mask=mask, other=0.0), mask, OUT_BF16)
-    _store_float(out_ptr, 2 * offs + 1, tl.load(lut_ptr + (p >> 4), mask=mask, other=0.0), mask, OUT_BF16)
+    store_float(out_ptr, 2 * offs, tl.load(lut_ptr + (p & 0xF), mask=mask, other=0.0), mask, OUT_BF16)
+    store_float(out_ptr, 2 * offs + 1, tl.load(lut_ptr + (p >> 4), mask=mask, other=0.0), mask, OUT_BF16)
 
 
 @triton.jit
@@ -192,8 +171,8 @@ def _quantize_fp4_kernel(x_ptr, g_ptr, e4m3_lut_ptr, packed_ptr, scale_ptr, nblo
     bmask = blk < nblocks
     i = tl.arange(0, B // 2)
     m2 = bmask[:, None]
-    even = _load_f32(x_ptr, blk[:, None] * B + 2 * i[None, :], m2, IN_BF16)
-    odd = _load_f32(x_ptr, blk[:, None] * B + 2 * i[None, :] + 1, m2, IN_BF16)
+    even = load_f32(x_ptr, blk[:, None] * B + 2 * i[None, :], m2, IN_BF16)
+    odd = load_f32(x_ptr, blk[:, None] * B + 2 * i[None, :] + 1, m2, IN_BF16)
     ae = even.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     ao = odd.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     bad = tl.max(((ae >= 0x7F800000) | (ao >= 0x7F800000)).to(tl.int32), axis=1)
@@ -235,37 +214,16 @@ def _dequantize_fp4_kernel(p_ptr, s_ptr, g_ptr, elem_lut_ptr, e4m3_lut_ptr, out_
         s = tl.where(code == 0, 0x00400000, code << 23).to(tl.float32, bitcast=True)
         s = tl.where(code == 255, float("nan"), s)
     p = tl.load(p_ptr + offs, mask=mask, other=0).to(tl.int32)
-    _store_float(out_ptr, 2 * offs, tl.load(elem_lut_ptr + (p & 0xF), mask=mask, other=0.0) * s, mask, OUT_BF16)
-    _store_float(out_ptr, 2 * offs + 1, tl.load(elem_lut_ptr + (p >> 4), mask=mask, other=0.0) * s, mask, OUT_BF16)
+    store_float(out_ptr, 2 * offs, tl.load(elem_lut_ptr + (p & 0xF), mask=mask, other=0.0) * s, mask, OUT_BF16)
+    store_float(out_ptr, 2 * offs + 1, tl.load(elem_lut_ptr + (p >> 4), mask=mask, other=0.0) * s, mask, OUT_BF16)
 
 
 # ---- host wrappers (same positional arguments as the op schemas) -------------------------------------------------
-_LUTS: dict = {}
-
-
-def _lut(fmt, device) -> torch.Tensor:
-    """fp32 value of every code of an fp8 dtype (256) or fp4 element format (16), from the reference."""
-    key = (fmt, str(device))
-    if key not in _LUTS:
-        if isinstance(fmt, str):
-            t = ref4.element_values(fmt)
-        else:
-            t = ref8.fp8_bits_to_float(torch.arange(256, dtype=torch.uint8), fmt)
-        _LUTS[key] = t.to(device)
-    return _LUTS[key]
-
-
 def _out(shape, out_dtype, device):
     """(result tensor, what the kernel writes through, OUT_BF16)."""
     out = torch.empty(shape, dtype=out_dtype, device=device)
     bf16 = out_dtype == torch.bfloat16
     return out, (out.view(torch.int16) if bf16 else out), bf16
-
-
-def _input(x):
-    """Contiguous kernel input; bf16 as its int16 bits (see _load_f32)."""
-    x = x.contiguous()
-    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
 
 
 def _grid(n):
@@ -301,9 +259,9 @@ def quantize_fp8(x, scale, dtype, block_rows, block_cols, saturate):
     scale = scale.float().contiguous().clone()
     q = torch.empty((R, C), dtype=torch.uint8, device=x.device)
     if x.numel():
-        _quantize_fp8_kernel[_grid(x.numel())](_input(x), scale, q, x.numel(), C, block_rows, block_cols,
+        _quantize_fp8_kernel[_grid(x.numel())](kernel_input(x), scale, q, x.numel(), C, block_rows, block_cols,
                                                C // block_cols, IN_BF16=x.dtype == torch.bfloat16, BLOCK=BLOCK,
-                                               **_encoder(dtype, bool(saturate)), **_launch_opts())
+                                               **_encoder(dtype, bool(saturate)), **launch_opts())
     return q, scale
 
 
@@ -314,7 +272,8 @@ def dequantize_fp8(q, scale, dtype, block_rows, block_cols, out_dtype):
     R, C = q.shape
     out, dst, bf16 = _out((R, C), out_dtype, q.device)
     if q.numel():
-        _dequantize_fp8_kernel[_grid(q.numel())](q.contiguous(), scale.float().contiguous(), _lut(dtype, q.device),
+        _dequantize_fp8_kernel[_grid(q.numel())](q.contiguous(), scale.float().contiguous(),
+                                                 value_table(dtype, q.device),
                                                  dst, q.numel(), C, block_rows, block_cols, C // block_cols,
                                                  OUT_BF16=bf16, BLOCK=BLOCK)
     return out
@@ -326,8 +285,8 @@ def fp4_encode(x, element):
     _check_element(element)
     out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8, device=x.device)
     if out.numel():
-        _fp4_encode_kernel[_grid(out.numel())](_input(x), out, out.numel(), IN_BF16=x.dtype == torch.bfloat16,
-                                               BLOCK=BLOCK, **_encoder(element, True), **_launch_opts())
+        _fp4_encode_kernel[_grid(out.numel())](kernel_input(x), out, out.numel(), IN_BF16=x.dtype == torch.bfloat16,
+                                               BLOCK=BLOCK, **_encoder(element, True), **launch_opts())
     return out
 
 
@@ -337,7 +296,7 @@ def fp4_decode(packed, element, out_dtype):
     _check_element(element)
     out, dst, bf16 = _out((*packed.shape[:-1], packed.shape[-1] * 2), out_dtype, packed.device)
     if packed.numel():
-        _fp4_decode_kernel[_grid(packed.numel())](packed.contiguous(), _lut(element, packed.device), dst,
+        _fp4_decode_kernel[_grid(packed.numel())](packed.contiguous(), value_table(element, packed.device), dst,
                                                   packed.numel(), OUT_BF16=bf16, BLOCK=BLOCK)
     return out
 
@@ -360,9 +319,9 @@ def quantize_fp4(x, format, element, global_scale):
     nblocks = scale.numel()
     if nblocks:
         _quantize_fp4_kernel[(triton.cdiv(nblocks, BLOCKS_PER_PROGRAM),)](
-            _input(x), g, _lut(torch.float8_e4m3fn, x.device), packed, scale, nblocks,
+            kernel_input(x), g, value_table(torch.float8_e4m3fn, x.device), packed, scale, nblocks,
             ELEM_MAX=ref4.element_max(element), ELEM_EMAX=ref4.element_emax(element), B=B, NV=nv,
-            IN_BF16=x.dtype == torch.bfloat16, NBP=BLOCKS_PER_PROGRAM, **_encoder(element, True), **_launch_opts())
+            IN_BF16=x.dtype == torch.bfloat16, NBP=BLOCKS_PER_PROGRAM, **_encoder(element, True), **launch_opts())
     return packed, scale, g
 
 
@@ -376,7 +335,7 @@ def dequantize_fp4(packed, scale, global_scale, format, element, out_dtype):
     if packed.numel():
         g = global_scale.float().reshape(()).to(packed.device)
         _dequantize_fp4_kernel[_grid(packed.numel())](
-            packed.contiguous(), scale.contiguous(), g, _lut(element, packed.device),
-            _lut(torch.float8_e4m3fn, packed.device), dst, packed.numel(), B=ref4.FORMATS[format],
+            packed.contiguous(), scale.contiguous(), g, value_table(element, packed.device),
+            value_table(torch.float8_e4m3fn, packed.device), dst, packed.numel(), B=ref4.FORMATS[format],
             NV=format == "nvfp4", OUT_BF16=bf16, BLOCK=BLOCK)
     return out

@@ -8,7 +8,7 @@ quant bits) straight from the uint8 block data; neighbouring values read the sam
 The decode is bit-exact with :mod:`qkernels.reference.gguf` (and so with ggml's ``dequantize_row_*`` and gguf-py):
 the same float32 operations in the same order (e.g. Q4_K is ``(d * sc) * q - (dmin * m)``, two roundings each,
 never an FMA: kernels are launched with ``enable_fp_fusion=False``); fp16 fields are widened from their bits, which
-is exact; bf16 outputs are rounded to nearest even by hand on the bits (``float_cast._store_float``).
+is exact; bf16 outputs are rounded to nearest even by hand on the bits (``float_cast.store_float``).
 
 ``gguf_mm`` dequantizes the weight with this kernel and multiplies with torch's matmul (cuBLAS): a fused
 dequant-GEMM kernel is later work. Layout of every type: the table in :mod:`qkernels.reference.gguf`.
@@ -23,8 +23,7 @@ import triton.language as tl
 from ..dispatch import GGUF_TRITON_DECODE as TYPES
 from ..reference.gguf import BLOCK as GGML_BLOCK
 from . import register
-from .float_cast import _store_float
-from .int_quant import _launch_opts
+from ._common import launch_opts, store_float
 
 BLOCK = 1024  # values per program: 32 blocks of 32 or 4 super-blocks of 256
 # byte offset of the (low) quant bits inside a block, per type (the table in qkernels/reference/gguf.py)
@@ -125,7 +124,7 @@ def _gguf_dequantize_kernel(data_ptr, out_ptr, n, TYPE: tl.constexpr, BS: tl.con
             hi2 = (_u8(data_ptr, base + 104 + (s % 4), mask) >> (2 * (s // 4))) & 3
             dl = _fp16(data_ptr, base + 108, mask) * ((lo4 | (hi2 << 4)) - 32).to(tl.float32)
             v = dl * (q - 4 * (1 - hbit)).to(tl.float32)
-    _store_float(out_ptr, offs, v, mask, OUT_BF16)
+    store_float(out_ptr, offs, v, mask, OUT_BF16)
 
 
 @register("gguf_dequantize")
@@ -141,9 +140,9 @@ def gguf_dequantize(data: torch.Tensor, type: int, rows: int, cols: int, out_dty
     n = rows * cols
     if n:
         bf16 = kernel_dtype == torch.bfloat16
-        dst = out.view(torch.int16) if bf16 else out  # bf16 is stored as its rounded bits (_store_float)
+        dst = out.view(torch.int16) if bf16 else out  # bf16 is stored as its rounded bits (store_float)
         _gguf_dequantize_kernel[(triton.cdiv(n, BLOCK),)](data.contiguous(), dst, n, TYPE=type, BS=bs, TS=ts,
-                                                          QS=_QS[type], OUT_BF16=bf16, BLOCK=BLOCK, **_launch_opts())
+                                                          QS=_QS[type], OUT_BF16=bf16, BLOCK=BLOCK, **launch_opts())
     return out.to(out_dtype)
 
 

@@ -1,6 +1,7 @@
 """Triton W8A8 (same ops as the CUDA path in csrc/cuda/int_gemm_ops.cpp): per-token int8 quantization of x, an int8
-x int8 -> int32 tile GEMM (``tl.dot``, exact), and the fp32 epilogue ``acc * x_scale[m] * w_scale[n]`` in the CPU
-kernel's order, so results are bit-identical to csrc/cpu/int_gemm.cpp. The ROCm path and the fallback where the
+x int8 -> int32 tile GEMM (``tl.dot``, exact), and the epilogue ``(acc * x_scale[m]) * w_scale[n]`` in fp64 like the
+reference and the CPU kernel (in fp32, acc * x_scale overflows for |x| >~ 1e35 where the result is finite), so
+results are bit-identical to csrc/cpu/int_gemm.cpp. The ROCm path and the fallback where the
 CUDA extension is absent.
 """
 
@@ -11,8 +12,7 @@ import triton
 import triton.language as tl
 
 from . import register
-from .float_cast import _input, _load_f32
-from .int_quant import _launch_opts, _round_half_even
+from ._common import kernel_input, launch_opts, load_f32, round_half_even
 
 # one configuration (no autotuning yet): 64 x 64 output tiles, 64-deep K steps
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
@@ -25,7 +25,7 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, IN_BF16: tl.constexpr, BL
     bad = tl.zeros([BLOCK], tl.int32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        a = _load_f32(x_ptr, row * K + offs, offs < K, IN_BF16).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        a = load_f32(x_ptr, row * K + offs, offs < K, IN_BF16).to(tl.int32, bitcast=True) & 0x7FFFFFFF
         bad = bad | (a >= 0x7F800000).to(tl.int32)
         amax = tl.maximum(amax, tl.where(a < 0x7F800000, a, 0))  # non-negative floats order like their bits
     s = tl.math.div_rn(tl.max(amax, axis=0).to(tl.float32, bitcast=True), 127.0)
@@ -35,7 +35,7 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, IN_BF16: tl.constexpr, BL
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         mask = offs < K
-        q = _round_half_even(tl.math.div_rn(_load_f32(x_ptr, row * K + offs, mask, IN_BF16), s))
+        q = round_half_even(tl.math.div_rn(load_f32(x_ptr, row * K + offs, mask, IN_BF16), s))
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(q_ptr + row * K + offs, tl.where(finite, q, 0.0).to(tl.int32).to(tl.int8), mask=mask)
 
@@ -56,8 +56,9 @@ def _int8_mm_kernel(a_ptr, w_ptr, sa_ptr, sw_ptr, out_ptr, M, N, K, BLOCK_M: tl.
         acc += tl.dot(a, w, out_dtype=tl.int32)
     sa = tl.load(sa_ptr + offs_m, mask=m_mask, other=1.0)
     sw = tl.load(sw_ptr + offs_n, mask=n_mask, other=1.0)
-    out = (acc.to(tl.float32) * sa[:, None]) * sw[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
+    out = (acc.to(tl.float64) * sa.to(tl.float64)[:, None]) * sw.to(tl.float64)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(tl.float32),
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 @register("quantize_per_token_int8")
@@ -68,8 +69,8 @@ def quantize_per_token_int8(x):
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M:
-        _quantize_per_token_kernel[(M,)](_input(x), q, s, K, IN_BF16=x.dtype == torch.bfloat16,
-                                          BLOCK=min(1024, triton.next_power_of_2(max(K, 16))), **_launch_opts())
+        _quantize_per_token_kernel[(M,)](kernel_input(x), q, s, K, IN_BF16=x.dtype == torch.bfloat16,
+                                          BLOCK=min(1024, triton.next_power_of_2(max(K, 16))), **launch_opts())
     return q, s
 
 
@@ -85,5 +86,5 @@ def int8_dynamic_mm(x, q_w, w_scale):
         qx, sx = quantize_per_token_int8(x)
         grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
         _int8_mm_kernel[grid](qx, q_w.contiguous(), sx, w_scale.float().contiguous(), out, M, N, K, BLOCK_M=BLOCK_M,
-                              BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_launch_opts())
+                              BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **launch_opts())
     return out.to(x.dtype)

@@ -8,36 +8,14 @@ Tensors are processed flattened: groups are ``group_size`` consecutive elements 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import register
+from ._common import launch_opts, round_half_even
 
 BLOCK = 1024
-# 1.5 * 2^23: (v + M) - M rounds v to the nearest integer, ties to even, for |v| <= 2^22
-_RNE_MAGIC = tl.constexpr(12582912.0)
-# 2^22; codes are clamped to at most 8 bits afterwards, so clamping here changes nothing
-_RNE_LIMIT = tl.constexpr(4194304.0)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _launch_opts() -> dict:
-    # the interpreter runs numpy, which never contracts; on GPUs turn Triton's default FMA fusion off
-    return {} if _interpreting() else {"enable_fp_fusion": False}
-
-
-@triton.jit
-def _round_half_even(v):
-    v = tl.minimum(tl.maximum(v, -_RNE_LIMIT), _RNE_LIMIT)
-    return (v + _RNE_MAGIC) - _RNE_MAGIC
-
-
 @triton.jit
 def _pack_int4_kernel(q_ptr, out_ptr, n_out, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -71,9 +49,9 @@ def _quantize_kernel(w_ptr, scale_ptr, zp_ptr, q_ptr, n, group_size, qmin, qmax,
     s = tl.load(scale_ptr + g, mask=mask, other=1.0)
     if FLOAT_ZP:
         mn = tl.load(zp_ptr + g, mask=mask, other=0.0)
-        q = _round_half_even(tl.math.div_rn(w - mn, s))
+        q = round_half_even(tl.math.div_rn(w - mn, s))
     else:
-        q = _round_half_even(tl.math.div_rn(w, s))
+        q = round_half_even(tl.math.div_rn(w, s))
         if HAS_ZP:
             q = q + tl.load(zp_ptr + g, mask=mask, other=0).to(tl.float32)
     q = tl.minimum(tl.maximum(q, qmin), qmax)
@@ -134,7 +112,7 @@ def _choose_qparams_kernel(w_ptr, scale_ptr, zp_ptr, group_size, qmin, qmax, lev
         else:
             s = tl.math.div_rn(hi - lo, qmax - qmin)
             s = tl.where(s > 0, s, 1.0)
-            zp = qmin - _round_half_even(tl.math.div_rn(lo, s))
+            zp = qmin - round_half_even(tl.math.div_rn(lo, s))
             zp = tl.minimum(tl.maximum(zp, qmin), qmax)
         tl.store(scale_ptr + g, s)
         tl.store(zp_ptr + g, zp.to(tl.int32))
@@ -155,7 +133,7 @@ def choose_qparams_affine(w, bits, group_size, symmetric, is_signed, float_zero_
         _choose_qparams_kernel[(scale.numel(),)](
             w.contiguous(), scale, zp, group_size, float(qmin), float(qmax), float((1 << bits) - 1),
             float((1 << (bits - 1)) - 1), 0 if is_signed else (1 << (bits - 1)), SYMMETRIC=bool(symmetric),
-            FLOAT_ZP=bool(float_zero_point), BLOCK=block, **_launch_opts())
+            FLOAT_ZP=bool(float_zero_point), BLOCK=block, **launch_opts())
     return scale, zp
 
 
@@ -214,7 +192,7 @@ def quantize_affine(w, scale, zero_point, bits, group_size, is_signed, float_zer
         zc = zero_point.contiguous() if zero_point is not None else sc  # dummy pointer when absent
         _quantize_kernel[_grid(n)](wc, sc, zc, q, n, group_size, float(qmin), float(qmax),
                                    HAS_ZP=zero_point is not None, FLOAT_ZP=bool(float_zero_point), BLOCK=BLOCK,
-                                   **_launch_opts())
+                                   **launch_opts())
     return q
 
 
@@ -231,5 +209,5 @@ def dequantize_affine(q, scale, zero_point, group_size, float_zero_point, out_dt
         bf16 = out_dtype == torch.bfloat16
         _dequantize_kernel[_grid(n)](qc, sc, zc, out.view(torch.int16) if bf16 else out, n, group_size,
                                      HAS_ZP=zero_point is not None, FLOAT_ZP=bool(float_zero_point),
-                                     OUT_BF16=bf16, BLOCK=BLOCK, **_launch_opts())
+                                     OUT_BF16=bf16, BLOCK=BLOCK, **launch_opts())
     return out
