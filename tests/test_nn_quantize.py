@@ -124,6 +124,10 @@ def test_unknown_quant_method(saved):
     cfg = json.load(open(saved / "config.json"))
     cfg["quantization_config"]["quant_method"] = "bitsandbytes"
     json.dump(cfg, open(saved / "config.json", "w"))
+    # the two copies of the config must agree (else that is the error): change quantization_config.json too
+    qfile = saved / "quantization_config.json"
+    if qfile.exists():
+        json.dump(cfg["quantization_config"], open(qfile, "w"))
     with pytest.raises(qkernels.formats.CheckpointError, match="quant_method must be one of .*got 'bitsandbytes'"):
         qkernels.load_quantized(str(saved))
 
