@@ -18,7 +18,10 @@ def _eval_parser(sub):
     p.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct Q4_1 GGUF)")
     p.add_argument("--text", help="UTF-8 text file (default: Python's pydoc topics); split into calibration/eval")
     p.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES),
-                   help=f"comma-separated subset of {','.join(ALL_SCHEMES)} (default: %(default)s)")
+                   help=f"comma-separated names from {','.join(ALL_SCHEMES)}, or any ALGO-intBITS[-asym][-full][-mse]"
+                        "[+head8] with ALGO in rtn, gptq, awq, awq-gptq, qat (-full: all 2^b symmetric levels as "
+                        "llama.cpp Q4_0; -mse: MSE-searched group scales; +head8: int8 output head) "
+                        "(default: %(default)s)")
     p.add_argument("--qat", action="store_true", help="also run QAT (int4, distillation from the float model)")
     p.add_argument("--ctx", type=int, default=d.ctx, help="evaluation window incl. BOS (default %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="evaluation tokens (default %(default)s)")

@@ -141,6 +141,24 @@ def test_awq_row_refused_model_is_rtn_with_a_note():
     assert "RTN instead" in runner.format_table([row])
 
 
+def test_head8_suffix_quantizes_the_output_head():
+    from qkernels.nn import QuantLinear
+
+    m = models.tiny_llama()
+    ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    cfg = runner.EvalConfig(group_size=32, progress=False)
+    body = runner._quantize("rtn-int4", m, cfg, None, None)
+    q = runner._quantize("rtn-int4+head8", m, cfg, None, None)
+    assert isinstance(q.lm_head, QuantLinear) and not isinstance(body.lm_head, QuantLinear)
+    assert isinstance(m.lm_head, torch.nn.Linear) and m.lm_head.weight is m.model.embed_tokens.weight  # base intact
+    with torch.no_grad():
+        a, b, ref = q(ids).logits, body(ids).logits, m(ids).logits
+    assert 0 < (a - b).norm() / b.norm() < 0.02  # the head is int8 now: a small, nonzero change
+    assert metrics.model_size_bytes(q) > metrics.model_size_bytes(body)  # the untied head is stored besides the embedding
+    with pytest.raises(ValueError, match=r"\+head8 applies"):
+        runner.parse_scheme("q4_k_m+head8")
+
+
 def test_plot_labels_do_not_overlap(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")

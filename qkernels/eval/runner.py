@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..algorithms._layers import UnsupportedModel
+from ..nn import Int8WeightOnly, quantize_
 from ..algorithms import AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quantize_model, gptq_quantize_model, \
     rtn_quantize_model
 from ..algorithms import qat as qat_mod
@@ -36,14 +37,20 @@ log = logging.getLogger("qkernels.eval")
 DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "rtn-int4-asym", "gptq-int4", "gptq-int4-asym", "awq-int4",
                    "awq-int4-asym", "q8_0", "q4_k_m")
 ALL_SCHEMES = DEFAULT_SCHEMES + ("rtn-int4-full-mse", "rtn-int4-asym-mse", "gptq-int4-full-mse", "gptq-int4-asym-mse",
-                                 "awq-gptq-int4-asym-mse", "gptq-q4_k_m", "qat-int4")
+                                 "awq-gptq-int4-asym-mse", "gptq-int4-asym-mse+head8", "gptq-q4_k_m", "qat-int4")
 GGUF_MIXES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
+HEAD8 = "+head8"  # suffix: the output head (lm_head, untied from the embedding) also int8 weight-only per channel
 _INT_SCHEME = re.compile(r"^(rtn|gptq|awq|awq-gptq|qat)-int([2-8])((?:-(?:asym|full|mse))*)$")
 
 
 def parse_scheme(name: str, group_size: int = 128, symmetric: bool = True) -> tuple[str, QuantConfig] | None:
     """``(algorithm, QuantConfig)`` of an integer scheme name (see the comment above), None for float / int8 /
-    GGUF names; raises ValueError for an unknown name."""
+    GGUF names; raises ValueError for an unknown name. A ``+head8`` suffix (int8 output head) is allowed on any
+    name but float and the GGUF mixes (whose head type is part of the mix)."""
+    if name.endswith(HEAD8):
+        name = name[:-len(HEAD8)]
+        if name == "float" or name in GGUF_MIXES or name == "gptq-q4_k_m":
+            raise ValueError(f"scheme {name + HEAD8!r}: +head8 applies to the int8 / integer schemes only")
     if name in ("float", "int8", "gptq-q4_k_m") or name in GGUF_MIXES:
         return None
     m = _INT_SCHEME.match(name)
@@ -98,6 +105,11 @@ class _Clock:
 
 def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows, notes: dict | None = None):
     notes = {} if notes is None else notes
+    if name.endswith(HEAD8):
+        m = _quantize(name[:-len(HEAD8)], base, cfg, calib, qat_windows, notes)
+        notes[name] = notes.pop(name[:-len(HEAD8)], None)
+        # the body is quantized already: the filter keeps only the output head (untied from the embedding)
+        return quantize_(m, Int8WeightOnly(), filter_fn=lambda mod, n: False, include_lm_head=Int8WeightOnly())
     if name == "float":
         return base
     m = copy.deepcopy(base)
@@ -138,11 +150,23 @@ def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows, notes: dict 
     raise AssertionError(algo)
 
 
-def run(cfg: EvalConfig) -> dict:
-    """Runs the comparison; returns the results dict (also written to ``cfg.out``/results.json)."""
-    for s in cfg.schemes:
-        parse_scheme(s, cfg.group_size, cfg.symmetric)  # unknown names fail before the model is loaded
-    total = _Clock()
+@dataclass
+class EvalInputs:
+    """The model and token windows every row of one comparison shares (``prepare``)."""
+
+    base: torch.nn.Module
+    tok: object
+    ev: torch.Tensor  # [n, ctx] evaluation windows (BOS first)
+    cal: torch.Tensor  # [n, calib_ctx] calibration windows (BOS first)
+    calib: dict  # {"gptq": [B, L] batches, "awq": the first windows' batches}
+    qat_windows: torch.Tensor
+    ev_text: str
+    bos: int | None
+    t_load: dict
+
+
+def prepare(cfg: EvalConfig) -> EvalInputs:
+    """Loads the model and splits/tokenizes the text into evaluation and calibration windows."""
     torch.manual_seed(0)
     clk = _Clock()
     base, tok = models.load_model(cfg.model)
@@ -157,36 +181,46 @@ def run(cfg: EvalConfig) -> dict:
     qat_windows = data.windows(cal_ids, cfg.calib_ctx, cfg.qat_tokens, bos, "calibration")
     log.info("model loaded in %.1fs; eval windows %s, calibration windows %s", t_load["wall_s"], tuple(ev.shape),
              tuple(cal.shape))
+    return EvalInputs(base, tok, ev, cal, calib, qat_windows, ev_text, bos, t_load)
 
-    rows, ref_top1, float_ppl, notes = [], None, None, {}
+
+def score(name: str, m, inp: EvalInputs, cfg: EvalConfig, ref: dict, t_q: dict, note: str | None = None) -> dict:
+    """One table row for model ``m``; the first call (``ref`` empty) must be the float model: it fills ``ref`` with
+    the float perplexity and top-1 tokens that dPPL and agreement compare with."""
+    res, top1 = metrics.evaluate_lm(m, inp.ev, cfg.batch_size, ref.get("top1"), cfg.progress, desc=f"eval {name}")
+    if not ref:
+        ref.update(top1=top1, ppl=res["ppl"])
+        res["top1_agree"] = 1.0
+    row = {"scheme": name, "bits_per_weight": metrics.bits_per_weight(m), "size_mb": metrics.model_size_bytes(m) / 1e6,
+           **res, "dppl_pct": 100.0 * (res["ppl"] / ref["ppl"] - 1.0), "quantize_time": t_q}
+    if note:
+        row["note"] = note
+    return row
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Runs the comparison; returns the results dict (also written to ``cfg.out``/results.json)."""
+    for s in cfg.schemes:
+        parse_scheme(s, cfg.group_size, cfg.symmetric)  # unknown names fail before the model is loaded
+    total = _Clock()
+    inp = prepare(cfg)
+    rows, ref, notes = [], {}, {}
     schemes = list(cfg.schemes)
-    if "float" not in schemes:
-        schemes.insert(0, "float")  # the reference for dPPL and agreement
-    for name in schemes:
+    if "float" in schemes:
+        schemes.remove("float")
+    for name in ["float"] + schemes:  # float first: the reference for dPPL and agreement
         clk = _Clock()
-        m = _quantize(name, base, cfg, calib, qat_windows, notes)
-        t_q = clk.read()
-        res, top1 = metrics.evaluate_lm(m, ev, cfg.batch_size, ref_top1, cfg.progress, desc=f"eval {name}")
-        if name == "float":
-            ref_top1, float_ppl = top1, res["ppl"]
-            res["top1_agree"] = 1.0
-        row = {"scheme": name, "bits_per_weight": metrics.bits_per_weight(m),
-               "size_mb": metrics.model_size_bytes(m) / 1e6, **res,
-               "dppl_pct": 100.0 * (res["ppl"] / float_ppl - 1.0), "quantize_time": t_q}
-        if name in notes:
-            row["note"] = notes[name]
+        m = _quantize(name, inp.base, cfg, inp.calib, inp.qat_windows, notes)
+        row = score(name, m, inp, cfg, ref, clk.read(), notes.get(name))
         rows.append(row)
         print(_format_row(row), flush=True)
         if cfg.lm_eval:
-            row["lm_eval"] = run_lm_eval(m, tok, cfg.lm_eval, eval_text=ev_text, include_path=cfg.lm_eval_include,
-                                           limit=cfg.lm_eval_limit)
-        if m is not base:
-            del m
+            row["lm_eval"] = run_lm_eval(m, inp.tok, cfg.lm_eval, eval_text=inp.ev_text,
+                                         include_path=cfg.lm_eval_include, limit=cfg.lm_eval_limit)
+        del m
     out = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "rows": rows,
-           "data": {"eval_windows": list(ev.shape), "calib_windows": list(cal.shape), "bos": bos},
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None},
-           "time": {"load": t_load, "total": total.read()}}
+           "data": {"eval_windows": list(inp.ev.shape), "calib_windows": list(inp.cal.shape), "bos": inp.bos},
+           "machine": machine(), "time": {"load": inp.t_load, "total": total.read()}}
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -194,12 +228,17 @@ def run(cfg: EvalConfig) -> dict:
     return out
 
 
-HEADER = f"{'scheme':<22} {'bits/w':>7} {'size MB':>8} {'PPL':>8} {'dPPL %':>8} {'top1 agree':>10} {'tok/s':>7} {'quant s':>8}"
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+HEADER = f"{'scheme':<26} {'bits/w':>7} {'size MB':>8} {'PPL':>8} {'dPPL %':>8} {'top1 agree':>10} {'tok/s':>7} {'quant s':>8}"
 
 
 def _format_row(r: dict) -> str:
     note = f"  ({r['note']})" if r.get("note") else ""
-    return (f"{r['scheme']:<22} {r['bits_per_weight']:>7.2f} {r['size_mb']:>8.1f} {r['ppl']:>8.3f} "
+    return (f"{r['scheme']:<26} {r['bits_per_weight']:>7.2f} {r['size_mb']:>8.1f} {r['ppl']:>8.3f} "
             f"{r['dppl_pct']:>8.2f} {r['top1_agree']:>10.4f} {r['tokens_per_s']:>7.1f} {r['quantize_time']['wall_s']:>8.1f}"
             + note)
 
