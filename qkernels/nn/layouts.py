@@ -37,6 +37,7 @@ from ..ops import (
     quantize_per_token_int8,
     unpack_int4,
 )
+from ..ops import autograd
 from ..ops._call import compiled_op
 from ..ops._validate import FLOAT_DTYPES, check_float_tensor
 from ..ops.float4 import SCALE_DTYPES as FP4_SCALE_DTYPES
@@ -183,8 +184,9 @@ class _IntLayout(Layout):
         b = layer._buffers
         if layer.scheme.act_int8:
             # W{bits}A8 as QAT simulates it: x rounded per token to int8 and decoded (qkernels.qat.fake_quant_act_int8)
+            # (straight-through gradient: the rounding has zero derivative almost everywhere, QAT's estimator)
             qx, sx = quantize_per_token_int8(x)
-            x = (qx.float() * sx.unsqueeze(-1)).to(x.dtype)
+            x = autograd.straight_through(x, (qx.float() * sx.unsqueeze(-1)).to(x.dtype))
         perm = b["input_perm"]
         if perm is not None:
             x = x.index_select(-1, perm)
@@ -432,7 +434,9 @@ class Fp8Layout(_FloatLayout):
             return fp8_weight_only_mm(x, w, layer.scale, layer.bias)
         gran, block = self.act_args(layer.scheme)
         a_q, a_scale = quantize_fp8(x, FP8_WEIGHT_DTYPE, gran, block if block is not None else 128)
-        return fp8_mm(a_q, a_scale, w, layer.scale, x.dtype, layer.bias)
+        y = fp8_mm(a_q, a_scale, w, layer.scale, x.dtype, layer.bias)
+        # W8A8: straight-through gradient for x through the rounding (decodes the weight in backward only)
+        return autograd.activation_ste(x, y, lambda: self.dequantize(layer, torch.float32))
 
     def codes(self, layer):
         return layer.qweight.view(FP8_WEIGHT_DTYPE)
@@ -499,8 +503,10 @@ class Fp4Layout(_FloatLayout):
             return fp4_weight_only_mm(x, layer.qweight, layer.scale, layer.bias, format=fmt,
                                       w_global_scale=layer.global_scale)
         a_p, a_s, a_g = quantize_fp4(x, fmt)  # activations in the weight's format, nvfp4: per-call global scale
-        return fp4_mm(a_p, a_s, layer.qweight, layer.scale, x.dtype, layer.bias, format=fmt, a_global_scale=a_g,
-                      b_global_scale=layer.global_scale)
+        y = fp4_mm(a_p, a_s, layer.qweight, layer.scale, x.dtype, layer.bias, format=fmt, a_global_scale=a_g,
+                   b_global_scale=layer.global_scale)
+        # W4A4: straight-through gradient for x through the rounding (decodes the weight in backward only)
+        return autograd.activation_ste(x, y, lambda: self.dequantize(layer, torch.float32))
 
     def codes(self, layer):
         return layer.qweight

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from . import autograd
 from ._call import call, compiled_op
 from ._validate import FLOAT_DTYPES, check_float_tensor, check_same_device, check_tensor
 
@@ -80,8 +81,10 @@ def int4_weight_only_mm(x, packed_w, scale, zero_point=None, group_size=128, *, 
                                  lambda: _check_int4_args(x, packed_w, scale, zero_point, group_size))
     x2, N = _check_int4_args(x, packed_w, scale, zero_point, group_size)
     K = x2.shape[1]
-    out = call("int4_weight_only_mm", (x2, packed_w, scale, zero_point, group_size, bool(signed)), x.device, backend,
-               dtype=x.dtype, M=x2.shape[0], K=K, N=N, group_size=group_size)
+    args = (x2, packed_w, scale, zero_point, group_size, bool(signed))
+    # autograd.run: the chosen backend (Triton, the reference ...) gets the same grad_x formula as the C++ kernel
+    out = autograd.run("int4_weight_only_mm", args, lambda: call(
+        "int4_weight_only_mm", args, x.device, backend, dtype=x.dtype, M=x2.shape[0], K=K, N=N, group_size=group_size))
     return out if x2 is x else out.reshape(*x.shape[:-1], N)
 
 
@@ -109,7 +112,8 @@ def _int8_mm(op, x, q_w, scale, scale_name, backend):
     x2 = _check_int8_args(x, q_w, scale, scale_name)
     # W8A16 on CUDA: the C++ host picks decode kernel or cuBLAS from these (dispatch.int_gemm_cuda_path explains it)
     ctx = dict(dtype=x.dtype, M=x2.shape[0], K=x2.shape[1]) if op == "int8_weight_only_mm" else {}
-    out = call(op, (x2, q_w, scale), x.device, backend, **ctx)
+    args = (x2, q_w, scale)
+    out = autograd.run(op, args, lambda: call(op, args, x.device, backend, **ctx))
     return out if x2 is x else out.reshape(*x.shape[:-1], q_w.shape[0])
 
 
@@ -126,7 +130,8 @@ def quantize_per_token_int8(x, *, backend=None):
     """Symmetric per-token int8 of ``x [..., K]`` -> (int8 codes in [-127, 127], fp32 scale ``[...]``).
     Rows with NaN/inf get scale NaN (so downstream GEMM rows are NaN, never silently finite)."""
     x2 = _flatten_x(x)
-    q, s = call("quantize_per_token_int8", (x2,), x.device, backend)
+    with torch.no_grad():  # codes and scales of a rounding: never part of the autograd graph
+        q, s = call("quantize_per_token_int8", (x2,), x.device, backend)
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
