@@ -9,11 +9,11 @@ import qkernels
 from qkernels import dispatch
 from qkernels import reference as ref
 
-from .conftest import GEMM_RTOL, rel_err
+from .conftest import FLOAT_GEMM_RTOL, rel_err
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz]
 # the result is rounded to x's dtype once; fp32 sums over K <= 384 stay far below these
-RTOL = {torch.float32: 2e-6, torch.bfloat16: GEMM_RTOL[torch.bfloat16], torch.float16: GEMM_RTOL[torch.float16]}
+RTOL = FLOAT_GEMM_RTOL
 # (granularity, block_size) of the weight: per tensor, per channel, 1 x 128 and 128 x 128 blocks, and an odd grid
 FP8_GRIDS = [("tensor", 128), ("row", 128), ("block", 128), ("block", (128, 128)), ("block", (2, 32))]
 
