@@ -5,8 +5,9 @@ compiled), torchao's CPU weight-only int4 / int8, and llama.cpp on the same weig
 
 Per row and thread count: prefill tok/s (prompt tokens / prompt forward time), time to first token (the prompt
 forward and the first argmax), decode tok/s (1 / median time of one generated token's forward + argmax; the median
-keeps a burst of load from other processes on a shared machine out of it), peak RSS of the row's process and the
-bytes of its weights.
+keeps a burst of load from other processes on a shared machine out of it) in wall-clock and in process CPU time (on
+a loaded machine the CPU time of a 1-thread step is its own work, the wall time mostly the scheduler's), peak RSS of
+the row's process and the bytes of its weights.
 
 * Every row runs in its own process (``--row``, spawned by the parent), so peak RSS (``ru_maxrss``) is that row's.
   It includes building the row's model (the quantized rows quantize from the float model, so they peak above their
@@ -41,8 +42,8 @@ PROMPT = ("The history of the city of Paris begins with a small settlement of Ce
           "show how each period left its mark. In this short essay we follow that story from the beginning, and")
 MAX_LEN = 256  # static cache length: fixed, so the compiled graph (and inductor's on-disk cache) is the same per row
 QUICK_ROWS = ["hf-bf16", "int4-bf16", "int4-q4_0", "llama-q4_0"]
-COLUMNS = ["row", "mode", "threads", "prefill_tok_s", "ttft_ms", "decode_tok_s", "x_hf_bf16", "x_llama",
-           "weights_MB", "peak_rss_MB", "rss_MB", "graphs", "compile_s", "greedy"]
+COLUMNS = ["row", "mode", "threads", "prefill_tok_s", "ttft_ms", "decode_tok_s", "decode_cpu_tok_s", "x_hf_bf16",
+           "x_llama", "weights_MB", "peak_rss_MB", "rss_MB", "graphs", "compile_s", "greedy"]
 
 
 def _rss_now_mb() -> float:
@@ -56,7 +57,9 @@ def _peak_rss_mb() -> float:
 
 def _result(row, mode, threads, prompt_len, tokens, timing, **extra) -> dict:
     return dict(row=row, mode=mode, threads=threads, prefill_tok_s=prompt_len / timing.prefill_s,
-                ttft_ms=timing.prefill_s * 1e3, decode_tok_s=timing.decode_tok_s, tokens=tokens, **extra)
+                ttft_ms=timing.prefill_s * 1e3, decode_tok_s=timing.decode_tok_s,
+                decode_cpu_tok_s=timing.decode_cpu_tok_s, prefill_cpu_s=timing.prefill_cpu_s, tokens=tokens,
+                **extra)
 
 
 def run_torch_row(row: str, args, prompt: list, errors: list) -> list:
@@ -192,22 +195,25 @@ def _greedy_notes(results: list) -> None:
         r["greedy"] = " ".join(checks)
 
 
-def _ratios(results: list) -> None:
-    base = {r["threads"]: r["decode_tok_s"] for r in results if r["row"] == "hf-bf16" and r["mode"] == "eager"}
-    llama = {(r["row"], r["threads"]): r["decode_tok_s"] for r in results if r["mode"] == "llama.cpp"}
+def _ratios(results: list, key: str) -> None:
+    """Decode speed over eager HF bf16 and over the llama.cpp row with the same weights, same threads, from ``key``
+    ("decode_tok_s": wall clock; "decode_cpu_tok_s": CPU time, the fair measure while other processes load the
+    machine, for 1-thread rows)."""
+    base = {r["threads"]: r[key] for r in results if r["row"] == "hf-bf16" and r["mode"] == "eager"}
+    llama = {(r["row"], r["threads"]): r[key] for r in results if r["mode"] == "llama.cpp"}
     for r in results:
         if r["threads"] in base:
-            r["x_hf_bf16"] = r["decode_tok_s"] / base[r["threads"]]
+            r["x_hf_bf16"] = r[key] / base[r["threads"]]
         twin = dm.SAME_WEIGHTS.get(r["row"])
         if twin is None and r["row"].startswith("int4-"):
             twin = "llama-q4_0"  # the closest llama.cpp format (4-bit, one scale per block)
         if twin and (twin, r["threads"]) in llama:
-            r["x_llama"] = r["decode_tok_s"] / llama[(twin, r["threads"])]
+            r["x_llama"] = r[key] / llama[(twin, r["threads"])]
 
 
 def _fmt(r: dict) -> dict:
     f = dict(r)
-    for k in ("prefill_tok_s", "decode_tok_s", "compile_s"):
+    for k in ("prefill_tok_s", "decode_tok_s", "decode_cpu_tok_s", "compile_s"):
         if k in r:
             f[k] = f"{r[k]:.1f}"
     f["ttft_ms"] = f"{r['ttft_ms']:.0f}"
@@ -247,7 +253,7 @@ def parent_main(args) -> None:
             with open(args.json, "w") as f:
                 json.dump({"info": info, "prompt": prompt, "results": results, "errors": errors}, f, indent=1)
     _greedy_notes(results)
-    _ratios(results)
+    _ratios(results, args.ratios)
     try:  # asked after the rows: llama-cpp-python may have been installed while they ran
         import llama_cpp
 
@@ -287,6 +293,8 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="all results, generated tokens included")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)  # child process: one row
     ap.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ratios", default="decode_cpu_tok_s", choices=["decode_cpu_tok_s", "decode_tok_s"],
+                    help="speed the x_ columns divide (default: CPU-time tok/s, robust to other processes' load)")
     ap.add_argument("--table-from", default=None, metavar="JSON",
                     help="print the table of a --json file (e.g. of a run cut short) and exit")
     args = ap.parse_args(argv)
@@ -296,7 +304,7 @@ def main(argv=None) -> None:
         with open(args.table_from) as f:
             saved = json.load(f)
         _greedy_notes(saved["results"])
-        _ratios(saved["results"])
+        _ratios(saved["results"], args.ratios)
         print(json.dumps(saved["info"]))
         print_table([_fmt(r) for r in saved["results"]], COLUMNS)
         for e in saved["errors"]:

@@ -15,6 +15,7 @@ recompiles per token (``recompiles()`` counts it).
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -23,12 +24,37 @@ import torch
 
 @dataclass
 class Timing:
+    """Wall-clock and process CPU seconds. On a machine shared with other busy processes the wall time of a step
+    includes the time the scheduler gave to others; the CPU time of a 1-thread run is the work of the step itself."""
+
     prefill_s: float
+    prefill_cpu_s: float = float("nan")
     decode_s: list = field(default_factory=list)  # one entry per generated token after the first
+    decode_cpu_s: list = field(default_factory=list)
 
     @property
     def decode_tok_s(self) -> float:
-        return len(self.decode_s) / sum(self.decode_s) if self.decode_s else float("nan")
+        """1 / median wall seconds per token (the median keeps bursts of load out)."""
+        return 1.0 / statistics.median(self.decode_s) if self.decode_s else float("nan")
+
+    @property
+    def decode_cpu_tok_s(self) -> float:
+        """1 / median CPU seconds per token (process CPU time: all threads)."""
+        return 1.0 / statistics.median(self.decode_cpu_s) if self.decode_cpu_s else float("nan")
+
+
+class _Clock:
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def elapsed(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _add_step(timing: Timing, clock: _Clock) -> None:
+    wall, cpu = clock.elapsed()
+    timing.decode_s.append(wall)
+    timing.decode_cpu_s.append(cpu)
 
 
 def _argmax_last(logits: torch.Tensor) -> torch.Tensor:
@@ -45,15 +71,15 @@ def eager_generate(model, prompt_ids: list, new_tokens: int) -> tuple[list, Timi
 
     cache = DynamicCache(config=model.config)
     ids = torch.tensor([prompt_ids], dtype=torch.long)
-    t0 = time.perf_counter()
+    c = _Clock()
     tok = _argmax_last(model(input_ids=ids, cache=cache, use_cache=True).logits)
-    timing = Timing(time.perf_counter() - t0)
+    timing = Timing(*c.elapsed())
     out = [int(tok)]
     for _ in range(new_tokens - 1):
-        t0 = time.perf_counter()
+        c = _Clock()
         tok = _argmax_last(model(input_ids=tok, cache=cache, use_cache=True).logits)
         out.append(int(tok))  # int() syncs, so the step is timed whole
-        timing.decode_s.append(time.perf_counter() - t0)
+        _add_step(timing, c)
     return out, timing
 
 
@@ -81,16 +107,16 @@ class CompiledDecoder:
         self.cache.reset()
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         pos = torch.arange(P).unsqueeze(0)
-        t0 = time.perf_counter()
+        c = _Clock()
         tok = _argmax_last(self.model(input_ids=ids, position_ids=pos, cache=self.cache, use_cache=True).logits)
-        timing = Timing(time.perf_counter() - t0)
+        timing = Timing(*c.elapsed())
         out = [int(tok)]
         for i in range(new_tokens - 1):
-            t0 = time.perf_counter()
+            c = _Clock()
             # fresh [1, 1] tensors each step: the graph takes them as inputs (a Python int would be a constant)
             tok = self._step(tok.clone(), torch.tensor([[P + i]]))
             out.append(int(tok))
-            timing.decode_s.append(time.perf_counter() - t0)
+            _add_step(timing, c)
         return out, timing
 
 
@@ -98,18 +124,25 @@ def llama_cpp_generate(llm, prompt_ids: list, new_tokens: int) -> tuple[list, Ti
     """Greedy decoding through llama-cpp-python's low-level loop: ``Llama.eval`` of the prompt, then one token at a
     time, numpy argmax of the last logits row. Its high-level ``generate()`` / ``__call__`` spend most of a small
     model's step in per-token Python sampling code, which would measure the binding rather than ggml."""
+    import llama_cpp
     import numpy as np
 
+    n_vocab = llm.n_vocab()
+
+    def argmax_last() -> int:
+        # without logits_all, Llama.eval keeps no scores (0.3.x): read the last token's logits from the context
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
+
     llm.reset()
-    t0 = time.perf_counter()
+    c = _Clock()
     llm.eval(prompt_ids)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    timing = Timing(time.perf_counter() - t0)
+    tok = argmax_last()
+    timing = Timing(*c.elapsed())
     out = [tok]
     for _ in range(new_tokens - 1):
-        t0 = time.perf_counter()
+        c = _Clock()
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = argmax_last()
         out.append(tok)
-        timing.decode_s.append(time.perf_counter() - t0)
+        _add_step(timing, c)
     return out, timing
