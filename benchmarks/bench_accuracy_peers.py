@@ -20,6 +20,10 @@
 
   (the .pth line appends the project's packages after the venv's own, so the venv's compressed-tensors 0.19 wins).
   Without ``--llmc-python`` (or when it fails) the llm-compressor rows are reported as missing, not invented.
+  Observed 2026-12-03 with llmcompressor 0.14.0.1 on SmolLM2-135M: its group-128 presets refuse K = 576 (not a
+  multiple of 128) unless ``bypass_divisibility_checks=True``, and even then ``QuantizationModifier`` fails in its
+  calibration forward ("unflatten: Provided sizes [-1, 128] don't multiply up to the size of dim 1 (576)"), so
+  this version cannot produce the llmc rows for this model; the worker is kept for models whose K is a multiple.
 """
 
 from __future__ import annotations
