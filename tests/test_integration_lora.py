@@ -13,8 +13,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from qkernels import (Fp4, Fp8Dynamic, Int4WeightOnly, Int8WeightOnly, IntWeightInt8Act, QuantLinear,  # noqa: E402
-                      quantize_)
+from qkernels import Int4WeightOnly, Int8WeightOnly, QuantLinear, quantize_  # noqa: E402
 from qkernels.integrations.peft_lora import QuantLinearLora, get_peft_model, linear_target_names  # noqa: E402
 
 from .conftest import rel_err  # noqa: E402
@@ -105,19 +104,10 @@ def test_model_gradients_equal_dequantized_linear():
         assert got[n] is not None and rel_err(got[n], want[n]) < 1e-3, n
 
 
-# The schemes that quantize the activations inside QuantLinear.forward (quantize_per_token_int8 / quantize_fp8 /
-# quantize_fp4 of x) drop or reject the gradient through that rounding today: a straight-through estimator there is
-# qkernels/nn + qkernels/ops/autograd.py work. strict: the marker must go when they pass.
-ACT_QUANT_NO_GRAD = pytest.mark.xfail(strict=True, reason="no straight-through gradient through QuantLinear's "
-                                      "activation quantization yet")
-LAYER_SCHEMES = [pytest.param(s, marks=ACT_QUANT_NO_GRAD, id=repr(s))
-                 if isinstance(s, (IntWeightInt8Act, Fp8Dynamic)) or (isinstance(s, Fp4) and not s.weight_only)
-                 else pytest.param(s, id=repr(s)) for s in SCHEMES]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("scheme", LAYER_SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
 def test_layer_gradients_equal_dequantized_linear(scheme, dtype):
+    # schemes that round the activations (W8A8, W4A8, fp8 dynamic, W4A4) take the straight-through gradient
     torch.manual_seed(0)
     q = QuantLinear.from_linear(nn.Linear(64, 48), scheme)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
