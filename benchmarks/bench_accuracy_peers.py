@@ -136,7 +136,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown peer row {s!r}; choose from {list(GGUF_PY) + list(LLMC)}")
     inp = runner.prepare(cfg)
     # llm-compressor loads the float model from an HF directory: the eval's cached conversion of the GGUF file
-    model_dir = a.model if a.model and os.path.isdir(a.model) else models._cache_dir(a.model or models.default_model_path())
+    model_dir = (a.model if a.model and os.path.isdir(a.model)
+                 else models._cache_dir(a.model or models.default_model_path()))
     rows, ref, notes, missing = [], {}, {}, []
     print(runner.HEADER, flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -76,8 +76,8 @@ def test_group_qparams_default_is_the_ops_choice():
         assert torch.equal(s, s2.reshape(-1)) and (z is None if sym else torch.equal(z, z2.reshape(-1)))
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(4, 32, True, full_range=True, mse=True), QuantConfig(4, 32, False, mse=True)],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [QuantConfig(4, 32, True, full_range=True, mse=True),
+                                 QuantConfig(4, 32, False, mse=True)], ids=lambda c: c.name)
 def test_gptq_on_searched_grid_beats_rtn_on_it(cfg):
     g = torch.Generator().manual_seed(1)
     K, N = 128, 32

@@ -154,7 +154,7 @@ def test_head8_suffix_quantizes_the_output_head():
     with torch.no_grad():
         a, b, ref = q(ids).logits, body(ids).logits, m(ids).logits
     assert 0 < (a - b).norm() / b.norm() < 0.02  # the head is int8 now: a small, nonzero change
-    assert metrics.model_size_bytes(q) > metrics.model_size_bytes(body)  # the untied head is stored besides the embedding
+    assert metrics.model_size_bytes(q) > metrics.model_size_bytes(body)  # the untied head is stored in addition
     with pytest.raises(ValueError, match=r"\+head8 applies"):
         runner.parse_scheme("q4_k_m+head8")
 

@@ -196,7 +196,8 @@ def awq_scale_layer(layer: nn.Module, inps: list[torch.Tensor], kws: list[dict],
                 continue
             x = _cat(feats[n])
             step = max(1, x.shape[0] // cfg.clip_tokens)
-            _apply_clip(m, search_clip(m.weight.data, x[::step][: cfg.clip_tokens], cfg), cfg.quant.group(m.in_features))
+            clip = search_clip(m.weight.data, x[::step][: cfg.clip_tokens], cfg)
+            _apply_clip(m, clip, cfg.quant.group(m.in_features))
     return {"outs": outs, "alphas": alphas}
 
 

@@ -268,8 +268,8 @@ PLOT_FLOOR_PCT = 0.01  # the log axis cannot show 0 or less: such rows (the floa
 
 def _place_labels(ax, points: list[tuple[float, float]], labels: list[str], fontsize: float = 8.0) -> list:
     """One label per point, right of it, moved down or up in whole line heights until its box (estimated from the
-    font size, in display pixels) overlaps no marker and no label placed before; greedy, in order of decreasing y. Call after the
-    axes limits and the layout are final."""
+    font size, in display pixels) overlaps no marker and no label placed before; greedy, in order of decreasing y.
+    Call after the axes limits and the layout are final."""
     fig = ax.figure
     px = fig.dpi / 72.0
     h, cw = 1.25 * fontsize * px, 0.62 * fontsize * px  # line height, generous average glyph width
