@@ -100,6 +100,7 @@ CASES = {
                             rf"{Q}\.zero_point: zero points of 4-bit codes must be in \[-8, 8\], got \[.*, 100\]"),
     "6-bit zero point -40": (dict(tensors=setitem(f"{V6}.zero_point", at0(-40))),
                              rf"{V6}\.zero_point: zero points of 6-bit codes must be in \[-32, 32\]"),
+    "int8 symmetric scale zero": (dict(tensors=setitem(f"{UP8}.scale", at0(0.0))), rf"{UP8}\.scale must be nonzero"),
     "int8 channel scale NaN": (dict(tensors=setitem(f"{UP8}.scale", at0(float("nan")))), rf"{UP8}\.scale contains NaN"),
     "fp8 scale zero": (dict(tensors=setitem(f"{O8}.scale", at0(0.0))), rf"{O8}\.scale must be positive"),
     "nvfp4 block scale NaN": (dict(tensors=setitem(f"{GATE4}.scale", at0(0x7F))),
@@ -356,3 +357,15 @@ def test_gguf_unsupported_features_and_argument_types(gguf_file, tmp_path):
     patch_tensor_bytes(src, dst, "output_norm.weight", 8, np.array([np.nan], np.float32).tobytes())
     assert torch.isnan(gguf_logits(qkernels.load_gguf(dst, validate=False))).any()
     torch.testing.assert_close(gguf_logits(qkernels.load_gguf(src)), ref, rtol=0, atol=0)
+
+
+def test_symmetric_negative_scales_load(tmp_path):
+    """The full-range symmetric grid (llama.cpp's Q4_0 rule, QuantConfig(full_range=True)) stores negative scales:
+    legitimate, so they load; only asymmetric and fp8 scales must be positive."""
+    from qkernels.algorithms import QuantConfig, rtn_quantize_model
+    q = rtn_quantize_model(tiny_llama(), QuantConfig(4, 32, True, full_range=True))
+    scales = torch.cat([m.scale.flatten() for m in q.modules() if isinstance(m, QuantLinear)])
+    assert bool((scales < 0).any())
+    qkernels.save_quantized(q, str(tmp_path / "full"))
+    back = qkernels.load_quantized(str(tmp_path / "full"))
+    assert torch.equal(logits(back), logits(q))

@@ -87,6 +87,15 @@ def check_positive(key: str, t: torch.Tensor):
                               f"(e.g. {float(t.float()[bad][0])})")
 
 
+def check_nonzero(key: str, t: torch.Tensor):
+    """Finite and != 0: symmetric integer scales may be negative (the full-range grid, llama.cpp's Q4_0 rule
+    ``d = max / -8``, puts the extreme on the -2^(b-1) level; qkernels.algorithms QuantConfig(full_range=True))."""
+    check_finite(key, t)
+    bad = t.float() == 0
+    if bool(bad.any()):
+        raise CheckpointError(f"{key} must be nonzero, got {int(bad.sum())} zero values")
+
+
 def check_range(key: str, t: torch.Tensor, lo: int, hi: int, what: str):
     if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
         raise CheckpointError(f"{key}: {what} must be in [{lo}, {hi}], got [{int(t.min())}, {int(t.max())}]")
@@ -106,7 +115,8 @@ def check_quant_linear(name: str, layer, full: bool = True):
     """Check the decoded content of a converted :class:`qkernels.nn.QuantLinear` (any format ends here), from its
     state-dict buffers (``qweight``, ``scale``, ``zero_point``, ``global_scale``, ``bias``):
 
-    * always (cheap, O(scales)): integer / fp8 scales finite and positive; zero points in
+    * always (cheap, O(scales)): fp8 and asymmetric integer scales finite and positive, symmetric integer scales
+      finite and nonzero (negative with the full-range grid); zero points in
       :func:`zero_point_range`; fp4 block scales not NaN and not negative (zero is a legitimate all-zero block);
       nvfp4 global scale finite and positive; bias finite.
     * ``full`` (one pass over the codes): integer codes in the scheme's ``bits`` range where the storage can hold more
@@ -127,6 +137,8 @@ def check_quant_linear(name: str, layer, full: bool = True):
             raise CheckpointError(f"{name}.scale: {int(neg.sum())} {scheme.format} block scales are negative")
         if layer.global_scale is not None:
             check_positive(f"{name}.global_scale", layer.global_scale)
+    elif layer.zero_point is None and layer.scheme.layout != "fp8":
+        check_nonzero(f"{name}.scale", scale)  # symmetric integer: the sign may carry the extreme's (full range)
     else:
         check_positive(f"{name}.scale", scale)
     if layer.zero_point is not None:
