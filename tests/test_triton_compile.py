@@ -89,8 +89,8 @@ def test_gguf_decode_compiles_for_rocm(type):
 @pytest.mark.parametrize("fp4", [False, True])
 def test_float_weight_only_mm_compiles_to_mma(target, fp4):
     """The fp8 / fp4 weight-only GEMM (bf16 x, split-K) compiles and its dot reaches the tensor / matrix cores."""
-    types = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8" if fp4 else "*fp32", "lut_ptr": "*fp32",
-             "slut_ptr": "*fp32", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "br": "i32", "bc": "i32",
+    types = {"x_ptr": "*bf16", "f_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*u8" if fp4 else "*fp32",
+             "lut_ptr": "*fp32", "slut_ptr": "*fp32", "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "br": "i32", "bc": "i32",
              "nbc": "i32", "m_bucket": "i32"}
     consts = {"FP4": fp4, "B": 32, "FP32_X": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4}
     k = _compile(fg._float_weight_mm_kernel, types, consts, TARGETS[target])
