@@ -167,11 +167,6 @@ def _rdiv(c, t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float(c)).div(t)
 
 
-def _f(v) -> float:
-    """A float32 constant computed exactly as C would (e.g. ``rmin + rdelta*is + nmax``)."""
-    return float(_F32(v))
-
-
 # ---- llama.cpp's scale searches, vectorized over blocks -----------------------------------------------------
 
 
