@@ -16,6 +16,7 @@ from .formats_fixtures import IDS, logits, quant_names, tiny_llama  # noqa: F401
 from qkernels.nn.linear import FP8_WEIGHT_DTYPE
 
 from .conftest import GEMM_RTOL_TABLE, rel_err, requires_sm
+from .test_nn_linear import make_linear as make_int_linear
 
 FP8 = [Fp8WeightOnly(), Fp8Dynamic("row"), Fp8Dynamic("tensor"), Fp8Dynamic("block")]
 FP4 = [Fp4("mxfp4"), Fp4("nvfp4"), Fp4("nvfp4", weight_only=True)]
@@ -29,13 +30,8 @@ FLOAT_ERR = {"fp8_weight_only": 0.04, "fp8_dynamic": 0.05, "fp4": 0.25}
 
 
 def make_linear(K=256, N=128, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(K, N, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(N, K, generator=g) * 0.1)
-        if bias:
-            lin.bias.copy_(torch.randn(N, generator=g))
-    return lin
+    """test_nn_linear's random Linear, with shapes every fp8 / fp4 block grid divides."""
+    return make_int_linear(K, N, bias, seed)
 
 
 def expected(q: QuantLinear, x):
