@@ -13,7 +13,7 @@ the row's process and the bytes of its weights.
   It includes building the row's model (the quantized rows quantize from the float model, so they peak above their
   steady size); ``rss_MB`` is the resident size after decoding.
 * torch rows: ``eager`` is a plain loop over ``model(...)`` with a DynamicCache (what ``model.generate`` runs, minus
-  its sampling machinery); ``compiled`` is :class:`benchmarks.decode_loop.CompiledDecoder` (a StaticCache and a
+  its sampling machinery); ``compiled`` is :class:`qkernels.generate.CompiledDecoder` (a StaticCache and a
   ``torch.compile(fullgraph=True)`` single-token step, compiled once per row with inductor's run-time thread count,
   so both thread counts use the same graph); ``graphs`` counts the graphs dynamo built for it (1: no recompiles).
 * llama.cpp rows: llama-cpp-python's low-level ``Llama.eval`` one token at a time and a numpy argmax (its
@@ -65,7 +65,7 @@ def _result(row, mode, threads, prompt_len, tokens, timing, **extra) -> dict:
 def run_torch_row(row: str, args, prompt: list, errors: list) -> list:
     import torch
 
-    from .decode_loop import CompiledDecoder, eager_generate
+    from qkernels.generate import CompiledDecoder, eager_generate
 
     model = dm.build_torch_model(row, args.workdir)
     wbytes = dm.weight_bytes(model)

@@ -4,7 +4,7 @@ generating again with another prompt."""
 
 import torch
 
-from benchmarks.decode_loop import CompiledDecoder, eager_generate
+from qkernels.generate import CompiledDecoder, eager_generate
 from benchmarks.decode_models import weight_bytes
 from qkernels.eval.models import tiny_llama
 from qkernels.nn import Int4WeightOnly, QuantLinear, quantize_
