@@ -46,6 +46,8 @@ def _eval_parser(sub):
                         "qkernels_pydoc_cloze task, or tasks of --lm-eval-include)")
     p.add_argument("--lm-eval-include", metavar="DIR", help="folder of extra lm-eval task YAMLs (offline data)")
     p.add_argument("--lm-eval-limit", type=int, metavar="N", help="at most N items per lm-eval task")
+    p.add_argument("--lm-eval-batch-size", type=int, default=16, metavar="B",
+                   help="lm-eval requests per forward (default 16; the scores do not depend on it)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -70,7 +72,8 @@ def _run_eval(a) -> int:
                      gptq_act_order=not a.no_act_order,
                      gguf_gptq_act_order=a.gguf_act_order, awq_grid=a.awq_grid, qat_steps=a.qat_steps, qat_lr=a.qat_lr,
                      eval_fraction=a.eval_fraction, out=a.out, progress=not a.no_progress, lm_eval=a.lm_eval,
-                     lm_eval_include=a.lm_eval_include, lm_eval_limit=a.lm_eval_limit)
+                     lm_eval_include=a.lm_eval_include, lm_eval_limit=a.lm_eval_limit,
+                     lm_eval_batch_size=a.lm_eval_batch_size)
     res = run(cfg)
     print()
     print(format_table(res["rows"]))

@@ -98,7 +98,7 @@ def test_cli_lm_eval(tiny_dir, tmp_path, capsys):  # noqa: F811 - the fixture im
     out = tmp_path / "out"
     rc = main(["eval", "--model", str(d), "--text", str(text), "--schemes", "float,rtn-int4", "--ctx", "64",
                "--eval-tokens", "128", "--group-size", "32", "--no-progress", "--out", str(out),
-               "--lm-eval", CLOZE_TASK, "--lm-eval-limit", "4"])
+               "--lm-eval", CLOZE_TASK, "--lm-eval-limit", "4", "--lm-eval-batch-size", "3"])
     assert rc == 0
     printed = capsys.readouterr().out
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -122,3 +122,23 @@ def test_lm_eval_batched_matches_batch_one_and_our_scoring():
     assert math.isclose(four["acc"], _our_accuracy(m, tok, cloze_items(text)[:12]), abs_tol=1e-9)
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         run_lm_eval(m, tok, CLOZE_TASK, eval_text=text, batch_size=0)
+
+
+def test_cli_passes_the_lm_eval_batch_size(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+    from qkernels.cli import main
+    from qkernels.eval import runner
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw.get("batch_size"))
+        return {CLOZE_TASK: {"acc": 0.5, "n": 1}}
+
+    monkeypatch.setattr(runner, "run_lm_eval", spy)
+    d, text = tiny_dir
+    for extra, want in (([], 16), (["--lm-eval-batch-size", "5"], 5)):
+        seen.clear()
+        rc = main(["eval", "--model", str(d), "--text", str(text), "--schemes", "float", "--ctx", "64",
+                   "--eval-tokens", "128", "--no-progress", "--out", str(tmp_path / f"o{want}"),
+                   "--lm-eval", CLOZE_TASK, *extra])
+        assert rc == 0 and seen == [want]

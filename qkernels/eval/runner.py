@@ -92,6 +92,9 @@ class EvalConfig:
     lm_eval: str | None = None
     lm_eval_include: str | None = None
     lm_eval_limit: int | None = None
+    # requests per forward in lm-eval: the scores do not depend on it (right padding, per-request positions), and
+    # 16 was ~6x faster than 1 on the default model (lm_eval_bridge.run_lm_eval)
+    lm_eval_batch_size: int = 16
     extra: dict = field(default_factory=dict)
 
 
@@ -216,7 +219,8 @@ def run(cfg: EvalConfig) -> dict:
         print(_format_row(row), flush=True)
         if cfg.lm_eval:
             row["lm_eval"] = run_lm_eval(m, inp.tok, cfg.lm_eval, eval_text=inp.ev_text,
-                                         include_path=cfg.lm_eval_include, limit=cfg.lm_eval_limit)
+                                         include_path=cfg.lm_eval_include, limit=cfg.lm_eval_limit,
+                                         batch_size=cfg.lm_eval_batch_size)
         del m
     out = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "rows": rows,
            "data": {"eval_windows": list(inp.ev.shape), "calib_windows": list(inp.cal.shape), "bos": inp.bos},
