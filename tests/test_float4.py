@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import qkernels
 from qkernels.dispatch import mock_device
-from qkernels.ops import _call
+from qkernels.ops import float4 as ops_float4
 from qkernels.reference import float4 as r4
 
 from .conftest import FLOAT_GEMM_RTOL as GEMM_RTOL
@@ -279,7 +279,7 @@ def test_to_blocked_layout():
     scaling factors: tile (r // 128, c // 4), offset (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4 within 512."""
     rows, cols = 200, 6
     s = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
-    out = _call._to_blocked(s)
+    out = ops_float4._to_blocked(s)
     pc = -(-cols // 4) * 4
     assert out.numel() == 256 * pc
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")

@@ -9,88 +9,10 @@ import torch
 from .. import _ext, dispatch
 from .. import reference as _reference
 
-# op name -> callable for the "native" backend (torch's own hardware ops). The fp8 / fp4 scaled GEMMs below are the
-# only ones; they live here, not in ops/float8.py / float4.py, because this module calls them (and the families
-# import from it: the other way round would be an import cycle).
+# op name -> callable for the "native" backend (torch's own hardware ops, e.g. torch._scaled_mm). The families
+# register theirs at import (ops/float8.py: fp8_mm, ops/float4.py: fp4_mm); the dict lives here because call() reads
+# it and the families import call() from this module.
 NATIVE: dict = {}
-
-
-# ---- fp8 / fp4 scaled GEMMs on torch._scaled_mm (the dispatch table only picks these where they can run:
-# qkernels/dispatch.py fp8_native / fp4_native). Same positional arguments as the qkernels op schemas.
-
-
-def _native_fp8_mm(a, a_scale, a_dtype, b, b_scale, b_dtype, bias, out_dtype):
-    """torch._scaled_mm for tensor-wise and row-wise scales: a [M, K] row-major, b [N, K] -> b.t() column-major."""
-    M, N = a.shape[0], b.shape[0]
-    a8, b8 = a.contiguous().view(a_dtype), b.contiguous().view(b_dtype)
-    if a_scale.numel() == 1 and b_scale.numel() == 1:
-        # tensor-wise: ask for an fp32 result (cuBLAS accumulates in fp32) and add bias in fp32, like the emulation
-        out = torch._scaled_mm(a8, b8.t(), a_scale.reshape(()), b_scale.reshape(()), out_dtype=torch.float32)
-        if bias is not None:
-            out = out + bias.float()
-        return out.to(out_dtype)
-    if a_scale.shape[1] > 1 or b_scale.shape[1] > 1:
-        return _native_fp8_mm_blockwise(a8, b8, a_scale, b_scale, bias)
-    # row-wise (scale_a [M, 1], scale_b [1, N] fp32; bf16 output, bf16 bias fused): the table routes only bf16 here
-    sa = a_scale.float().expand(M, 1).contiguous()
-    sb = b_scale.float().reshape(-1).expand(N).reshape(1, N).contiguous()
-    return torch._scaled_mm(a8, b8.t(), sa, sb, bias=None if bias is None else bias.to(torch.bfloat16),
-                            out_dtype=torch.bfloat16).to(out_dtype)
-
-
-def _native_fp8_mm_blockwise(a8, b8, a_scale, b_scale, bias):
-    """sm90 block-wise fp8 (dispatch.fp8_native_blockwise): a_scale [M, K/128] (1x128 blocks), b_scale [N, K/128]
-    (1x128) or [N/128, K/128] (128x128). Scale layouts as in torch's own scaled_mm samples
-    (torch/testing/_internal/common_methods_invocations.py, sample_inputs_scaled_mm_v2): 1x128 scales "outer-dim
-    major" ([K/128, rows] contiguous, seen transposed), 128x128 scales [N/128, K/128] contiguous, seen transposed.
-    bf16 result; the bias is added in fp32 like the emulation, then rounded once more to bf16."""
-    from torch.nn.functional import ScalingType, SwizzleType, scaled_mm
-
-    N = b8.shape[0]
-    sa = a_scale.float().t().contiguous().t()
-    if b_scale.shape[0] == N:
-        sb, rb = b_scale.float().t().contiguous().t(), ScalingType.BlockWise1x128
-    else:
-        sb, rb = b_scale.float().contiguous().t(), ScalingType.BlockWise128x128
-    out = scaled_mm(a8, b8.t(), sa, ScalingType.BlockWise1x128, sb, rb, swizzle_a=SwizzleType.NO_SWIZZLE,
-                    swizzle_b=SwizzleType.NO_SWIZZLE, output_dtype=torch.bfloat16)
-    if bias is not None:
-        out = (out.float() + bias.float()).to(torch.bfloat16)
-    return out
-
-
-def _to_blocked(scale):
-    """Block scales [rows, k_blocks] -> the swizzled layout cuBLAS block-scaled GEMMs read: 128 x 4 tiles,
-    each rearranged to 32 x 16 (rows padded to 128, k blocks to 4; NVIDIA cuBLAS "1D block scaling factors layout",
-    as torchao's mx_formats to_blocked)."""
-    rows, cols = scale.shape
-    pr, pc = -(-rows // 128) * 128, -(-cols // 4) * 4
-    padded = scale
-    if (pr, pc) != (rows, cols):
-        padded = torch.zeros(pr, pc, dtype=scale.dtype, device=scale.device)
-        padded[:rows, :cols] = scale
-    blocks = padded.view(pr // 128, 128, pc // 4, 4).permute(0, 2, 1, 3)
-    return blocks.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(-1, 32, 16).flatten()
-
-
-def _native_fp4_mm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, format, element, bias, out_dtype):
-    """Block-scaled torch._scaled_mm on sm100: float4_e2m1fn_x2 operands, e8m0 (MXFP4) or e4m3 (NVFP4) scales in
-    the swizzled layout; NVFP4's per-tensor scales multiply the fp32 result."""
-    sdt = torch.float8_e8m0fnu if format == "mxfp4" else torch.float8_e4m3fn
-    a4 = a.contiguous().view(torch.float4_e2m1fn_x2)
-    b4 = b.contiguous().view(torch.float4_e2m1fn_x2)
-    sa = _to_blocked(a_scale.view(torch.uint8)).view(sdt)
-    sb = _to_blocked(b_scale.view(torch.uint8)).view(sdt)
-    out = torch._scaled_mm(a4, b4.t(), sa, sb, out_dtype=torch.bfloat16).float()
-    if format == "nvfp4":
-        out = out * (a_global_scale.float() * b_global_scale.float())
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)
-
-
-NATIVE["fp8_mm"] = _native_fp8_mm
-NATIVE["fp4_mm"] = _native_fp4_mm
 
 
 def _overload(op: str):

@@ -9,7 +9,7 @@ import torch
 from .. import _ext
 from . import autograd
 from ..reference.float4 import ELEMENTS, FORMATS
-from ._call import call
+from ._call import NATIVE, call
 from ._validate import check_bias, check_float_tensor, check_same_device, check_tensor
 from .float8 import check_out_dtype
 
@@ -224,6 +224,43 @@ def fp4_weight_only_mm(x, w_packed, w_scale, bias=None, *, format="mxfp4", eleme
                                                                 format=format, element=element, M=x2.shape[0],
                                                                 K=K, N=N))
     return out.reshape(*x.shape[:-1], N)
+
+
+# ---- the native backend: block-scaled torch._scaled_mm (qkernels/dispatch.py fp4_native picks it only where it can
+# run). Same positional arguments as the qkernels op schema; call() in ops/_call.py runs it from NATIVE.
+
+
+def _to_blocked(scale):
+    """Block scales [rows, k_blocks] -> the swizzled layout cuBLAS block-scaled GEMMs read: 128 x 4 tiles,
+    each rearranged to 32 x 16 (rows padded to 128, k blocks to 4; NVIDIA cuBLAS "1D block scaling factors layout",
+    as torchao's mx_formats to_blocked)."""
+    rows, cols = scale.shape
+    pr, pc = -(-rows // 128) * 128, -(-cols // 4) * 4
+    padded = scale
+    if (pr, pc) != (rows, cols):
+        padded = torch.zeros(pr, pc, dtype=scale.dtype, device=scale.device)
+        padded[:rows, :cols] = scale
+    blocks = padded.view(pr // 128, 128, pc // 4, 4).permute(0, 2, 1, 3)
+    return blocks.reshape(-1, 4, 32, 4).transpose(1, 2).reshape(-1, 32, 16).flatten()
+
+
+def _native_fp4_mm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, format, element, bias, out_dtype):
+    """Block-scaled torch._scaled_mm on sm100: float4_e2m1fn_x2 operands, e8m0 (MXFP4) or e4m3 (NVFP4) scales in
+    the swizzled layout; NVFP4's per-tensor scales multiply the fp32 result."""
+    sdt = torch.float8_e8m0fnu if format == "mxfp4" else torch.float8_e4m3fn
+    a4 = a.contiguous().view(torch.float4_e2m1fn_x2)
+    b4 = b.contiguous().view(torch.float4_e2m1fn_x2)
+    sa = _to_blocked(a_scale.view(torch.uint8)).view(sdt)
+    sb = _to_blocked(b_scale.view(torch.uint8)).view(sdt)
+    out = torch._scaled_mm(a4, b4.t(), sa, sb, out_dtype=torch.bfloat16).float()
+    if format == "nvfp4":
+        out = out * (a_global_scale.float() * b_global_scale.float())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+NATIVE["fp4_mm"] = _native_fp4_mm
 
 
 # ---- fake (meta) kernels ---------------------------------------------------------------------------------------

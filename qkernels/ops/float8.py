@@ -11,7 +11,7 @@ import torch
 from .. import _ext
 from . import autograd
 from ..reference.float8 import FP8_DTYPES
-from ._call import call
+from ._call import NATIVE, call
 from ._validate import FLOAT_DTYPES, check_bias, check_bool, check_float_tensor, check_same_device, check_tensor
 
 GRANULARITIES = ("tensor", "row", "block")
@@ -318,6 +318,53 @@ def fp8_weight_only_mm(x, w_q, w_scale, bias=None, *, w_block_size=None, backend
     out = autograd.run("fp8_weight_only_mm", args,
                        lambda: call("fp8_weight_only_mm", args, x.device, backend, M=x2.shape[0], K=K, N=N))
     return out.reshape(*x.shape[:-1], N)
+
+
+# ---- the native backend: torch._scaled_mm (qkernels/dispatch.py fp8_native / fp8_native_blockwise pick it only where
+# it can run). Same positional arguments as the qkernels op schema; call() in ops/_call.py runs it from NATIVE.
+
+
+def _native_fp8_mm(a, a_scale, a_dtype, b, b_scale, b_dtype, bias, out_dtype):
+    """torch._scaled_mm for tensor-wise and row-wise scales: a [M, K] row-major, b [N, K] -> b.t() column-major."""
+    M, N = a.shape[0], b.shape[0]
+    a8, b8 = a.contiguous().view(a_dtype), b.contiguous().view(b_dtype)
+    if a_scale.numel() == 1 and b_scale.numel() == 1:
+        # tensor-wise: ask for an fp32 result (cuBLAS accumulates in fp32) and add bias in fp32, like the emulation
+        out = torch._scaled_mm(a8, b8.t(), a_scale.reshape(()), b_scale.reshape(()), out_dtype=torch.float32)
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(out_dtype)
+    if a_scale.shape[1] > 1 or b_scale.shape[1] > 1:
+        return _native_fp8_mm_blockwise(a8, b8, a_scale, b_scale, bias)
+    # row-wise (scale_a [M, 1], scale_b [1, N] fp32; bf16 output, bf16 bias fused): the table routes only bf16 here
+    sa = a_scale.float().expand(M, 1).contiguous()
+    sb = b_scale.float().reshape(-1).expand(N).reshape(1, N).contiguous()
+    return torch._scaled_mm(a8, b8.t(), sa, sb, bias=None if bias is None else bias.to(torch.bfloat16),
+                            out_dtype=torch.bfloat16).to(out_dtype)
+
+
+def _native_fp8_mm_blockwise(a8, b8, a_scale, b_scale, bias):
+    """sm90 block-wise fp8 (dispatch.fp8_native_blockwise): a_scale [M, K/128] (1x128 blocks), b_scale [N, K/128]
+    (1x128) or [N/128, K/128] (128x128). Scale layouts as in torch's own scaled_mm samples
+    (torch/testing/_internal/common_methods_invocations.py, sample_inputs_scaled_mm_v2): 1x128 scales "outer-dim
+    major" ([K/128, rows] contiguous, seen transposed), 128x128 scales [N/128, K/128] contiguous, seen transposed.
+    bf16 result; the bias is added in fp32 like the emulation, then rounded once more to bf16."""
+    from torch.nn.functional import ScalingType, SwizzleType, scaled_mm
+
+    N = b8.shape[0]
+    sa = a_scale.float().t().contiguous().t()
+    if b_scale.shape[0] == N:
+        sb, rb = b_scale.float().t().contiguous().t(), ScalingType.BlockWise1x128
+    else:
+        sb, rb = b_scale.float().contiguous().t(), ScalingType.BlockWise128x128
+    out = scaled_mm(a8, b8.t(), sa, ScalingType.BlockWise1x128, sb, rb, swizzle_a=SwizzleType.NO_SWIZZLE,
+                    swizzle_b=SwizzleType.NO_SWIZZLE, output_dtype=torch.bfloat16)
+    if bias is not None:
+        out = (out.float() + bias.float()).to(torch.bfloat16)
+    return out
+
+
+NATIVE["fp8_mm"] = _native_fp8_mm
 
 
 # ---- fake (meta) kernels ---------------------------------------------------------------------------------------
