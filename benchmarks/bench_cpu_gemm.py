@@ -1,4 +1,5 @@
-"""CPU dequant-GEMM benchmark: qkernels W4A16 / W8A16 / W8A8 vs fp32/bf16 F.linear and torch's own CPU kernels.
+"""CPU dequant-GEMM benchmark: qkernels W4A16 / W8A16 / W8A8 vs fp32/bf16 F.linear, torch's own CPU kernels and
+torchao's CPU weight-only configs (when torchao is installed; otherwise those rows say "missing" and why).
 
     python -m benchmarks.bench_cpu_gemm [--quick] [--csv out.csv]
     python -m benchmarks.bench_cpu_gemm --shapes 4096x11008 --ms 1,4 --methods "fp32,int8,W8A16" --repeat 3
@@ -16,6 +17,7 @@ Effective GB/s = weight bytes read (codes + scales) / time; compare with the mea
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 
@@ -118,9 +120,62 @@ def build_methods(N: int, K: int):
             (lambda xf, xb, W, fmt=fmt: _with_env("QKERNELS_CPU_I16", "0", lambda: qkernels.fp4_weight_only_mm(
                 xb, W[0], W[1], format=fmt, w_global_scale=W[2]))),
             _nbytes(fp, fs))
-    # torchao's int4 CPU layout (Int4CPULayout) calls the same aten kernel as the 'torch int4' row above, so that
-    # row stands for it; torchao is not a dependency of this benchmark.
     return m, w
+
+
+def _torchao_linear(w: torch.Tensor, config) -> torch.nn.Linear:
+    """A bf16 nn.Linear holding ``w`` (fp32 [N, K]), quantized in place by torchao's ``quantize_(linear, config)``."""
+    from torchao.quantization import quantize_ as ao_quantize_
+
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    ao_quantize_(lin, config)
+    return lin
+
+
+def _torchao_nbytes(lin: torch.nn.Linear) -> int:
+    # torchao's weight subclasses keep codes and scales as inner tensors (qdata, scale, zero_point)
+    names, _ = lin.weight.__tensor_flatten__()
+    return _nbytes(*(getattr(lin.weight, n) for n in names))
+
+
+def torchao_methods(w: torch.Tensor):
+    """torchao's CPU weight-only rows on bf16 activations: (methods as build_methods returns them, {name: why it
+    could not run}). torchao 0.18 on CPU: ``Int8WeightOnlyConfig`` per row converts the int8 codes to bf16 and runs
+    ``mm`` then scales the output, per group it dequantizes first; ``IntxWeightOnlyConfig`` (its CPU int4 weight-only
+    config) dequantizes to bf16 and calls ``F.linear``, so these rows measure torchao's eager CPU path as a user gets
+    it from ``quantize_``. ``Int4WeightOnlyConfig`` has no CPU packing format in 0.18 (recorded as missing, with
+    torchao's own error)."""
+    rows = {"torchao Int8WeightOnlyConfig (bf16 x)": "Int8WeightOnlyConfig()",
+            "torchao Int8WeightOnlyConfig g128 (bf16 x)": f"Int8WeightOnlyConfig(granularity=PerGroup({GROUP}))",
+            "torchao IntxWeightOnlyConfig int4 g128 (bf16 x)":
+                f"IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup({GROUP}))",
+            "torchao Int4WeightOnlyConfig g128 (bf16 x)": f"Int4WeightOnlyConfig(group_size={GROUP})"}
+    try:
+        import torchao
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
+    except ImportError as e:
+        return {}, {name: f"torchao not importable ({e}; pip install torchao)" for name in rows}
+    configs = dict(zip(rows, (Int8WeightOnlyConfig(), Int8WeightOnlyConfig(granularity=PerGroup(GROUP)),
+                              IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP)),
+                              Int4WeightOnlyConfig(group_size=GROUP))))
+    m, missing = {}, {}
+    for name, cfg in configs.items():
+        try:
+            lin = _torchao_linear(w, cfg)
+            with torch.no_grad():
+                lin(torch.zeros(1, w.shape[1], dtype=torch.bfloat16))  # formats that need another device fail here
+        except Exception as e:  # noqa: BLE001 - any failure is the row's result, reported next to the others
+            missing[name] = f"torchao {torchao.__version__} {rows[name]}: {type(e).__name__}: {str(e)[:120]}"
+            continue
+        m[name] = ((lambda lin=lin: (copy.deepcopy(lin),)), _run_torchao, _torchao_nbytes(lin))
+    return m, missing
+
+
+def _run_torchao(xf, xb, W):
+    with torch.no_grad():
+        return W[0](xb)
 
 
 def sanity_check(methods, w, K):
@@ -162,9 +217,12 @@ def main(argv=None):
     rows = []
     for N, K in shapes:
         methods, w = build_methods(N, K)
+        ao, missing = torchao_methods(w)
+        methods.update(ao)
         if args.methods:
             keys = [k.strip() for k in args.methods.split(",")]
             methods = {n: v for n, v in methods.items() if n == "fp32 F.linear" or any(k in n for k in keys)}
+            missing = {n: why for n, why in missing.items() if any(k in n for k in keys)}
         sanity_check(methods, w, K)
         # methods built by the same make() share their rotating weight copies
         copies_of = {}
@@ -191,10 +249,14 @@ def main(argv=None):
                 if args.repeat > 1:
                     row["speedups_per_repeat"] = " ".join(f"{r['fp32 F.linear'] / r[name]:.2f}" for r in runs)
                 rows.append(row)
+            rows += [{"N": N, "K": K, "M": M, "method": name, "time_us": "missing", "note": why}
+                     for name, why in missing.items()]
         del copies_of
     cols = ["N", "K", "M", "method", "time_us", "GB/s", "speedup_vs_fp32"]
     if args.repeat > 1:
         cols.append("speedups_per_repeat")
+    if any("note" in r for r in rows):
+        cols.append("note")
     print(f"# load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print_table(rows, cols)
     if args.csv:

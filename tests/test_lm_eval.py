@@ -72,6 +72,8 @@ def test_lm_eval_cloze_matches_our_scoring():
     acc = res[CLOZE_TASK]["acc"]
     assert res[CLOZE_TASK]["n"] == 12 and 0 <= res[CLOZE_TASK]["acc_norm"] <= 1
     assert math.isclose(acc, _our_accuracy(m, tok, cloze_items(text)[:12]), abs_tol=1e-9)
+    # lm-eval's standard error of a mean of 0/1 hits (sample standard deviation / sqrt(n)) is kept
+    assert math.isclose(res[CLOZE_TASK]["acc_stderr"], math.sqrt(acc * (1 - acc) / 11), rel_tol=1e-6, abs_tol=1e-12)
     line = format_lm_eval([{"scheme": "float", "lm_eval": res}])
     assert CLOZE_TASK in line and "acc" in line and "(n=12)" in line
 
