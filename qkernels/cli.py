@@ -18,9 +18,10 @@ def _eval_parser(sub):
     p.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct Q4_1 GGUF)")
     p.add_argument("--text", help="UTF-8 text file (default: Python's pydoc topics); split into calibration/eval")
     p.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES),
-                   help=f"comma-separated names from {','.join(ALL_SCHEMES)}, or any ALGO-intBITS[-asym][-full][-mse]"
-                        "[+head8] with ALGO in rtn, gptq, awq, awq-gptq, qat (-full: all 2^b symmetric levels as "
-                        "llama.cpp Q4_0; -mse: MSE-searched group scales; +head8: int8 output head) "
+                   help=f"comma-separated names from {','.join(ALL_SCHEMES)}, or any ALGO-intBITS[-asym][-full]"
+                        "[-mse|-wmse][+head8] with ALGO in rtn, gptq, awq, awq-gptq, qat (-full: all 2^b symmetric "
+                        "levels as llama.cpp Q4_0; -mse: MSE-searched group scales; -wmse: that search weighted by "
+                        "the inputs' E[x^2] (rtn, gptq, awq-gptq); +head8: int8 output head) "
                         "(default: %(default)s)")
     p.add_argument("--qat", action="store_true", help="also run QAT (int4, distillation from the float model)")
     p.add_argument("--ctx", type=int, default=d.ctx, help="evaluation window incl. BOS (default %(default)s)")

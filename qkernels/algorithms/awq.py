@@ -53,6 +53,10 @@ class AWQConfig:
     def __post_init__(self):
         if self.n_grid < 1 or self.clip_grid < 1:
             raise ValueError(f"n_grid and clip_grid must be >= 1, got {self.n_grid}, {self.clip_grid}")
+        if self.quant.act_weighted:
+            raise ValueError("AWQConfig.quant: act_weighted grids are for RTN and GPTQ (AWQ's own scale and clip "
+                             "searches measure the output error directly); for AWQ + the weighted grid, fold AWQ's "
+                             "scales (quantize=False) and run GPTQ with it (the awq-gptq scheme)")
 
 
 def _scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -66,9 +66,10 @@ class GPTQResult:
     extra: dict = field(default_factory=dict)
 
 
-def _group_qparams(w: torch.Tensor, cfg: QuantConfig):
-    """scale/zero_point ``[N, 1]`` for the columns ``w`` ``[N, k]`` forming one group."""
-    s, z = group_qparams(w, cfg)
+def _group_qparams(w: torch.Tensor, cfg: QuantConfig, importance: torch.Tensor | None = None):
+    """scale/zero_point ``[N, 1]`` for the columns ``w`` ``[N, k]`` forming one group (``importance`` ``[k]``: their
+    inputs' second moments, used by ``cfg.act_weighted``)."""
+    s, z = group_qparams(w, cfg, importance)
     return s.unsqueeze(1), None if z is None else z.unsqueeze(1)
 
 
@@ -198,17 +199,19 @@ def gptq_column_loop(W: torch.Tensor, Hinv: torch.Tensor, grid: ColumnGrid, bloc
 
 class _IntGroupGrid(ColumnGrid):
     """The integer grid of qkernels.ops.int_quant: groups of g columns, scale/zero point from the group's current
-    values (or fixed beforehand per original column group: ``static``)."""
+    values (or fixed beforehand per original column group: ``static``). ``importance`` ``[K]`` (processing order):
+    the Hessian's diagonal, which weights the activation-weighted scale search (``QuantConfig.act_weighted``)."""
 
-    def __init__(self, qc: QuantConfig, g: int, N: int, K: int, device, static=None, perm=None):
-        self.qc, self.g, self.static, self.perm = qc, g, static, perm
+    def __init__(self, qc: QuantConfig, g: int, N: int, K: int, device, static=None, perm=None, importance=None):
+        self.qc, self.g, self.static, self.perm, self.importance = qc, g, static, perm, importance
         self.block = None if static is not None else g
         self.Q = torch.zeros(N, K, device=device)
         self.scales, self.zeros = [], []
         self.s = self.z = None
 
     def start(self, col, w):
-        self.s, self.z = _group_qparams(w, self.qc)
+        imp = None if self.importance is None else self.importance[col:col + w.shape[1]]
+        self.s, self.z = _group_qparams(w, self.qc, imp)
         self.scales.append(self.s)
         self.zeros.append(self.z)
 
@@ -226,16 +229,19 @@ def _gptq_quantize_weight(W, H, cfg):
     N, K = W.shape
     g = qc.group(K)
 
+    # the scales' search weights each column by E[x_k^2] = H_kk / 2 (the factor does not change the argmin)
+    imp = torch.diag(H).clone() if qc.act_weighted else None
     static = None
     if cfg.static_groups and qc.group_size != -1:
-        static = [_group_qparams(W[:, i:i + g], qc) for i in range(0, K, g)]
+        static = [_group_qparams(W[:, i:i + g], qc, None if imp is None else imp[i:i + g]) for i in range(0, K, g)]
     perm = None
     if cfg.act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, cfg.damp_percent)
 
-    grid = _IntGroupGrid(qc, g, N, K, W.device, static, perm)
+    grid = _IntGroupGrid(qc, g, N, K, W.device, static, perm, None if imp is None else imp[perm] if perm is not None
+                         else imp)
     loss = gptq_column_loop(W, Hinv, grid, cfg.block_size)
     Q = grid.Q
 

@@ -1,4 +1,5 @@
-"""How each weight group's scale (and zero point) is chosen: min-max, full signed range, MSE clipping search.
+"""How each weight group's scale (and zero point) is chosen: min-max, full signed range, MSE clipping search
+(unweighted or weighted by the inputs' second moments).
 
 All grids are the integer grid of :mod:`qkernels.reference.int_quant`: ``q = clamp(round(w / s) + z, qmin, qmax)``,
 ``w_hat = s * (q - z)`` with ``qmin, qmax = -2^(b-1), 2^(b-1) - 1``. They differ only in ``s`` and ``z``:
@@ -12,7 +13,14 @@ All grids are the integer grid of :mod:`qkernels.reference.int_quant`: ``q = cla
   tried as is and (symmetric) with its scale refitted by least squares for its codes (``s = <w, q> / <q, q>``, as
   llama.cpp's ``make_qx_quants`` does), and the candidate with the smallest squared error per group wins (the
   first candidate is the min-max grid itself, so the error is never larger) (GPTQModel's ``mse``
-  option; Frantar et al.'s GPTQ code ``Quantizer.find_params(mse=True)``).
+  option; Frantar et al.'s GPTQ code ``Quantizer.find_params(mse=True)``);
+* ``act_weighted`` (with ``mse``): the same search, but each weight's squared error counts with the importance
+  ``E[x_k^2]`` of its input channel ``k`` (llama.cpp's ``--imatrix``: ``make_qx_quants`` with ``quant_weights``):
+  ``sum_k E[x_k^2] (w_k - w_hat_k)^2`` is the expected squared output error of one output row when the
+  quantization errors of different inputs are uncorrelated, i.e. the diagonal of GPTQ's objective
+  ``(w - w_hat)^T H (w - w_hat)``. The least-squares refit is weighted too, and asymmetric candidates also get the
+  weighted least-squares fit of ``w ~ s q + m`` for their codes (then ``z = round(-m / s)``, as llama.cpp's
+  ``make_qkx2_quants`` refits its min); a candidate is kept only if it lowers the weighted error.
 """
 
 from __future__ import annotations
@@ -49,15 +57,35 @@ def _minmax(wg: torch.Tensor, bits: int, symmetric: bool, full_range: bool, shri
     return s, torch.clamp(qmin - torch.round(lo / s), qmin, qmax)
 
 
+def _weighted_affine_fit(wg, q, imp, qmin, qmax):
+    """Weighted least-squares ``w ~ s q + m`` for fixed codes ``q`` ``[R, g]`` (weights ``imp``), as ``(s, z)`` of
+    the integer zero-point grid (``z = round(-m / s)`` clamped to the code range); None where the fit is degenerate
+    (all codes equal or no weight)."""
+    sw, sq, sw_ = imp.sum(-1, keepdim=True), (imp * q).sum(-1, keepdim=True), (imp * wg).sum(-1, keepdim=True)
+    sqq, sqw = (imp * q * q).sum(-1, keepdim=True), (imp * q * wg).sum(-1, keepdim=True)
+    det = sw * sqq - sq * sq
+    ok = det > 1e-12 * (sw * sqq).clamp(min=1e-30)
+    s = (sw * sqw - sq * sw_) / torch.where(ok, det, torch.ones_like(det))
+    m = (sqq * sw_ - sq * sqw) / torch.where(ok, det, torch.ones_like(det))
+    ok = ok & (s > 0)
+    s = torch.where(ok, s, torch.ones_like(s))
+    return s, torch.clamp(torch.round(-m / s), qmin, qmax), ok
+
+
 @torch.no_grad()
-def group_qparams(wg: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
+def group_qparams(wg: torch.Tensor, cfg, importance: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 scale ``[R]`` and int32 zero point ``[R]`` (None if symmetric) of the groups ``wg`` float ``[R, g]``
     under :class:`qkernels.algorithms.QuantConfig` ``cfg`` (fields ``bits``, ``symmetric``, ``full_range``,
-    ``mse``, ``mse_grid``, ``mse_max_shrink``)."""
+    ``mse``, ``act_weighted``, ``mse_grid``, ``mse_max_shrink``).
+
+    ``importance``: float ``[g]`` or ``[R, g]``, non-negative, the second moment ``E[x_k^2]`` of each column's input
+    (required by ``cfg.act_weighted``, ignored otherwise)."""
     wg = wg.float()
     if not cfg.full_range and not cfg.mse:  # the ops' own choice, bit for bit
         s, z = ops.choose_qparams_affine(wg.contiguous(), cfg.bits, wg.shape[-1], cfg.symmetric)
         return s.reshape(-1), None if cfg.symmetric else z.reshape(-1)
+    imp = _importance(wg, cfg, importance)
     qmin, qmax = _int_range(cfg.bits)
     one = torch.ones(wg.shape[0], 1, device=wg.device)
     best_s, best_z = _minmax(wg, cfg.bits, cfg.symmetric, cfg.full_range, one)
@@ -66,19 +94,41 @@ def group_qparams(wg: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor | N
         for i in range(cfg.mse_grid):
             p = 1.0 - cfg.mse_max_shrink * i / cfg.mse_grid
             s, z = _minmax(wg, cfg.bits, cfg.symmetric, cfg.full_range, one * p)
-            cands = [s]
+            cands = [(s, z)]
             if z is None:  # also the least-squares scale for these codes (then re-rounded: the codes may move)
                 q, _ = _round_trip(wg, s, 0.0, qmin, qmax)
-                qq = (q * q).sum(-1, keepdim=True)
-                ls = (wg * q).sum(-1, keepdim=True) / qq.clamp(min=1)
-                cands.append(torch.where((qq > 0) & (ls != 0), ls, s))
-            for c in cands:
-                _, deq = _round_trip(wg, c, 0.0 if z is None else z, qmin, qmax)
-                err = (wg - deq).pow(2).sum(-1, keepdim=True)
+                qq = (imp * q * q).sum(-1, keepdim=True)
+                ls = (imp * wg * q).sum(-1, keepdim=True) / qq.clamp(min=1e-30)
+                cands.append((torch.where((qq > 0) & (ls != 0), ls, s), None))
+            elif imp is not _UNIT:  # weighted search: also the weighted affine fit of these codes
+                q, _ = _round_trip(wg, s, z, qmin, qmax)
+                fs, fz, ok = _weighted_affine_fit(wg, q - qmin, imp, 0, qmax - qmin)
+                cands.append((torch.where(ok, fs, s), torch.where(ok, fz + qmin, z)))
+            for c, cz in cands:
+                _, deq = _round_trip(wg, c, 0.0 if cz is None else cz, qmin, qmax)
+                err = (imp * (wg - deq).pow(2)).sum(-1, keepdim=True)
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_s = torch.where(better, c, best_s)
-                if z is not None:
-                    best_z = torch.where(better, z, best_z)
+                if cz is not None:
+                    best_z = torch.where(better, cz, best_z)
     z = None if best_z is None else best_z.reshape(-1).to(torch.int32)
     return best_s.reshape(-1), z
+
+
+_UNIT = 1.0  # the unweighted search's "importance" (a sentinel: no weighted affine refit)
+
+
+def _importance(wg: torch.Tensor, cfg, importance):
+    if not getattr(cfg, "act_weighted", False):
+        return _UNIT
+    if importance is None:
+        raise ValueError("QuantConfig(act_weighted=True) needs the inputs' second moments: pass importance "
+                         "(float [K], E[x_k^2] per input channel; rtn_quantize_model takes calib_batches for it)")
+    imp = importance.to(device=wg.device, dtype=torch.float32)
+    if imp.shape not in (wg.shape[-1:], wg.shape):
+        raise ValueError(f"importance must have shape [{wg.shape[-1]}] or {list(wg.shape)} (one value per weight "
+                         f"column of the group), got {list(imp.shape)}")
+    if not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError("importance must be finite and non-negative (second moments E[x^2] of the inputs)")
+    return imp

@@ -11,7 +11,7 @@ import os
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -30,17 +30,20 @@ log = logging.getLogger("qkernels.eval")
 # gptq-q4_k_m: the same mix and bytes format with GPTQ choosing the codes (qkernels.algorithms.gptq_gguf). It is
 # not in the default run: its column loop adds about 5 minutes on a 2-core CPU (`qkernels eval --gguf-gptq`).
 #
-# Integer schemes are named ALGO-intBITS[-asym][-full][-mse] (parse_scheme): ALGO is rtn, gptq, awq, awq-gptq (AWQ's
-# scales folded, then GPTQ's rounding) or qat; -asym: zero points (default: --asym or symmetric); -full: the
+# Integer schemes are named ALGO-intBITS[-asym][-full][-mse|-wmse] (parse_scheme): ALGO is rtn, gptq, awq, awq-gptq
+# (AWQ's scales folded, then GPTQ's rounding) or qat; -asym: zero points (default: --asym or symmetric); -full: the
 # symmetric grid uses all 2^b levels (llama.cpp Q4_0's scale); -mse: each group's range searched for the smallest
-# squared error (qkernels.algorithms.grids). The group size is --group-size.
+# squared error; -wmse: that error weighted by the inputs' E[x^2] (llama.cpp's imatrix; RTN / GPTQ / awq-gptq only)
+# (qkernels.algorithms.grids). The group size is --group-size.
 DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "rtn-int4-asym", "gptq-int4", "gptq-int4-asym", "awq-int4",
                    "awq-int4-asym", "q8_0", "q4_k_m")
 ALL_SCHEMES = DEFAULT_SCHEMES + ("rtn-int4-full-mse", "rtn-int4-asym-mse", "gptq-int4-full-mse", "gptq-int4-asym-mse",
-                                 "awq-gptq-int4-asym-mse", "gptq-int4-asym-mse+head8", "gptq-q4_k_m", "qat-int4")
+                                 "awq-gptq-int4-asym-mse", "gptq-int4-asym-mse+head8", "rtn-int4-full-wmse",
+                                 "rtn-int4-asym-wmse", "gptq-int4-full-wmse", "gptq-int4-asym-wmse",
+                                 "awq-gptq-int4-asym-wmse", "gptq-q4_k_m", "qat-int4")
 GGUF_MIXES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 HEAD8 = "+head8"  # suffix: the output head (lm_head, untied from the embedding) also int8 weight-only per channel
-_INT_SCHEME = re.compile(r"^(rtn|gptq|awq|awq-gptq|qat)-int([2-8])((?:-(?:asym|full|mse))*)$")
+_INT_SCHEME = re.compile(r"^(rtn|gptq|awq|awq-gptq|qat)-int([2-8])((?:-(?:asym|full|mse|wmse))*)$")
 
 
 def parse_scheme(name: str, group_size: int = 128, symmetric: bool = True) -> tuple[str, QuantConfig] | None:
@@ -56,14 +59,18 @@ def parse_scheme(name: str, group_size: int = 128, symmetric: bool = True) -> tu
     m = _INT_SCHEME.match(name)
     if m is None:
         raise ValueError(f"unknown scheme {name!r}; choose from {ALL_SCHEMES} or a name ALGO-intBITS[-asym][-full]"
-                         "[-mse] with ALGO in rtn, gptq, awq, awq-gptq, qat")
+                         "[-mse|-wmse] with ALGO in rtn, gptq, awq, awq-gptq, qat")
     flags = m.group(3).split("-")[1:]
     if len(set(flags)) != len(flags):
         raise ValueError(f"scheme {name!r} repeats an option")
     sym = symmetric and "asym" not in flags
     if "full" in flags and not sym:
         raise ValueError(f"scheme {name!r}: -full applies to the symmetric grid only")
-    return m.group(1), QuantConfig(int(m.group(2)), group_size, sym, full_range="full" in flags, mse="mse" in flags)
+    if "wmse" in flags and ("mse" in flags or m.group(1) in ("awq", "qat")):
+        raise ValueError(f"scheme {name!r}: -wmse (activation-weighted search) replaces -mse and applies to rtn, "
+                         "gptq and awq-gptq only")
+    return m.group(1), QuantConfig(int(m.group(2)), group_size, sym, full_range="full" in flags,
+                                   mse="mse" in flags or "wmse" in flags, act_weighted="wmse" in flags)
 
 
 @dataclass
@@ -128,19 +135,21 @@ def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows, notes: dict 
     algo, qc = parse_scheme(name, cfg.group_size, cfg.symmetric)
     gptq_cfg = GPTQConfig(qc, act_order=cfg.gptq_act_order, true_sequential=cfg.gptq_true_sequential)
     if algo == "rtn":
-        return rtn_quantize_model(m, qc)
+        return rtn_quantize_model(m, qc, calib["gptq"] if qc.act_weighted else None)
     if algo == "gptq":
         return gptq_quantize_model(m, calib["gptq"], gptq_cfg, progress=cfg.progress)
     if algo in ("awq", "awq-gptq"):
         fold_only = algo == "awq-gptq"  # AWQ's scales only (its clipping would fight GPTQ's error feedback)
         try:
-            awq_quantize_model(m, calib["awq"], AWQConfig(qc, n_grid=cfg.awq_grid, clip=not fold_only),
+            # AWQ's scale search rounds with the unweighted grid (its objective is the block output itself)
+            awq_quantize_model(m, calib["awq"], AWQConfig(replace(qc, act_weighted=False), n_grid=cfg.awq_grid,
+                                                          clip=not fold_only),
                                progress=cfg.progress, quantize=not fold_only)
         except UnsupportedModel as e:
             # never a silently broken row: RTN instead, and the table says so
             log.warning("%s: %s; this row is RTN", name, e)
             notes[name] = f"AWQ refused ({e}); RTN instead"
-            return rtn_quantize_model(copy.deepcopy(base), qc)
+            return rtn_quantize_model(copy.deepcopy(base), qc, calib["gptq"] if qc.act_weighted else None)
         if fold_only:
             return gptq_quantize_model(m, calib["gptq"], gptq_cfg, progress=cfg.progress)
         return m
