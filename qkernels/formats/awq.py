@@ -14,7 +14,10 @@ Only ``version: "gemm"`` (the common one, also what "gemv_fast"-free exports use
 
 Export (:func:`pack_layer`, :func:`export_layer`, :func:`save_awq`): the inverse, for 2..4-bit layers without
 act-order whose K is a multiple of the group size (AutoAWQ has no ragged groups); symmetric layers are written with
-the zero point 8 (AWQ checkpoints always carry zeros).
+the zero point 8 (AWQ checkpoints always carry zeros). A negative scale (the full-range symmetric grid,
+``QuantConfig(full_range=True)``) is written as its magnitude with the group's codes and zero point mirrored
+(``u -> 15 - u``, ``z -> 15 - z``), which gives the same weights bit for bit
+(:func:`qkernels.formats.gptq.mirror_negative_groups`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from ..nn.linear import QuantLinear
 from ..nn.schemes import Int4WeightOnly
 from ._common import CheckpointError, FLOATS, check_shape, need, pack_bits, prefixes, to_quant_linear, unpack_bits
+from .gptq import mirror_negative_groups
 from .model_dir import write_model_dir
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -108,6 +112,7 @@ def pack_layer(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
         if t.numel() and (int(t.min()) < 0 or int(t.max()) > 15):
             raise ValueError(f"{name}: {what} must lie in [-8, 7] for a 4-bit AWQ export, got "
                              f"[{int(t.min()) - 8}, {int(t.max()) - 8}]")
+    u, z, scale = mirror_negative_groups(u, z, scale, 4, group_size)
     scales = scale.t().contiguous().half()
     if not bool(torch.isfinite(scales).all()):
         raise ValueError(f"{name}: scales overflow float16 (|scale| > 65504)")

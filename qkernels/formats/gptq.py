@@ -19,7 +19,11 @@ layers become ``Int4WeightOnly`` (2- and 3-bit codes are a subset of int4: exact
 ``g_idx = k // group_size`` then ends with a ragged group, which QuantLinear stores padded.
 
 Export (:func:`pack_layer`, :func:`export_layer`, :func:`save_gptq`): the inverse, for 2/3/4/8-bit layers, in the v1
-("gptq", AutoGPTQ) or "gptq_v2" (GPTQModel) zero-point convention.
+("gptq", AutoGPTQ) or "gptq_v2" (GPTQModel) zero-point convention. Negative scales (the full-range symmetric grid,
+``QuantConfig(full_range=True)``, as llama.cpp's Q4_0) are written as their magnitude with the group's unsigned codes
+and zero point mirrored (``u -> 2^b - 1 - u``, ``z -> 2^b - 1 - z``: ``s (u - z) = |s| (u' - z')`` exactly), the
+form every GPTQ reader expects; the mirrored zero of a symmetric group is ``2^(b-1) - 1``, not ``2^(b-1)``, so such
+a model is saved with ``sym: false`` and loads back as an asymmetric layer with the same weights.
 """
 
 from __future__ import annotations
@@ -131,6 +135,7 @@ def pack_layer(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
         raise ValueError(f"{name}: codes must lie in [{-off}, {off - 1}] for {bits} bits, got "
                          f"[{int(q.min())}, {int(q.max())}]")
     zero = torch.full((N, G), off, dtype=torch.int64) if zero_point is None else zero_point.to(torch.int64) + off
+    u, zero, scale = mirror_negative_groups(u, zero, scale, bits, group_size)
     stored = zero if v2 else zero - 1  # v1 (AutoGPTQ) stores zero - 1
     if int(stored.min()) < 0 or int(stored.max()) >= 1 << bits:
         hint = " (v1 cannot store a zero point of 0: write checkpoint_format='gptq_v2')" if not v2 else ""
@@ -153,6 +158,18 @@ def pack_layer(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     if bias is not None:
         out["bias"] = bias.detach().half().cpu()
     return out
+
+
+def mirror_negative_groups(u: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int):
+    """``(u, zero, |scale|)`` with the unsigned codes ``u`` ``[N, K]`` (stored column order, group ``j // group_size``)
+    and zero points ``zero`` ``[N, G]`` of every group whose scale ``[N, G]`` is negative mirrored in the ``bits``-bit
+    range: ``s (u - z) = |s| ((M - u) - (M - z))`` with ``M = 2^bits - 1``, bit for bit (a sign flip is exact)."""
+    neg = scale < 0
+    if not bool(neg.any()):
+        return u, zero, scale
+    M = (1 << bits) - 1
+    cols = neg.repeat_interleave(group_size, dim=1)[:, :u.shape[1]]
+    return torch.where(cols, M - u, u), torch.where(neg, M - zero, zero), scale.abs()
 
 
 def export_layer(layer, v2: bool = False, name: str = "layer") -> dict[str, torch.Tensor]:
@@ -182,6 +199,8 @@ def save_gptq(model, save_dir: str, checkpoint_format: str = "gptq") -> str:
     (bits, gs), = kinds
     qcfg = {"quant_method": "gptq", "bits": bits, "group_size": gs,
             "desc_act": any(m.input_perm is not None for m in layers.values()),
-            "sym": all(m.zero_point is None for m in layers.values()), "checkpoint_format": checkpoint_format}
+            # negative scales are written mirrored, with zero points that are not 2^(b-1) (pack_layer)
+            "sym": all(m.zero_point is None and not bool((m.scale < 0).any()) for m in layers.values()),
+            "checkpoint_format": checkpoint_format}
     v2 = checkpoint_format == "gptq_v2"
     return write_model_dir(model, save_dir, qcfg, lambda n, m: export_layer(m, v2, n))
