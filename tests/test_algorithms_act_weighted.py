@@ -175,3 +175,18 @@ def test_scheme_names():
     for bad in ("awq-int4-wmse", "gptq-int4-mse-wmse", "qat-int4-wmse"):
         with pytest.raises(ValueError, match="wmse"):
             parse_scheme(bad)
+
+
+@pytest.mark.parametrize("name", ["rtn-int4-full-wmse", "gptq-int4-asym-wmse", "awq-gptq-int4-wmse"])
+def test_eval_rows_hand_over_the_calibration_data(tiny_llama, name):
+    from qkernels.eval import runner
+    from qkernels.nn import QuantLinear
+
+    model, ids = tiny_llama
+    cfg = runner.EvalConfig(group_size=32, progress=False, awq_grid=2)
+    q = runner._quantize(name, model, cfg, {"gptq": [ids], "awq": [ids]}, None)
+    layers = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert float((q(input_ids=ids).logits - ref).norm() / ref.norm()) < 0.2
