@@ -59,8 +59,8 @@ def _minmax(wg: torch.Tensor, bits: int, symmetric: bool, full_range: bool, shri
 
 def _weighted_affine_fit(wg, q, imp, qmin, qmax):
     """Weighted least-squares ``w ~ s q + m`` for fixed codes ``q`` ``[R, g]`` (weights ``imp``), as ``(s, z)`` of
-    the integer zero-point grid (``z = round(-m / s)`` clamped to the code range); None where the fit is degenerate
-    (all codes equal or no weight)."""
+    the integer zero-point grid (``z = round(-m / s)`` clamped to the code range), and the mask ``ok`` ``[R, 1]`` of
+    the rows where the fit is usable (False: all codes equal, no weight, or a non-positive slope)."""
     sw, sq, sw_ = imp.sum(-1, keepdim=True), (imp * q).sum(-1, keepdim=True), (imp * wg).sum(-1, keepdim=True)
     sqq, sqw = (imp * q * q).sum(-1, keepdim=True), (imp * q * wg).sum(-1, keepdim=True)
     det = sw * sqq - sq * sq
