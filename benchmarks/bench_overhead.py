@@ -13,8 +13,9 @@ quantized model was no faster than bf16 because of it). For each scheme the same
 * ``forward``: ``layer.forward(x)`` (the issue's measure), and ``QuantLinear``: ``layer(x)``, the module call as a
   model makes it (compared with the ``nn.Linear`` module call: ``nn.Module.__call__`` costs both the same).
 
-* ``kernel``: the ``torch.ops.qkernels`` op called directly with the same arguments (the dispatcher and the C++
-  entry, no Python around it): the floor the Python side can reach.
+* ``kernel``: the ``torch.ops.qkernels`` op called directly on the layer's buffers (the dispatcher and the C++
+  entry, no Python around it): the floor the Python side can reach. The integer ops take no bias: the layer adds
+  it as a second op.
 
 Each sample times ``--calls`` back-to-back calls; the methods are sampled round-robin in shuffled order and each
 time is the **minimum** over the samples (``--stat median`` for the median): a per-call cost is fixed, and on a
@@ -84,17 +85,29 @@ def public_op(layer: QuantLinear, x: torch.Tensor):
 
 
 def raw_kernel(layer: QuantLinear, x: torch.Tensor):
-    """The torch.ops op of the integer layouts called directly (None for the others: their public ops prepare
-    scale grids and activations in Python first, so there is no one op call to compare with)."""
-    op, g = layer.op, layer.group_size
-    w, sc, zp = layer.qweight, layer.scale, layer.zero_point
+    """The torch.ops op the layer's forward runs, called directly on the layer's buffers with what the public
+    function hands it (for the dynamic schemes: the GEMM on pre-quantized activations); None for the grouped int8
+    layout (dequantize_affine + F.linear: no one GEMM op)."""
+    op, g, s = layer.op, layer.group_size, layer.scheme
+    w, sc, zp, bias = layer.qweight, layer.scale, layer.zero_point, layer.bias
+    if op == "dequantize_affine":
+        return None
+    fn = getattr(torch.ops.qkernels, op).default
     if op == "int4_weight_only_mm":
-        fn = torch.ops.qkernels.int4_weight_only_mm.default
         return lambda: fn(x, w, sc, zp, g, True)
     if op in ("int8_weight_only_mm", "int8_dynamic_mm"):
-        fn = getattr(torch.ops.qkernels, op).default
         return lambda: fn(x, w, sc)
-    return None
+    e4m3 = torch.float8_e4m3fn
+    if op == "fp8_weight_only_mm":
+        return lambda: fn(x, w, sc, e4m3, bias)
+    if op == "fp8_mm":
+        aq, asc = torch.ops.qkernels.quantize_fp8(x, None, e4m3, 1, x.shape[1], True)
+        return lambda: fn(aq, asc, e4m3, w, sc, e4m3, bias, x.dtype)
+    gs = layer.global_scale if layer.global_scale is not None else torch.ones(())
+    if op == "fp4_weight_only_mm":
+        return lambda: fn(x, w, sc, gs, s.format, "e2m1", bias)
+    ap, asc, ag = torch.ops.qkernels.quantize_fp4(x, s.format, "e2m1", None)
+    return lambda: fn(ap, asc, ag, w, sc, gs, s.format, "e2m1", bias, x.dtype)
 
 
 def time_calls(fns: dict, calls: int, min_time_s: float, stat: str) -> dict:

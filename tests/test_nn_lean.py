@@ -46,7 +46,12 @@ def test_compiled_op_cache_honours_overrides(monkeypatch):
     op = _call.compiled_op("int4_weight_only_mm", dev)
     assert op is torch.ops.qkernels.int4_weight_only_mm.default
     assert _call.compiled_op("int4_weight_only_mm", dev) is op  # cached
-    assert _call.compiled_op("gguf_quantize", dev) is None  # its CPU rule reads the ggml type: always ask choose
+    assert _call.cpu_op("int4_weight_only_mm", dev) is op
+    assert _call.cpu_op("fp8_mm", torch.device("cuda", 0)) is None  # a GPU's fp8 decision reads the call: no cache
+    with monkeypatch.context() as m:  # an op whose CPU rule would read the call's context: always ask choose
+        m.setattr(_call, "_COMPILED", {})
+        m.setattr(dispatch, "cpu_fast_path", lambda op: op != "gguf_mm")
+        assert _call.compiled_op("gguf_mm", dev) is None and _call.cpu_op("gguf_mm", dev) is None
     with dispatch.mock_device("sm90"):
         assert _call.compiled_op("int4_weight_only_mm", dev) is None
     monkeypatch.setenv("QKERNELS_BACKEND", "reference")  # set after the cache was filled: takes effect at once

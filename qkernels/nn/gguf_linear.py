@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops._call import cpu_op
+from ..ops._validate import FLOAT_DTYPES
 from ..ops.gguf import block_info, gguf_dequantize, gguf_mm, gguf_quantize, type_id
 from ..reference.gguf import TYPE_NAMES
+from .layouts import add_bias, run_2d
 
 
 class GGUFLinear(nn.Module):
@@ -16,7 +19,9 @@ class GGUFLinear(nn.Module):
         data: uint8 ``[out_features, in_features / block * type_size]``, each row the ggml blocks of one output row
             (exactly a GGUF tensor's bytes).
         bias: optional float ``[out_features]``.
-    The forward is :func:`qkernels.gguf_mm` (C++ on CPU: decode tiles of rows, then sgemm).
+    The forward is :func:`qkernels.gguf_mm` (C++ on CPU: decode tiles of rows, then sgemm). On the CPU it calls the
+    op directly on ``data`` (checked here, when the layer is built; the kernel checks every argument again) and runs
+    the public function, with its Python-side errors, only if the kernel refuses the input.
     """
 
     def __init__(self, in_features: int, out_features: int, type, data: torch.Tensor | None = None,
@@ -36,6 +41,7 @@ class GGUFLinear(nn.Module):
                              f"[{out_features}, {in_features}], got {data.dtype} {tuple(data.shape)}")
         self.register_buffer("data", data)
         self.register_buffer("bias", bias)
+        self._bias_cast = None  # (key, bias in the activation dtype): see layouts.add_bias
 
     @classmethod
     def from_float(cls, linear: nn.Linear, type, imatrix: torch.Tensor | None = None) -> "GGUFLinear":
@@ -53,10 +59,18 @@ class GGUFLinear(nn.Module):
         return gguf_dequantize(self.data, self.type, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = gguf_mm(x, self.data, self.type, self.out_features, self.in_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+        b = self._buffers
+        N, K = self.out_features, self.in_features
+        y = None
+        fn = cpu_op("gguf_mm", x.device) if isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES else None
+        if fn is not None:
+            try:
+                y = run_2d(fn, x, (b["data"], self.type, N, K))
+            except Exception:  # noqa: BLE001  (gguf_mm raises its Python-side error)
+                y = None
+        if y is None:
+            y = gguf_mm(x, b["data"], self.type, N, K)
+        return add_bias(self, y, b["bias"])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, type={self.type_name}, "

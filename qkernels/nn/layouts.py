@@ -38,9 +38,10 @@ from ..ops import (
     unpack_int4,
 )
 from ..ops import autograd
-from ..ops._call import compiled_op
+from ..ops._call import compiled_op, cpu_op
 from ..ops._validate import FLOAT_DTYPES, check_float_tensor
 from ..ops.float4 import SCALE_DTYPES as FP4_SCALE_DTYPES
+from ..ops.float4 import unit_scale
 from ..reference.float4 import FORMATS as FP4_BLOCK
 from .schemes import padded_in_features
 
@@ -66,6 +67,15 @@ def _input_ok(x, K: int) -> bool:
         return x.dtype in FLOAT_DTYPES and x.shape[-1] == K
     except (AttributeError, IndexError):
         return False
+
+
+def run_2d(fn, x: torch.Tensor, args: tuple) -> torch.Tensor:
+    """``fn(x2, *args)`` for a GEMM op that takes ``x2 = x`` as ``[M, K]``, returned with x's leading dims (a reshape
+    only for x other than 2-D)."""
+    if x.dim() == 2:
+        return fn(x, *args)
+    out = fn(x.reshape(-1, x.shape[-1]), *args)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _check_presence(name: str, value, layer):
@@ -107,6 +117,11 @@ class Layout:
     def padded_in_features(self, layer) -> int:
         return layer.in_features
 
+    def runs_direct(self, layer) -> bool:
+        """Whether the forward may hand x to the scheme's op as it is (no rounding, permutation or padding of x
+        first): QuantLinear stores it as ``_direct``."""
+        return False
+
     def backend_ctx(self, layer) -> dict:
         """What the forward passes to the dispatch table (for :meth:`QuantLinear.backend`)."""
         return {}
@@ -130,6 +145,11 @@ class Layout:
 
 # ---- integer layouts ---------------------------------------------------------------------------------------------
 class _IntLayout(Layout):
+    gemm = True  # the scheme's op is a GEMM of x with the codes (op_args); False: the layout's own mm
+
+    def runs_direct(self, layer):
+        return self.gemm and not layer.scheme.act_int8 and not layer.act_order and layer._pad == 0
+
     def set_codes(self, layer, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None):
         """QuantLinear.set_quantized: int8 codes ``q [N, K]`` (ragged last group padded with its zero point)."""
         N, K = layer.out_features, layer.in_features
@@ -178,10 +198,18 @@ class _IntLayout(Layout):
         return w
 
     def forward(self, layer, x):
+        b = layer._buffers
+        if layer._direct:
+            # the decode hot path: x goes to the kernel as it is, and the kernel checks it (and every buffer)
+            try:
+                fn = compiled_op(layer._op, x.device)
+                if fn is not None:
+                    return add_bias(layer, run_2d(fn, x, self.op_args(layer, b)), b["bias"])
+            except Exception:  # noqa: BLE001  (the checked path below raises the Python-side error)
+                pass
         K = layer.in_features
         if not _input_ok(x, K):
             check_input(x, K)
-        b = layer._buffers
         if layer.scheme.act_int8:
             # W{bits}A8 as QAT simulates it: x rounded per token to int8 and decoded (qkernels.qat.fake_quant_act_int8)
             # (straight-through gradient: the rounding has zero derivative almost everywhere, QAT's estimator)
@@ -197,15 +225,11 @@ class _IntLayout(Layout):
 
     def mm(self, layer, b: dict, x: torch.Tensor) -> torch.Tensor:
         """``x [..., Kp] @ W^T`` without bias, on the op the scheme names."""
-        op = layer._op
-        args = self.op_args(layer, b)
-        fn = compiled_op(op, x.device)
+        fn = compiled_op(layer._op, x.device)
         if fn is not None:
             try:
-                x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-                out = fn(x2, *args)
-                return out if x2 is x else out.reshape(*x.shape[:-1], out.shape[1])
-            except Exception:  # fall through: the public op raises its Python-side error (or runs where it can)
+                return run_2d(fn, x, self.op_args(layer, b))
+            except Exception:  # noqa: BLE001  (the public op raises its Python-side error, or runs where it can)
                 pass
         return self.public_mm(layer, b, x)
 
@@ -292,6 +316,7 @@ class Int8GroupedLayout(_GroupedLayout):
     """int8 ``[N, Kp]`` codes with groups / zero points: dequantize_affine + F.linear (exact, no fused kernel)."""
 
     name = "int8_grouped"
+    gemm = False
 
     def codes_buffer(self, N, Kp, device):
         return torch.zeros(N, Kp, dtype=torch.int8, device=device)
@@ -331,10 +356,31 @@ class _FloatLayout(Layout):
         self.quantize(layer, w)
 
     def forward(self, layer, x):
-        check_input(x, layer.in_features)
+        b = layer._buffers
+        try:
+            y = self.kernels(layer, b, x)
+        except Exception:  # noqa: BLE001  (the checked path below raises the Python-side error)
+            y = None
+        if y is not None:
+            return y
+        K = layer.in_features
+        if not _input_ok(x, K):
+            check_input(x, K)
         if x.numel() == 0:  # no tokens: fp8_mm / fp4_mm reject empty operands (their scale grids cannot tile 0 rows)
             return x.new_zeros(*x.shape[:-1], layer.out_features)
-        return self.mm(layer, x)
+        return self.mm(layer, b, x)
+
+    def kernels(self, layer, b: dict, x: torch.Tensor):
+        """The decode hot path: the forward as direct calls of the CPU kernels (:func:`qkernels.ops._call.cpu_op`)
+        on x as it is and the buffers, checked when they were filled (the kernels check x and every buffer again,
+        TORCH_CHECK; if one raises, the forward runs :meth:`mm`, whose public functions raise the Python-side
+        error). None where the public functions must run: not on the CPU, a forced backend, torch.compile, or
+        scales that ``.to(dtype)`` cast away from fp32."""
+        raise NotImplementedError
+
+    def mm(self, layer, b: dict, x: torch.Tensor) -> torch.Tensor:
+        """The forward through the public functions (x checked, not empty)."""
+        raise NotImplementedError
 
     def set_codes(self, layer, qweight, scale, global_scale):
         """QuantLinear.set_float_quantized (shapes and dtypes checked)."""
@@ -427,15 +473,38 @@ class Fp8Layout(_FloatLayout):
             scale = scale.reshape(())
         return scale.float()
 
-    def mm(self, layer, x):
-        w = layer.qweight.view(FP8_WEIGHT_DTYPE)
-        if layer.op == "fp8_weight_only_mm":
+    def kernels(self, layer, b, x):
+        scale, dev = b["scale"], x.device
+        if scale.dtype is not torch.float32:
+            return None
+        if layer._op == "fp8_weight_only_mm":
+            # x stays float; the weight is decoded inside the GEMM
+            fn = cpu_op("fp8_weight_only_mm", dev)
+            return None if fn is None else run_2d(fn, x, (b["qweight"], scale, FP8_WEIGHT_DTYPE, b["bias"]))
+        quant, mm = cpu_op("quantize_fp8", dev), cpu_op("fp8_mm", dev)
+        if quant is None or mm is None:
+            return None
+        K = layer.in_features
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
+        gran = layer.scheme.granularity
+        # quantize_fp8(x, granularity)'s activation blocks: a row, 1 x 128, or all of x (one amax)
+        br, bc = (1, K) if gran == "row" else (1, FP8_BLOCK) if gran == "block" else (x2.shape[0], K)
+        a_q, a_scale = quant(x2, None, FP8_WEIGHT_DTYPE, br, bc, True)
+        y = mm(a_q, a_scale, FP8_WEIGHT_DTYPE, b["qweight"], scale if scale.dim() == 2 else scale.view(1, 1),
+               FP8_WEIGHT_DTYPE, b["bias"], x.dtype)
+        if x2 is not x:
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+        # W8A8: straight-through gradient for x through the rounding (decodes the weight in backward only)
+        return autograd.activation_ste(x, y, lambda: self.dequantize(layer, torch.float32))
+
+    def mm(self, layer, b, x):
+        w, scale, bias = b["qweight"].view(FP8_WEIGHT_DTYPE), b["scale"], b["bias"]
+        if layer._op == "fp8_weight_only_mm":
             # x stays float; the weight is decoded inside the GEMM (CPU) or by the cast kernel for cuBLAS (GPU)
-            return fp8_weight_only_mm(x, w, layer.scale, layer.bias)
+            return fp8_weight_only_mm(x, w, scale, bias)
         gran, block = self.act_args(layer.scheme)
         a_q, a_scale = quantize_fp8(x, FP8_WEIGHT_DTYPE, gran, block if block is not None else 128)
-        y = fp8_mm(a_q, a_scale, w, layer.scale, x.dtype, layer.bias)
-        # W8A8: straight-through gradient for x through the rounding (decodes the weight in backward only)
+        y = fp8_mm(a_q, a_scale, w, scale, x.dtype, bias)
         return autograd.activation_ste(x, y, lambda: self.dequantize(layer, torch.float32))
 
     def codes(self, layer):
@@ -497,15 +566,35 @@ class Fp4Layout(_FloatLayout):
                             f"{layer.scheme!r}, got {scale.dtype}")
         return scale.view(torch.uint8)
 
-    def mm(self, layer, x):
+    def kernels(self, layer, b, x):
+        g, dev = b["global_scale"], x.device
+        # the kernels' global scale: nvfp4's buffer (fp32 unless .to(dtype) cast it); mxfp4 has none: 1
+        if g is None:
+            g = unit_scale(dev)
+        elif g.dtype is not torch.float32:
+            return None
         fmt = layer.scheme.format
-        if layer.op == "fp4_weight_only_mm":
-            return fp4_weight_only_mm(x, layer.qweight, layer.scale, layer.bias, format=fmt,
-                                      w_global_scale=layer.global_scale)
-        a_p, a_s, a_g = quantize_fp4(x, fmt)  # activations in the weight's format, nvfp4: per-call global scale
-        y = fp4_mm(a_p, a_s, layer.qweight, layer.scale, x.dtype, layer.bias, format=fmt, a_global_scale=a_g,
-                   b_global_scale=layer.global_scale)
+        if layer._op == "fp4_weight_only_mm":
+            fn = cpu_op("fp4_weight_only_mm", dev)
+            return None if fn is None else run_2d(fn, x, (b["qweight"], b["scale"], g, fmt, "e2m1", b["bias"]))
+        quant, mm = cpu_op("quantize_fp4", dev), cpu_op("fp4_mm", dev)
+        if quant is None or mm is None:
+            return None
+        x2 = x if x.dim() == 2 else x.reshape(-1, layer.in_features)
+        a_p, a_s, a_g = quant(x2, fmt, "e2m1", None)  # a_g: nvfp4's per-call tensor scale (1 for mxfp4)
+        y = mm(a_p, a_s, a_g, b["qweight"], b["scale"], g, fmt, "e2m1", b["bias"], x.dtype)
+        if x2 is not x:
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
         # W4A4: straight-through gradient for x through the rounding (decodes the weight in backward only)
+        return autograd.activation_ste(x, y, lambda: self.dequantize(layer, torch.float32))
+
+    def mm(self, layer, b, x):
+        fmt = layer.scheme.format
+        w, scale, g, bias = b["qweight"], b["scale"], b["global_scale"], b["bias"]
+        if layer._op == "fp4_weight_only_mm":
+            return fp4_weight_only_mm(x, w, scale, bias, format=fmt, w_global_scale=g)
+        a_p, a_s, a_g = quantize_fp4(x, fmt)  # activations in the weight's format, nvfp4: per-call global scale
+        y = fp4_mm(a_p, a_s, w, scale, x.dtype, bias, format=fmt, a_global_scale=a_g, b_global_scale=g)
         return autograd.activation_ste(x, y, lambda: self.dequantize(layer, torch.float32))
 
     def codes(self, layer):

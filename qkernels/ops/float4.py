@@ -9,7 +9,7 @@ import torch
 from .. import _ext
 from . import autograd
 from ..reference.float4 import ELEMENTS, FORMATS
-from ._call import NATIVE, call
+from ._call import NATIVE, call, cpu_op
 from ._validate import check_bias, check_float_tensor, check_same_device, check_tensor
 from .float8 import check_out_dtype
 
@@ -159,6 +159,73 @@ def dequantize_fp4(packed, scale, global_scale=None, format="mxfp4", *, element=
     return out.reshape(*packed.shape[:-1], K)
 
 
+_UNIT: dict = {}
+
+
+def unit_scale(device) -> torch.Tensor:
+    """A 0-d fp32 one on ``device``, the global scale the kernels take for mxfp4 (which has none), made once per
+    device rather than per call (read only: never write into it)."""
+    t = _UNIT.get(device)
+    if t is None:
+        with torch.inference_mode(False):  # a normal tensor, usable with and without autograd
+            t = _UNIT[device] = torch.ones((), dtype=torch.float32, device=device)
+    return t
+
+
+def _kernel_operand(scale, g, format):
+    """(block scales as uint8 codes, fp32 global scale) as the CPU kernels take them, when that needs no decision;
+    else None (the checked path converts or refuses them). The CPU kernels read an nvfp4 global scale wherever it
+    lies, so it must be on the CPU here, as the checked path requires it to be with the data."""
+    want = SCALE_DTYPES.get(format)
+    if want is None or not isinstance(scale, torch.Tensor):
+        return None
+    if scale.dtype is not torch.uint8:
+        if scale.dtype is not want:
+            return None
+        scale = scale.view(torch.uint8)
+    if format == "mxfp4":
+        return None if g is not None else (scale, unit_scale(scale.device))
+    if not isinstance(g, torch.Tensor) or g.dtype is not torch.float32 or not g.is_cpu:
+        return None
+    return scale, g
+
+
+def _fp4_mm_fast(a_packed, a_scale, b_packed, b_scale, out_dtype, bias, format, element, a_global_scale,
+                 b_global_scale):
+    """fp4_mm on the CPU kernel straight from the arguments when they need no normalization (2-D a_packed, scales
+    as :func:`_kernel_operand` takes them): the kernel checks every argument (TORCH_CHECK), so the Python checks are
+    left out. None where that does not apply or the kernel refuses the arguments: the checked path then decides (and
+    raises its ValueError / TypeError naming the argument). Decode calls a W4A4 layer's GEMM once per token."""
+    try:
+        fn = cpu_op("fp4_mm", a_packed.device)
+        if fn is None or a_packed.dim() != 2 or not a_packed.shape[1]:
+            return None
+        a = _kernel_operand(a_scale, a_global_scale, format)
+        b = _kernel_operand(b_scale, b_global_scale, format)
+        if a is None or b is None:
+            return None
+        return fn(a_packed, a[0], a[1], b_packed, b[0], b[1], format, element, bias, out_dtype)
+    except Exception:  # noqa: BLE001  (the checked path reports it)
+        return None
+
+
+def _fp4_weight_only_fast(x, w_packed, w_scale, bias, format, element, w_global_scale):
+    """fp4_weight_only_mm on the CPU kernel straight from the arguments, as :func:`_fp4_mm_fast`."""
+    try:
+        fn = cpu_op("fp4_weight_only_mm", x.device)
+        if fn is None:
+            return None
+        N, half_k = w_packed.shape
+        w = _kernel_operand(w_scale, w_global_scale, format) if half_k else None
+        if w is None:
+            return None
+        if x.dim() == 2:
+            return fn(x, w_packed, w[0], w[1], format, element, bias)
+        return fn(x.reshape(-1, 2 * half_k), w_packed, w[0], w[1], format, element, bias).reshape(*x.shape[:-1], N)
+    except Exception:  # noqa: BLE001  (the checked path reports it)
+        return None
+
+
 def fp4_mm(a_packed, a_scale, b_packed, b_scale, out_dtype=torch.bfloat16, bias=None, *, format="mxfp4",
            element="e2m1", a_global_scale=None, b_global_scale=None, backend=None):
     """Block-scaled fp4 GEMM: ``dequant(a) @ dequant(b)^T + bias``, fp32 accumulation.
@@ -171,6 +238,11 @@ def fp4_mm(a_packed, a_scale, b_packed, b_scale, out_dtype=torch.bfloat16, bias=
     Returns: ``[..., N]`` in out_dtype. Native block-scaled ``torch._scaled_mm`` on sm100 (e2m1 only), emulated
     (decode to fp32, then matmul) elsewhere.
     """
+    if backend is None:
+        out = _fp4_mm_fast(a_packed, a_scale, b_packed, b_scale, out_dtype, bias, format, element, a_global_scale,
+                           b_global_scale)
+        if out is not None:
+            return out
     _check_format(format)
     _check_element(element)
     check_out_dtype(out_dtype)
@@ -202,6 +274,10 @@ def fp4_weight_only_mm(x, w_packed, w_scale, bias=None, *, format="mxfp4", eleme
     Returns: ``[..., N]`` in x's dtype. On CPU a fused kernel decodes the weight in registers for decode-sized
     inputs (up to 16 rows of x, K % 32 == 0); on a GPU the cast kernel decodes it to x's dtype for cuBLAS.
     """
+    if backend is None:
+        out = _fp4_weight_only_fast(x, w_packed, w_scale, bias, format, element, w_global_scale)
+        if out is not None:
+            return out
     _check_format(format)
     _check_element(element)
     check_float_tensor(x, "x")

@@ -11,7 +11,7 @@ import torch
 from .. import _ext
 from . import autograd
 from ..reference.float8 import FP8_DTYPES
-from ._call import NATIVE, call
+from ._call import NATIVE, call, cpu_op
 from ._validate import FLOAT_DTYPES, check_bias, check_bool, check_float_tensor, check_same_device, check_tensor
 
 GRANULARITIES = ("tensor", "row", "block")
@@ -253,6 +253,56 @@ def _granularity_of(ga, gb, M, N) -> str:
     return "block"
 
 
+def kernel_grid(scale, R: int, K: int):
+    """``scale`` as the fp32 grid ``[R / br, K / bc]`` the kernels take, for an operand ``[R, K]`` (K > 0), when that
+    needs no decision: a single value, a per-row or 1 x b grid ``[R, G]`` or square blocks; else None, and the
+    checked path normalizes it (``[R]``, other float dtypes) or refuses it (see :func:`_scale_grid`). The kernel
+    checks that the grid tiles the operand."""
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or not K:
+        return None
+    d = scale.dim()
+    if d == 2:
+        G0, G1 = scale.shape
+        square = G0 and G1 and R * G1 == K * G0
+        return scale if G0 == R or square or (G0 == 1 and G1 == 1) else None
+    return scale.view(1, 1) if d == 0 else None
+
+
+def _fp8_mm_fast(a_q, a_scale, b_q, b_scale, out_dtype, bias):
+    """fp8_mm on the CPU kernel straight from the arguments when they need no normalization (2-D a_q, scales as
+    :func:`kernel_grid` takes them): the kernel checks every argument (TORCH_CHECK), so the Python checks are left
+    out. None where that does not apply or the kernel refuses the arguments: the checked path then decides (and
+    raises its ValueError / TypeError naming the argument). Decode calls a W8A8 layer's GEMM once per token."""
+    try:
+        fn = cpu_op("fp8_mm", a_q.device)
+        if fn is None:
+            return None
+        M, K = a_q.shape
+        ga, gb = kernel_grid(a_scale, M, K), kernel_grid(b_scale, b_q.shape[0], K)
+        if ga is None or gb is None:
+            return None
+        return fn(a_q.view(torch.uint8), ga, a_q.dtype, b_q.view(torch.uint8), gb, b_q.dtype, bias, out_dtype)
+    except Exception:  # noqa: BLE001  (the checked path reports it)
+        return None
+
+
+def _fp8_weight_only_fast(x, w_q, w_scale, bias):
+    """fp8_weight_only_mm on the CPU kernel straight from the arguments, as :func:`_fp8_mm_fast`."""
+    try:
+        fn = cpu_op("fp8_weight_only_mm", x.device)
+        if fn is None:
+            return None
+        N, K = w_q.shape
+        grid = kernel_grid(w_scale, N, K)
+        if grid is None:
+            return None
+        if x.dim() == 2:
+            return fn(x, w_q.view(torch.uint8), grid, w_q.dtype, bias)
+        return fn(x.reshape(-1, K), w_q.view(torch.uint8), grid, w_q.dtype, bias).reshape(*x.shape[:-1], N)
+    except Exception:  # noqa: BLE001  (the checked path reports it)
+        return None
+
+
 def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, a_block_size=None,
            b_block_size=None, backend=None):
     """Scaled fp8 GEMM: ``(a_q * a_scale) @ (b_q * b_scale)^T + bias`` with fp32 accumulation.
@@ -271,6 +321,10 @@ def fp8_mm(a_q, a_scale, b_q, b_scale, out_dtype=torch.bfloat16, bias=None, *, a
     Runs ``torch._scaled_mm`` where the GPU has fp8 (see ``qkernels.explain("fp8_mm", ...)``), else the
     emulated path (decode to fp32, then matmul) with the same semantics.
     """
+    if backend is None and a_block_size is None and b_block_size is None:
+        out = _fp8_mm_fast(a_q, a_scale, b_q, b_scale, out_dtype, bias)
+        if out is not None:
+            return out
     check_tensor(a_q, "a_q")
     check_fp8_dtype(a_q.dtype, "a_q.dtype")
     check_tensor(b_q, "b_q", dim=2)
@@ -305,6 +359,10 @@ def fp8_weight_only_mm(x, w_q, w_scale, bias=None, *, w_block_size=None, backend
     Returns: ``[..., N]`` in x's dtype. On CPU a fused kernel decodes the weight in registers for decode-sized
     inputs (up to 16 rows of x); on a GPU the cast kernel decodes it to x's dtype for cuBLAS.
     """
+    if backend is None and w_block_size is None:
+        out = _fp8_weight_only_fast(x, w_q, w_scale, bias)
+        if out is not None:
+            return out
     check_float_tensor(x, "x")
     check_tensor(w_q, "w_q", dim=2)
     check_fp8_dtype(w_q.dtype, "w_q.dtype")
