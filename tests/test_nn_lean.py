@@ -12,7 +12,7 @@ from qkernels.ops import _call, int_gemm
 pytestmark = pytest.mark.skipif(not qkernels.HAS_EXTENSION, reason="the fast path needs the compiled extension")
 
 SCHEMES = [Int4WeightOnly(32), Int4WeightOnly(48, symmetric=True), Int8WeightOnly(), Int8Dynamic(),
-           IntWeightInt8Act(4, 32)]
+           IntWeightInt8Act(4, 32), Int8WeightOnly(32, symmetric=False), IntWeightInt8Act(8, 32)]
 
 
 def layer(scheme, K=96, N=40, act_order=False):

@@ -41,7 +41,7 @@ class GGUFLinear(nn.Module):
                              f"[{out_features}, {in_features}], got {data.dtype} {tuple(data.shape)}")
         self.register_buffer("data", data)
         self.register_buffer("bias", bias)
-        self._bias_cast = None  # (key, bias in the activation dtype): see layouts.add_bias
+        self._bias_cast = None  # the bias in the last activation dtype: see layouts.add_bias
 
     @classmethod
     def from_float(cls, linear: nn.Linear, type, imatrix: torch.Tensor | None = None) -> "GGUFLinear":

@@ -38,7 +38,7 @@ from ..ops import (
     unpack_int4,
 )
 from ..ops import autograd
-from ..ops._call import compiled_op, cpu_op
+from ..ops._call import compiled_op, cpu_op, is_compiling
 from ..ops._validate import FLOAT_DTYPES, check_float_tensor
 from ..ops.float4 import SCALE_DTYPES as FP4_SCALE_DTYPES
 from ..ops.float4 import unit_scale
@@ -78,6 +78,20 @@ def run_2d(fn, x: torch.Tensor, args: tuple) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def _round_per_token_int8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (checked) rounded per token to symmetric int8 and decoded in x's dtype, as
+    :func:`qkernels.quantize_per_token_int8` then ``q * scale`` (the kernel straight on x where it runs)."""
+    fn = compiled_op("quantize_per_token_int8", x.device)
+    if fn is not None:
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        qx, sx = fn(x2)  # codes of a rounding: the op has no autograd (ops/autograd.py NON_DIFFERENTIABLE)
+        # int8 * fp32 promotes to fp32: the product of qx.float() and the scale, in one op
+        xr = torch.mul(qx, sx.unsqueeze(1)).to(x.dtype)
+        return xr if x2 is x else xr.reshape(x.shape)
+    qx, sx = quantize_per_token_int8(x)
+    return (qx.float() * sx.unsqueeze(-1)).to(x.dtype)
+
+
 def _check_presence(name: str, value, layer):
     """An optional argument must be given exactly when the layer has that buffer."""
     buf = getattr(layer, name)
@@ -87,21 +101,22 @@ def _check_presence(name: str, value, layer):
 
 def add_bias(layer, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``out + bias.to(out.dtype)`` (the same rounding), without the two temporaries on the hot path: the bias is
-    kept cast to the last activation dtype (recast when the buffer is replaced or changed in place: its version
-    counter moves; a bias made under inference_mode has none and is cast per call), and added in place to the fresh
-    kernel output unless autograd tracks it."""
+    kept cast to the last activation dtype (``layer._bias_cast``: recast when the buffer is replaced, moved, or changed
+    in place: its version counter moves; a bias made under inference_mode has none and is cast per call), and added
+    in place to the fresh kernel output unless autograd tracks it."""
     if bias is None:
         return out
-    if torch.compiler.is_compiling():  # traced: no data pointers or version counters, and the graph fuses it anyway
+    if is_compiling():  # traced: no data pointers or version counters, and the graph fuses it anyway
         return out + bias.to(out.dtype)
-    if bias.dtype != out.dtype:
-        if bias.is_inference():  # no version counter to tell an in-place change: cast per call
-            return out.add_(bias.to(out.dtype)) if not out.requires_grad else out + bias.to(out.dtype)
-        key = (out.dtype, bias._version, bias.data_ptr())
-        cached = layer._bias_cast
-        if cached is None or cached[0] != key:
-            cached = layer._bias_cast = (key, bias.to(out.dtype))
-        bias = cached[1]
+    dt = out.dtype
+    if bias.dtype is not dt:
+        c = layer._bias_cast
+        # (an inference-mode bias is never cached, so `c[0] is not bias` comes before its missing version counter)
+        if c is None or c[0] is not bias or c[1] is not dt or c[2] != bias._version or c[3] != bias.data_ptr():
+            if bias.is_inference():
+                return out.add_(bias.to(dt)) if not out.requires_grad else out + bias.to(dt)
+            c = layer._bias_cast = (bias, dt, bias._version, bias.data_ptr(), bias.to(dt))
+        bias = c[4]
     return out + bias if out.requires_grad else out.add_(bias)
 
 
@@ -213,8 +228,7 @@ class _IntLayout(Layout):
         if layer.scheme.act_int8:
             # W{bits}A8 as QAT simulates it: x rounded per token to int8 and decoded (qkernels.qat.fake_quant_act_int8)
             # (straight-through gradient: the rounding has zero derivative almost everywhere, QAT's estimator)
-            qx, sx = quantize_per_token_int8(x)
-            x = autograd.straight_through(x, (qx.float() * sx.unsqueeze(-1)).to(x.dtype))
+            x = autograd.straight_through(x, _round_per_token_int8(x))
         perm = b["input_perm"]
         if perm is not None:
             x = x.index_select(-1, perm)
@@ -322,7 +336,16 @@ class Int8GroupedLayout(_GroupedLayout):
         return torch.zeros(N, Kp, dtype=torch.int8, device=device)
 
     def mm(self, layer, b, x):
-        w = dequantize_affine(b["qweight"], b["scale"], b["zero_point"], layer._group, out_dtype=x.dtype)
+        # the buffers were checked when filled: the kernel straight on them where it runs, else the public op
+        fn = compiled_op("dequantize_affine", x.device)
+        w = None
+        if fn is not None:
+            try:
+                w = fn(b["qweight"], b["scale"], b["zero_point"], layer._group, False, x.dtype)
+            except Exception:  # noqa: BLE001  (dequantize_affine raises its Python-side error)
+                w = None
+        if w is None:
+            w = dequantize_affine(b["qweight"], b["scale"], b["zero_point"], layer._group, out_dtype=x.dtype)
         return F.linear(x, w)
 
 

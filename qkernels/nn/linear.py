@@ -100,7 +100,7 @@ class QuantLinear(nn.Module):
         self._group = self.group_size
         self._pad = self.padded_in_features - self.in_features
         self._direct = self._layout.runs_direct(self)
-        self._bias_cast = None  # (key, bias in the activation dtype): see layouts.add_bias
+        self._bias_cast = None  # the bias in the last activation dtype: see layouts.add_bias
         self.register_buffer("global_scale", None)
         self._layout.init_buffers(self, device)
         N, K = self.out_features, self.in_features

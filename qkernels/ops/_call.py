@@ -41,7 +41,7 @@ def backend_forced_by_env() -> bool:
 # the three checks every fast path makes per call, as bound C calls (a Python-level call frame each would cost more
 # than the look-ups): QKERNELS_BACKEND's raw value (None or b"" when unset or empty), torch.compile tracing
 _env_value = functools.partial(_ENV_DATA.get, _ENV_KEY) if _ENV_DATA is not None else backend_forced_by_env
-_is_compiling = torch.compiler.is_compiling
+is_compiling = torch.compiler.is_compiling
 
 
 def _first_lookup(op: str, device: torch.device):
@@ -61,7 +61,7 @@ def compiled_op(op: str, device: torch.device, **ctx):
     QKERNELS_BACKEND (read on every call, so setting it takes effect at once): there ``call`` runs ``choose``. The
     compiled kernels check their arguments themselves (TORCH_CHECK), so a caller may skip its Python-side checks when
     it gets an op here and run them only if the kernel raises, to turn the kernel's message into the Python one."""
-    if dispatch._MOCK is not None or _env_value() or _is_compiling():
+    if dispatch._MOCK is not None or _env_value() or is_compiling():
         return None
     fn = _COMPILED.get((op, device), _UNSEEN)
     if fn is _UNSEEN:
@@ -79,7 +79,7 @@ def cpu_op(op: str, device: torch.device):
     """:func:`compiled_op` for a CPU device, None on any other: for the fast paths of ops whose GPU decision reads
     the call's full context (the fp8 / fp4 GEMMs: torch._scaled_mm or the CUDA kernel by dtypes, granularity and
     shapes), which they would have to build on every call; on a GPU those go through :func:`call`."""
-    if dispatch._MOCK is not None or _env_value() or _is_compiling():
+    if dispatch._MOCK is not None or _env_value() or is_compiling():
         return None
     fn = _COMPILED.get((op, device), _UNSEEN)
     if fn is _UNSEEN:
