@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from . import _ext
+from .reference import gguf as ref_gguf
 
 BACKENDS = ("cuda", "triton", "native", "cpu", "reference")
 
@@ -171,8 +172,9 @@ def on_triton(op: str):
     def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
         from . import triton as qtriton
 
-        if not qtriton.has_kernel(op):
-            return False, "no Triton kernel for this op"
+        why_not = qtriton.unsupported(op, ctx)  # the backend's own declaration of what it implements
+        if why_not is not None:
+            return False, why_not
         return triton_available(dev, ctx)
 
     return check
@@ -227,40 +229,24 @@ def int_gemm_cuda_path(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
                  f"split-K by grid size)"
 
 
-# ggml type ids the C++ encoder implements (with and without an importance matrix)
-GGUF_CPU_ENCODE = (0, 1, 30, 2, 3, 6, 7, 8, 39, 10, 11, 12, 13, 14)
-
-
-def gguf_cpu_encoder(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
-    ok, why = on_cpu("gguf_quantize")(dev, ctx)
-    if not ok:
-        return ok, why
-    t = ctx.get("type")
-    if t is not None and t not in GGUF_CPU_ENCODE:
-        return False, f"no C++ encoder for ggml type {t}"
-    return True, "C++ CPU encoder"
-
-
-# ggml type ids qkernels/triton/gguf.py decodes (the quantized block types; F32/F16/BF16 are plain casts)
-GGUF_TRITON_DECODE = (2, 3, 6, 7, 8, 39, 10, 11, 12, 13, 14)
-
-
-def gguf_triton(op: str):
-    """The Triton GGUF decoder (gguf_dequantize, and gguf_mm = decode + torch matmul), for the types it has."""
+def gguf_cpu(op: str):
+    """The C++ GGUF kernels, for the ggml types the type table says they implement (all of them today)."""
 
     def check(dev: DeviceInfo, ctx: dict) -> tuple[bool, str]:
+        ok, why = on_cpu(op)(dev, ctx)
         t = ctx.get("type")
-        if t is not None and t not in GGUF_TRITON_DECODE:
-            return False, f"no Triton decoder for ggml type {t}"
-        return on_triton(op)(dev, ctx)
+        if ok and t is not None and t not in ref_gguf.types_with("cpu", op):
+            return False, f"no C++ kernel for ggml type {ref_gguf.TYPE_NAMES.get(t, t)}"
+        return ok, why
 
+    # cpu_fast_path may skip choose only if no ggml type is refused here
+    check.plain_cpu = set(ref_gguf.types_with("cpu", op)) == set(ref_gguf.GGML)
     return check
 
 
-def gguf_decode_rules(op: str) -> list[Rule]:
-    """standard_rules with the Triton step limited to the ggml types that have a Triton decoder."""
-    rules = standard_rules(op)
-    return [Rule("triton", gguf_triton(op)) if r.backend == "triton" else r for r in rules]
+def gguf_rules(op: str) -> list[Rule]:
+    """standard_rules with the CPU step limited to the ggml types the C++ kernels implement."""
+    return [Rule("cpu", gguf_cpu(op)) if r.backend == "cpu" else r for r in standard_rules(op)]
 
 
 def standard_rules(op: str, cuda_archs=None) -> list[Rule]:
@@ -420,10 +406,11 @@ TABLE: dict[str, list[Rule]] = {
     "fp4_mm": scaled_mm_rules("fp4_mm", fp4_native),
     "fp4_weight_only_mm": standard_rules("fp4_weight_only_mm"),
     # GGUF block formats (qkernels/ops/gguf.py)
-    "gguf_quantize": [Rule("cpu", gguf_cpu_encoder), Rule("reference", always)],
-    # Triton: decode kernel (qkernels/triton/gguf.py) for the block types; gguf_mm decodes then calls torch matmul
-    "gguf_dequantize": gguf_decode_rules("gguf_dequantize"),
-    "gguf_mm": gguf_decode_rules("gguf_mm"),
+    # Triton: decode kernel (qkernels/triton/gguf.py) for the block types (its has_kernel says which); gguf_mm
+    # decodes then calls torch matmul. The types each backend implements: qkernels.reference.gguf.GGML_TYPES
+    "gguf_quantize": [Rule("cpu", gguf_cpu("gguf_quantize")), Rule("reference", always)],
+    "gguf_dequantize": gguf_rules("gguf_dequantize"),
+    "gguf_mm": gguf_rules("gguf_mm"),
 }
 
 

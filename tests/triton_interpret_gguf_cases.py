@@ -16,14 +16,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # pragma: no cover - only when so
 pytest.importorskip("triton")
 
 import qkernels  # noqa: E402
-from qkernels import dispatch  # noqa: E402
 from qkernels import triton as qtriton  # noqa: E402
 from qkernels.reference import gguf as R  # noqa: E402
 
-TYPES = [R.TYPE_NAMES[t] for t in dispatch.GGUF_TRITON_DECODE]
+TYPES = [R.TYPE_NAMES[t] for t in R.types_with("triton", "gguf_dequantize")]
 # byte offsets of the fp16 d / dmin fields of each block (MXFP4's e8m0 scale is always finite)
-FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "MXFP4": (),
-               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+FP16_FIELDS = {R.TYPE_NAMES[t]: R.GGML[t].fp16_fields for t in R.TYPES.values()}
 from tests.conftest import GEMM_RTOL  # noqa: E402
 
 

@@ -7,6 +7,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <string>
 #include <vector>
 
 #include "gguf_encode.h"
@@ -21,9 +23,21 @@ using namespace gguf;
 // Rows of W per dequantized tile in gguf_mm: 32 x 4096 fp32 = 512 KiB, about one L2 (as in int_gemm.cpp).
 constexpr int64_t kTileN = 32;
 
+// "F32=0, F16=1, ...": the types of QK_GGUF_TYPES, named in every type error (tests/test_format_tables.py reads it)
+const std::string& supported_types() {
+  static const std::string s = [] {
+    std::string r;
+#define QK_GGUF_NAME(name, id, bs, ts) r += (r.empty() ? "" : ", ") + std::string(#name "=" #id);
+    QK_GGUF_TYPES(QK_GGUF_NAME)
+#undef QK_GGUF_NAME
+    return r;
+  }();
+  return s;
+}
+
 void check_type(int64_t type) {
-  TORCH_CHECK(block_size((int)type) > 0, "type must be a supported ggml type id (F32=0, F16=1, Q4_0=2, Q4_1=3, "
-              "Q5_0=6, Q5_1=7, Q8_0=8, Q2_K=10, Q3_K=11, Q4_K=12, Q5_K=13, Q6_K=14, BF16=30, MXFP4=39), got ", type);
+  TORCH_CHECK(block_size((int)type) > 0, "type must be a supported ggml type id (", supported_types(), "), got ",
+              type);
 }
 
 // data must be uint8 [rows, cols / block * type_size] on CPU, cols a multiple of the block size.
@@ -83,39 +97,26 @@ at::Tensor gguf_quantize_cpu(const at::Tensor& x, int64_t type, const std::optio
     return out;
   }
   at::Tensor qw;
-  const bool use_qw = imatrix.has_value() && (t == Q2_K || t == Q3_K || t == Q4_K || t == Q5_K || t == Q6_K);
   if (imatrix.has_value()) {
     check_dim(*imatrix, 1, "imatrix");
     TORCH_CHECK(imatrix->size(0) == cols, "imatrix must have shape [", cols, "] (one weight per column of x), got ",
                 imatrix->sizes());
+    qw = imatrix->to(at::kFloat).contiguous();  // only the K-quant encoders read it (as llama.cpp's do)
   }
-  if (use_qw) qw = imatrix->to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
-  const float* wp = use_qw ? qw.data_ptr<float>() : nullptr;
+  const float* wp = qw.defined() ? qw.data_ptr<float>() : nullptr;
   uint8_t* op = out.data_ptr<uint8_t>();
   std::atomic<bool> unsupported{false};
-  at::parallel_for(0, rows * nb, t >= Q2_K && t <= Q6_K ? 16 : 1024, [&](int64_t b0, int64_t b1) {
+  // the K-quant searches cost ~100x a 32-block's encoder: smaller grains there
+  at::parallel_for(0, rows * nb, bs >= 256 ? 16 : 1024, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const float* xb = xp + b * bs;
-      const float* wb = wp ? wp + (b % nb) * bs : nullptr;
-      uint8_t* yb = op + b * ts;
-      switch (t) {
-        case Q4_0: encode_q4_0(xb, yb); break;
-        case Q4_1: encode_q4_1(xb, yb); break;
-        case Q5_0: encode_q5_0(xb, yb); break;
-        case Q5_1: encode_q5_1(xb, yb); break;
-        case Q8_0: encode_q8_0(xb, yb); break;
-        case MXFP4: encode_mxfp4(xb, yb); break;
-        case Q4_K: encode_q4_k(xb, wb, yb); break;
-        case Q5_K: encode_q5_k(xb, wb, yb); break;
-        case Q6_K: encode_q6_k(xb, wb, yb); break;
-        case Q2_K: encode_q2_k(xb, wb, yb); break;
-        case Q3_K: encode_q3_k(xb, wb, yb); break;
-        default: unsupported = true; return;
+      if (!encode_block(t, xp + b * bs, wp ? wp + (b % nb) * bs : nullptr, op + b * ts)) {
+        unsupported = true;
+        return;
       }
     }
   });
-  TORCH_CHECK(!unsupported, "the C++ encoder does not implement type ", type);
+  TORCH_CHECK(!unsupported, "the C++ encoder does not implement type ", type, " (supported: ", supported_types(), ")");
   return out;
 }
 

@@ -650,5 +650,24 @@ inline void encode_q3_k(const float* x, const float* qw, uint8_t* y) {
   pack_2bit_k(Lu, y + 32);
 }
 
+// Encodes one block of type t from x (block_size(t) floats; qw: importance weights or nullptr, used by the K-quant
+// searches only); returns false for a type without an encoder (F32 / F16 / BF16 are plain casts in gguf.cpp).
+inline bool encode_block(int t, const float* x, const float* qw, uint8_t* y) {
+  switch (t) {
+    case Q4_0: encode_q4_0(x, y); return true;
+    case Q4_1: encode_q4_1(x, y); return true;
+    case Q5_0: encode_q5_0(x, y); return true;
+    case Q5_1: encode_q5_1(x, y); return true;
+    case Q8_0: encode_q8_0(x, y); return true;
+    case MXFP4: encode_mxfp4(x, y); return true;
+    case Q2_K: encode_q2_k(x, qw, y); return true;
+    case Q3_K: encode_q3_k(x, qw, y); return true;
+    case Q4_K: encode_q4_k(x, qw, y); return true;
+    case Q5_K: encode_q5_k(x, qw, y); return true;
+    case Q6_K: encode_q6_k(x, qw, y); return true;
+    default: return false;
+  }
+}
+
 }  // namespace gguf
 }  // namespace qkernels

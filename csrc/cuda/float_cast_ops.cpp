@@ -120,11 +120,6 @@ at::Tensor fp8_weight_only_mm_cuda(const at::Tensor& x, const at::Tensor& w, con
   return at::linear(x, wd, bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type())) : std::nullopt);
 }
 
-int fp4_element_id(c10::string_view element) {
-  fp4_element_format(element);  // checks the name
-  return element == "e2m1" ? kE2M1 : kE1M2;
-}
-
 at::Tensor fp4_encode_cuda(const at::Tensor& x, c10::string_view element) {
   check_fp4_encode_input(x);
   const int elem = fp4_element_id(element);

@@ -20,12 +20,13 @@ import torch
 
 from ..nn.gguf_linear import GGUFLinear
 from ..ops.gguf import gguf_dequantize, gguf_quantize
-from ..reference.gguf import BLOCK, TYPE_NAMES, TYPES
+from ..reference.gguf import BLOCK, FP16_FIELDS, IMATRIX_TYPES, TYPE_NAMES, TYPES
 
 # ---- mixes ---------------------------------------------------------------------------------------------------
 
 # mix name -> (default ggml type, llama_ftype id written to general.file_type)
 MIXES = {
+    "Q4_0": ("Q4_0", 2),
     "Q4_K_M": ("Q4_K", 15),
     "Q5_K_M": ("Q5_K", 17),
     "Q6_K": ("Q6_K", 18),
@@ -158,10 +159,6 @@ class GGUFUnsupportedError(GGUFError, NotImplementedError):
     Both a ValueError (the file cannot be loaded) and a NotImplementedError (it is not corrupt)."""
 
 
-# byte offsets of the fp16 fields (d, and dmin / m where there is one) inside one block of each type: the layout
-# table in qkernels/reference/gguf.py. MXFP4's e8m0 scale has no NaN in ggml's decoding, so it is not listed.
-_FP16_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 10: (80, 82), 11: (108,), 12: (0, 2), 13: (0, 2),
-                14: (208,)}
 GGML_MAX_DIMS = 4
 
 
@@ -326,7 +323,7 @@ def _check_finite_blocks(name: str, tt: int, raw: np.ndarray):
         if bad.any():
             raise GGUFError(f"tensor {name!r} ({TYPE_NAMES[tt]}) contains {int(bad.sum())} NaN/inf values")
         return
-    offsets = _FP16_FIELDS.get(tt)
+    offsets = FP16_FIELDS.get(tt)  # MXFP4's e8m0 scale has no NaN in ggml's decoding
     if not offsets:
         return
     ts = BLOCK[tt][1]
@@ -628,7 +625,8 @@ def _float_weight(mod_or_tensor) -> torch.Tensor:
 def export_gguf(model, path, mix: str = "Q4_K_M", *, tokenizer=None, imatrix: dict | None = None,
                 name: str | None = None) -> dict:
     """Write a transformers llama model (``LlamaForCausalLM``, float or with :class:`GGUFLinear` layers) to a GGUF
-    file quantized with llama.cpp's ``mix`` rules ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "F32").
+    file quantized with llama.cpp's ``mix`` rules (a key of :data:`MIXES`: "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K",
+    "Q8_0", "F16", "F32").
 
     ``tokenizer``: a transformers BPE tokenizer to embed; otherwise the tokenizer metadata of a model loaded with
     :func:`load_gguf` is copied. ``imatrix``: {gguf tensor name: float [cols]} importance weights.
@@ -639,6 +637,10 @@ def export_gguf(model, path, mix: str = "Q4_K_M", *, tokenizer=None, imatrix: di
 
     if mix not in MIXES:
         raise ValueError(f"mix must be one of {sorted(MIXES)}, got {mix!r}")
+    if imatrix is not None and mix == "Q4_0":
+        # llama.cpp then runs a weighted Q4_0 search and makes the first eighth of ffn_down Q4_1: not implemented
+        raise NotImplementedError("imatrix is not supported for the Q4_0 mix (llama.cpp's imatrix Q4_0 search and "
+                                  "its Q4_1 ffn_down rule are not implemented); pass imatrix=None")
     cfg = model.config
     L = cfg.num_hidden_layers
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
@@ -676,7 +678,7 @@ def export_gguf(model, path, mix: str = "Q4_K_M", *, tokenizer=None, imatrix: di
                 data = w.contiguous()
             else:
                 im = None if imatrix is None else imatrix.get(gname)
-                data = gguf_quantize(w if w.dim() > 1 else w[None], tid, im if tid in (10, 11, 12, 13, 14) else None)
+                data = gguf_quantize(w if w.dim() > 1 else w[None], tid, im if tid in IMATRIX_TYPES else None)
         if n_head is not None:
             data = rope_permute_rows(data, n_head)
         encoded.append((gname, tid, shape, data))

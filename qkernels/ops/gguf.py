@@ -12,7 +12,7 @@ import torch
 
 from .. import _ext
 from . import autograd
-from ..reference.gguf import BLOCK, TYPE_NAMES, TYPES
+from ..reference.gguf import BLOCK, FP16_FIELDS, FP16_MAX, GGML_TYPES, MAX_ABS, TYPE_NAMES, TYPES, describe_types
 from ._call import call
 from ._validate import (
     FLOAT_DTYPES,
@@ -25,30 +25,16 @@ from ._validate import (
     has_values,
 )
 
-FP16_MAX = 65504.0
-# The largest |x| each type can encode: ggml stores block scales (and Q4_1/Q5_1 block minima, K-quant super-block
-# scales and mins) as fp16, and llama.cpp (like gguf-py) writes inf there for larger inputs, which decodes to inf /
-# NaN. The bound is 65504 times the factor between a block's largest |x| and its largest fp16 field: the code range
-# for Q4_0 (8), Q5_0 (16), Q8_0 (127); 1 for the stored minima of Q4_1/Q5_1 and the values of F16; the 6-bit (Q4_K,
-# Q5_K: 63) or 4-bit (Q2_K: 15) super-block quantization of the sub-block minima; for Q3_K / Q6_K the sub-block
-# scale search (which can pick scale = max / 1 in the worst case) times the signed sub-scale range (32 / 128).
-# Beyond these the K-quant searches also overflow float32 (sums of x^2) and the C++ and reference encoders part.
-# Inputs within the bound are still checked after encoding (gguf_quantize's header check), since the scale
-# searches can round a block's scale a little above this estimate.
-MAX_ABS = {1: FP16_MAX, 2: 8 * FP16_MAX, 3: FP16_MAX, 6: 16 * FP16_MAX, 7: FP16_MAX, 8: 127 * FP16_MAX,
-           10: 15 * FP16_MAX, 11: 32 * FP16_MAX, 12: 63 * FP16_MAX, 13: 63 * FP16_MAX, 14: 128 * FP16_MAX}
-# byte offsets of each type's fp16 block fields (d, and m / dmin), checked for inf after encoding
-FP16_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 10: (80, 82), 11: (108,), 12: (0, 2), 13: (0, 2),
-               14: (208,)}
-# the sub-block an importance matrix weights in the K-quant scale searches (16 or 32 columns)
-IMATRIX_SUB_BLOCK = {10: 16, 11: 16, 12: 32, 13: 32, 14: 16}
+# per-type bounds and header fields: the one table in qkernels.reference.gguf (GGML_TYPES)
+IMATRIX_SUB_BLOCK = {t.id: t.imatrix_sub_block for t in GGML_TYPES if t.imatrix == "weights"}
+_NO_IMATRIX = tuple(t.id for t in GGML_TYPES if t.imatrix == "unimplemented")
 
 
 def type_id(type) -> int:
     """ggml type id from a name ("Q4_K"), a gguf.GGMLQuantizationType or an int; ValueError if unsupported."""
     if isinstance(type, str):
         if type.upper() not in TYPES:
-            raise ValueError(f"type must be one of {sorted(TYPES)}, got {type!r}")
+            raise ValueError(f"type must be one of the ggml types {describe_types()} (a name or an id), got {type!r}")
         return TYPES[type.upper()]
     if isinstance(type, bool):
         raise TypeError(f"type must be a ggml type name or int id, got {type!r}")
@@ -59,7 +45,8 @@ def type_id(type) -> int:
                         f"{type!r}") from None
     if t not in BLOCK:
         name = getattr(type, "name", str(t))
-        raise ValueError(f"type must be one of {sorted(TYPES)} (ggml ids {sorted(BLOCK)}), got {name} ({t})")
+        raise ValueError(f"type must be one of the ggml types {describe_types()} (a name or an id), got {name} "
+                         f"({t})")
     return t
 
 
@@ -85,10 +72,10 @@ def gguf_quantize(x, type, imatrix=None, *, backend=None):
         raise ValueError("x must have at least 1 dim [..., cols], got a 0-d tensor")
     cols = x.shape[-1]
     _check_cols(cols, t, "the last dim of x")
-    if imatrix is not None and t in (2, 3, 6, 7):
+    if imatrix is not None and t in _NO_IMATRIX:
         # llama.cpp runs a different (weighted) search for these with an imatrix; we only implement the plain one
-        raise NotImplementedError(f"imatrix is supported for the K-quants (Q2_K..Q6_K; Q8_0/MXFP4 ignore it, as in "
-                                  f"llama.cpp), not for {TYPE_NAMES[t]}")
+        raise NotImplementedError(f"imatrix is supported for {[TYPE_NAMES[i] for i in IMATRIX_SUB_BLOCK]} (the "
+                                  f"other types ignore it, as in llama.cpp), not for {TYPE_NAMES[t]}")
     if imatrix is not None:
         _check_imatrix(imatrix, t, cols, x)
     if x.numel() and has_values(x):

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import torch
 
+from . import minifloat
 from .float8 import _div, cast_to_fp8_bits, finite_abs
 
 FORMATS = {"mxfp4": 32, "nvfp4": 16}  # block size
-ELEMENTS = {"e2m1": (2, 1, 1), "e1m2": (1, 2, 0)}  # (exponent bits, mantissa bits, bias)
+# element name -> (exponent bits, mantissa bits, bias), from the one table of element formats (reference/minifloat.py)
+ELEMENTS = {f.name: (f.ebits, f.mbits, f.bias) for f in minifloat.FP4_ELEMENTS}
 
 
 def element_values(element: str) -> torch.Tensor:

@@ -36,15 +36,12 @@ from __future__ import annotations
 
 import torch
 
+from . import minifloat
 from ._arith import true_div as _div
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
-FP8_MAX = {
-    torch.float8_e4m3fn: 448.0,
-    torch.float8_e5m2: 57344.0,
-    torch.float8_e4m3fnuz: 240.0,
-    torch.float8_e5m2fnuz: 57344.0,
-}
+# from the one table of element formats (reference/minifloat.py)
+FP8_DTYPES = tuple(f.dtype for f in minifloat.FP8)
+FP8_MAX = {f.dtype: f.max for f in minifloat.FP8}
 # |v| beyond which round-to-nearest-even overflows e4m3fn: max + half an ulp = 464 (464 itself rounds to even 448)
 _E4M3FN_OVERFLOW = 464.0
 

@@ -30,21 +30,14 @@ Q8_0, MXFP4) the bytes also equal ``gguf.quants.quantize``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
 import numpy as np
 import torch
 
-# ggml type ids (enum ggml_type / gguf.GGMLQuantizationType)
-TYPES = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30, "MXFP4": 39,
-}
-TYPE_NAMES = {v: k for k, v in TYPES.items()}
-# type id -> (values per block, bytes per block)
-BLOCK = {
-    0: (1, 4), 1: (1, 2), 30: (1, 2),
-    2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 39: (32, 17),
-    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-}
+# The ggml types qkernels implements (ids, block sizes, byte sizes, header fields, which backend implements which
+# op): GGML_TYPES below, after the encoders and decoders it names. TYPES / TYPE_NAMES / BLOCK are derived from it.
 QK_K = 256
 GROUP_MAX_EPS = 1e-15
 _F32 = np.float32
@@ -709,12 +702,106 @@ def _dec_q6_k(b):
     return (d[..., None] * q).reshape(nb, 256)
 
 
-ENCODERS = {2: _enc_q4_0, 3: _enc_q4_1, 6: _enc_q5_0, 7: _enc_q5_1, 8: _enc_q8_0, 39: _enc_mxfp4,
-            10: _enc_q2_k, 11: _enc_q3_k, 12: _enc_q4_k, 13: _enc_q5_k, 14: _enc_q6_k}
-DECODERS = {2: _dec_q4_0, 3: _dec_q4_1, 6: _dec_q5_0, 7: _dec_q5_1, 8: _dec_q8_0, 39: _dec_mxfp4,
-            10: _dec_q2_k, 11: _dec_q3_k, 12: _dec_q4_k, 13: _dec_q5_k, 14: _dec_q6_k}
+
+
+def _enc_float(dtype):
+    """F32 / F16 / BF16 as blocks of one value: [nb, 1] float32 -> [nb, bytes] uint8 (RNE cast)."""
+    return lambda b, qw=None: b.to(dtype).contiguous().view(torch.uint8).clone()
+
+
+def _dec_float(dtype):
+    return lambda b: b.contiguous().view(dtype).to(torch.float32)
+
+
+# ---- the type table: the one source of every per-type list in qkernels --------------------------------------
+#
+# Derived from it: TYPES / TYPE_NAMES / BLOCK here, the argument checks and overflow bounds of qkernels.ops.gguf,
+# the header checks of qkernels.formats.gguf, the backend choice of qkernels.dispatch (through each backend's
+# declaration: qkernels.triton.has_kernel), the Triton decoder's type list and quant offsets. The C++ kernels keep
+# their own switch (csrc/include/qkernels/gguf.h QK_GGUF_TYPES, csrc/cpu/gguf_encode.h encode_block);
+# tests/test_format_tables.py checks that they accept exactly the types listed here with these sizes.
+
+OPS = ("gguf_quantize", "gguf_dequantize", "gguf_mm")
+_ALL = {"cpu": OPS}  # the C++ CPU kernels implement every op for every type
+_BLOCKS = {"cpu": OPS, "triton": ("gguf_dequantize", "gguf_mm")}  # + the Triton decoder (qkernels/triton/gguf.py)
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One ggml tensor type as qkernels implements it.
+
+    ``encode``: blocks float32 ``[nb, block]`` (and importance weights ``[nb, block]`` or None) -> uint8
+    ``[nb, size]``; ``decode``: uint8 ``[nb, size]`` -> float32 ``[nb, block]``.
+    ``fp16_fields``: byte offsets of the fp16 block fields (d, and m / dmin), which must be finite (checked after
+    encoding and when a file is loaded). ``quant_offset``: byte offset of the (low) quant bits in a block (where the
+    Triton decoder reads the codes). ``max_abs``: the largest ``|x|`` the encoder can represent (see below), None
+    where only float32's range limits it. ``imatrix``: what an importance matrix does: "weights" (the K-quant scale
+    searches weight by it, per ``imatrix_sub_block`` columns), "ignored" (as in llama.cpp) or "unimplemented"
+    (llama.cpp runs a weighted search for these that qkernels does not implement: refused).
+    ``kernels``: backend -> the ``gguf_*`` ops it implements for this type (the reference implements all)."""
+
+    name: str
+    id: int
+    block: int
+    size: int
+    encode: Callable
+    decode: Callable
+    fp16_fields: tuple[int, ...] = ()
+    quant_offset: int | None = None
+    max_abs: float | None = None
+    imatrix: str = "ignored"
+    imatrix_sub_block: int | None = None
+    kernels: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(_ALL))
+
+
+# max_abs: ggml stores block scales (and Q4_1/Q5_1 block minima, K-quant super-block scales and mins) as fp16, and
+# llama.cpp (like gguf-py) writes inf there for larger inputs, which decodes to inf / NaN. The bound is 65504 times
+# the factor between a block's largest |x| and its largest fp16 field: the code range for Q4_0 (8), Q5_0 (16), Q8_0
+# (127); 1 for the stored minima of Q4_1/Q5_1 and the values of F16; the 6-bit (Q4_K, Q5_K: 63) or 4-bit (Q2_K: 15)
+# super-block quantization of the sub-block minima; for Q3_K / Q6_K the sub-block scale search (which can pick
+# scale = max / 1 in the worst case) times the signed sub-scale range (32 / 128). Beyond these the K-quant searches
+# also overflow float32 (sums of x^2) and the C++ and reference encoders part. Inputs within the bound are still
+# checked after encoding (fp16_fields), since the scale searches can round a block's scale a little above it.
+GGML_TYPES = (
+    GGMLType("F32", 0, 1, 4, _enc_float(torch.float32), _dec_float(torch.float32)),
+    GGMLType("F16", 1, 1, 2, _enc_float(torch.float16), _dec_float(torch.float16), max_abs=FP16_MAX),
+    GGMLType("Q4_0", 2, 32, 18, _enc_q4_0, _dec_q4_0, (0,), 2, 8 * FP16_MAX, "unimplemented", kernels=_BLOCKS),
+    GGMLType("Q4_1", 3, 32, 20, _enc_q4_1, _dec_q4_1, (0, 2), 4, FP16_MAX, "unimplemented", kernels=_BLOCKS),
+    GGMLType("Q5_0", 6, 32, 22, _enc_q5_0, _dec_q5_0, (0,), 6, 16 * FP16_MAX, "unimplemented", kernels=_BLOCKS),
+    GGMLType("Q5_1", 7, 32, 24, _enc_q5_1, _dec_q5_1, (0, 2), 8, FP16_MAX, "unimplemented", kernels=_BLOCKS),
+    GGMLType("Q8_0", 8, 32, 34, _enc_q8_0, _dec_q8_0, (0,), 2, 127 * FP16_MAX, kernels=_BLOCKS),
+    GGMLType("Q2_K", 10, 256, 84, _enc_q2_k, _dec_q2_k, (80, 82), 16, 15 * FP16_MAX, "weights", 16, _BLOCKS),
+    GGMLType("Q3_K", 11, 256, 110, _enc_q3_k, _dec_q3_k, (108,), 32, 32 * FP16_MAX, "weights", 16, _BLOCKS),
+    GGMLType("Q4_K", 12, 256, 144, _enc_q4_k, _dec_q4_k, (0, 2), 16, 63 * FP16_MAX, "weights", 32, _BLOCKS),
+    GGMLType("Q5_K", 13, 256, 176, _enc_q5_k, _dec_q5_k, (0, 2), 48, 63 * FP16_MAX, "weights", 32, _BLOCKS),
+    GGMLType("Q6_K", 14, 256, 210, _enc_q6_k, _dec_q6_k, (208,), 0, 128 * FP16_MAX, "weights", 16, _BLOCKS),
+    GGMLType("BF16", 30, 1, 2, _enc_float(torch.bfloat16), _dec_float(torch.bfloat16)),
+    # e8m0 scale: no fp16 field; 2^127 * 12 exceeds float32, so float32's range is the bound
+    GGMLType("MXFP4", 39, 32, 17, _enc_mxfp4, _dec_mxfp4, (), 1, kernels=_BLOCKS),
+)
+GGML = {t.id: t for t in GGML_TYPES}
+TYPES = {t.name: t.id for t in GGML_TYPES}  # name -> ggml type id
+TYPE_NAMES = {t.id: t.name for t in GGML_TYPES}
+BLOCK = {t.id: (t.block, t.size) for t in GGML_TYPES}  # id -> (values per block, bytes per block)
+ENCODERS = {t.id: t.encode for t in GGML_TYPES}
+DECODERS = {t.id: t.decode for t in GGML_TYPES}
+FP16_FIELDS = {t.id: t.fp16_fields for t in GGML_TYPES if t.fp16_fields}
+MAX_ABS = {t.id: t.max_abs for t in GGML_TYPES if t.max_abs is not None}
 # types whose llama.cpp quantizer uses an importance matrix (Q8_0 and MXFP4 ignore it there, and so do we)
-IMATRIX_TYPES = (10, 11, 12, 13, 14)
+IMATRIX_TYPES = tuple(t.id for t in GGML_TYPES if t.imatrix == "weights")
+
+
+def types_with(backend: str, op: str) -> tuple[int, ...]:
+    """The ggml type ids for which ``backend`` ("cpu", "triton") implements ``op`` (a name in :data:`OPS`)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return tuple(t.id for t in GGML_TYPES if op in t.kernels.get(backend, ()))
+
+
+def describe_types(ids=None) -> str:
+    """``"F32=0, F16=1, ..."``: how error messages list supported types (the C++ ops' messages use the same form)."""
+    return ", ".join(f"{TYPE_NAMES[i]}={i}" for i in (TYPE_NAMES if ids is None else ids))
 
 
 # ---- the ops -------------------------------------------------------------------------------------------------
@@ -726,12 +813,6 @@ def gguf_quantize(x: torch.Tensor, type: int, imatrix: torch.Tensor | None = Non
     rows, cols = x.shape
     bs, ts = BLOCK[type]
     xf = x.to(torch.float32).contiguous()
-    if type == 0:
-        return xf.view(torch.uint8).reshape(rows, cols * 4).clone()
-    if type == 1:
-        return xf.to(torch.float16).view(torch.uint8).reshape(rows, cols * 2).clone()
-    if type == 30:
-        return xf.to(torch.bfloat16).view(torch.uint8).reshape(rows, cols * 2).clone()
     nb = rows * cols // bs
     if nb == 0:
         return torch.empty(rows, cols // bs * ts, dtype=torch.uint8, device=x.device)
@@ -745,18 +826,10 @@ def gguf_quantize(x: torch.Tensor, type: int, imatrix: torch.Tensor | None = Non
 def gguf_dequantize(data: torch.Tensor, type: int, rows: int, cols: int, out_dtype: torch.dtype) -> torch.Tensor:
     """data: uint8 [rows, cols / block * type_size] -> [rows, cols] in out_dtype (decoded in float32 first)."""
     bs, ts = BLOCK[type]
-    d = data.contiguous()
-    if type == 0:
-        out = d.view(torch.float32).reshape(rows, cols)
-    elif type == 1:
-        out = d.view(torch.float16).reshape(rows, cols).to(torch.float32)
-    elif type == 30:
-        out = d.view(torch.bfloat16).reshape(rows, cols).to(torch.float32)
-    else:
-        nb = rows * cols // bs
-        if nb == 0:
-            return torch.empty(rows, cols, dtype=out_dtype, device=data.device)
-        out = DECODERS[type](d.reshape(nb, ts)).reshape(rows, cols)
+    nb = rows * cols // bs
+    if nb == 0:
+        return torch.empty(rows, cols, dtype=out_dtype, device=data.device)
+    out = DECODERS[type](data.contiguous().reshape(nb, ts)).reshape(rows, cols)
     return out.to(out_dtype)
 
 

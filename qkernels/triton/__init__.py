@@ -42,8 +42,35 @@ def register(op: str):
     return deco
 
 
-def has_kernel(op: str) -> bool:
-    return op in MODULES or op in KERNELS
+def _gguf_types(op: str, ctx: dict) -> str | None:
+    from ..reference import gguf as ref
+
+    t, have = ctx.get("type"), ref.types_with("triton", op)
+    if t is not None and t not in have:
+        return f"no Triton decoder for ggml type {ref.TYPE_NAMES.get(t, t)} (it has {ref.describe_types(have)})"
+    return None
+
+
+# op -> what else a call must satisfy: ctx -> None, or why this backend has no kernel for it. The GGUF decoder's
+# types come from the reference's type table (its ``kernels`` column), not from a list kept here.
+_LIMITS = {
+    "gguf_dequantize": lambda ctx: _gguf_types("gguf_dequantize", ctx),
+    "gguf_mm": lambda ctx: _gguf_types("gguf_mm", ctx),
+}
+
+
+def unsupported(op: str, ctx: dict | None = None) -> str | None:
+    """Why the Triton backend has no kernel for ``op`` with the dispatch context ``ctx`` (dtypes, ggml type, ...),
+    or None when it has one. Never imports triton."""
+    if op not in MODULES and op not in KERNELS:
+        return f"no Triton kernel for {op}"
+    limit = _LIMITS.get(op)
+    return limit(ctx or {}) if limit is not None else None
+
+
+def has_kernel(op: str, ctx: dict | None = None) -> bool:
+    """Whether the Triton backend implements ``op`` for a call with context ``ctx`` (what the dispatch table asks)."""
+    return unsupported(op, ctx) is None
 
 
 def get(op: str):

@@ -24,26 +24,20 @@ import triton.language as tl
 
 from ..reference import float4 as ref4
 from ..reference import float8 as ref8
+from ..reference import minifloat
 from . import register
 from ._common import kernel_input, launch_opts, load_f32, store_float, value_table
 
 BLOCK = 1024
 BLOCKS_PER_PROGRAM = 32  # MXFP4 / NVFP4 blocks quantized by one program
 
-# float8.h MiniFloat table: (exponent bits, mantissa bits, bias, has_inf, fnuz, has_nan, largest finite magnitude code)
-_FORMATS = {
-    torch.float8_e4m3fn: (4, 3, 7, False, False, True, 0x7E),
-    torch.float8_e5m2: (5, 2, 15, True, False, True, 0x7B),
-    torch.float8_e4m3fnuz: (4, 3, 8, False, True, True, 0x7F),
-    torch.float8_e5m2fnuz: (5, 2, 16, False, True, True, 0x7F),
-    "e2m1": (2, 1, 1, False, False, False, 0x7),
-    "e1m2": (1, 2, 0, False, False, False, 0x7),
-}
-
 
 def _encoder(fmt, saturate: bool) -> dict:
-    """float8.h make_encoder as constexpr kernel arguments (ENC_*). OVF = -1 stands for "overflow is NaN"."""
-    ebits, m, bias, has_inf, fnuz, has_nan, max_code = _FORMATS[fmt]
+    """float8.h make_encoder as constexpr kernel arguments (ENC_*) for ``fmt`` (an fp8 dtype or an fp4 element
+    name), from the reference's format table. OVF = -1 stands for "overflow is NaN"."""
+    f = minifloat.fmt(fmt)
+    ebits, m, bias, has_inf, fnuz, has_nan, max_code = f.ebits, f.mbits, f.bias, f.has_inf, f.fnuz, f.has_nan, \
+        f.max_code
     nbits = ebits + m
 
     def nan_code(sign):
@@ -237,12 +231,12 @@ def _check_fp8_dtype(dtype):
 
 def _check_element(element):
     if element not in ref4.ELEMENTS:
-        raise ValueError(f"element must be 'e2m1' or 'e1m2', got {element!r}")
+        raise ValueError(f"element must be one of {tuple(ref4.ELEMENTS)}, got {element!r}")
 
 
 def _check_format(format):
     if format not in ref4.FORMATS:
-        raise ValueError(f"format must be 'mxfp4' or 'nvfp4', got {format!r}")
+        raise ValueError(f"format must be one of {tuple(ref4.FORMATS)}, got {format!r}")
 
 
 @register("quantize_fp8")

@@ -20,14 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import GGUF_TRITON_DECODE as TYPES
-from ..reference.gguf import BLOCK as GGML_BLOCK
+from ..reference.gguf import GGML, describe_types, types_with
 from . import register
 from ._common import launch_opts, store_float
 
 BLOCK = 1024  # values per program: 32 blocks of 32 or 4 super-blocks of 256
-# byte offset of the (low) quant bits inside a block, per type (the table in qkernels/reference/gguf.py)
-_QS = {2: 2, 3: 4, 6: 6, 7: 8, 8: 2, 39: 1, 10: 16, 11: 32, 12: 16, 13: 48, 14: 0}
+# the types this kernel decodes and the byte offset of each one's (low) quant bits: the reference's type table, whose
+# ``kernels`` column is also what qkernels.triton.has_kernel tells the dispatch table
+TYPES = types_with("triton", "gguf_dequantize")
+_QS = {t: GGML[t].quant_offset for t in TYPES}
 # output dtypes the kernel stores directly; others are decoded to float32 and cast by torch
 _DIRECT_OUT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -133,8 +134,8 @@ def gguf_dequantize(data: torch.Tensor, type: int, rows: int, cols: int, out_dty
     Types without a kernel (F32/F16/BF16 are plain casts) raise ValueError: the dispatch table only routes
     :data:`TYPES` here."""
     if type not in TYPES:
-        raise ValueError(f"type must be a ggml type with a Triton decoder {TYPES}, got {type}")
-    bs, ts = GGML_BLOCK[type]
+        raise ValueError(f"type must be a ggml type with a Triton decoder ({describe_types(TYPES)}), got {type}")
+    bs, ts = GGML[type].block, GGML[type].size
     kernel_dtype = out_dtype if out_dtype in _DIRECT_OUT else torch.float32
     out = torch.empty((rows, cols), dtype=kernel_dtype, device=data.device)
     n = rows * cols

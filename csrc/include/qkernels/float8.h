@@ -32,17 +32,44 @@ struct MiniFloat {
   uint32_t max_code;  // magnitude bits of the largest finite value
 };
 
-// Format ids shared with the Python side (qkernels/reference/float8.py: FORMAT_IDS).
-enum MiniFloatId : int { kE4M3FN = 0, kE5M2 = 1, kE4M3FNUZ = 2, kE5M2FNUZ = 3, kE2M1 = 4, kE1M2 = 5 };
+// Every format, one line each: X(enum key, id, name, ebits, mbits, bias, has_inf, fnuz, has_nan, max_code). The
+// specification is the table in qkernels/reference/minifloat.py (FORMATS: the same ids, names and parameters); C++
+// cannot read it, so tests/test_format_tables.py checks the kernels against it (every code of every format decodes
+// to the table's value; the ops' error texts, generated from this list, name exactly the table's formats).
+#define QK_MINIFLOATS(X)                                                                    \
+  X(kE4M3FN, 0, "float8_e4m3fn", 4, 3, 7, false, false, true, 0x7E)     /* max 448 */   \
+  X(kE5M2, 1, "float8_e5m2", 5, 2, 15, true, false, true, 0x7B)         /* max 57344 */ \
+  X(kE4M3FNUZ, 2, "float8_e4m3fnuz", 4, 3, 8, false, true, true, 0x7F)  /* max 240 */   \
+  X(kE5M2FNUZ, 3, "float8_e5m2fnuz", 5, 2, 16, false, true, true, 0x7F) /* max 57344 */ \
+  X(kE2M1, 4, "e2m1", 2, 1, 1, false, false, false, 0x7)                /* max 6 */     \
+  X(kE1M2, 5, "e1m2", 1, 2, 0, false, false, false, 0x7)                /* max 3.5 */
 
+enum MiniFloatId : int {
+#define QK_MINIFLOAT_ENUM(key, id, name, e, m, b, inf, fnuz, nan, maxc) key = id,
+  QK_MINIFLOATS(QK_MINIFLOAT_ENUM)
+#undef QK_MINIFLOAT_ENUM
+  kNumMiniFloats
+};
+
+// An unknown id gives e1m2's parameters (not reached: ids come from the name / dtype checks of float_checks.h).
 QK_HD MiniFloat minifloat_format(int id) {
   switch (id) {
-    case kE4M3FN: return MiniFloat{4, 3, 7, false, false, true, 0x7E};      // max 448
-    case kE5M2: return MiniFloat{5, 2, 15, true, false, true, 0x7B};        // max 57344
-    case kE4M3FNUZ: return MiniFloat{4, 3, 8, false, true, true, 0x7F};     // max 240
-    case kE5M2FNUZ: return MiniFloat{5, 2, 16, false, true, true, 0x7F};    // max 57344
-    case kE2M1: return MiniFloat{2, 1, 1, false, false, false, 0x7};        // max 6
-    default: return MiniFloat{1, 2, 0, false, false, false, 0x7};           // kE1M2, max 3.5
+#define QK_MINIFLOAT_CASE(key, id, name, e, m, b, inf, fnuz, nan, maxc) \
+  case key: return MiniFloat{e, m, b, inf, fnuz, nan, maxc};
+    QK_MINIFLOATS(QK_MINIFLOAT_CASE)
+#undef QK_MINIFLOAT_CASE
+    default: return MiniFloat{1, 2, 0, false, false, false, 0x7};
+  }
+}
+
+// The format's name ("float8_e4m3fn", "e2m1") for host-side lookups and error texts; nullptr for an unknown id.
+inline const char* minifloat_name(int id) {
+  switch (id) {
+#define QK_MINIFLOAT_NAME(key, id, name, e, m, b, inf, fnuz, nan, maxc) \
+  case key: return name;
+    QK_MINIFLOATS(QK_MINIFLOAT_NAME)
+#undef QK_MINIFLOAT_NAME
+    default: return nullptr;
   }
 }
 

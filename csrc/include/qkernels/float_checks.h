@@ -2,25 +2,49 @@
 // (csrc/cuda/float_cast_ops.cpp) entry points so that both reject the same inputs with the same messages.
 #pragma once
 #include <array>
+#include <cctype>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "qkernels/check.h"
 #include "qkernels/float8.h"
 
 namespace qkernels {
 
-// fp8 torch dtype -> float8.h format id.
-inline int fp8_format_id(at::ScalarType dt, const char* name) {
-  switch (dt) {
-    case at::ScalarType::Float8_e4m3fn: return kE4M3FN;
-    case at::ScalarType::Float8_e5m2: return kE5M2;
-    case at::ScalarType::Float8_e4m3fnuz: return kE4M3FNUZ;
-    case at::ScalarType::Float8_e5m2fnuz: return kE5M2FNUZ;
-    default:
-      TORCH_CHECK(false, name, " must be one of float8_e4m3fn, float8_e5m2, float8_e4m3fnuz, float8_e5m2fnuz, got ",
-                  dt);
+// Names of the float8.h formats (QK_MINIFLOATS) with `bits` bits, for error texts: "float8_e4m3fn, float8_e5m2, ..."
+// or, quoted, "'e2m1' or 'e1m2'". Generated from the table, so a message never lists a format the table lacks.
+inline std::string minifloat_names(int bits, bool quoted) {
+  std::vector<std::string> names;
+  for (int id = 0; id < kNumMiniFloats; ++id) {
+    const MiniFloat f = minifloat_format(id);
+    const std::string n = minifloat_name(id);
+    if (1 + f.ebits + f.mbits == bits) names.push_back(quoted ? "'" + n + "'" : n);
   }
+  std::string r;
+  for (size_t i = 0; i < names.size(); ++i) {
+    r += (i == 0 ? "" : (quoted && i + 1 == names.size() ? " or " : ", ")) + names[i];
+  }
+  return r;
+}
+
+// The float8.h format id of the `bits`-bit format called `name`, -1 if there is none.
+inline int minifloat_id(c10::string_view name, int bits) {
+  for (int id = 0; id < kNumMiniFloats; ++id) {
+    const MiniFloat f = minifloat_format(id);
+    if (1 + f.ebits + f.mbits == bits && name == minifloat_name(id)) return id;
+  }
+  return -1;
+}
+
+// fp8 torch dtype -> float8.h format id: by name (c10 spells Float8_e4m3fn, the table float8_e4m3fn), so the table
+// is the only list of fp8 formats.
+inline int fp8_format_id(at::ScalarType dt, const char* name) {
+  std::string n = c10::toString(dt);
+  if (!n.empty()) n[0] = (char)std::tolower((unsigned char)n[0]);
+  const int id = minifloat_id(n, 8);
+  TORCH_CHECK(id >= 0, name, " must be one of ", minifloat_names(8, false), ", got ", dt);
+  return id;
 }
 
 inline void check_float_out_dtype(at::ScalarType dt) {
@@ -116,11 +140,14 @@ inline std::array<int64_t, 2> check_fp8_weight_only_args(const at::Tensor& x, co
 }
 
 // ---- fp4 ----
-inline MiniFloat fp4_element_format(c10::string_view element) {
-  if (element == "e2m1") return minifloat_format(kE2M1);
-  if (element == "e1m2") return minifloat_format(kE1M2);
-  TORCH_CHECK(false, "element must be 'e2m1' or 'e1m2', got '", std::string(element), "'");
+// fp4 element name -> float8.h format id (the CPU and CUDA entry points both use this one lookup)
+inline int fp4_element_id(c10::string_view element) {
+  const int id = minifloat_id(element, 4);
+  TORCH_CHECK(id >= 0, "element must be ", minifloat_names(4, true), ", got '", std::string(element), "'");
+  return id;
 }
+
+inline MiniFloat fp4_element_format(c10::string_view element) { return minifloat_format(fp4_element_id(element)); }
 
 // true for NVFP4 (e4m3 scales of 16 elements), false for MXFP4 (e8m0 scales of 32)
 inline bool fp4_is_nv(c10::string_view format) {

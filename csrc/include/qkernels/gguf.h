@@ -13,29 +13,38 @@
 namespace qkernels {
 namespace gguf {
 
+// The ggml types implemented here, one line each: X(name, ggml type id, values per block, bytes per block). The
+// specification is the type table of qkernels/reference/gguf.py (GGML_TYPES); C++ cannot read it, so
+// tests/test_format_tables.py checks that the ops accept exactly its types with its sizes (and list them in their
+// error text, which is generated from this list). A new type adds a line here, its decoder below and its encoder in
+// csrc/cpu/gguf_encode.h.
+#define QK_GGUF_TYPES(X)                                                                                        \
+  X(F32, 0, 1, 4) X(F16, 1, 1, 2) X(Q4_0, 2, 32, 18) X(Q4_1, 3, 32, 20) X(Q5_0, 6, 32, 22) X(Q5_1, 7, 32, 24)   \
+  X(Q8_0, 8, 32, 34) X(Q2_K, 10, 256, 84) X(Q3_K, 11, 256, 110) X(Q4_K, 12, 256, 144) X(Q5_K, 13, 256, 176)    \
+  X(Q6_K, 14, 256, 210) X(BF16, 30, 1, 2) X(MXFP4, 39, 32, 17)
+
 // ggml type ids (enum ggml_type)
 enum Type : int {
-  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
-  Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30, MXFP4 = 39,
+#define QK_GGUF_ENUM(name, id, bs, ts) name = id,
+  QK_GGUF_TYPES(QK_GGUF_ENUM)
+#undef QK_GGUF_ENUM
 };
 
 // Values per block and bytes per block; 0 for types we do not know.
 QK_HD int block_size(int t) {
   switch (t) {
-    case F32: case F16: case BF16: return 1;
-    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case MXFP4: return 32;
-    case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K: return 256;
+#define QK_GGUF_BS(name, id, bs, ts) case name: return bs;
+    QK_GGUF_TYPES(QK_GGUF_BS)
+#undef QK_GGUF_BS
     default: return 0;
   }
 }
 
 QK_HD int type_size(int t) {
   switch (t) {
-    case F32: return 4;
-    case F16: case BF16: return 2;
-    case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22; case Q5_1: return 24; case Q8_0: return 34;
-    case MXFP4: return 17;
-    case Q2_K: return 84; case Q3_K: return 110; case Q4_K: return 144; case Q5_K: return 176; case Q6_K: return 210;
+#define QK_GGUF_TS(name, id, bs, ts) case name: return ts;
+    QK_GGUF_TYPES(QK_GGUF_TS)
+#undef QK_GGUF_TS
     default: return 0;
   }
 }
