@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import qkernels
-from qkernels.nn import (Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly,
+from qkernels.nn import (Fp4, Fp8Dynamic, Fp8WeightOnly, GGUFLinear, Int4WeightOnly, Int8Dynamic, Int8WeightOnly,
                          IntWeightInt8Act, QuantLinear)
 
 from .harness import machine_info, print_table
@@ -55,39 +55,57 @@ def schemes(k: int):
         "mxfp4 weight-only": Fp4("mxfp4", weight_only=True),
         "nvfp4 weight-only": Fp4("nvfp4", weight_only=True),
         "nvfp4 (W4A4)": Fp4("nvfp4"),
+        "GGUFLinear Q4_0": "Q4_0",  # ggml types: a GGUFLinear
+        "GGUFLinear Q8_0": "Q8_0",
     }
+
+
+def make_layer(lin: torch.nn.Linear, scheme):
+    return GGUFLinear.from_float(lin, scheme) if isinstance(scheme, str) else QuantLinear.from_linear(lin, scheme)
+
+
+def op_name(layer) -> str:
+    return "gguf_mm" if isinstance(layer, GGUFLinear) else layer.op
 
 
 def public_op(layer: QuantLinear, x: torch.Tensor):
     """A zero-argument call of the public op the layer's forward runs, on the layer's buffers."""
+    if isinstance(layer, GGUFLinear):
+        data, t, N, K = layer.data, layer.type, layer.out_features, layer.in_features
+        return lambda: qkernels.gguf_mm(x, data, t, N, K)
     s, op = layer.scheme, layer.op
-    w, sc, zp = layer.qweight, layer.scale, layer.zero_point
+    # buffers read once: a module attribute look-up in the timed call would count nn.Module.__getattr__
+    w, sc, zp, bias, gs = layer.qweight, layer.scale, layer.zero_point, layer.bias, layer.global_scale
+    g = layer.group_size
     if op == "int4_weight_only_mm":
-        return lambda: qkernels.int4_weight_only_mm(x, w, sc, zp, layer.group_size)
+        return lambda: qkernels.int4_weight_only_mm(x, w, sc, zp, g)
     if op == "int8_weight_only_mm":
         return lambda: qkernels.int8_weight_only_mm(x, w, sc)
     if op == "dequantize_affine":
-        return lambda: qkernels.dequantize_affine(w, sc, zp, layer.group_size, out_dtype=x.dtype)
+        return lambda: qkernels.dequantize_affine(w, sc, zp, g, out_dtype=x.dtype)
     if op == "int8_dynamic_mm":
         return lambda: qkernels.int8_dynamic_mm(x, w, sc)
     w8 = w.view(torch.float8_e4m3fn)
     if op == "fp8_weight_only_mm":
-        return lambda: qkernels.fp8_weight_only_mm(x, w8, sc, layer.bias)
+        return lambda: qkernels.fp8_weight_only_mm(x, w8, sc, bias)
     if op == "fp8_mm":
         aq, asc = qkernels.quantize_fp8(x, torch.float8_e4m3fn, "row")
-        return lambda: qkernels.fp8_mm(aq, asc, w8, sc, x.dtype, layer.bias)
+        return lambda: qkernels.fp8_mm(aq, asc, w8, sc, x.dtype, bias)
     if op == "fp4_weight_only_mm":
-        return lambda: qkernels.fp4_weight_only_mm(x, w, sc, layer.bias, format=s.format,
-                                                   w_global_scale=layer.global_scale)
+        return lambda: qkernels.fp4_weight_only_mm(x, w, sc, bias, format=s.format, w_global_scale=gs)
     ap, asc, ag = qkernels.quantize_fp4(x, s.format)
-    return lambda: qkernels.fp4_mm(ap, asc, w, sc, x.dtype, layer.bias, format=s.format, a_global_scale=ag,
-                                   b_global_scale=layer.global_scale)
+    return lambda: qkernels.fp4_mm(ap, asc, w, sc, x.dtype, bias, format=s.format, a_global_scale=ag,
+                                   b_global_scale=gs)
 
 
 def raw_kernel(layer: QuantLinear, x: torch.Tensor):
     """The torch.ops op the layer's forward runs, called directly on the layer's buffers with what the public
     function hands it (for the dynamic schemes: the GEMM on pre-quantized activations); None for the grouped int8
     layout (dequantize_affine + F.linear: no one GEMM op)."""
+    if isinstance(layer, GGUFLinear):
+        fn, data, t, N, K = torch.ops.qkernels.gguf_mm.default, layer.data, layer.type, layer.out_features, \
+            layer.in_features
+        return lambda: fn(x, data, t, N, K)
     op, g, s = layer.op, layer.group_size, layer.scheme
     w, sc, zp, bias = layer.qweight, layer.scale, layer.zero_point, layer.bias
     if op == "dequantize_affine":
@@ -155,7 +173,7 @@ def main(argv=None):
     print(f"# per-call overhead, Linear({a.k}, {a.n}), M={a.m}, {a.dtype}, {a.threads} thread(s); "
           f"{info.get('cpu', '')}, torch {torch.__version__}")
     rows = []
-    layers = {name: QuantLinear.from_linear(lin, scheme) for name, scheme in schemes(a.k).items()}  # as a model
+    layers = {name: make_layer(lin, scheme) for name, scheme in schemes(a.k).items()}  # as a model would
     with torch.inference_mode():
         for name, layer in layers.items():
             fns = {"F.linear": lambda: F.linear(x, w, b), "nn.Linear": lambda: lin_d(x),
@@ -166,7 +184,7 @@ def main(argv=None):
             t = time_calls(fns, a.calls, a.min_time, a.stat)
             base = t["F.linear"]
             us = lambda k: f"{t[k] * 1e6:.1f}" if k in t else "-"  # noqa: E731
-            rows.append({"scheme": name, "op": layer.op, "F.linear us": us("F.linear"), "nn.Linear us": us("nn.Linear"),
+            rows.append({"scheme": name, "op": op_name(layer), "F.linear us": us("F.linear"), "nn.Linear us": us("nn.Linear"),
                          "kernel us": us("kernel"), "op us": us("op"), "forward us": us("forward"),
                          "QuantLinear us": us("QuantLinear"),
                          "kernel / F.linear": f"{t['kernel'] / base:.2f}" if "kernel" in t else "-",

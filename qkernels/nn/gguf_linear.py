@@ -9,7 +9,7 @@ from ..ops._call import cpu_op
 from ..ops._validate import FLOAT_DTYPES
 from ..ops.gguf import block_info, gguf_dequantize, gguf_mm, gguf_quantize, type_id
 from ..reference.gguf import TYPE_NAMES
-from .layouts import add_bias, run_2d
+from .layouts import add_bias, add_bias_eager, run_2d
 
 
 class GGUFLinear(nn.Module):
@@ -61,16 +61,15 @@ class GGUFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers
         N, K = self.out_features, self.in_features
-        y = None
         fn = cpu_op("gguf_mm", x.device) if isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES else None
         if fn is not None:
             try:
-                y = run_2d(fn, x, (b["data"], self.type, N, K))
+                y = fn(x, b["data"], self.type, N, K) if x.dim() == 2 else run_2d(fn, x, (b["data"], self.type, N, K))
             except Exception:  # noqa: BLE001  (gguf_mm raises its Python-side error)
-                y = None
-        if y is None:
-            y = gguf_mm(x, b["data"], self.type, N, K)
-        return add_bias(self, y, b["bias"])
+                pass
+            else:
+                return add_bias_eager(self, y, b["bias"])
+        return add_bias(self, gguf_mm(x, b["data"], self.type, N, K), b["bias"])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, type={self.type_name}, "

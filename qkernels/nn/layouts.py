@@ -104,10 +104,15 @@ def add_bias(layer, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tenso
     kept cast to the last activation dtype (``layer._bias_cast``: recast when the buffer is replaced, moved, or changed
     in place: its version counter moves; a bias made under inference_mode has none and is cast per call), and added
     in place to the fresh kernel output unless autograd tracks it."""
+    if bias is not None and is_compiling():  # traced: no data pointers or version counters; the graph fuses it
+        return out + bias.to(out.dtype)
+    return add_bias_eager(layer, out, bias)
+
+
+def add_bias_eager(layer, out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`add_bias` outside torch.compile (the fast paths, which already know that: one call less per token)."""
     if bias is None:
         return out
-    if is_compiling():  # traced: no data pointers or version counters, and the graph fuses it anyway
-        return out + bias.to(out.dtype)
     dt = out.dtype
     if bias.dtype is not dt:
         c = layer._bias_cast
@@ -219,7 +224,8 @@ class _IntLayout(Layout):
             try:
                 fn = compiled_op(layer._op, x.device)
                 if fn is not None:
-                    return add_bias(layer, run_2d(fn, x, self.op_args(layer, b)), b["bias"])
+                    args = self.op_args(layer, b)
+                    return add_bias_eager(layer, fn(x, *args) if x.dim() == 2 else run_2d(fn, x, args), b["bias"])
             except Exception:  # noqa: BLE001  (the checked path below raises the Python-side error)
                 pass
         K = layer.in_features
@@ -503,7 +509,10 @@ class Fp8Layout(_FloatLayout):
         if layer._op == "fp8_weight_only_mm":
             # x stays float; the weight is decoded inside the GEMM
             fn = cpu_op("fp8_weight_only_mm", dev)
-            return None if fn is None else run_2d(fn, x, (b["qweight"], scale, FP8_WEIGHT_DTYPE, b["bias"]))
+            if fn is None:
+                return None
+            args = (b["qweight"], scale, FP8_WEIGHT_DTYPE, b["bias"])
+            return fn(x, *args) if x.dim() == 2 else run_2d(fn, x, args)
         quant, mm = cpu_op("quantize_fp8", dev), cpu_op("fp8_mm", dev)
         if quant is None or mm is None:
             return None
@@ -599,7 +608,10 @@ class Fp4Layout(_FloatLayout):
         fmt = layer.scheme.format
         if layer._op == "fp4_weight_only_mm":
             fn = cpu_op("fp4_weight_only_mm", dev)
-            return None if fn is None else run_2d(fn, x, (b["qweight"], b["scale"], g, fmt, "e2m1", b["bias"]))
+            if fn is None:
+                return None
+            args = (b["qweight"], b["scale"], g, fmt, "e2m1", b["bias"])
+            return fn(x, *args) if x.dim() == 2 else run_2d(fn, x, args)
         quant, mm = cpu_op("quantize_fp4", dev), cpu_op("fp4_mm", dev)
         if quant is None or mm is None:
             return None
