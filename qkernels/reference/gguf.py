@@ -30,6 +30,7 @@ Q8_0, MXFP4) the bytes also equal ``gguf.quants.quantize``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -792,6 +793,7 @@ MAX_ABS = {t.id: t.max_abs for t in GGML_TYPES if t.max_abs is not None}
 IMATRIX_TYPES = tuple(t.id for t in GGML_TYPES if t.imatrix == "weights")
 
 
+@functools.lru_cache(maxsize=None)  # the table is immutable; dispatch asks on every uncached decision
 def types_with(backend: str, op: str) -> tuple[int, ...]:
     """The ggml type ids for which ``backend`` ("cpu", "triton") implements ``op`` (a name in :data:`OPS`)."""
     if op not in OPS:
