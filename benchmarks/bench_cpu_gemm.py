@@ -140,13 +140,18 @@ def _torchao_nbytes(lin: torch.nn.Linear) -> int:
     return _nbytes(*(getattr(lin.weight, n) for n in names))
 
 
-def torchao_methods(w: torch.Tensor):
+_TORCHAO_COMPILED = ("torchao Int8WeightOnlyConfig (bf16 x)", "torchao IntxWeightOnlyConfig int4 g128 (bf16 x)")
+
+
+def torchao_methods(w: torch.Tensor, compiled: bool = False):
     """torchao's CPU weight-only rows on bf16 activations: (methods as build_methods returns them, {name: why it
     could not run}). torchao 0.18 on CPU: ``Int8WeightOnlyConfig`` per row converts the int8 codes to bf16 and runs
     ``mm`` then scales the output, per group it dequantizes first; ``IntxWeightOnlyConfig`` (its CPU int4 weight-only
     config) dequantizes to bf16 and calls ``F.linear``, so these rows measure torchao's eager CPU path as a user gets
     it from ``quantize_``. ``Int4WeightOnlyConfig`` has no CPU packing format in 0.18 (recorded as missing, with
-    torchao's own error)."""
+    torchao's own error). ``compiled``: also the per-row int8 and the int4 configs under ``torch.compile`` (torchao's
+    recommended use: inductor rewrites the int8 one into ``aten._weight_int8pack_mm``, the 'torch int8' row's kernel,
+    and generates a dequantize kernel before ``mm`` for the int4 one)."""
     rows = {"torchao Int8WeightOnlyConfig (bf16 x)": "Int8WeightOnlyConfig()",
             "torchao Int8WeightOnlyConfig g128 (bf16 x)": f"Int8WeightOnlyConfig(granularity=PerGroup({GROUP}))",
             "torchao IntxWeightOnlyConfig int4 g128 (bf16 x)":
@@ -170,12 +175,30 @@ def torchao_methods(w: torch.Tensor):
             missing[name] = f"torchao {torchao.__version__} {rows[name]}: {type(e).__name__}: {str(e)[:120]}"
             continue
         m[name] = ((lambda lin=lin: (copy.deepcopy(lin),)), _run_torchao, _torchao_nbytes(lin))
+        if compiled and name in _TORCHAO_COMPILED:
+            # the same make(), so the compiled row runs on the same rotating copies as the eager one
+            m[name.replace("(bf16 x)", "(bf16 x, torch.compile)")] = (m[name][0], _run_torchao_compiled, m[name][2])
     return m, missing
 
 
 def _run_torchao(xf, xb, W):
     with torch.no_grad():
         return W[0](xb)
+
+
+@torch.compile(fullgraph=True)
+def _torchao_forward(lin, x):
+    return lin(x)
+
+
+def _run_torchao_compiled(xf, xb, W):
+    # the modules are graph inputs (inline_inbuilt_nn_modules), so the rotating copies share one graph per shape
+    # and M (M = 1 specialised, then one dynamic-M graph); the warm-up rounds of the timing loop pay the compiles.
+    # Every (shape, config) adds graphs to the same function: no silent fall-back to eager at the recompile limit
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    with torch.no_grad():
+        return _torchao_forward(W[0], xb)
 
 
 def sanity_check(methods, w, K):
@@ -202,6 +225,8 @@ def main(argv=None):
                     help="comma-separated substrings; only methods whose name contains one run (fp32 F.linear always)")
     ap.add_argument("--repeat", type=int, default=1, help="measure each (shape, M) this many times; report medians")
     ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    ap.add_argument("--no-torchao-compile", action="store_true",
+                    help="skip the torch.compile'd torchao rows (their compiles take ~20 s per shape)")
     args = ap.parse_args(argv)
     shapes = SHAPES[:1] if args.quick else SHAPES
     ms = [1, 16] if args.quick else MS
@@ -217,7 +242,7 @@ def main(argv=None):
     rows = []
     for N, K in shapes:
         methods, w = build_methods(N, K)
-        ao, missing = torchao_methods(w)
+        ao, missing = torchao_methods(w, compiled=not args.no_torchao_compile)
         methods.update(ao)
         if args.methods:
             keys = [k.strip() for k in args.methods.split(",")]

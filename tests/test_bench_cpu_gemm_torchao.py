@@ -25,8 +25,10 @@ def _w():
 def test_torchao_rows_compute_the_product():
     pytest.importorskip("torchao.quantization")
     w = _w()
-    methods, missing = bench.torchao_methods(w)
-    assert set(methods) | set(missing) == ROWS and not set(methods) & set(missing)
+    methods, missing = bench.torchao_methods(w, compiled=True)
+    compiled = {n for n in methods if "torch.compile" in n}
+    assert compiled == {n.replace("(bf16 x)", "(bf16 x, torch.compile)") for n in bench._TORCHAO_COMPILED}
+    assert set(methods) - compiled | set(missing) == ROWS and not set(methods) & set(missing)
     # the weight-only configs with a CPU path in torchao >= 0.14 must run, not be reported missing
     assert {"torchao Int8WeightOnlyConfig (bf16 x)", "torchao IntxWeightOnlyConfig int4 g128 (bf16 x)"} <= set(methods)
     for why in missing.values():
@@ -36,8 +38,12 @@ def test_torchao_rows_compute_the_product():
     for name, (make, run, nbytes) in methods.items():
         W = make()
         assert W[0] is not make()[0]  # every call gives its own copy for the rotation
-        err = rel_err(run(x, x.bfloat16(), W).float(), want)
+        out = run(x, x.bfloat16(), W).float()
+        err = rel_err(out, want)
         assert err < (0.02 if "Int8" in name else 0.15), (name, err)
+        if name in compiled:  # the compiled graph computes what the eager module does
+            eager = methods[name.replace(", torch.compile", "")][1](x, x.bfloat16(), W).float()
+            assert rel_err(out, eager) < 1e-2, name
         # codes + scales (+ zero points) as torchao stores them: int8 codes, also for IntxWeightOnlyConfig's int4
         # (kept unpacked, one byte per weight), and at most 8 bytes of scale and zero point per row or group
         groups = 1 if name == "torchao Int8WeightOnlyConfig (bf16 x)" else K // 128
@@ -66,7 +72,7 @@ def test_missing_torchao_gives_missing_rows(monkeypatch, capsys):
 def test_main_times_the_torchao_rows(monkeypatch):
     pytest.importorskip("torchao.quantization")
     _stub_timing(monkeypatch)
-    rows = bench.main(["--shapes", f"{N}x{K}", "--ms", "1", "--methods", "Int8WeightOnly"])
+    rows = bench.main(["--shapes", f"{N}x{K}", "--ms", "1", "--methods", "Int8WeightOnly", "--no-torchao-compile"])
     by_name = {r["method"]: r for r in rows}
     assert set(by_name) == {"fp32 F.linear", "torchao Int8WeightOnlyConfig (bf16 x)",
                             "torchao Int8WeightOnlyConfig g128 (bf16 x)"}
