@@ -50,6 +50,18 @@ def test_fast_forward_equals_checked(scheme, dtype, shape, monkeypatch):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
+def test_fast_forward_non_contiguous_input(scheme, monkeypatch):
+    """x goes to the kernels as it is: a transposed view gives what its contiguous copy gives."""
+    q = layer(scheme)
+    x = torch.randn(K, 3, dtype=torch.bfloat16).t()
+    assert not x.is_contiguous()
+    out = q(x)
+    assert torch.equal(out, q(x.contiguous()))
+    monkeypatch.setenv("QKERNELS_BACKEND", "cpu")
+    assert torch.equal(out, q(x))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
 def test_fast_forward_gradients(scheme, monkeypatch):
     """Gradients through the direct op calls (the ops' registered autograd, plus the straight-through estimator of
     the W8A8 / W4A4 layers) equal the checked path's (autograd.run around the chosen backend)."""
