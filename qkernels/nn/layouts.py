@@ -6,12 +6,13 @@ A scheme names its layout (:attr:`Scheme.layout`: "int4", "int8", "int8_grouped"
 itself holds no per-scheme branch: a new scheme with an existing layout only declares ``layout`` and ``op``; a new
 layout adds one class here. The buffer table is in :mod:`qkernels.nn.linear`'s docstring.
 
-The forward of the integer layouts is the decode hot path (one call per layer per token): where an unforced call runs
-a compiled kernel (:func:`qkernels.ops._call.compiled_op`, decided once per op and device and cached) it calls the
-``torch.ops`` op directly on the buffers, whose shapes and dtypes were checked when they were filled; only the
-input's dtype and last dim are checked per call (two attribute reads). If the kernel raises (e.g. x on another
-device), the public op runs instead and raises its Python-side error. Forced backends (``QKERNELS_BACKEND``),
-``mock_device`` and torch.compile go through the public ops as before.
+The forward is the decode hot path (one call per layer per token): where an unforced call runs a compiled kernel
+(:func:`qkernels.ops._call.compiled_op` / ``cpu_op``, decided once per op and device and cached) it calls the
+``torch.ops`` ops directly on x as it is and on the buffers, whose shapes and dtypes were checked when they were
+filled; the kernels check x and every buffer again (TORCH_CHECK). If a kernel raises (e.g. x of the wrong width or on
+another device), the forward runs the public ops, which raise their Python-side errors. Forced backends
+(``QKERNELS_BACKEND``), ``mock_device``, torch.compile and, for the fp8 / fp4 layouts, GPUs (whose choice between
+torch._scaled_mm and the CUDA kernels reads the call's dtypes and shapes) go through the public ops.
 """
 
 from __future__ import annotations
