@@ -139,7 +139,7 @@ def run_lm_eval(model, tokenizer, tasks: str, eval_text: str | None = None, incl
         # lm-eval's keys are "metric,filter" ("acc,none", "acc_stderr,none"); the standard errors are kept because
         # at --lm-eval-limit 50 they (about 0.07) are larger than most differences between schemes
         out[task] = {k.split(",")[0]: v for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "sample_len"}
         out[task]["n"] = res.get("n-samples", {}).get(task, {}).get("effective")
         out[task]["wall_s"] = round(wall, 2)
         # logged as each model finishes: a long --lm-eval run (minutes per scheme on CPU) shows its results as it
