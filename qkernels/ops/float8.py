@@ -253,7 +253,7 @@ def _granularity_of(ga, gb, M, N) -> str:
     return "block"
 
 
-def kernel_grid(scale, R: int, K: int):
+def _kernel_grid(scale, R: int, K: int):
     """``scale`` as the fp32 grid ``[R / br, K / bc]`` the kernels take, for an operand ``[R, K]`` (K > 0), when that
     needs no decision: a single value, a per-row or 1 x b grid ``[R, G]`` or square blocks; else None, and the
     checked path normalizes it (``[R]``, other float dtypes) or refuses it (see :func:`_scale_grid`). The kernel
@@ -270,7 +270,7 @@ def kernel_grid(scale, R: int, K: int):
 
 def _fp8_mm_fast(a_q, a_scale, b_q, b_scale, out_dtype, bias):
     """fp8_mm on the CPU kernel straight from the arguments when they need no normalization (2-D a_q, scales as
-    :func:`kernel_grid` takes them): the kernel checks every argument (TORCH_CHECK), so the Python checks are left
+    :func:`_kernel_grid` takes them): the kernel checks every argument (TORCH_CHECK), so the Python checks are left
     out. None where that does not apply or the kernel refuses the arguments: the checked path then decides (and
     raises its ValueError / TypeError naming the argument). Decode calls a W8A8 layer's GEMM once per token."""
     try:
@@ -278,7 +278,7 @@ def _fp8_mm_fast(a_q, a_scale, b_q, b_scale, out_dtype, bias):
         if fn is None:
             return None
         M, K = a_q.shape
-        ga, gb = kernel_grid(a_scale, M, K), kernel_grid(b_scale, b_q.shape[0], K)
+        ga, gb = _kernel_grid(a_scale, M, K), _kernel_grid(b_scale, b_q.shape[0], K)
         if ga is None or gb is None:
             return None
         return fn(a_q.view(torch.uint8), ga, a_q.dtype, b_q.view(torch.uint8), gb, b_q.dtype, bias, out_dtype)
@@ -293,7 +293,7 @@ def _fp8_weight_only_fast(x, w_q, w_scale, bias):
         if fn is None:
             return None
         N, K = w_q.shape
-        grid = kernel_grid(w_scale, N, K)
+        grid = _kernel_grid(w_scale, N, K)
         if grid is None:
             return None
         if x.dim() == 2:
