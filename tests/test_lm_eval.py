@@ -119,7 +119,7 @@ def test_lm_eval_batched_matches_batch_one_and_our_scoring():
     text = _eval_text()
     one = run_lm_eval(m, tok, CLOZE_TASK, eval_text=text, limit=12, batch_size=1)[CLOZE_TASK]
     four = run_lm_eval(m, tok, CLOZE_TASK, eval_text=text, limit=12, batch_size=4)[CLOZE_TASK]
-    assert four["n"] == one["n"] == 12 and four["wall_s"] > 0
+    assert four["n"] == one["n"] == 12 and four["wall_s"] > 0 and four["cpu_s"] > 0
     assert four["acc"] == one["acc"] and four["acc_norm"] == one["acc_norm"]
     assert math.isclose(four["acc"], _our_accuracy(m, tok, cloze_items(text)[:12]), abs_tol=1e-9)
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):

@@ -99,8 +99,8 @@ def run_lm_eval(model, tokenizer, tasks: str, eval_text: str | None = None, incl
     ``batch_size``: requests per forward (lm-eval's HFLM pads each batch on the right and reads every request's
     log-likelihood at its own positions, so the scores do not depend on it up to float summation order; >1 is
     several times faster on CPU). Every task's entry holds its metrics and their standard errors (``acc``,
-    ``acc_stderr``, ``acc_norm``, ``acc_norm_stderr``), ``n`` (items scored) and ``wall_s``, the time of the whole
-    lm-eval pass."""
+    ``acc_stderr``, ``acc_norm``, ``acc_norm_stderr``), ``n`` (items scored), ``wall_s`` and ``cpu_s``, the wall
+    and process CPU time of the whole lm-eval pass."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     try:
@@ -126,10 +126,10 @@ def run_lm_eval(model, tokenizer, tasks: str, eval_text: str | None = None, incl
             tm = TaskManager(include_path=paths, include_defaults=False) if paths else None
             if tm is None or not set(names) <= set(tm.all_tasks):
                 tm = TaskManager(include_path=paths or None)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
             res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         except Exception as e:  # noqa: BLE001 - e.g. a hub task offline: report, do not lose the other results
             msg = f"lm-eval could not run {tasks!r}: {type(e).__name__}: {e} (its task data must be available offline)"
             log.warning(msg)
@@ -142,6 +142,7 @@ def run_lm_eval(model, tokenizer, tasks: str, eval_text: str | None = None, incl
                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "sample_len"}
         out[task]["n"] = res.get("n-samples", {}).get(task, {}).get("effective")
         out[task]["wall_s"] = round(wall, 2)
+        out[task]["cpu_s"] = round(cpu, 2)  # all threads; on a shared machine the cost that wall time hides
         # logged as each model finishes: a long --lm-eval run (minutes per scheme on CPU) shows its results as it
         # goes, and an interrupted one keeps those already measured
         log.info("lm-eval %s: %s", task, " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
