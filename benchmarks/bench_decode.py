@@ -84,7 +84,8 @@ def run_torch_row(row: str, args, prompt: list, errors: list) -> list:
         # serves both thread counts, and a 1-thread row really runs on one thread
         torch._inductor.config.cpp.dynamic_threads = True
         torch._dynamo.utils.counters.clear()
-        dec = CompiledDecoder(model, MAX_LEN)
+        dec = CompiledDecoder(model, MAX_LEN, attn_implementation=args.compile_attn,
+                              skip_guards=not args.no_skip_guards)
         for t in args.threads:
             torch.set_num_threads(t)
             t0 = time.perf_counter()
@@ -155,7 +156,8 @@ def _prompt_ids(workdir: str, prompt_len: int) -> list:
 def _run_child(row: str, args, prompt: list) -> tuple[list, str]:
     cmd = [sys.executable, "-m", "benchmarks.bench_decode", "--row", row, "--threads",
            ",".join(map(str, args.threads)), "--tokens", str(args.tokens), "--workdir", args.workdir,
-           "--prompt-ids", ",".join(map(str, prompt))] + ([] if row in args.compile_rows else ["--no-compile"])
+           "--prompt-ids", ",".join(map(str, prompt)), "--compile-attn", args.compile_attn] + \
+        ([] if row in args.compile_rows else ["--no-compile"]) + (["--no-skip-guards"] if args.no_skip_guards else [])
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -286,6 +288,12 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-rows", default=None,
                     help="comma-separated torch rows that also run compiled (default: all of them; compiling one "
                          "row took 5-9 minutes on the loaded 2-core machine)")
+    ap.add_argument("--compile-attn", default="eager", choices=["eager", "sdpa"],
+                    help="attention of the compiled rows (CompiledDecoder(attn_implementation=...); default eager: "
+                         "inductor fuses it, sdpa stays torch's flash-attention call per layer; eager compiles slower)")
+    ap.add_argument("--no-skip-guards", action="store_true",
+                    help="compiled rows check dynamo's guards every step (default: skipped after the first step, "
+                         "CompiledDecoder(skip_guards=True))")
     ap.add_argument("--workdir", default=os.path.join(os.environ.get(
         "QKERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "qkernels")), "bench_decode"),
         help="where the exported GGUF files are kept")

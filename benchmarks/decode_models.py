@@ -61,11 +61,6 @@ def export_files(workdir: str, mixes) -> None:
         return
     os.makedirs(workdir, exist_ok=True)
     model, tok = load_model(dtype=torch.float32)
-    if "Q4_0" in todo and "Q4_0" not in gguf_format.MIXES:
-        # export_gguf has no Q4_0 mix yet; llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_0 (file type 2) follows the rules
-        # tensor_type already implements (every linear Q4_0, the tied token_embd Q6_K), so name it here, in this
-        # benchmark process only
-        gguf_format.MIXES["Q4_0"] = ("Q4_0", 2)
     for mix in todo:
         if mix not in gguf_format.MIXES:
             raise RuntimeError(f"qkernels.export_gguf has no {mix} mix (it offers {sorted(gguf_format.MIXES)})")

@@ -92,16 +92,41 @@ class CompiledDecoder:
     graph). The graph is compiled on the first decode step; :meth:`generate` can be called again (same or another
     prompt up to ``max_len`` tokens in all) without recompiling: the cache is reset in place."""
 
-    def __init__(self, model, max_len: int, *, fullgraph: bool = True, mode: str | None = None):
+    def __init__(self, model, max_len: int, *, fullgraph: bool = True, mode: str | None = None,
+                 attn_implementation: str | None = None, skip_guards: bool = False):
+        """Args:
+            model: a transformers causal LM (quantized or not), in eval mode.
+            max_len: the static cache's length (prompt + new tokens, at most).
+            attn_implementation: if given, set on ``model`` (``model.set_attn_implementation``: this changes the
+                model) before the graph is traced. ``"eager"`` (HF's matmul + softmax attention) is what inductor
+                fuses into its own kernels; the default ``"sdpa"`` stays a call of torch's CPU flash-attention
+                kernel per layer, which for one query over a static cache cost ~16-24% of a SmolLM2 int4 decode step
+                (docs/decode.md). Eager attention compiles several times slower (minutes on 2 cores, cached after).
+            skip_guards: after the first (compiling) step, run the steps under
+                ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: dynamo's guard check of the whole model
+                is skipped (~1-2 ms a step on SmolLM2). Safe only while the model is left unchanged: do not modify,
+                move or fuse it between calls (build a new decoder instead).
+        """
         from transformers import StaticCache
 
-        self.model, self.max_len = model, int(max_len)
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        self.model, self.max_len, self.skip_guards = model, int(max_len), bool(skip_guards)
+        self._compiled_once = False
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
         self._step = torch.compile(self._decode_step, fullgraph=fullgraph, mode=mode, dynamic=False)
 
     def _decode_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=tok, position_ids=pos, cache=self.cache, use_cache=True).logits
         return _argmax_last(logits)
+
+    def _run_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.skip_guards and self._compiled_once:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._step(tok, pos)
+        out = self._step(tok, pos)
+        self._compiled_once = True
+        return out
 
     @torch.no_grad()  # as model.generate (inference_mode tensors carry no version counter some layers use)
     def generate(self, prompt_ids: list, new_tokens: int) -> tuple[list, Timing]:
@@ -118,7 +143,7 @@ class CompiledDecoder:
         for i in range(new_tokens - 1):
             c = Clock()
             # fresh [1, 1] tensors each step: the graph takes them as inputs (a Python int would be a constant)
-            tok = self._step(tok.clone(), torch.tensor([[P + i]]))
+            tok = self._run_step(tok.clone(), torch.tensor([[P + i]]))
             out.append(int(tok))
             add_step(timing, c)
         return out, timing

@@ -111,11 +111,13 @@ def tiny(dtype: torch.dtype) -> float:
     return {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}[dtype]
 
 
-def assert_like_reference(out: torch.Tensor, ref: torch.Tensor, rtol: float, what: str = ""):
+def assert_like_reference(out: torch.Tensor, ref: torch.Tensor, rtol: float, what: str = "", abs_terms=None):
     """Same NaN pattern, same infinities (with sign), and finite values within rtol relative to the norm of the finite
     reference entries, plus a few subnormal ulps. Where the reference overflows somewhere, the terms of the sums are
     near fp32's largest number, and a finite entry next to them may be what is left after cancellation: its fp32
-    error is relative to the terms (rtol * FLT_MAX per entry), not to itself."""
+    error is relative to the terms (rtol * FLT_MAX per entry), not to itself. ``abs_terms`` (``|x| @ |W|^T`` in
+    fp64, same shape as ref), where given, bounds that error instead: the terms can exceed FLT_MAX (the kernels
+    rescale such rows of x), and fp32 accumulation is accurate relative to the sum of the terms' magnitudes."""
     assert out.shape == ref.shape and out.dtype == ref.dtype, what
     assert torch.equal(torch.isnan(out), torch.isnan(ref)), (
         f"{what}: NaN pattern differs at {torch.nonzero(torch.isnan(out) != torch.isnan(ref))[:8].tolist()}")
@@ -128,6 +130,8 @@ def assert_like_reference(out: torch.Tensor, ref: torch.Tensor, rtol: float, wha
         o, r = out[fin].double(), ref[fin].double()
         err = (o - r).abs()
         bound = rtol * r.norm() + 4 * tiny(ref.dtype)
-        if torch.isinf(ref).any():
+        if abs_terms is not None:
+            bound = bound + rtol * abs_terms[fin].double().norm()
+        elif torch.isinf(ref).any():
             bound = bound + rtol * torch.finfo(torch.float32).max * fin.sum().item() ** 0.5
         assert err.norm() <= bound, f"{what}: ||out - ref|| = {err.norm():.3g} > {bound:.3g} (||ref|| {r.norm():.3g})"

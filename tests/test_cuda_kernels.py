@@ -253,9 +253,9 @@ def test_gemm_cuda_matches_cpu_kernel():
 def test_gemm_opcheck():
     packed, scale, zp = _w4(32, 128, 32, True, True)
     x = torch.randn(3, 128, device=DEV, dtype=torch.bfloat16)
-    torch.library.opcheck(torch.ops.qkernels.int4_weight_only_mm, (x, packed, scale, zp, 32, True))
+    torch.library.opcheck(torch.ops.qkernels.int4_weight_only_mm.default, (x, packed, scale, zp, 32, True))
     q_w = torch.randint(-128, 128, (32, 128), dtype=torch.int8, device=DEV)
-    torch.library.opcheck(torch.ops.qkernels.int8_weight_only_mm, (x, q_w, torch.rand(32, device=DEV)))
+    torch.library.opcheck(torch.ops.qkernels.int8_weight_only_mm.default, (x, q_w, torch.rand(32, device=DEV)))
 
 
 def test_gemm_torch_compile():

@@ -231,7 +231,7 @@ def test_opcheck(name):
     torch.library.opcheck(torch.ops.qkernels.gguf_quantize, (x, t, None))
     torch.library.opcheck(torch.ops.qkernels.gguf_quantize, (x, t, torch.rand(256)))
     torch.library.opcheck(torch.ops.qkernels.gguf_dequantize, (data, t, 4, 256, torch.float32))
-    torch.library.opcheck(torch.ops.qkernels.gguf_mm, (torch.randn(3, 256), data, t, 4, 256))
+    torch.library.opcheck(torch.ops.qkernels.gguf_mm.default, (torch.randn(3, 256), data, t, 4, 256))
 
 
 # ---- properties ------------------------------------------------------------------------------------------------

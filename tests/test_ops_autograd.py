@@ -179,12 +179,12 @@ def test_opcheck_with_grad():
     data = gguf.quantize(w, "Q4_0")
     ops = torch.ops.qkernels
     cases = [
-        (ops.int4_weight_only_mm, (x, qkernels.pack_int4(q), s, zp, 32, True)),
-        (ops.int8_weight_only_mm, (x, q8, s8.reshape(-1))),
-        (ops.int8_dynamic_mm, (x, q8, s8.reshape(-1))),
-        (ops.fp8_weight_only_mm, (x, wq.view(torch.uint8), ws, wq.dtype, b)),
-        (ops.fp4_weight_only_mm, (x, p, s4.view(torch.uint8), g4, "nvfp4", "e2m1", b)),
-        (ops.gguf_mm, (x, data, gguf.TYPES["Q4_0"], N, K)),
+        (ops.int4_weight_only_mm.default, (x, qkernels.pack_int4(q), s, zp, 32, True)),
+        (ops.int8_weight_only_mm.default, (x, q8, s8.reshape(-1))),
+        (ops.int8_dynamic_mm.default, (x, q8, s8.reshape(-1))),
+        (ops.fp8_weight_only_mm.default, (x, wq.view(torch.uint8), ws, wq.dtype, b)),
+        (ops.fp4_weight_only_mm.default, (x, p, s4.view(torch.uint8), g4, "nvfp4", "e2m1", b)),
+        (ops.gguf_mm.default, (x, data, gguf.TYPES["Q4_0"], N, K)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -134,9 +134,31 @@ def _backward(op):
 NON_DIFFERENTIABLE = ("choose_qparams_affine", "quantize_affine", "pack_int4", "unpack_int4", "quantize_per_token_int8",
                       "quantize_fp8", "fp4_encode", "quantize_fp4", "gguf_quantize")
 
+
+
+def _define_with_grad(lib, op: str) -> None:
+    """The ``with_grad`` overload of a GEMM op: same schema, same kernels (it calls the base op), and the gradient
+    formula. The base op's Autograd kernel is the C++ gate of csrc/autograd_gate.cpp: it runs the backend kernel
+    directly when nothing requires grad (no Python on that path: under no_grad and in compiled graphs the formula's
+    Python kernel used to cost more than a small decode GEMM) and calls this overload otherwise."""
+    base = getattr(torch.ops.qkernels, op).default
+    schema = str(base._schema)  # "qkernels::op(args) -> ret"
+    lib.define(f"{op}.with_grad" + schema[schema.index("("):])
+
+    def kernel(*args):
+        return base(*args)  # inside the autograd.Function's forward grad is off: the gate passes straight through
+
+    kernel.__name__ = f"{op}_with_grad"
+    lib.impl(f"{op}.with_grad", kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"qkernels::{op}.with_grad", kernel, lib=lib)
+    torch.library.register_autograd(f"qkernels::{op}.with_grad", _backward(op), setup_context=_setup_context(op),
+                                    lib=lib)
+
+
 if _ext.HAS_C:
+    _DEF = torch.library.Library("qkernels", "FRAGMENT")  # kept alive: the definitions last as long as the library
     for _op in GEMMS:
-        torch.library.register_autograd(f"qkernels::{_op}", _backward(_op), setup_context=_setup_context(_op))
+        _define_with_grad(_DEF, _op)
     _LIB = torch.library.Library("qkernels", "IMPL")  # kept alive: the registrations last as long as the library
     for _op in NON_DIFFERENTIABLE:
         _LIB.impl(_op, torch.library.fallthrough_kernel, "Autograd")
