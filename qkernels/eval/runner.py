@@ -231,13 +231,26 @@ def run(cfg: EvalConfig) -> dict:
                                          include_path=cfg.lm_eval_include, limit=cfg.lm_eval_limit,
                                          batch_size=cfg.lm_eval_batch_size)
         del m
+        # after every row: a long run that is stopped (or dies) keeps every row it measured
+        out = write_results(cfg, inp, rows, total, pending=schemes[len(rows) - 1:])
+    out["plot"] = plot(rows, os.path.join(cfg.out, "dppl_vs_bits.png"))
+    return out
+
+
+def write_results(cfg: EvalConfig, inp: EvalInputs, rows: list[dict], total: _Clock, pending: list[str]) -> dict:
+    """Writes ``results.json`` and ``results.txt`` (the printed table) to ``cfg.out``; ``pending`` names the schemes
+    not measured yet (empty: the run is complete). Returns the results dict."""
     out = {"config": {k: v for k, v in asdict(cfg).items() if k != "extra"}, "rows": rows,
+           "complete": not pending, "pending": list(pending),
            "data": {"eval_windows": list(inp.ev.shape), "calib_windows": list(inp.cal.shape), "bos": inp.bos},
            "machine": machine(), "time": {"load": inp.t_load, "total": total.read()}}
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    out["plot"] = plot(rows, os.path.join(cfg.out, "dppl_vs_bits.png"))
+    # written to a temporary name and renamed: a run killed mid-write never leaves a truncated results.json
+    for name, text in (("results.json", json.dumps(out, indent=2)), ("results.txt", format_table(rows) + "\n")):
+        path = os.path.join(cfg.out, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
     return out
 
 
