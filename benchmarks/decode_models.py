@@ -30,9 +30,14 @@ TORCH_ROWS = {
     "fp4-bf16": "qkernels Fp4('nvfp4', weight_only=True), bf16 activations",
     "gguf-q4_k_m": "qkernels GGUFLinear, Q4_K_M file exported by qkernels, fp32 activations",
     "gguf-q4_1": "qkernels GGUFLinear, the shipped Q4_1 file, fp32 activations",
-    "torchao-int4": "torchao Int4WeightOnlyConfig(128), bf16 (torchao 0.18: no CPU int4 format, fails)",
+    "torchao-int4": "torchao Int4WeightOnlyConfig(64), bf16 (torchao 0.18: no CPU int4 format, fails)",
     "torchao-int8": "torchao Int8WeightOnlyConfig, bf16",
+    "torchao-intx4": "torchao IntxWeightOnlyConfig(torch.int4, PerGroup(64)), bf16 (torchao 0.18's CPU int4; "
+                     "groups of 64: its groups must divide K = 576)",
 }
+# torchao's PerGroup(g) asserts K % g == 0, and SmolLM2's K = 576 (hidden) is not a multiple of 128 (qkernels' int4 rows
+# keep a ragged fifth group there); 64 is the largest power of two dividing both K = 576 and K = 1536 (down_proj)
+TORCHAO_INT4_GROUP = 64
 LLAMA_ROWS = {
     "llama-q4_0": "Q4_0",
     "llama-q8_0": "Q8_0",
@@ -126,17 +131,7 @@ def build_torch_model(row: str, workdir: str):
     if row.startswith("hf-"):
         return model.to(dtype)
     if row.startswith("torchao-"):
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_ as ao_quantize_
-
-        model = model.to(torch.bfloat16)
-        if row == "torchao-int4":
-            # torchao 0.18's formats: "plain" / "preshuffled" need the mslk package, "plain_int32" is XPU/NPU only,
-            # "tile_packed_to_4d" CUDA only (the CPU "opaque" format of earlier versions is gone): this raises on CPU
-            cfg = Int4WeightOnlyConfig(group_size=128)
-        else:
-            cfg = Int8WeightOnlyConfig()
-        ao_quantize_(model, cfg)
-        return model
+        return torchao_quantize(model.to(torch.bfloat16), row)
     if row in ("int4-bf16-h8", "int4-bf16-fused-h8"):
         quantize_(model, Int4WeightOnly(group_size=128), include_lm_head=Int8WeightOnly())
         if row == "int4-bf16-fused-h8":
@@ -148,6 +143,28 @@ def build_torch_model(row: str, workdir: str):
               "fp4": Fp4("nvfp4", weight_only=True)}[row.split("-")[0]]
     quantize_(model, scheme)  # from the fp32 weights: the bf16 rows differ from the fp32 ones only in activations
     return _cast_non_quantized(model, dtype)
+
+
+def torchao_quantize(model, row: str, group_size: int = TORCHAO_INT4_GROUP):
+    """``model`` (bf16) with its linears (output head included) quantized in place by torchao's config for ``row``
+    (a ``torchao-*`` row); ``group_size``: the int4 rows' group along K.
+
+    torchao 0.18's CPU int4 is ``IntxWeightOnlyConfig(torch.int4, PerGroup(g))``: int4 codes kept one per int8
+    (``IntxUnpackedToInt8Tensor``), dequantized to bf16 before ``F.linear``. ``Int4WeightOnlyConfig`` has no CPU
+    format any more ("plain" / "preshuffled" need the mslk package, "plain_int32" is XPU/NPU only,
+    "tile_packed_to_4d" CUDA only; the CPU "opaque" format of earlier versions is gone): its row raises on CPU,
+    and bench_decode reports torchao's error.
+    """
+    from torchao.quantization import (Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup,
+                                      quantize_ as ao_quantize_)
+
+    configs = {"torchao-int4": lambda: Int4WeightOnlyConfig(group_size=group_size),
+               "torchao-int8": Int8WeightOnlyConfig,
+               "torchao-intx4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size))}
+    if row not in configs:
+        raise ValueError(f"row must be one of {sorted(configs)}, got {row!r}")
+    ao_quantize_(model, configs[row]())
+    return model
 
 
 def weight_bytes(model) -> int:
