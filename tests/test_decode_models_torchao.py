@@ -1,6 +1,7 @@
 """bench_decode's torchao rows (benchmarks/decode_models.torchao_quantize) on a tiny random Llama: the int4 / int8 rows
 build, hold torchao's weight tensors (codes, not bf16 weights), compute with exactly those weights and stay about as
-close to the float logits as qkernels' own RTN of the same granularity; the Int4WeightOnlyConfig row fails on CPU with torchao's own error rather than silently running in bf16."""
+close to the float logits as qkernels' own RTN of the same granularity; the Int4WeightOnlyConfig row fails on CPU
+with torchao's own error rather than silently running in bf16."""
 
 import copy
 
