@@ -6,8 +6,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <c10/util/MaybeOwned.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -45,10 +47,16 @@ constexpr int64_t kRowBlock = 4;
 // For the register kernels: one contiguous range of rows per thread (at::parallel_for splits the range into equal
 // chunks), so each thread streams its weights linearly and the kernel's prefetch of the next row block stays useful;
 // the grain keeps small problems (< ~256K weights per thread) on fewer threads. f(n0, n1).
+// One thread, or work within one grain: called directly (at::parallel_for's own checks and, with one OpenMP
+// thread, its parallel region cost ~0.5 us per call, a visible share of a decode-sized GEMM).
 template <typename F>
 void for_n_ranges(int64_t N, int64_t K, int64_t M, const F& f) {
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, kRowBlock * K * M));
+  if (blocks <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    if (N > 0) f(0, N);
+    return;
+  }
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     f(b0 * kRowBlock, std::min(N, b1 * kRowBlock));
   });
@@ -73,8 +81,56 @@ inline bool prepare_x_i16(const at::Tensor& x, int64_t group_size, bool permute,
   xq = at::empty({M, K}, x.options().dtype(at::kShort));
   xs = at::empty({M, K / F}, x.options().dtype(at::kFloat));
   xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
-  return i16_quantize_rows_avx2(xf.data_ptr<float>(), M, K, F, group_size, permute, xq.data_ptr<int16_t>(),
+  return i16_quantize_rows_avx2(xf.data_ptr<float>(), kXF32, M, K, F, group_size, permute, xq.data_ptr<int16_t>(),
                                 xs.data_ptr<float>(), xsum.data_ptr<float>());
+}
+
+// Per-thread, grow-only scratch buffers (64-byte aligned; contents undefined): what the GEMM wrappers used to
+// at::empty on every call (the int16 activations, their scales and group sums, the fp32 output of a 16-bit call).
+// At decode sizes those allocations and tensor constructions were a large share of the ~8 us fixed cost of a
+// call. Only the calling thread writes them before a kernel runs; the kernel's worker threads read them while
+// the caller waits in parallel_for. The memory stays with the thread (the largest M x N output it produced, e.g.
+// 192 KiB for a 49152-wide output head at M = 1).
+enum ScratchSlot : int { kScratchXq, kScratchXs, kScratchXsum, kScratchOut, kScratchSlots };
+
+template <typename T>
+T* thread_scratch(ScratchSlot slot, int64_t count) {
+  struct Buf {
+    void* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf bufs[kScratchSlots];
+  Buf& b = bufs[slot];
+  const size_t bytes = (size_t)std::max<int64_t>(count, 1) * sizeof(T);
+  if (b.n < bytes) {
+    const size_t n = (std::max(bytes, 2 * b.n) + 63) & ~(size_t)63;  // doubling: few regrowths as shapes vary
+    void* p = std::aligned_alloc(64, n);
+    TORCH_CHECK(p != nullptr, "qkernels: could not allocate ", n, " bytes of CPU GEMM scratch");
+    std::free(b.p);
+    b.p = p;
+    b.n = n;
+  }
+  return static_cast<T*>(b.p);
+}
+
+// The int16 activations of a 16-bit (or guard-rescaled fp32) x in the calling thread's scratch; see prepare_x_i16.
+struct XI16 {
+  const int16_t* xq;
+  const float* xs;
+  const float* xsum;
+};
+inline bool prepare_x_i16_scratch(const at::Tensor& x, int64_t group_size, bool permute, XI16& out) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / group_size, F = i16_block(group_size);
+  const int kind = x.scalar_type() == at::kBFloat16 ? kXBF16 : x.scalar_type() == at::kHalf ? kXF16 : kXF32;
+  TORCH_CHECK(kind != kXF32 || x.scalar_type() == at::kFloat, "prepare_x_i16: x must be fp32, bf16 or fp16, got ",
+              x.scalar_type());
+  const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
+  int16_t* xq = thread_scratch<int16_t>(kScratchXq, M * K);
+  float* xs = thread_scratch<float>(kScratchXs, M * (K / F));
+  float* xsum = thread_scratch<float>(kScratchXsum, M * G);
+  out = {xq, xs, xsum};
+  return i16_quantize_rows_avx2(xc->data_ptr(), kind, M, K, F, group_size, permute, xq, xs, xsum);
 }
 
 // QKERNELS_CPU_I16: whether bf16/fp16 calls of the int4 and int8 weight-only GEMMs take the int16-activation

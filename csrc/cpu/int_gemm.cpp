@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/MaybeOwned.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -152,6 +153,46 @@ void tiled_dequant_mm(const at::Tensor& xf, int64_t N, int64_t K, at::Tensor& ou
   });
 }
 
+// The output of one GEMM call: `out` in x's dtype, and the fp32 [M, N] that the kernels and the row guard write:
+// out itself for fp32 x, else the calling thread's scratch, converted into out once at the end (result()). This
+// replaces an fp32 at::empty plus `.to(dtype)` (another allocation and a dispatched copy) per call; on AVX2 CPUs the
+// conversion rounds as ATen's does (f32_to_half_avx2), elsewhere it is ATen's copy_, so the bits are those of
+// `out_fp32.to(dtype)` either way.
+class F32Out {
+ public:
+  F32Out(const at::Tensor& x, int64_t M, int64_t N)
+      : out_(at::empty({M, N}, x.options())), M_(M), N_(N), direct_(x.scalar_type() == at::kFloat) {
+    f_ = direct_ ? out_.data_ptr<float>() : cpu::thread_scratch<float>(cpu::kScratchOut, M * N);
+  }
+  float* data() const { return f_; }
+  // the fp32 buffer as a tensor, for the paths that write it through ATen (tiles + at::mm)
+  at::Tensor tensor() const {
+    return direct_ ? out_ : at::from_blob(f_, {M_, N_}, out_.options().dtype(at::kFloat));
+  }
+  at::Tensor result(bool avx2) {
+    if (direct_) return out_;
+    const auto dt = out_.scalar_type();
+    if (avx2 && (dt == at::kBFloat16 || dt == at::kHalf)) {
+      cpu::f32_to_half_avx2(f_, reinterpret_cast<uint16_t*>(out_.data_ptr()), M_ * N_, dt == at::kBFloat16);
+    } else {
+      out_.copy_(tensor());
+    }
+    return out_;
+  }
+
+ private:
+  at::Tensor out_;
+  int64_t M_, N_;
+  bool direct_;
+  float* f_;
+};
+
+// scale as fp32 contiguous without a dispatched no-op `.to()` / `.contiguous()` when it already is (the layers'
+// buffers are)
+at::Tensor float_contiguous(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
 // x @ dequant(W)^T in double for the row guard's repairs, W decoded as the reference decodes it: the fp32 product
 // scale * (q - zero_point), then exact in double.
 struct Int4ExactRow {
@@ -182,40 +223,41 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   check_int4_mm_args(x, packed_w, scale, zero_point, group_size);
   const int64_t M = x.size(0), K = x.size(1), N = packed_w.size(0);
   const int64_t G = K / group_size;
-  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
   const bool avx2 = use_avx2();
   if (M == 0 || N == 0 || K == 0) {
     if (zero_point.has_value()) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // range check
-    return (K == 0 ? out.zero_() : out).to(x.scalar_type());
+    auto out = at::empty({M, N}, x.options());
+    return K == 0 ? out.zero_() : out;
   }
-  auto sf = scale.to(at::kFloat).contiguous();
-  auto wc = packed_w.contiguous();
+  F32Out out(x, M, N);
+  const at::Tensor sf = float_contiguous(scale);
+  const c10::MaybeOwned<at::Tensor> wc = packed_w.expect_contiguous();
   const float* s = sf.data_ptr<float>();
-  const uint8_t* w = wc.data_ptr<uint8_t>();
-  at::Tensor zc = zero_point.has_value() ? zero_point->contiguous() : at::Tensor();
-  const int32_t* zp = zero_point.has_value() ? zc.data_ptr<int32_t>() : nullptr;
+  const uint8_t* w = wc->data_ptr<uint8_t>();
+  c10::MaybeOwned<at::Tensor> zc;
+  if (zero_point.has_value()) zc = zero_point->expect_contiguous();
+  const int32_t* zp = zero_point.has_value() ? zc->data_ptr<int32_t>() : nullptr;
   // x's extreme rows go to the kernels rescaled, and outputs they could not get right are recomputed (row_guard.h)
   const cpu::RowGuard guard(x);
   const at::Tensor xk = guard.rescaled() ? guard.rescaled_x() : x;
+  float* o = out.data();
 
   if (avx2 && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
     // the 64-k mask-decode kernel where the shape allows it, else the 32-k one (group_size 32, K = 64 n + 32)
     const bool k64 = K % 64 == 0 && group_size % 64 == 0 && use_w4_k64();
     // bf16/fp16 x: the int16-activation kernel (k64 layout only), unless x holds NaN/inf; else the fp32 kernels
-    at::Tensor xq, xsc, xp, xsum, row_scale;
-    const bool i16 = k64 && use_i16(x) && prepare_x_i16(xk, group_size, true, xq, xsc, xsum);
+    cpu::XI16 xi{};
+    at::Tensor xp, xsum, row_scale;
+    const bool i16 = k64 && use_i16(x) && cpu::prepare_x_i16_scratch(xk, group_size, true, xi);
     if (!i16) std::tie(xp, xsum, row_scale) = int4_prepare_x(xk, group_size, k64);
-    const float* xs = xsum.data_ptr<float>();
-    float* o = out.data_ptr<float>();
     const int64_t F = i16_block(group_size);
     std::atomic<bool> bad{false};
     for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
       bool b;
       if (i16) {
-        b = cpu::w4a16_rows_avx2_i16(xq.data_ptr<int16_t>(), M, xsc.data_ptr<float>(), xs, w, s, zp, is_signed, K,
-                                     group_size, F, o, N, n0, n1);
+        b = cpu::w4a16_rows_avx2_i16(xi.xq, M, xi.xs, xi.xsum, w, s, zp, is_signed, K, group_size, F, o, N, n0, n1);
       } else {
-        const float *xpp = xp.data_ptr<float>(), *rs = row_scale.data_ptr<float>();
+        const float *xpp = xp.data_ptr<float>(), *rs = row_scale.data_ptr<float>(), *xs = xsum.data_ptr<float>();
         b = k64 ? cpu::w4a16_rows_avx2_k64(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1)
                 : cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1);
       }
@@ -224,17 +266,18 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
     if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
   } else {
     auto xf = xk.to(at::kFloat).contiguous();
+    at::Tensor ot = out.tensor();
     // zz = zero_point (+8 for signed codes), int8, range-checked
     const at::Tensor zz = int4_effective_zero_points(zero_point, N, G, is_signed, x.options());
     const int8_t* z = zz.data_ptr<int8_t>();
     if (avx2 && K % 32 == 0 && group_size % 32 == 0) {
       const uint8_t mask = is_signed ? 0x88 : 0x00;
-      tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
+      tiled_dequant_mm(xf, N, K, ot, [&](int64_t n, float* dst) {
         cpu::w4_dequant_rows_avx2(w, s, z, K, group_size, mask, dst, n, n + 1);
       });
     } else {
       // the decode of the CUDA kernels (qkernels/int_gemm.h), so CPU tests check the GPU's per-element math
-      tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
+      tiled_dequant_mm(xf, N, K, ot, [&](int64_t n, float* dst) {
         const uint8_t* row = w + n * (K / 2);
         for (int64_t g = 0; g < G; ++g) {
           const float sg = s[n * G + g];
@@ -248,54 +291,57 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
       });
     }
   }
-  guard.finish(out, Int4ExactRow{w, s, zp, K, group_size, is_signed});
-  return out.to(x.scalar_type());
+  guard.finish(o, N, Int4ExactRow{w, s, zp, K, group_size, is_signed});
+  return out.result(avx2);
 }
 
 at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, const at::Tensor& scale) {
   check_int8_mm_args(x, q_w, scale, "scale");
   const int64_t M = x.size(0), K = x.size(1), N = q_w.size(0);
-  auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return out.to(x.scalar_type());
-  if (K == 0) return out.zero_().to(x.scalar_type());
-  auto sf = scale.to(at::kFloat).contiguous();
-  auto wc = q_w.contiguous();
+  if (M == 0 || N == 0 || K == 0) {
+    auto out = at::empty({M, N}, x.options());
+    return K == 0 ? out.zero_() : out;
+  }
+  F32Out out(x, M, N);
+  const at::Tensor sf = float_contiguous(scale);
+  const c10::MaybeOwned<at::Tensor> wc = q_w.expect_contiguous();
   const float* s = sf.data_ptr<float>();
-  const int8_t* w = wc.data_ptr<int8_t>();
+  const int8_t* w = wc->data_ptr<int8_t>();
   const bool avx2 = use_avx2();
   const cpu::RowGuard guard(x);  // see int4_weight_only_mm_cpu
   const at::Tensor xk = guard.rescaled() ? guard.rescaled_x() : x;
-  at::Tensor xq, xsc, xsum;
-  if (avx2 && M <= small_m_threshold() && K % 64 == 0 && use_i16(x) && prepare_x_i16(xk, K, false, xq, xsc, xsum)) {
-    const int16_t* xqp = xq.data_ptr<int16_t>();
-    const float* xsp = xsc.data_ptr<float>();
-    float* o = out.data_ptr<float>();
+  float* o = out.data();
+  cpu::XI16 xi{};
+  if (avx2 && M <= small_m_threshold() && K % 64 == 0 && use_i16(x) &&
+      cpu::prepare_x_i16_scratch(xk, K, false, xi)) {
     const int64_t F = i16_block(K);
     for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
-      cpu::w8a16_rows_avx2_i16(xqp, M, xsp, w, s, K, F, o, N, n0, n1);
+      cpu::w8a16_rows_avx2_i16(xi.xq, M, xi.xs, w, s, K, F, o, N, n0, n1);
     });
   } else {
     auto xf = xk.to(at::kFloat).contiguous();
     if (avx2 && M <= small_m_threshold() && K % 16 == 0) {
       const float* xp = xf.data_ptr<float>();
-      float* o = out.data_ptr<float>();
       for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) { cpu::w8a16_rows_avx2(xp, M, w, s, K, o, N, n0, n1); });
-    } else if (avx2 && K % 16 == 0) {
-      tiled_dequant_mm(xf, N, K, out,
-                       [&](int64_t n, float* dst) { cpu::w8_dequant_rows_avx2(w, s, K, dst, n, n + 1); });
     } else {
-      tiled_dequant_mm(xf, N, K, out, [&](int64_t n, float* dst) {
-        for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * int8_field_value(int8_field((uint8_t)w[n * K + k], 0));
-      });
+      at::Tensor ot = out.tensor();
+      if (avx2 && K % 16 == 0) {
+        tiled_dequant_mm(xf, N, K, ot,
+                         [&](int64_t n, float* dst) { cpu::w8_dequant_rows_avx2(w, s, K, dst, n, n + 1); });
+      } else {
+        tiled_dequant_mm(xf, N, K, ot, [&](int64_t n, float* dst) {
+          for (int64_t k = 0; k < K; ++k) dst[k] = s[n] * int8_field_value(int8_field((uint8_t)w[n * K + k], 0));
+        });
+      }
     }
   }
   // the reference's weight: q * scale in double (exact)
-  guard.finish(out, [&](const double* xr, int64_t n) {
+  guard.finish(o, N, [&](const double* xr, int64_t n) {
     double acc = 0.0;
     for (int64_t k = 0; k < K; ++k) acc += xr[k] * ((double)w[n * K + k] * (double)s[n]);
     return acc;
   });
-  return out.to(x.scalar_type());
+  return out.result(avx2);
 }
 
 // Rows with NaN/inf get scale NaN and codes 0, so the GEMM output row is NaN rather than silently finite.

@@ -462,18 +462,35 @@ QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, 
   return bad;
 }
 
-QK_AVX2 bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_t F, int64_t group_size,
-                                    bool permute, int16_t* xq, float* xs, float* xsum) {
+namespace {
+
+// 8 elements of x as fp32, exactly (bf16: the top half of the fp32 bits; fp16: F16C), so the int16 activations
+// are the same whether x arrives as 16-bit or already converted.
+template <int KIND>
+QK_AVX2 inline __m256 load8_as_f32(const void* p, int64_t i) {
+  if constexpr (KIND == kXF32) {
+    return _mm256_loadu_ps((const float*)p + i);
+  } else if constexpr (KIND == kXBF16) {
+    const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)p + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+  }
+}
+
+template <int KIND>
+QK_AVX2 bool i16_quantize_rows(const void* x, int64_t M, int64_t K, int64_t F, int64_t group_size, bool permute,
+                               int16_t* xq, float* xs, float* xsum) {
   const int64_t G = K / group_size, nB = K / F;
   const __m256 sign = _mm256_set1_ps(-0.f);
   alignas(32) int32_t nat[256];
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) xsum[m * G + g] = 0.f;
     for (int64_t b = 0; b < nB; ++b) {
-      const float* blk = x + m * K + b * F;
+      const int64_t blk = m * K + b * F;
       __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
       for (int64_t i = 0; i < F; i += 8) {
-        const __m256 v = _mm256_loadu_ps(blk + i);
+        const __m256 v = load8_as_f32<KIND>(x, blk + i);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
         nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
       }
@@ -484,7 +501,7 @@ QK_AVX2 bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_
       __m256i isum = _mm256_setzero_si256();
       for (int64_t i = 0; i < F; i += 8) {
         // |x| * 2^(14 - e) < 2^15: the rounded value (MXCSR default: nearest even) fits int16
-        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(blk + i), up));
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8_as_f32<KIND>(x, blk + i), up));
         _mm256_store_si256((__m256i*)(nat + i), q);
         isum = _mm256_add_epi32(isum, q);
       }
@@ -494,7 +511,7 @@ QK_AVX2 bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_
       for (int i = 0; i < 8; ++i) total += part[i];
       xs[m * nB + b] = std::ldexp(1.f, e - 14);
       xsum[m * G + b * F / group_size] += (float)((double)total * std::ldexp(1.0, e - 14));
-      int16_t* dst = xq + m * K + b * F;
+      int16_t* dst = xq + blk;
       if (permute) {
         for (int64_t c = 0; c < F; c += 64)
           for (int64_t j = 0; j < 4; ++j)
@@ -505,6 +522,39 @@ QK_AVX2 bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_
     }
   }
   return true;
+}
+
+}  // namespace
+
+QK_AVX2 bool i16_quantize_rows_avx2(const void* x, int x_kind, int64_t M, int64_t K, int64_t F, int64_t group_size,
+                                    bool permute, int16_t* xq, float* xs, float* xsum) {
+  if (x_kind == kXBF16) return i16_quantize_rows<kXBF16>(x, M, K, F, group_size, permute, xq, xs, xsum);
+  if (x_kind == kXF16) return i16_quantize_rows<kXF16>(x, M, K, F, group_size, permute, xq, xs, xsum);
+  return i16_quantize_rows<kXF32>(x, M, K, F, group_size, permute, xq, xs, xsum);
+}
+
+// The rounding of ATen's AVX2 conversions (vec256_16bit_float.h cvtfp32_bf16, vec256_half.h), so an output written
+// here has the bits `out_fp32.to(dtype)` gives on this CPU: bf16 round-to-nearest-even with NaN -> 0xFFFF, fp16
+// through vcvtps2ph (nearest even). The tail goes through the same vector code on a zero-padded copy.
+QK_AVX2 void f32_to_half_avx2(const float* src, uint16_t* dst, int64_t n, bool bf16) {
+  auto cvt8 = [&](__m256 v) QK_AVX2 -> __m128i {
+    if (!bf16) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)), bits), 16);
+    t = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), t, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q)));
+    t = _mm256_permute4x64_epi64(_mm256_packus_epi32(t, t), 0xd8);
+    return _mm256_castsi256_si128(t);
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i*)(dst + i), cvt8(_mm256_loadu_ps(src + i)));
+  if (i < n) {
+    alignas(32) float in[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    alignas(16) uint16_t out[8];
+    for (int64_t j = i; j < n; ++j) in[j - i] = src[j];
+    _mm_store_si128((__m128i*)out, cvt8(_mm256_load_ps(in)));
+    for (int64_t j = i; j < n; ++j) dst[j] = out[j - i];
+  }
 }
 
 QK_AVX2 void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,
@@ -598,9 +648,10 @@ bool w4a16_rows_avx2_k64(const float*, int64_t, const float*, const float*, cons
                          const int32_t*, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
   return false;
 }
-bool i16_quantize_rows_avx2(const float*, int64_t, int64_t, int64_t, int64_t, bool, int16_t*, float*, float*) {
+bool i16_quantize_rows_avx2(const void*, int, int64_t, int64_t, int64_t, int64_t, bool, int16_t*, float*, float*) {
   return false;
 }
+void f32_to_half_avx2(const float*, uint16_t*, int64_t, bool) {}
 bool w4a16_rows_avx2_i16(const int16_t*, int64_t, const float*, const float*, const uint8_t*, const float*,
                          const int32_t*, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
   return false;

@@ -31,11 +31,20 @@ bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const fl
                          const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size,
                          int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
-// x fp32 [M, K] -> the int16 activations of w4a16_rows_avx2_i16 (see prepare_x_i16 in int_gemm.cpp): xq,
-// xs [M, K/F], xsum [M, K/group_size]. Returns false when x holds NaN or inf (nothing usable is written then).
-// permute: the int4 kernel's order (per 64-block xq[16 j + l] = x[4 l + j]); otherwise natural order (int8 kernel).
-bool i16_quantize_rows_avx2(const float* x, int64_t M, int64_t K, int64_t F, int64_t group_size, bool permute,
-                            int16_t* xq, float* xs, float* xsum);
+// The element type of x handed to i16_quantize_rows_avx2.
+enum XKind : int { kXF32 = 0, kXBF16 = 1, kXF16 = 2 };
+
+// x [M, K] contiguous, fp32 / bf16 / fp16 (x_kind) -> the int16 activations of w4a16_rows_avx2_i16 (see
+// prepare_x_i16 in cpu_dispatch.h): xq, xs [M, K/F], xsum [M, K/group_size]; 16-bit x is widened exactly in
+// registers, so the result is the same as for x converted to fp32 first. Returns false when x holds NaN or inf
+// (nothing usable is written then). permute: the int4 kernel's order (per 64-block xq[16 j + l] = x[4 l + j]);
+// otherwise natural order (int8 kernel).
+bool i16_quantize_rows_avx2(const void* x, int x_kind, int64_t M, int64_t K, int64_t F, int64_t group_size,
+                            bool permute, int16_t* xq, float* xs, float* xsum);
+
+// dst[i] = src[i] as bf16 (bf16 = true) or fp16 bits, n elements, rounded as ATen's AVX2 conversion rounds (the
+// bits of `.to(dtype)` on AVX2 CPUs, NaN included: bf16 0xFFFF, fp16 vcvtps2ph).
+void f32_to_half_avx2(const float* src, uint16_t* dst, int64_t n, bool bf16);
 
 // out[m, n] = scale[n] * sum_k w[n, k] * x[m, k]; x fp32 [M, K]; needs K % 16 == 0.
 void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,

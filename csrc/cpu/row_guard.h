@@ -21,6 +21,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/MaybeOwned.h>
+#include <c10/util/SmallVector.h>
 
 #include <cmath>
 #include <cstdint>
@@ -41,9 +43,9 @@ class RowGuard {
   explicit RowGuard(const at::Tensor& x) : x_(x), M_(x.size(0)), K_(x.size(1)) {
     state_.assign(M_, kFinite);
     exp_.assign(M_, 0);
-    auto xc = x.contiguous();
+    const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "row_guard", [&] {
-      const scalar_t* p = xc.data_ptr<scalar_t>();
+      const scalar_t* p = xc->data_ptr<scalar_t>();
       for (int64_t m = 0; m < M_; ++m) {
         const AbsBitsMax r = abs_bits_max(p + m * K_, K_);
         if (r.all > kInfBits) {
@@ -78,8 +80,12 @@ class RowGuard {
   // factors 2^E and recomputes the flagged outputs: exact(xrow, n) -> double, xrow the fp64 row of the original x.
   template <typename Exact>
   void finish(at::Tensor& out, const Exact& exact) const {
-    const int64_t N = out.size(1);
-    float* o = out.data_ptr<float>();
+    finish(out.data_ptr<float>(), out.size(1), exact);
+  }
+
+  // The same on a raw fp32 [M, N] row-major buffer (the GEMMs' per-thread output scratch).
+  template <typename Exact>
+  void finish(float* o, int64_t N, const Exact& exact) const {
     std::vector<std::pair<int64_t, int64_t>> todo;
     for (int64_t m = 0; m < M_; ++m) {
       float* row = o + m * N;
@@ -120,8 +126,9 @@ class RowGuard {
   enum State : uint8_t { kFinite, kZero, kInf, kNaN };
   at::Tensor x_;
   int64_t M_, K_;
-  std::vector<uint8_t> state_;
-  std::vector<int> exp_;
+  // inline storage for decode-sized M: no heap allocation per call
+  c10::SmallVector<uint8_t, 16> state_;
+  c10::SmallVector<int, 16> exp_;
   bool rescaled_ = false;
 };
 
