@@ -18,9 +18,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import torch
+import logging
 
-__all__ = ["Clock", "CompiledDecoder", "Timing", "add_step", "eager_generate"]
+import torch
+from torch import nn
+
+__all__ = ["Clock", "CompiledDecoder", "RotaryTable", "Timing", "add_step", "eager_generate"]
+
+logger = logging.getLogger("qkernels.generate")
 
 
 @dataclass
@@ -87,13 +92,74 @@ def eager_generate(model, prompt_ids: list, new_tokens: int) -> tuple[list, Timi
     return out, timing
 
 
+class RotaryTable(nn.Module):
+    """Stands in for a transformers rotary-embedding module (``forward(x, position_ids) -> (cos, sin)``) while a
+    :class:`CompiledDecoder` runs: cos/sin of the positions ``[0, max_len)`` are computed once, by the original
+    module, and then looked up.
+
+    Why: transformers computes cos/sin from the position ids in every forward. Compiled, inductor inlines that
+    pointwise ``cos``/``sin`` into its consumers, and with eager attention the query's rotation lands inside the
+    ``q @ k^T`` reduction: the query's cos/sin are recomputed for every cached position of every head (9 x 128 x 64
+    vector cos + sin per layer on SmolLM2). A profile of the compiled int4 step showed that one fused kernel at
+    ~250 us per layer, about a quarter of the step (docs/decode.md). A lookup inlines as a load.
+
+    The table holds the module's fp32 output (the module is called with an fp32 ``x``) and the lookup casts it to
+    ``x.dtype`` as the module does, so outputs are the module's own values (checked at construction on every
+    position, one at a time, as decoding calls it). Outside :class:`CompiledDecoder`'s calls (``active`` False) the
+    original module runs, so the model still serves longer sequences.
+    """
+
+    def __init__(self, rotary: nn.Module, max_len: int, device):
+        super().__init__()
+        self.original = rotary
+        self.active = False
+        pos = torch.arange(max_len, device=device)
+        x = torch.zeros(1, dtype=torch.float32, device=device)
+        with torch.no_grad():
+            cos, sin = rotary(x, pos[None])
+            for p in range(max_len):  # as decoding calls it: one position at a time
+                c1, s1 = rotary(x, pos[None, p:p + 1])
+                if not (torch.equal(c1[0, 0], cos[0, p]) and torch.equal(s1[0, 0], sin[0, p])):
+                    raise ValueError(f"{type(rotary).__name__} gives position {p} other cos/sin alone than in a "
+                                     f"batch of positions: not a fixed table")
+        self.register_buffer("cos", cos[0].contiguous(), persistent=False)  # [max_len, head_dim] fp32
+        self.register_buffer("sin", sin[0].contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        if not self.active or args or kwargs:
+            return self.original(x, position_ids, *args, **kwargs)
+        return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
+
+
+def _rope_tables(model: nn.Module, max_len: int) -> list[RotaryTable]:
+    """Replace (in place) every fixed rotary-embedding module of ``model`` by a :class:`RotaryTable`; modules whose
+    frequencies change with the sequence (dynamic / long-rope scaling) or whose table check fails stay."""
+    tables = []
+    for name, mod in list(model.named_modules()):
+        if not type(mod).__name__.endswith("RotaryEmbedding") or isinstance(mod, RotaryTable):
+            continue
+        rope_type = str(getattr(mod, "rope_type", "default"))
+        if "dynamic" in rope_type or "longrope" in rope_type:
+            logger.info("CompiledDecoder: %s keeps computing cos/sin (rope_type %r)", name, rope_type)
+            continue
+        try:
+            table = RotaryTable(mod, max_len, next(iter(mod.buffers()), torch.empty(0)).device)
+        except Exception as e:  # noqa: BLE001  (another forward signature or a non-table: keep the module)
+            logger.info("CompiledDecoder: %s keeps computing cos/sin (%s)", name, e)
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, table)
+        tables.append(table)
+    return tables
+
+
 class CompiledDecoder:
     """A StaticCache of ``max_len`` tokens and one ``torch.compile``d single-token step (greedy argmax inside the
     graph). The graph is compiled on the first decode step; :meth:`generate` can be called again (same or another
     prompt up to ``max_len`` tokens in all) without recompiling: the cache is reset in place."""
 
     def __init__(self, model, max_len: int, *, fullgraph: bool = True, mode: str | None = None,
-                 attn_implementation: str | None = None, skip_guards: bool = False):
+                 attn_implementation: str | None = None, skip_guards: bool = False, rope_table: bool = True):
         """Args:
             model: a transformers causal LM (quantized or not), in eval mode.
             max_len: the static cache's length (prompt + new tokens, at most).
@@ -106,6 +172,10 @@ class CompiledDecoder:
                 ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: dynamo's guard check of the whole model
                 is skipped (~1-2 ms a step on SmolLM2). Safe only while the model is left unchanged: do not modify,
                 move or fuse it between calls (build a new decoder instead).
+            rope_table: replace the model's rotary-embedding modules by :class:`RotaryTable` lookups of the
+                ``max_len`` positions (this changes the model: the tables are active only inside this decoder's
+                calls, elsewhere the original modules run). Same cos/sin values; the compiled step no longer
+                recomputes them inside attention.
         """
         from transformers import StaticCache
 
@@ -113,6 +183,7 @@ class CompiledDecoder:
             model.set_attn_implementation(attn_implementation)
         self.model, self.max_len, self.skip_guards = model, int(max_len), bool(skip_guards)
         self._compiled_once = False
+        self._rope_tables = _rope_tables(model, self.max_len) if rope_table else []
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
         self._step = torch.compile(self._decode_step, fullgraph=fullgraph, mode=mode, dynamic=False)
 
@@ -133,6 +204,16 @@ class CompiledDecoder:
         P = len(prompt_ids)
         if P + new_tokens > self.max_len:
             raise ValueError(f"prompt ({P}) + new_tokens ({new_tokens}) exceeds max_len={self.max_len}")
+        for t in self._rope_tables:
+            t.active = True
+        try:
+            return self._generate(prompt_ids, new_tokens)
+        finally:
+            for t in self._rope_tables:
+                t.active = False
+
+    def _generate(self, prompt_ids: list, new_tokens: int) -> tuple[list, Timing]:
+        P = len(prompt_ids)
         self.cache.reset()
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         pos = torch.arange(P).unsqueeze(0)
