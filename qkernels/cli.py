@@ -19,9 +19,9 @@ def _eval_parser(sub):
     p.add_argument("--text", help="UTF-8 text file (default: Python's pydoc topics); split into calibration/eval")
     p.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES),
                    help=f"comma-separated names from {','.join(ALL_SCHEMES)}, or any ALGO-intBITS[-asym][-full]"
-                        "[-mse|-wmse][+head8] with ALGO in rtn, gptq, awq, awq-gptq, qat (-full: all 2^b symmetric "
-                        "levels as llama.cpp Q4_0; -mse: MSE-searched group scales; -wmse: that search weighted by "
-                        "the inputs' E[x^2] (rtn, gptq, awq-gptq); +head8: int8 output head) "
+                        "[-mse|-wmse][+head8] with ALGO in rtn, gptq, awq, awq-gptq, autoround, qat (-full: all 2^b "
+                        "symmetric levels as llama.cpp Q4_0; -mse: MSE-searched group scales; -wmse: that search "
+                        "weighted by the inputs' E[x^2] (not awq, qat); +head8: int8 output head) "
                         "(default: %(default)s)")
     p.add_argument("--qat", action="store_true", help="also run QAT (int4, distillation from the float model)")
     p.add_argument("--ctx", type=int, default=d.ctx, help="evaluation window incl. BOS (default %(default)s)")
@@ -38,6 +38,10 @@ def _eval_parser(sub):
     p.add_argument("--gguf-act-order", action="store_true",
                    help="gptq-q4_k_m: act-order inside each GGUF block (columns by decreasing H_kk)")
     p.add_argument("--awq-grid", type=int, default=d.awq_grid, help="AWQ alpha grid size (default %(default)s)")
+    p.add_argument("--autoround-steps", type=int, default=d.autoround_steps,
+                   help="autoround schemes: signed-gradient steps per decoder layer (default %(default)s)")
+    p.add_argument("--autoround-batch", type=int, default=d.autoround_batch,
+                   help="autoround schemes: calibration windows per step (default %(default)s)")
     p.add_argument("--qat-steps", type=int, default=d.qat_steps)
     p.add_argument("--qat-lr", type=float, default=d.qat_lr)
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
@@ -71,7 +75,9 @@ def _run_eval(a) -> int:
                      calib_tokens=a.calib_tokens, awq_calib_tokens=a.awq_calib_tokens, calib_ctx=a.calib_ctx,
                      batch_size=a.batch_size, group_size=a.group_size, symmetric=not a.asym,
                      gptq_act_order=not a.no_act_order,
-                     gguf_gptq_act_order=a.gguf_act_order, awq_grid=a.awq_grid, qat_steps=a.qat_steps, qat_lr=a.qat_lr,
+                     gguf_gptq_act_order=a.gguf_act_order, awq_grid=a.awq_grid,
+                     autoround_steps=a.autoround_steps, autoround_batch=a.autoround_batch, qat_steps=a.qat_steps,
+                     qat_lr=a.qat_lr,
                      eval_fraction=a.eval_fraction, out=a.out, progress=not a.no_progress, lm_eval=a.lm_eval,
                      lm_eval_include=a.lm_eval_include, lm_eval_limit=a.lm_eval_limit,
                      lm_eval_batch_size=a.lm_eval_batch_size)

@@ -1,4 +1,5 @@
-"""Weight quantization algorithms: RTN, GPTQ (arXiv:2210.17323), AWQ (arXiv:2306.00978) and QAT.
+"""Weight quantization algorithms: RTN, GPTQ (arXiv:2210.17323), AWQ (arXiv:2306.00978), AutoRound-style learned
+rounding (arXiv:2309.05516) and QAT.
 
 Each replaces the model's linears by :class:`qkernels.nn.QuantLinear` layers (the scheme that holds the codes
 exactly: :func:`qkernels.algorithms.rtn.scheme_for`), whose weights are in the op format of
@@ -6,6 +7,7 @@ exactly: :func:`qkernels.algorithms.rtn.scheme_for`), whose weights are in the o
 permutation ``input_perm``; a ragged last group when K is not a multiple of the group size).
 """
 
+from .autoround import AutoRoundConfig, autoround_quantize_model
 from .awq import AWQConfig, awq_quantize_model
 from .gptq import GPTQConfig, GPTQResult, export_gptq_tensors, gptq_quantize_model, gptq_quantize_weight
 from .qat import FakeQuantLinear, QATScheme, convert, finetune, prepare
@@ -13,8 +15,8 @@ from .rtn import (INT4_G128, INT8_WEIGHT_ONLY, QuantConfig, fake_quantize, quant
                   scheme_for, build_quant_linear)
 
 __all__ = [
-    "AWQConfig", "FakeQuantLinear", "GPTQConfig", "GPTQResult", "INT4_G128", "INT8_WEIGHT_ONLY", "QATScheme",
-    "QuantConfig", "awq_quantize_model", "convert", "export_gptq_tensors", "fake_quantize",
-    "finetune", "gptq_quantize_model", "gptq_quantize_weight", "prepare", "quantize_weight", "rtn_quantize_model",
+    "AWQConfig", "AutoRoundConfig", "FakeQuantLinear", "GPTQConfig", "GPTQResult", "INT4_G128", "INT8_WEIGHT_ONLY",
+    "QATScheme", "QuantConfig", "autoround_quantize_model", "awq_quantize_model", "convert", "export_gptq_tensors",
+    "fake_quantize", "finetune", "gptq_quantize_model", "gptq_quantize_weight", "prepare", "quantize_weight", "rtn_quantize_model",
     "scheme_for", "build_quant_linear",
 ]

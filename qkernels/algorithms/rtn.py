@@ -203,6 +203,17 @@ def input_second_moments(model: nn.Module, linears: dict[str, nn.Linear], calib_
     ``[B, L]`` token ids) run through the float ``model`` (llama.cpp's importance matrix)."""
     if not calib_batches:
         raise ValueError("calib_batches must hold at least one [B, L] batch of token ids, got none")
+
+    def run():
+        for ids in calib_batches:
+            model(input_ids=ids, use_cache=False)
+
+    return second_moments_of_inputs(linears, run)
+
+
+@torch.no_grad()
+def second_moments_of_inputs(linears: dict[str, nn.Linear], run) -> dict[str, torch.Tensor]:
+    """``E[x_k^2]`` float ``[K]`` of the inputs each of ``linears`` sees while ``run()`` executes forwards."""
     sums = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in linears.items()}
     count = dict.fromkeys(linears, 0)
 
@@ -215,8 +226,7 @@ def input_second_moments(model: nn.Module, linears: dict[str, nn.Linear], calib_
 
     hooks = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
     try:
-        for ids in calib_batches:
-            model(input_ids=ids, use_cache=False)
+        run()
     finally:
         for h in hooks:
             h.remove()

@@ -20,6 +20,7 @@ from ..nn import Int8WeightOnly, quantize_
 from ..algorithms import AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quantize_model, gptq_quantize_model, \
     rtn_quantize_model
 from ..algorithms import qat as qat_mod
+from ..algorithms.autoround import AutoRoundConfig, autoround_quantize_model
 from ..algorithms.gptq_gguf import GGUFGPTQConfig, gguf_quantize_model, gptq_gguf_quantize_model
 from . import data, metrics, models
 from .lm_eval_bridge import run_lm_eval
@@ -31,19 +32,21 @@ log = logging.getLogger("qkernels.eval")
 # not in the default run: its column loop adds about 5 minutes on a 2-core CPU (`qkernels eval --gguf-gptq`).
 #
 # Integer schemes are named ALGO-intBITS[-asym][-full][-mse|-wmse] (parse_scheme): ALGO is rtn, gptq, awq, awq-gptq
-# (AWQ's scales folded, then GPTQ's rounding) or qat; -asym: zero points (default: --asym or symmetric); -full: the
+# (AWQ's scales folded, then GPTQ's rounding), autoround (AutoRound-style learned rounding per block, opt-in: about
+# --autoround-steps block forwards and backwards per decoder layer) or qat; -asym: zero points (default: --asym or symmetric); -full: the
 # symmetric grid uses all 2^b levels (llama.cpp Q4_0's scale); -mse: each group's range searched for the smallest
-# squared error; -wmse: that error weighted by the inputs' E[x^2] (llama.cpp's imatrix; RTN / GPTQ / awq-gptq only)
+# squared error; -wmse: that error weighted by the inputs' E[x^2] (llama.cpp's imatrix; not for awq / qat)
 # (qkernels.algorithms.grids). The group size is --group-size.
 DEFAULT_SCHEMES = ("float", "int8", "rtn-int4", "rtn-int4-asym", "gptq-int4", "gptq-int4-asym", "awq-int4",
                    "awq-int4-asym", "q8_0", "q4_k_m")
 ALL_SCHEMES = DEFAULT_SCHEMES + ("rtn-int4-full-mse", "rtn-int4-asym-mse", "gptq-int4-full-mse", "gptq-int4-asym-mse",
                                  "awq-gptq-int4-asym-mse", "gptq-int4-asym-mse+head8", "rtn-int4-full-wmse",
                                  "rtn-int4-asym-wmse", "gptq-int4-full-wmse", "gptq-int4-asym-wmse",
-                                 "awq-gptq-int4-asym-wmse", "gptq-q4_k_m", "qat-int4")
+                                 "awq-gptq-int4-asym-wmse", "awq-gptq-int4-full-wmse", "autoround-int4-full-wmse",
+                                 "autoround-int4-asym-wmse", "gptq-q4_k_m", "qat-int4")
 GGUF_MIXES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 HEAD8 = "+head8"  # suffix: the output head (lm_head, untied from the embedding) also int8 weight-only per channel
-_INT_SCHEME = re.compile(r"^(rtn|gptq|awq|awq-gptq|qat)-int([2-8])((?:-(?:asym|full|mse|wmse))*)$")
+_INT_SCHEME = re.compile(r"^(rtn|gptq|awq|awq-gptq|autoround|qat)-int([2-8])((?:-(?:asym|full|mse|wmse))*)$")
 
 
 def parse_scheme(name: str, group_size: int = 128, symmetric: bool = True) -> tuple[str, QuantConfig] | None:
@@ -59,7 +62,7 @@ def parse_scheme(name: str, group_size: int = 128, symmetric: bool = True) -> tu
     m = _INT_SCHEME.match(name)
     if m is None:
         raise ValueError(f"unknown scheme {name!r}; choose from {ALL_SCHEMES} or a name ALGO-intBITS[-asym][-full]"
-                         "[-mse|-wmse] with ALGO in rtn, gptq, awq, awq-gptq, qat")
+                         "[-mse|-wmse] with ALGO in rtn, gptq, awq, awq-gptq, autoround, qat")
     flags = m.group(3).split("-")[1:]
     if len(set(flags)) != len(flags):
         raise ValueError(f"scheme {name!r} repeats an option")
@@ -68,7 +71,7 @@ def parse_scheme(name: str, group_size: int = 128, symmetric: bool = True) -> tu
         raise ValueError(f"scheme {name!r}: -full applies to the symmetric grid only")
     if "wmse" in flags and ("mse" in flags or m.group(1) in ("awq", "qat")):
         raise ValueError(f"scheme {name!r}: -wmse (activation-weighted search) replaces -mse and applies to rtn, "
-                         "gptq and awq-gptq only")
+                         "gptq, awq-gptq and autoround only")
     return m.group(1), QuantConfig(int(m.group(2)), group_size, sym, full_range="full" in flags,
                                    mse="mse" in flags or "wmse" in flags, act_weighted="wmse" in flags)
 
@@ -90,6 +93,8 @@ class EvalConfig:
     gguf_gptq_act_order: bool = False
     gptq_true_sequential: bool = True
     awq_grid: int = 10
+    autoround_steps: int = 50
+    autoround_batch: int = 1  # calibration windows per AutoRound step
     qat_steps: int = 16
     qat_lr: float = 5e-5
     qat_tokens: int = 8192
@@ -153,6 +158,14 @@ def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows, notes: dict 
         if fold_only:
             return gptq_quantize_model(m, calib["gptq"], gptq_cfg, progress=cfg.progress)
         return m
+    if algo == "autoround":
+        stats = []
+        m = autoround_quantize_model(m, calib["autoround"], AutoRoundConfig(qc, steps=cfg.autoround_steps),
+                                     progress=cfg.progress, stats=stats)
+        kept = sum(st["kept"] for st in stats)
+        log.info("%s: block MSE summed over layers %.4g -> %.4g (optimised rounding kept in %d of %d layers)", name,
+                 sum(st["loss_start"] for st in stats), sum(st["loss_end"] for st in stats), kept, len(stats))
+        return m
     if algo == "qat":
         qat_mod.prepare(m, QATScheme(qc))
         losses = qat_mod.finetune(m, qat_windows, steps=cfg.qat_steps, lr=cfg.qat_lr, teacher=base,
@@ -170,7 +183,7 @@ class EvalInputs:
     tok: object
     ev: torch.Tensor  # [n, ctx] evaluation windows (BOS first)
     cal: torch.Tensor  # [n, calib_ctx] calibration windows (BOS first)
-    calib: dict  # {"gptq": [B, L] batches, "awq": the first windows' batches}
+    calib: dict  # {"gptq": [B, L] batches, "awq": the first windows' batches, "autoround": all, autoround_batch each}
     qat_windows: torch.Tensor
     ev_text: str
     bos: int | None
@@ -189,7 +202,8 @@ def prepare(cfg: EvalConfig) -> EvalInputs:
     cal_ids = data.tokenize(tok, cal_text)
     cal = data.windows(cal_ids, cfg.calib_ctx, cfg.calib_tokens, bos, "calibration")
     n_awq = max(1, cfg.awq_calib_tokens // (cfg.calib_ctx - 1))  # AWQ's grid search costs ~n_grid forwards
-    calib = {"gptq": data.batches(cal, cfg.batch_size), "awq": data.batches(cal[:n_awq], cfg.batch_size)}
+    calib = {"gptq": data.batches(cal, cfg.batch_size), "awq": data.batches(cal[:n_awq], cfg.batch_size),
+             "autoround": data.batches(cal, cfg.autoround_batch)}
     qat_windows = data.windows(cal_ids, cfg.calib_ctx, cfg.qat_tokens, bos, "calibration")
     log.info("model loaded in %.1fs; eval windows %s, calibration windows %s", t_load["wall_s"], tuple(ev.shape),
              tuple(cal.shape))
