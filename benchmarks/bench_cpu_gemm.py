@@ -12,6 +12,8 @@ speedups of several such measurements to show the spread. Weights rotate through
 > 128 MiB per method so that they come from DRAM, not from the 32 MiB L3 (as in real decoding, where all layers'
 weights stream through once per token).
 Effective GB/s = weight bytes read (codes + scales) / time; compare with the measured memcpy bandwidth.
+For the small decode shapes of SmolLM2-135M (M = 1, the raw ops, hot and streamed weights) see
+benchmarks.bench_decode_gemm.
 """
 
 from __future__ import annotations

@@ -226,68 +226,66 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
   return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
 }
 
-// int4 x int16 activations (bf16/fp16 x only; prepare_x_i16 in int_gemm.cpp): 64 k per step, integer dot products. One
-// 32-byte load is 16 uint16 lanes of 4 nibbles each, lane l holding elements k0 + 4 l + j (j = 0..3, nibble j at
-// bits 4j). For a fixed j, the decoded lanes times x_j[l] = xq[k0 + 4 l + j] (int16) is one vpmaddwd: 16 products
-// summed in pairs into 8 int32 lanes. Decode: j = 0 and j = 3 are one AND / one shift (u itself); j = 1 is one AND
-// (u * 16) and j = 2 a shift + AND (u * 16), so per 64 products and weight row: 5 decode ops + 4 vpmaddwd + 4 vpaddd
-// against 8 x (AND + cvtdq2ps + FMA) for the fp32 w4m_tile. The u and 16 u products go to two int32 accumulators
-// (A, B); B is a multiple of 16, so A + (B >> 4) is exact. Bounds: |xq| <= 2^15 - 1 and u <= 15, so one step adds
-// at most 2 * 2 * 240 * 32767 < 2^25 to a lane of B; the fold unit F <= 256 k (4 steps) keeps every lane < 2^27.
-// At the end of each F-block (x's scale unit, F divides group_size): total += float(A + B/16) * scale[g] * xs[b].
-// ONE (tiles with several x rows, where two accumulators per output would not fit the 16 registers): j = 0 and 3
-// are decoded as 16 u too (a shift + AND each), and all four products go to one accumulator, a multiple of 16:
-// one step adds at most 4 * 2 * 240 * 32767 < 2^26 per lane, < 2^28 per F-block; total += float(A >> 4) * ...
+// int4 x int16 activations (bf16/fp16 x only; prepare_x_i16 in cpu_dispatch.h): 64 k per step, integer dot
+// products. One 32-byte load is 16 uint16 lanes of 4 nibbles each, lane l holding elements k0 + 4 l + j (j = 0..3,
+// nibble j at bits 4j). For a fixed j, the decoded lanes times x_j[l] = xq[k0 + 4 l + j] (int16) is one vpmaddwd:
+// 16 products summed in pairs into 8 int32 lanes. Decode: every nibble to u itself (j = 0 one AND, j = 1 and 2 a
+// shift + AND, j = 3 one shift), so per 64 products and weight row: 6 decode ops + 4 vpmaddwd + 3 vpaddd into ONE
+// int32 accumulator per output, against 8 x (AND + cvtdq2ps + FMA) for the fp32 w4m_tile. Bounds: |xq| <= 2^15 - 1
+// and u <= 15, so one step adds at most 4 * 2 * 15 * 32767 < 2^22 to a lane; the fold unit F <= 256 k (4 steps)
+// keeps every lane < 2^24. At the end of each F-block (x's scale unit, F divides group_size):
+// total += float(A) * scale[g] * xs[b].
+// Until 2026-12 the M = 1 tile (4x1) decoded j = 1, 2 as 16 u (one shift less) into a second accumulator per
+// output, A + (B >> 4) at the fold: the same exact integer, so the same output bits, but 8 accumulators with x and
+// the constants did not fit the 16 ymm registers and GCC kept half of them on the stack, a store-to-load round trip
+// on every k step. Same-process A/B on the loaded 2-core machine: within noise (0.93-1.08x) at the decode shapes.
 // Measured (2-core Zen 3, 4096 x 4096 g128, weights from DRAM, against the fp32 kernel on the same bf16 x): M = 1
 // 627 vs 704 us, M = 4 1420 vs 1599, M = 16 5056 vs 5851, M = 24 7705 vs 9095.
-template <int NR, int MT, bool XOR8, bool ONE>
-QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const float* scale, const int32_t* zp, int32_t zoff, int64_t K,
-                      int64_t group_size, int64_t F, float* out, int64_t ldo, const char* pf) {
+template <int NR, int MT, bool XOR8>
+QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const float* scale,
+                      const int32_t* zp, int32_t zoff, int64_t K, int64_t group_size, int64_t F, float* out,
+                      int64_t ldo, const char* pf) {
   const __m256i flip = _mm256_set1_epi8((char)0x88);
-  const __m256i m0f = _mm256_set1_epi16(0x000F), mf0 = _mm256_set1_epi16(0x00F0);
+  const __m256i m0f = _mm256_set1_epi16(0x000F);
   const int64_t G = K / group_size, nB = K / F, ldw = K / 2;
   __m256 total[NR][MT];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nB; ++b) {
-    __m256i A[NR][MT], B[NR][MT];
+    __m256i A[NR][MT];
     for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < MT; ++m) A[r][m] = B[r][m] = _mm256_setzero_si256();
-    for (int64_t k = b * F; k < (b + 1) * F; k += 64) {
-      if (pf) {  // a 4-row block consumes 4 x 32 bytes per step: two lines of the next block
-        _mm_prefetch(pf + (k / 64) * 2 * kPrefetchStep, _MM_HINT_T0);
-        _mm_prefetch(pf + (k / 64) * 2 * kPrefetchStep + kPrefetchStep, _MM_HINT_T0);
+      for (int m = 0; m < MT; ++m) A[r][m] = _mm256_setzero_si256();
+    // k runs from 0 within the block: shifts instead of signed divisions in the addressing
+    const uint8_t* wb = w + ((b * F) >> 1);
+    const int16_t* xb = xq + b * F;
+    const char* pfb = pf ? pf + ((b * F) >> 6) * 2 * kPrefetchStep : nullptr;
+    for (int64_t k = 0; k < F; k += 64) {
+      if (pfb) {  // a 4-row block consumes 4 x 32 bytes per step: two lines of the next block
+        _mm_prefetch(pfb + (k >> 6) * 2 * kPrefetchStep, _MM_HINT_T0);
+        _mm_prefetch(pfb + (k >> 6) * 2 * kPrefetchStep + kPrefetchStep, _MM_HINT_T0);
       }
       for (int r = 0; r < NR; ++r) {
-        __m256i v = _mm256_loadu_si256((const __m256i*)(w + r * ldw + k / 2));
+        __m256i v = _mm256_loadu_si256((const __m256i*)(wb + r * ldw + (k >> 1)));
         if (XOR8) v = _mm256_xor_si256(v, flip);
-        // ONE: every nibble decoded as 16 u (two more shifts), so one accumulator per output holds all products
-        const __m256i d0 = ONE ? _mm256_and_si256(_mm256_slli_epi16(v, 4), mf0) : _mm256_and_si256(v, m0f);
-        const __m256i d1 = _mm256_and_si256(v, mf0);
-        const __m256i d2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), mf0);
-        const __m256i d3 = ONE ? _mm256_and_si256(_mm256_srli_epi16(v, 8), mf0) : _mm256_srli_epi16(v, 12);
+        const __m256i d0 = _mm256_and_si256(v, m0f);
+        const __m256i d1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+        const __m256i d2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), m0f);
+        const __m256i d3 = _mm256_srli_epi16(v, 12);
         for (int m = 0; m < MT; ++m) {
-          const __m256i* xv = (const __m256i*)(xq + m * K + k);
+          const __m256i* xv = (const __m256i*)(xb + m * K + k);
           const __m256i p03 = _mm256_add_epi32(_mm256_madd_epi16(d0, _mm256_loadu_si256(xv)),
                                                _mm256_madd_epi16(d3, _mm256_loadu_si256(xv + 3)));
           const __m256i p12 = _mm256_add_epi32(_mm256_madd_epi16(d1, _mm256_loadu_si256(xv + 1)),
                                                _mm256_madd_epi16(d2, _mm256_loadu_si256(xv + 2)));
-          if (ONE) {
-            A[r][m] = _mm256_add_epi32(A[r][m], _mm256_add_epi32(p03, p12));
-          } else {
-            A[r][m] = _mm256_add_epi32(A[r][m], p03);
-            B[r][m] = _mm256_add_epi32(B[r][m], p12);
-          }
+          A[r][m] = _mm256_add_epi32(A[r][m], _mm256_add_epi32(p03, p12));
         }
       }
     }
     const int64_t g = b * F / group_size;
     for (int r = 0; r < NR; ++r) {
       const float ws = scale[r * G + g];
-      for (int m = 0; m < MT; ++m) {
-        const __m256i sum = ONE ? _mm256_srai_epi32(A[r][m], 4) : _mm256_add_epi32(A[r][m], _mm256_srai_epi32(B[r][m], 4));
-        total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(ws * xs[m * nB + b]), total[r][m]);
-      }
+      for (int m = 0; m < MT; ++m)
+        total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(A[r][m]), _mm256_set1_ps(ws * xs[m * nB + b]), total[r][m]);
     }
   }
   return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, nullptr, G, out, ldo);
@@ -436,8 +434,8 @@ QK_AVX2 bool w4a16_rows_avx2_k64(const float* xp, int64_t M, const float* xsum, 
   return w4a16_rows<true>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, group_size, out, ldo, n0, n1);
 }
 
-// Rows [n0, n1) of the int4 x int16 GEMM (w4i_tile), in the tiles of for_tiles: 4x1 with two int32 accumulators per
-// output, 2x2 and 2x4 (and the 1xMT row tails) with one (ONE).
+// Rows [n0, n1) of the int4 x int16 GEMM (w4i_tile), in the tiles of for_tiles (4x1, 2x2, 2x4 and the 1xMT row
+// tails), one int32 accumulator per output.
 QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum, const uint8_t* w,
                                  const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
                                  int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1) {
@@ -452,11 +450,10 @@ QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, 
     const float* xb = xs + m0 * nB;
     const float* xsm = xsum + m0 * G;
     float* o = out + m0 * ldo + n;
-    constexpr bool ONE = MT > 1;  // 2x2 / 2x4 / 1x4 tiles: one accumulator per output (register budget)
-    bad |= is_signed ? w4i_tile<NR, MT, true, ONE>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K,
-                                                   group_size, F, o, ldo, pf)
-                     : w4i_tile<NR, MT, false, ONE>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K,
-                                                    group_size, F, o, ldo, pf);
+    bad |= is_signed ? w4i_tile<NR, MT, true>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K, group_size, F,
+                                              o, ldo, pf)
+                     : w4i_tile<NR, MT, false>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K, group_size, F,
+                                               o, ldo, pf);
   };
   for_tiles(M, n0, n1, tile);
   return bad;
