@@ -75,8 +75,9 @@ def search_scale(linears: list[nn.Linear], x_mean: torch.Tensor, block, ref: lis
         for i in range(cfg.n_grid):
             alpha = i / cfg.n_grid
             s = _scales(x_mean, alpha)
-            for lin, w in zip(linears, orig):
-                lin.weight.data = fake_quantize(w * s, cfg.quant) / s
+            with one_thread():  # an MSE grid is many small ops: under shared cores 2 threads cost ~10x the CPU
+                for lin, w in zip(linears, orig):
+                    lin.weight.data = fake_quantize(w * s, cfg.quant) / s
             out = block()
             err = sum(float((o - r).float().pow(2).sum()) for o, r in zip(out, ref)) / sum(r.numel() for r in ref)
             if err < best[0]:
