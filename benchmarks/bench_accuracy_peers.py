@@ -37,7 +37,8 @@ import tempfile
 import time
 
 OURS = ("int8", "rtn-int4", "rtn-int4-full-wmse", "rtn-int4-asym", "gptq-int4", "gptq-int4-full-wmse", "gptq-int4-asym",
-        "gptq-int4-asym-wmse", "awq-int4-asym", "awq-gptq-int4-asym-wmse")
+        "gptq-int4-asym-wmse", "awq-int4-asym", "awq-gptq-int4-asym-wmse", "awq-gptq-int4-full-wmse",
+        "autoround-int4-full-wmse")
 LLMC = {"llmc-rtn-w4a16": ("rtn", "W4A16"), "llmc-gptq-w4a16": ("gptq", "W4A16"),
         "llmc-gptq-w4a16-asym": ("gptq", "W4A16_ASYM")}
 GGUF_PY = {"gguf-py-q4_0": "Q4_0", "gguf-py-q8_0": "Q8_0"}
