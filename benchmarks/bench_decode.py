@@ -288,9 +288,11 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-rows", default=None,
                     help="comma-separated torch rows that also run compiled (default: all of them; compiling one "
                          "row took 5-9 minutes on the loaded 2-core machine)")
-    ap.add_argument("--compile-attn", default="eager", choices=["eager", "sdpa"],
-                    help="attention of the compiled rows (CompiledDecoder(attn_implementation=...); default eager: "
-                         "inductor fuses it, sdpa stays torch's flash-attention call per layer; eager compiles slower)")
+    ap.add_argument("--compile-attn", default="qkernels_decode", choices=["qkernels_decode", "eager", "sdpa"],
+                    help="attention of the compiled rows (CompiledDecoder(attn_implementation=...); default "
+                         "qkernels_decode: qkernels.ops.decode_attention on the cache's open positions; eager: "
+                         "inductor fuses HF's attention over every cache slot (compiles slower); sdpa: torch's "
+                         "flash-attention call per layer)")
     ap.add_argument("--no-skip-guards", action="store_true",
                     help="compiled rows check dynamo's guards every step (default: skipped after the first step, "
                          "CompiledDecoder(skip_guards=True))")

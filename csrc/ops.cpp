@@ -83,4 +83,9 @@ TORCH_LIBRARY(qkernels, m) {
   m.def("gguf_dequantize(Tensor data, int type, int rows, int cols, ScalarType out_dtype) -> Tensor");
   // x [M, K] float @ dequant(data [N, K/block*type_size])^T -> [M, N] in x's dtype (fp32 accumulation).
   m.def("gguf_mm(Tensor x, Tensor data, int type, int N, int K) -> Tensor");
+
+  // ---- decode attention (csrc/cpu/attention.cpp, reference: qkernels/reference/attention.py) ----
+  // q [B, H, D] (one query per sequence) over k/v [B, KVH, L, D] (H % KVH == 0), additive mask [B, L] (positions at
+  // -inf or the mask dtype's lowest value are skipped; none open: zeros) -> [B, H, D] in q's dtype, fp32 math.
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }

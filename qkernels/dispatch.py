@@ -411,6 +411,9 @@ TABLE: dict[str, list[Rule]] = {
     "gguf_quantize": [Rule("cpu", gguf_cpu("gguf_quantize")), Rule("reference", always)],
     "gguf_dequantize": gguf_rules("gguf_dequantize"),
     "gguf_mm": gguf_rules("gguf_mm"),
+    # decode attention (qkernels/ops/attention.py): C++ on CPU; elsewhere the plain-PyTorch reference (a GPU decoder
+    # has fused attention kernels of its own: sdpa / flash attention)
+    "decode_attention": [Rule("cpu", on_cpu("decode_attention")), Rule("reference", always)],
 }
 
 

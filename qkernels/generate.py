@@ -23,7 +23,8 @@ import logging
 import torch
 from torch import nn
 
-__all__ = ["Clock", "CompiledDecoder", "RotaryTable", "Timing", "add_step", "eager_generate"]
+__all__ = ["DECODE_ATTENTION", "Clock", "CompiledDecoder", "RotaryTable", "Timing", "add_step", "eager_generate",
+           "register_decode_attention"]
 
 logger = logging.getLogger("qkernels.generate")
 
@@ -90,6 +91,53 @@ def eager_generate(model, prompt_ids: list, new_tokens: int) -> tuple[list, Timi
         out.append(int(tok))  # int() syncs, so the step is timed whole
         add_step(timing, c)
     return out, timing
+
+
+DECODE_ATTENTION = "qkernels_decode"
+
+
+def _decode_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function (``AttentionInterface``): single-token steps (``q_len == 1``) run
+    ``qkernels.ops.decode_attention`` over the open positions of the mask; anything else (the prompt, training,
+    dropout, logit soft-capping, attention sinks, another mask format) runs transformers' sdpa attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .ops.attention import decode_attention
+
+    B, H, q_len, D = query.shape
+    L = key.shape[2]
+    mask = None
+    plain = (q_len == 1 and not module.training and not dropout and kwargs.get("softcap") is None
+             and kwargs.get("s_aux") is None and query.device.type == "cpu")
+    if plain and attention_mask is not None:
+        am = attention_mask
+        if am.dim() == 4 and am.is_floating_point() and am.shape[1] == 1 and am.shape[2] == 1 and am.shape[3] == L:
+            mask = am[:, 0, 0, :]
+            if mask.shape[0] != B:
+                mask = mask.expand(B, L)
+        else:
+            plain = False
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    out = decode_attention(query[:, :, 0, :], key, value, mask, scaling)
+    return out.view(B, 1, H, D), None
+
+
+def register_decode_attention() -> str:
+    """Register qkernels' decode attention with transformers (``AttentionInterface`` and, for its masks, the
+    additive float masks of ``eager_mask``) under the name :data:`DECODE_ATTENTION`; returns the name, for
+    ``model.set_attn_implementation(name)`` or ``CompiledDecoder(..., attn_implementation=name)``.
+
+    Why: a single query over a static KV cache. Compiled HF eager attention walks every slot of the cache (the
+    closed ones only masked) inside inductor's fused kernels; sdpa stays one call of torch's flash-attention kernel
+    per layer. The C++ op reads only the positions the mask leaves open (docs/decode.md)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention_forward)
+    AttentionMaskInterface.register(DECODE_ATTENTION, eager_mask)
+    return DECODE_ATTENTION
 
 
 class RotaryTable(nn.Module):
@@ -168,6 +216,9 @@ class CompiledDecoder:
                 fuses into its own kernels; the default ``"sdpa"`` stays a call of torch's CPU flash-attention
                 kernel per layer, which for one query over a static cache cost ~16-24% of a SmolLM2 int4 decode step
                 (docs/decode.md). Eager attention compiles several times slower (minutes on 2 cores, cached after).
+                :data:`DECODE_ATTENTION` (``"qkernels_decode"``, registered here with transformers) runs the
+                single-token steps on ``qkernels.ops.decode_attention``, which reads only the cache's open
+                positions; the prompt runs on sdpa.
             skip_guards: after the first (compiling) step, run the steps under
                 ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: dynamo's guard check of the whole model
                 is skipped (~1-2 ms a step on SmolLM2). Safe only while the model is left unchanged: do not modify,
@@ -179,6 +230,8 @@ class CompiledDecoder:
         """
         from transformers import StaticCache
 
+        if attn_implementation == DECODE_ATTENTION:
+            register_decode_attention()
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         self.model, self.max_len, self.skip_guards = model, int(max_len), bool(skip_guards)

@@ -1,5 +1,6 @@
 """Public op functions: validate arguments -> pick a backend (qkernels.dispatch) -> run it."""
 
+from .attention import decode_attention
 from .float4 import dequantize_fp4, fp4_decode, fp4_encode, fp4_mm, fp4_weight_only_mm, quantize_fp4
 from .float8 import dequantize_fp8, fp8_mm, fp8_weight_only_mm, quantize_fp8
 from .gguf import gguf_dequantize, gguf_mm, gguf_quantize

@@ -6,7 +6,7 @@ csrc/ops.cpp). :data:`OPS` maps op name -> reference function; the ``reference``
 
 from __future__ import annotations
 
-from . import float4, float8, gguf, int_gemm, int_quant
+from . import attention, float4, float8, gguf, int_gemm, int_quant
 
 OPS = {}
 
@@ -21,3 +21,4 @@ _collect(int_gemm, ["int4_weight_only_mm", "int8_weight_only_mm", "quantize_per_
 _collect(float8, ["quantize_fp8", "dequantize_fp8", "fp8_mm", "fp8_weight_only_mm"])
 _collect(float4, ["fp4_encode", "fp4_decode", "quantize_fp4", "dequantize_fp4", "fp4_mm", "fp4_weight_only_mm"])
 _collect(gguf, ["gguf_quantize", "gguf_dequantize", "gguf_mm"])
+_collect(attention, ["decode_attention"])
