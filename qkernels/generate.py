@@ -246,8 +246,15 @@ class CompiledDecoder:
 
     def _run_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.skip_guards and self._compiled_once:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._step(tok, pos)
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._step(tok, pos)
+            except RuntimeError as e:
+                # dynamo refuses to recompile under this stance, before running anything: something a guard watches
+                # changed since the first step (e.g. torch.set_num_threads). Run this step with the guards checked
+                # (recompiling where needed); later steps skip them again, among the graphs compiled so far.
+                if "skip_guard_eval_unsafe" not in str(e):
+                    raise
         out = self._step(tok, pos)
         self._compiled_once = True
         return out

@@ -63,3 +63,20 @@ def test_non_table_module_is_left_alone():
     model = torch.nn.Sequential(FakeRotaryEmbedding())
     assert _rope_tables(model, 8) == []
     assert isinstance(model[0], FakeRotaryEmbedding)
+
+
+def test_skip_guards_survives_a_thread_count_change():
+    """With skip_guards, dynamo refuses to recompile; a change a guard watches (here the thread count, as
+    bench_decode's 1- and 2-thread runs of one decoder) must recompile, not raise."""
+    model = tiny_llama(layers=1, hidden=64, intermediate=128, seed=0).eval()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        dec = CompiledDecoder(model, max_len=16, skip_guards=True)
+        first = dec.generate([1, 2, 3], 5)[0]
+        torch.set_num_threads(2)
+        assert dec.generate([1, 2, 3], 5)[0] == first
+        torch.set_num_threads(1)
+        assert dec.generate([1, 2, 3], 5)[0] == first
+    finally:
+        torch.set_num_threads(old)
