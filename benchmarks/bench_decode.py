@@ -9,7 +9,14 @@ keeps a burst of load from other processes on a shared machine out of it) in wal
 a loaded machine the CPU time of a 1-thread step is its own work, the wall time mostly the scheduler's), peak RSS of
 the row's process and the bytes of its weights.
 
-* Every row runs in its own process (``--row``, spawned by the parent), so peak RSS (``ru_maxrss``) is that row's.
+* Interleaved rounds: this 2-core VM changes speed in phases (the same compiled step took 12-13 ms in one phase
+  and 21-22 ms in the next, with nothing else running), so rows timed one after the other compare phases, not rows.
+  Every row runs in its own process (``--row``), started once, built, warmed up and compiled; then in each of
+  ``--rounds`` rounds every (row, mode, threads) decodes the prompt once, in a shuffled order. Decode tok/s is 1 / the
+  median step over all rounds; ``x_hf_bf16`` and ``x_llama`` are the medians over rounds of the per-round ratios of
+  median step times (a row and its anchor measured minutes, not a whole run, apart). Rows are started in batches of
+  ``--batch`` (memory), and the anchors (hf-bf16, the llama.cpp rows) join and are re-measured in every batch.
+* Peak RSS (``ru_maxrss``) is the row's process.
   It includes building the row's model (the quantized rows quantize from the float model, so they peak above their
   steady size); ``rss_MB`` is the resident size after decoding.
 * torch rows: ``eager`` is a plain loop over ``model(...)`` with a DynamicCache (what ``model.generate`` runs, minus
@@ -30,8 +37,11 @@ import gc
 import json
 import os
 import resource
+import random
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from . import decode_models as dm
@@ -62,81 +72,137 @@ def _result(row, mode, threads, prompt_len, tokens, timing, **extra) -> dict:
                 **extra)
 
 
-def run_torch_row(row: str, args, prompt: list, errors: list) -> list:
-    import torch
+class TorchRow:
+    """One torch row in a child process: the model, built once; ``eager`` runs on it directly, ``compiled`` through
+    one :class:`CompiledDecoder` (compiled during :meth:`setup`, so the timed rounds only decode)."""
 
-    from qkernels.generate import CompiledDecoder, eager_generate
+    def __init__(self, row: str, args, prompt: list, errors: list):
+        self.row, self.args, self.prompt, self.errors = row, args, prompt, errors
+        self.dec = None
+        self.info = {}
 
-    model = dm.build_torch_model(row, args.workdir)
-    wbytes = dm.weight_bytes(model)
-    gc.collect()
-    out = []
-    for t in args.threads:
-        torch.set_num_threads(t)
-        eager_generate(model, prompt, 4)  # warm-up: first-call allocations, lazy inits
-        tokens, timing = eager_generate(model, prompt, args.tokens)
-        out.append(_result(row, "eager", t, len(prompt), tokens, timing, weight_bytes=wbytes))
-    if args.compile:
+    def setup(self) -> list:
+        """Build, warm up and compile; returns the (mode, threads) pairs this row can run."""
+        import torch
+
+        from qkernels.generate import eager_generate
+
+        self.model = dm.build_torch_model(self.row, self.args.workdir)
+        self.info["weight_bytes"] = dm.weight_bytes(self.model)
+        gc.collect()
+        # eager runs the model's own attention (sdpa, transformers' default); the compiled rows set theirs below
+        self.eager_attn = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+        pairs = []
+        for t in self.args.threads:
+            torch.set_num_threads(t)
+            eager_generate(self.model, self.prompt, 4)  # warm-up: first-call allocations, lazy inits
+            pairs.append(("eager", t))
+        if not self.args.compile:
+            return pairs
         import torch._dynamo.utils
         import torch._inductor.config
+
+        from qkernels.generate import CompiledDecoder
 
         # kernels read the thread count at run time (instead of baking in the count at compile time): one graph
         # serves both thread counts, and a 1-thread row really runs on one thread
         torch._inductor.config.cpp.dynamic_threads = True
         torch._dynamo.utils.counters.clear()
-        dec = CompiledDecoder(model, MAX_LEN, attn_implementation=args.compile_attn,
-                              skip_guards=not args.no_skip_guards)
-        for t in args.threads:
+        self.dec = CompiledDecoder(self.model, MAX_LEN, attn_implementation=self.args.compile_attn,
+                                   skip_guards=not self.args.no_skip_guards)
+        self.compiled_attn = getattr(self.model.config, "_attn_implementation", None)
+        for t in self.args.threads:
             torch.set_num_threads(t)
             t0 = time.perf_counter()
             try:
-                dec.generate(prompt, 4)  # compiles on the first thread count, warms up on the others
+                self.dec.generate(self.prompt, 4)  # compiles on the first thread count, warms up on the others
             except Exception as e:  # a graph break (fullgraph=True) or a compile error: keep the eager results
                 msg = " ".join(str(e).split())[:300]
-                print(f"ERROR {row} compiled: {type(e).__name__}: {msg}", file=sys.stderr, flush=True)
-                errors.append(f"{row} compiled: {type(e).__name__}: {msg}")
+                print(f"ERROR {self.row} compiled: {type(e).__name__}: {msg}", file=sys.stderr, flush=True)
+                self.errors.append(f"{self.row} compiled: {type(e).__name__}: {msg}")
                 break
-            compile_s = time.perf_counter() - t0
-            tokens, timing = dec.generate(prompt, args.tokens)
-            out.append(_result(row, "compiled", t, len(prompt), tokens, timing, weight_bytes=wbytes,
-                               compile_s=compile_s))
-        graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        breaks = int(sum(torch._dynamo.utils.counters["graph_break"].values()))
-        for r in out:
-            if r["mode"] == "compiled":
-                r.update(graphs=graphs, graph_breaks=breaks)
-    return out
+            self.info[f"compile_s_{t}"] = time.perf_counter() - t0
+            pairs.append(("compiled", t))
+        self.info["graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        self.info["graph_breaks"] = int(sum(torch._dynamo.utils.counters["graph_break"].values()))
+        return pairs
+
+    def run(self, mode: str, threads: int):
+        import torch
+
+        from qkernels.generate import eager_generate
+
+        torch.set_num_threads(threads)
+        if mode == "eager":
+            self._attn(self.eager_attn)
+            return eager_generate(self.model, self.prompt, self.args.tokens)
+        self._attn(self.compiled_attn)  # the prompt runs eagerly on the model's attention setting
+        return self.dec.generate(self.prompt, self.args.tokens)
+
+    def _attn(self, name):
+        if name and getattr(self.model.config, "_attn_implementation", None) != name:
+            self.model.set_attn_implementation(name)
+
+    def extra(self, mode: str, threads: int) -> dict:
+        out = {"weight_bytes": self.info["weight_bytes"]}
+        if mode == "compiled":
+            out.update(compile_s=self.info.get(f"compile_s_{threads}", float("nan")), graphs=self.info["graphs"],
+                       graph_breaks=self.info["graph_breaks"])
+        return out
 
 
-def run_llama_row(row: str, args, prompt: list, errors: list) -> list:
-    import llama_cpp
+class LlamaRow:
+    """One llama.cpp row in a child process: a ``Llama`` per thread count, kept open across the rounds."""
 
-    from .decode_loop import llama_cpp_generate
+    def __init__(self, row: str, args, prompt: list, errors: list):
+        self.row, self.args, self.prompt = row, args, prompt
+        self.llms = {}
 
-    path = dm.gguf_path(args.workdir, dm.LLAMA_ROWS[row])
-    out = []
-    for t in args.threads:
-        llm = llama_cpp.Llama(model_path=path, n_ctx=MAX_LEN, n_batch=MAX_LEN, n_threads=t, n_threads_batch=t,
-                              verbose=False)
-        try:
-            wbytes = int(llama_cpp.llama_model_size(llm.model))
-            llama_cpp_generate(llm, prompt, 4)
-            tokens, timing = llama_cpp_generate(llm, prompt, args.tokens)
-        finally:
-            llm.close()
-        out.append(_result(row, "llama.cpp", t, len(prompt), tokens, timing, weight_bytes=wbytes))
-    return out
+    def setup(self) -> list:
+        import llama_cpp
+
+        from .decode_loop import llama_cpp_generate
+
+        path = dm.gguf_path(self.args.workdir, dm.LLAMA_ROWS[self.row])
+        for t in self.args.threads:
+            llm = llama_cpp.Llama(model_path=path, n_ctx=MAX_LEN, n_batch=MAX_LEN, n_threads=t, n_threads_batch=t,
+                                  verbose=False)
+            self.weight_bytes = int(llama_cpp.llama_model_size(llm.model))
+            llama_cpp_generate(llm, self.prompt, 4)
+            self.llms[t] = llm
+        return [("llama.cpp", t) for t in self.args.threads]
+
+    def run(self, mode: str, threads: int):
+        from .decode_loop import llama_cpp_generate
+
+        return llama_cpp_generate(self.llms[threads], self.prompt, self.args.tokens)
+
+    def extra(self, mode: str, threads: int) -> dict:
+        return {"weight_bytes": self.weight_bytes}
 
 
 def child_main(args) -> None:
+    """A row's process: set up, print ``READY``, then serve ``RUN <mode> <threads>`` lines from the parent (one timed
+    generation each, answered with ``TIMING``) until ``QUIT`` (answered with ``DONE``: memory and setup facts)."""
     prompt = [int(x) for x in args.prompt_ids.split(",")]
     errors = []
-    run = run_llama_row if args.row in dm.LLAMA_ROWS else run_torch_row
-    results = run(args.row, args, prompt, errors)
-    gc.collect()
-    for r in results:
-        r.update(peak_rss_mb=_peak_rss_mb(), rss_mb=_rss_now_mb())
-    print("RESULT " + json.dumps({"results": results, "errors": errors}), flush=True)
+    runner = (LlamaRow if args.row in dm.LLAMA_ROWS else TorchRow)(args.row, args, prompt, errors)
+    pairs = runner.setup()
+    print("READY " + json.dumps({"pairs": pairs, "errors": errors}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "RUN":
+            mode, threads = cmd[1], int(cmd[2])
+            tokens, timing = runner.run(mode, threads)
+            print("TIMING " + json.dumps(dict(tokens=tokens, prefill_s=timing.prefill_s,
+                                              prefill_cpu_s=timing.prefill_cpu_s, decode_s=timing.decode_s,
+                                              decode_cpu_s=timing.decode_cpu_s)), flush=True)
+        elif cmd[0] == "QUIT":
+            gc.collect()
+            facts = {f"{m} {t}": runner.extra(m, t) for m, t in pairs}
+            print("DONE " + json.dumps({"facts": facts, "peak_rss_mb": _peak_rss_mb(), "rss_mb": _rss_now_mb()}),
+                  flush=True)
+            return
 
 
 # ---- parent ------------------------------------------------------------------------------------------------------
@@ -153,20 +219,117 @@ def _prompt_ids(workdir: str, prompt_len: int) -> list:
     return ids[:prompt_len]
 
 
-def _run_child(row: str, args, prompt: list) -> tuple[list, str]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_decode", "--row", row, "--threads",
-           ",".join(map(str, args.threads)), "--tokens", str(args.tokens), "--workdir", args.workdir,
-           "--prompt-ids", ",".join(map(str, prompt)), "--compile-attn", args.compile_attn] + \
-        ([] if row in args.compile_rows else ["--no-compile"]) + (["--no-skip-guards"] if args.no_skip_guards else [])
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            got = json.loads(line[len("RESULT "):])
-            return got["results"], "; ".join(got["errors"])
-    tail = (p.stderr or p.stdout).strip().splitlines()[-6:]
-    return [], f"{row}: exit {p.returncode}: " + " | ".join(tail)
+class Child:
+    """The parent's handle on one row's process (stdin/stdout line protocol of :func:`child_main`)."""
+
+    def __init__(self, row: str, args, prompt: list):
+        cmd = [sys.executable, "-m", "benchmarks.bench_decode", "--row", row, "--threads",
+               ",".join(map(str, args.threads)), "--tokens", str(args.tokens), "--workdir", args.workdir,
+               "--prompt-ids", ",".join(map(str, prompt)), "--compile-attn", args.compile_attn] + \
+            ([] if row in args.compile_rows else ["--no-compile"]) + \
+            (["--no-skip-guards"] if args.no_skip_guards else [])
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        self.row = row
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                  text=True, env=env, bufsize=1,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.pairs, self.error = [], None
+
+    def _read(self, tag: str):
+        """The JSON after the next line starting with ``tag`` (other stdout lines are skipped); None if the process
+        ended first (self.error then says how)."""
+        for line in self.p.stdout:
+            if line.startswith(tag + " "):
+                return json.loads(line[len(tag) + 1:])
+        self.p.wait()
+        self.stderr.seek(0)
+        tail = self.stderr.read().strip().splitlines()[-6:]
+        self.error = f"{self.row}: exit {self.p.returncode}: " + " | ".join(tail)
+        return None
+
+    def ready(self) -> list:
+        got = self._read("READY")
+        if got is None:
+            return []
+        self.pairs = [tuple(p) for p in got["pairs"]]
+        if got["errors"]:
+            self.error = "; ".join(got["errors"])
+        return self.pairs
+
+    def run(self, mode: str, threads: int):
+        self.p.stdin.write(f"RUN {mode} {threads}\n")
+        self.p.stdin.flush()
+        return self._read("TIMING")
+
+    def quit(self):
+        try:
+            self.p.stdin.write("QUIT\n")
+            self.p.stdin.flush()
+            got = self._read("DONE")
+        except (BrokenPipeError, OSError):
+            got = None
+        self.p.wait()
+        return got
+
+
+def _median(v):
+    return statistics.median(v) if v else float("nan")
+
+
+def combine(row: str, mode: str, threads: int, prompt_len: int, samples: list, extra: dict) -> dict:
+    """One table row from the rounds' TIMING samples of (row, mode, threads): decode speed from the median step over
+    all rounds, prefill from the median round; ``tokens`` from the first round (``rounds_agree``: every round
+    generated the same tokens)."""
+    dec = [s for smp in samples for s in smp["decode_s"]]
+    cpu = [s for smp in samples for s in smp["decode_cpu_s"]]
+    prefill = _median([smp["prefill_s"] for smp in samples])
+    return dict(row=row, mode=mode, threads=threads, prefill_tok_s=prompt_len / prefill, ttft_ms=prefill * 1e3,
+                decode_tok_s=1 / _median(dec), decode_cpu_tok_s=1 / _median(cpu),
+                prefill_cpu_s=_median([smp["prefill_cpu_s"] for smp in samples]), tokens=samples[0]["tokens"],
+                rounds=len(samples), rounds_agree=all(smp["tokens"] == samples[0]["tokens"] for smp in samples),
+                round_step_s={"decode_s": [_median(smp["decode_s"]) for smp in samples],
+                              "decode_cpu_s": [_median(smp["decode_cpu_s"]) for smp in samples]},
+                **extra)
+
+
+def run_batch(rows: list, args, prompt: list, rng) -> tuple[list, list]:
+    """Start one process per row (one after the other: builds and compiles do not overlap), then ``args.rounds``
+    rounds; in each, every (row, mode, threads) decodes once, in a shuffled order. The rows share every phase of a
+    machine whose speed drifts, so their ratios per round (:func:`_ratios`) compare like with like."""
+    children, errors = [], []
+    for row in rows:
+        t1 = time.perf_counter()
+        c = Child(row, args, prompt)
+        c.ready()
+        if c.error:
+            errors.append(c.error)
+        print(f"  {row}: ready in {time.perf_counter() - t1:.0f} s" + (f"  ERROR {c.error}" if c.error else ""),
+              flush=True)
+        children.append(c)
+    jobs = [(c, m, t) for c in children for m, t in c.pairs]
+    samples = {(c.row, m, t): [] for c, m, t in jobs}
+    for r in range(args.rounds):
+        t1 = time.perf_counter()
+        rng.shuffle(jobs)
+        for c, m, t in list(jobs):
+            got = c.run(m, t)
+            if got is None:
+                errors.append(c.error)
+                jobs = [j for j in jobs if j[0] is not c]
+                continue
+            samples[(c.row, m, t)].append(got)
+        print(f"  round {r + 1}/{args.rounds}: {time.perf_counter() - t1:.0f} s", flush=True)
+    results = []
+    for c in children:
+        done = c.quit() if c.p.poll() is None else None
+        for m, t in c.pairs:
+            if samples[(c.row, m, t)]:
+                extra = {}
+                if done:
+                    extra = dict(done["facts"][f"{m} {t}"], peak_rss_mb=done["peak_rss_mb"], rss_mb=done["rss_mb"])
+                results.append(combine(c.row, m, t, len(prompt), samples[(c.row, m, t)], extra))
+    return results, errors
 
 
 def _first_diff(a: list, b: list) -> int | None:
@@ -198,19 +361,40 @@ def _greedy_notes(results: list) -> None:
 
 
 def _ratios(results: list, key: str) -> None:
-    """Decode speed over eager HF bf16 and over the llama.cpp row with the same weights, same threads, from ``key``
-    ("decode_tok_s": wall clock; "decode_cpu_tok_s": CPU time, the fair measure while other processes load the
-    machine, for 1-thread rows)."""
-    base = {r["threads"]: r[key] for r in results if r["row"] == "hf-bf16" and r["mode"] == "eager"}
-    llama = {(r["row"], r["threads"]): r[key] for r in results if r["mode"] == "llama.cpp"}
+    """Decode speed over eager HF bf16 and over the llama.cpp row with the same weights, same threads and batch, from
+    ``key`` ("decode_tok_s": wall clock; "decode_cpu_tok_s": CPU time, the fair measure while other processes load
+    the machine, for 1-thread rows): per round, the anchor's median step time over the row's, then the median over
+    the rounds (each round's rows ran in the same phase of the machine)."""
+    step = "decode_cpu_s" if key == "decode_cpu_tok_s" else "decode_s"
+    base = {(r["batch"], r["threads"]): r for r in results if r["row"] == "hf-bf16" and r["mode"] == "eager"}
+    llama = {(r["batch"], r["row"], r["threads"]): r for r in results if r["mode"] == "llama.cpp"}
+
+    def over(anchor, r):
+        a, b = anchor["round_step_s"][step], r["round_step_s"][step]
+        return _median([x / y for x, y in zip(a, b)])
+
     for r in results:
-        if r["threads"] in base:
-            r["x_hf_bf16"] = r[key] / base[r["threads"]]
+        if (r["batch"], r["threads"]) in base:
+            r["x_hf_bf16"] = over(base[(r["batch"], r["threads"])], r)
         twin = dm.SAME_WEIGHTS.get(r["row"])
         if twin is None and r["row"].startswith("int4-"):
             twin = "llama-q4_0"  # the closest llama.cpp format (4-bit, one scale per block)
-        if twin and (twin, r["threads"]) in llama:
-            r["x_llama"] = r[key] / llama[(twin, r["threads"])]
+        if twin and (r["batch"], twin, r["threads"]) in llama:
+            r["x_llama"] = over(llama[(r["batch"], twin, r["threads"])], r)
+
+
+def table_rows(results: list) -> set:
+    return {r["row"] for r in results}
+
+
+def batches(rows: list, size: int) -> list:
+    """``rows`` in groups of at most ``size`` rows besides the anchors (hf-bf16 and the llama.cpp rows, when asked
+    for), which join every group: all rows alive at once would not fit in memory (~1.2-1.8 GB per torch row)."""
+    anchors = [r for r in rows if r == "hf-bf16" or r in dm.LLAMA_ROWS]
+    others = [r for r in rows if r not in anchors]
+    if len(rows) <= size + len(anchors) or not others:
+        return [rows]
+    return [anchors + others[i:i + size] for i in range(0, len(others), size)]
 
 
 def _fmt(r: dict) -> dict:
@@ -222,9 +406,10 @@ def _fmt(r: dict) -> dict:
     for k in ("x_hf_bf16", "x_llama"):
         if k in r:
             f[k] = f"{r[k]:.2f}"
-    f["weights_MB"] = f"{r['weight_bytes'] / 2**20:.0f}"
-    f["peak_rss_MB"] = f"{r['peak_rss_mb']:.0f}"
-    f["rss_MB"] = f"{r['rss_mb']:.0f}"
+    for k, src, scale in (("weights_MB", "weight_bytes", 2**20), ("peak_rss_MB", "peak_rss_mb", 1),
+                          ("rss_MB", "rss_mb", 1)):
+        if src in r:  # absent when the row's process died before reporting them
+            f[k] = f"{r[src] / scale:.0f}"
     return f
 
 
@@ -243,19 +428,23 @@ def parent_main(args) -> None:
     info = machine_info()
     info["threads"] = ",".join(map(str, args.threads))
     print(f"prompt {len(prompt)} tokens, {args.tokens} new tokens, rows: {' '.join(rows)}", flush=True)
-    results, errors = [], []
-    for row in rows:
-        t1 = time.perf_counter()
-        res, err = _run_child(row, args, prompt)
+    results, errors, table = [], [], []
+    rng = random.Random(0)
+    for b, group in enumerate(batches(rows, args.batch)):
+        print(f"batch {b + 1}: {' '.join(group)}", flush=True)
+        res, err = run_batch(group, args, prompt, rng)
+        for r in res:
+            r["batch"] = b + 1
         results += res
-        if err:
-            errors.append(err)
-        print(f"  {row}: {time.perf_counter() - t1:.0f} s" + (f"  FAILED {err}" if err else ""), flush=True)
-        if args.json:  # after every row: a run cut short still leaves what it measured
+        errors += err
+        # anchors re-measured in later batches serve those batches' ratios; the table shows their first batch
+        table += [r for r in res if b == 0 or r["row"] not in table_rows(table)]
+        if args.json:  # after every batch: a run cut short still leaves what it measured
             with open(args.json, "w") as f:
                 json.dump({"info": info, "prompt": prompt, "results": results, "errors": errors}, f, indent=1)
-    _greedy_notes(results)
     _ratios(results, args.ratios)
+    results = table
+    _greedy_notes(results)
     try:  # asked after the rows: llama-cpp-python may have been installed while they ran
         import llama_cpp
 
@@ -263,6 +452,7 @@ def parent_main(args) -> None:
             llama_cpp.llama_print_system_info().decode().strip()
     except ImportError:
         info["llama.cpp"] = "llama-cpp-python not installed"
+    info["rounds"] = args.rounds
     print()
     print(json.dumps(info))
     print_table([_fmt(r) for r in results], COLUMNS)
@@ -281,6 +471,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help=f"rows {QUICK_ROWS}, 16 new tokens")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per decode (default 64, --quick 16)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds per batch (default 5, --quick 2): in each, every row / mode / thread count decodes "
+                         "once, in a shuffled order, so all rows share the machine's speed phases")
+    ap.add_argument("--batch", type=int, default=6,
+                    help="rows alive at once besides the anchors hf-bf16 and llama-* (default 6; memory: ~1.2-1.8 GB "
+                         "per torch row)")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
     ap.add_argument("--rows", default=None, help="comma-separated rows (default: all; --list shows them)")
     ap.add_argument("--list", action="store_true", help="list the rows and exit")
@@ -314,7 +510,8 @@ def main(argv=None) -> None:
         with open(args.table_from) as f:
             saved = json.load(f)
         _greedy_notes(saved["results"])
-        _ratios(saved["results"], args.ratios)
+        if all("batch" in r and "round_step_s" in r for r in saved["results"]):
+            _ratios(saved["results"], args.ratios)
         print(json.dumps(saved["info"]))
         print_table([_fmt(r) for r in saved["results"]], COLUMNS)
         for e in saved["errors"]:
@@ -328,6 +525,9 @@ def main(argv=None) -> None:
     if any(t < 1 for t in args.threads):
         raise SystemExit(f"--threads must be positive ints, got {args.threads}")
     args.tokens = args.tokens or (16 if args.quick else 64)
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    if args.rounds < 1 or args.batch < 1:
+        raise SystemExit(f"--rounds and --batch must be >= 1, got {args.rounds} and {args.batch}")
     if args.tokens < 2:
         raise SystemExit(f"--tokens must be >= 2 (the first token comes from the prefill), got {args.tokens}")
     if args.prompt_len + args.tokens > MAX_LEN:
