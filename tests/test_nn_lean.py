@@ -77,8 +77,11 @@ def test_public_int4_errors_unchanged():
     w, s, z = q.qweight, q.scale, q.zero_point
     x = torch.randn(2, 96)
     f = qkernels.int4_weight_only_mm
-    with pytest.raises(ValueError, match=r"packed_w must have shape \[N, K/2\] with K=64"):
+    with pytest.raises(ValueError, match=r"packed_w must have shape \[N, K/2\] with K=64 .*x may be shorter than "
+                                         r"the weight's K=96 only within its last group"):
         f(torch.randn(2, 64), w, s, z, 32)
+    with pytest.raises(ValueError, match=r"packed_w must have shape \[N, K/2\] with K=128"):
+        f(torch.randn(2, 128), w, s, z, 32)
     with pytest.raises(TypeError, match="x must have dtype"):
         f(x.to(torch.int32), w, s, z, 32)
     with pytest.raises(ValueError, match="group_size must be a positive divisor of K=96, got True"):

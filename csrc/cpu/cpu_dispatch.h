@@ -81,8 +81,8 @@ inline bool prepare_x_i16(const at::Tensor& x, int64_t group_size, bool permute,
   xq = at::empty({M, K}, x.options().dtype(at::kShort));
   xs = at::empty({M, K / F}, x.options().dtype(at::kFloat));
   xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
-  return i16_quantize_rows_avx2(xf.data_ptr<float>(), kXF32, M, K, F, group_size, permute, xq.data_ptr<int16_t>(),
-                                xs.data_ptr<float>(), xsum.data_ptr<float>());
+  return i16_quantize_rows_avx2(xf.data_ptr<float>(), kXF32, K, K, M, K, F, group_size, permute,
+                                xq.data_ptr<int16_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>());
 }
 
 // Per-thread, grow-only scratch buffers (64-byte aligned; contents undefined): what the GEMM wrappers used to
@@ -115,13 +115,14 @@ T* thread_scratch(ScratchSlot slot, int64_t count) {
 }
 
 // The int16 activations of a 16-bit (or guard-rescaled fp32) x in the calling thread's scratch; see prepare_x_i16.
+// K: the weight's columns, >= x.size(1) (a ragged x, x.size(1) % 8 == 0: its missing columns are zeros in xq).
 struct XI16 {
   const int16_t* xq;
   const float* xs;
   const float* xsum;
 };
-inline bool prepare_x_i16_scratch(const at::Tensor& x, int64_t group_size, bool permute, XI16& out) {
-  const int64_t M = x.size(0), K = x.size(1), G = K / group_size, F = i16_block(group_size);
+inline bool prepare_x_i16_scratch(const at::Tensor& x, int64_t K, int64_t group_size, bool permute, XI16& out) {
+  const int64_t M = x.size(0), Kx = x.size(1), G = K / group_size, F = i16_block(group_size);
   const int kind = x.scalar_type() == at::kBFloat16 ? kXBF16 : x.scalar_type() == at::kHalf ? kXF16 : kXF32;
   TORCH_CHECK(kind != kXF32 || x.scalar_type() == at::kFloat, "prepare_x_i16: x must be fp32, bf16 or fp16, got ",
               x.scalar_type());
@@ -130,7 +131,7 @@ inline bool prepare_x_i16_scratch(const at::Tensor& x, int64_t group_size, bool 
   float* xs = thread_scratch<float>(kScratchXs, M * (K / F));
   float* xsum = thread_scratch<float>(kScratchXsum, M * G);
   out = {xq, xs, xsum};
-  return i16_quantize_rows_avx2(xc->data_ptr(), kind, M, K, F, group_size, permute, xq, xs, xsum);
+  return i16_quantize_rows_avx2(xc->data_ptr(), kind, Kx, Kx, M, K, F, group_size, permute, xq, xs, xsum);
 }
 
 // QKERNELS_CPU_I16: whether bf16/fp16 calls of the int4 and int8 weight-only GEMMs take the int16-activation

@@ -194,12 +194,12 @@ at::Tensor float_contiguous(const at::Tensor& t) {
 }
 
 // x @ dequant(W)^T in double for the row guard's repairs, W decoded as the reference decodes it: the fp32 product
-// scale * (q - zero_point), then exact in double.
+// scale * (q - zero_point), then exact in double. x holds Kx <= K columns (the rest count as zeros).
 struct Int4ExactRow {
   const uint8_t* w;
   const float* s;
   const int32_t* zp;  // nullptr: 0
-  int64_t K, group_size;
+  int64_t K, Kx, group_size;
   bool is_signed;
   double operator()(const double* xr, int64_t n) const {
     const int64_t G = K / group_size;
@@ -208,7 +208,7 @@ struct Int4ExactRow {
     for (int64_t g = 0; g < G; ++g) {
       const float sg = s[n * G + g];
       const int32_t z = zp ? zp[n * G + g] : 0;
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) {
+      for (int64_t k = g * group_size; k < std::min((g + 1) * group_size, Kx); ++k) {
         const int32_t nib = (row[k >> 1] >> (4 * (k & 1))) & 0xF;
         const int32_t q = is_signed ? (nib ^ 8) - 8 : nib;
         acc += xr[k] * (double)(sg * (float)(q - z));
@@ -220,8 +220,9 @@ struct Int4ExactRow {
 
 at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                                    const std::optional<at::Tensor>& zero_point, int64_t group_size, bool is_signed) {
-  check_int4_mm_args(x, packed_w, scale, zero_point, group_size);
-  const int64_t M = x.size(0), K = x.size(1), N = packed_w.size(0);
+  // x may hold Kx < K columns (a ragged last group, stored padded: int_checks.h); the missing ones are zeros
+  check_int4_mm_args(x, packed_w, scale, zero_point, group_size, /*allow_ragged_x=*/true);
+  const int64_t M = x.size(0), Kx = x.size(1), K = packed_w.size(1) * 2, N = packed_w.size(0);
   const int64_t G = K / group_size;
   const bool avx2 = use_avx2();
   if (M == 0 || N == 0 || K == 0) {
@@ -241,31 +242,43 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const cpu::RowGuard guard(x);
   const at::Tensor xk = guard.rescaled() ? guard.rescaled_x() : x;
   float* o = out.data();
+  // a ragged x with zero columns up to K, made on first use: the int16 path writes those zeros into its scratch
+  // itself (no copy of x) where Kx % 8 == 0
+  at::Tensor xpad;
+  auto padded = [&]() -> const at::Tensor& {
+    if (!xpad.defined()) xpad = Kx == K ? xk : at::constant_pad_nd(xk, {0, K - Kx}, 0);
+    return xpad;
+  };
 
   if (avx2 && M <= small_m_threshold() && K % 32 == 0 && group_size % 32 == 0) {
     // the 64-k mask-decode kernel where the shape allows it, else the 32-k one (group_size 32, K = 64 n + 32)
     const bool k64 = K % 64 == 0 && group_size % 64 == 0 && use_w4_k64();
+    // the k steps that meet x's own columns: a ragged x's steps past them multiply zeros and are skipped (for
+    // K = 576 stored as 640 with group 128, the last 64-k step of every row: 10% of the decode work)
+    const int64_t step = k64 ? 64 : 32, kend = std::min(K, (Kx + step - 1) / step * step);
     // bf16/fp16 x: the int16-activation kernel (k64 layout only), unless x holds NaN/inf; else the fp32 kernels
     cpu::XI16 xi{};
     at::Tensor xp, xsum, row_scale;
-    const bool i16 = k64 && use_i16(x) && cpu::prepare_x_i16_scratch(xk, group_size, true, xi);
-    if (!i16) std::tie(xp, xsum, row_scale) = int4_prepare_x(xk, group_size, k64);
+    const bool i16 =
+        k64 && use_i16(x) && cpu::prepare_x_i16_scratch(Kx % 8 == 0 ? xk : padded(), K, group_size, true, xi);
+    if (!i16) std::tie(xp, xsum, row_scale) = int4_prepare_x(padded(), group_size, k64);
     const int64_t F = i16_block(group_size);
     std::atomic<bool> bad{false};
     for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
       bool b;
       if (i16) {
-        b = cpu::w4a16_rows_avx2_i16(xi.xq, M, xi.xs, xi.xsum, w, s, zp, is_signed, K, group_size, F, o, N, n0, n1);
+        b = cpu::w4a16_rows_avx2_i16(xi.xq, M, xi.xs, xi.xsum, w, s, zp, is_signed, K, kend, group_size, F, o, N, n0,
+                                     n1);
       } else {
         const float *xpp = xp.data_ptr<float>(), *rs = row_scale.data_ptr<float>(), *xs = xsum.data_ptr<float>();
-        b = k64 ? cpu::w4a16_rows_avx2_k64(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1)
-                : cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, group_size, o, N, n0, n1);
+        b = k64 ? cpu::w4a16_rows_avx2_k64(xpp, M, xs, rs, w, s, zp, is_signed, K, kend, group_size, o, N, n0, n1)
+                : cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, kend, group_size, o, N, n0, n1);
       }
       if (b) bad = true;
     });
     if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
   } else {
-    auto xf = xk.to(at::kFloat).contiguous();
+    auto xf = padded().to(at::kFloat).contiguous();
     at::Tensor ot = out.tensor();
     // zz = zero_point (+8 for signed codes), int8, range-checked
     const at::Tensor zz = int4_effective_zero_points(zero_point, N, G, is_signed, x.options());
@@ -291,7 +304,7 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
       });
     }
   }
-  guard.finish(o, N, Int4ExactRow{w, s, zp, K, group_size, is_signed});
+  guard.finish(o, N, Int4ExactRow{w, s, zp, K, Kx, group_size, is_signed});
   return out.result(avx2);
 }
 
@@ -313,7 +326,7 @@ at::Tensor int8_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& q_w, c
   float* o = out.data();
   cpu::XI16 xi{};
   if (avx2 && M <= small_m_threshold() && K % 64 == 0 && use_i16(x) &&
-      cpu::prepare_x_i16_scratch(xk, K, false, xi)) {
+      cpu::prepare_x_i16_scratch(xk, K, K, false, xi)) {
     const int64_t F = i16_block(K);
     for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
       cpu::w8a16_rows_avx2_i16(xi.xq, M, xi.xs, w, s, K, F, o, N, n0, n1);

@@ -6,6 +6,7 @@
 // on CPUs without AVX2.
 #include "int_gemm_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -47,6 +48,14 @@ QK_AVX2 inline const char* int4_block_prefetch(const uint8_t* w, const float* sc
   prefetch_rows(scale + (n + kRowBlock) * G, kRowBlock * G);
   if (zero_point) prefetch_rows(zero_point + (n + kRowBlock) * G, kRowBlock * G);
   return (const char*)(w + (n + kRowBlock) * ldw);
+}
+
+// A ragged x (kend < K: the steps past kend multiply zeros and are skipped) ends its tile early: the next block's
+// lines that those steps would have prefetched, `lines_per_step` per step of `step` k, from step kend / step on.
+QK_AVX2 inline void prefetch_skipped_steps(const char* pf, int64_t kend, int64_t K, int64_t step, int lines_per_step) {
+  if (!pf) return;
+  for (int64_t s = kend / step; s < K / step; ++s)
+    for (int l = 0; l < lines_per_step; ++l) _mm_prefetch(pf + (s * lines_per_step + l) * kPrefetchStep, _MM_HINT_T0);
 }
 
 template <int NR, int MT>
@@ -125,8 +134,8 @@ QK_AVX2 inline bool finish_int4_tile(const __m256 (&total)[NR][MT], const float*
 // [-8, 16] (the range of the other paths, checked here so that no separate pass over the zero points is needed).
 template <int NR, int MT, bool FLIP>
 QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale, const uint8_t* w, const float* scale,
-                     const int32_t* zp, int32_t zoff, int64_t K, int64_t group_size, float* out, int64_t ldo,
-                     const char* pf) {
+                     const int32_t* zp, int32_t zoff, int64_t K, int64_t kend, int64_t group_size, float* out,
+                     int64_t ldo, const char* pf) {
   const __m256i lo_bytes = _mm256_setr_epi8(-1, -1, -1, 0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3,  //
                                             -1, -1, -1, 4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7);
   const __m256i hi_bytes = _mm256_setr_epi8(-1, -1, -1, 8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11,  //
@@ -142,7 +151,7 @@ QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale,
     __m256 a[NR][MT][2];
     for (int r = 0; r < NR; ++r)
       for (int m = 0; m < MT; ++m) a[r][m][0] = a[r][m][1] = _mm256_setzero_ps();
-    for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
+    for (int64_t k = g * group_size; k < std::min((g + 1) * group_size, kend); k += 32) {
       if (pf) _mm_prefetch(pf + (k / 32) * kPrefetchStep, _MM_HINT_T0);
       for (int r = 0; r < NR; ++r) {
         __m128i bytes = _mm_loadu_si128((const __m128i*)(w + r * ldw + k / 2));
@@ -164,6 +173,7 @@ QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale,
     }
     fold_group<NR, MT, C1>(total, a, scale, G, g);
   }
+  prefetch_skipped_steps(pf, kend, K, 32, 1);
   return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
 }
 
@@ -178,8 +188,8 @@ QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale,
 // 0 unsigned). Loop order: j outside, weight rows inside, so each x vector is loaded once for NR rows.
 template <int NR, int MT, bool XOR8>
 QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale, const uint8_t* w, const float* scale,
-                      const int32_t* zp, int32_t zoff, int64_t K, int64_t group_size, float* out, int64_t ldo,
-                      const char* pf) {
+                      const int32_t* zp, int32_t zoff, int64_t K, int64_t kend, int64_t group_size, float* out,
+                      int64_t ldo, const char* pf) {
   const __m256i flip = _mm256_set1_epi8((char)0x88);
   const int64_t G = K / group_size, ldw = K / 2;
   constexpr int C1 = kChains<NR, MT> - 1;
@@ -190,7 +200,7 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
     __m256 a[NR][MT][2];
     for (int r = 0; r < NR; ++r)
       for (int m = 0; m < MT; ++m) a[r][m][0] = a[r][m][1] = _mm256_setzero_ps();
-    for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 64) {
+    for (int64_t k = g * group_size; k < std::min((g + 1) * group_size, kend); k += 64) {
       if (pf) {  // a 4-row block consumes 4 x 32 bytes per step: two lines of the next block
         _mm_prefetch(pf + (k / 64) * 2 * kPrefetchStep, _MM_HINT_T0);
         _mm_prefetch(pf + (k / 64) * 2 * kPrefetchStep + kPrefetchStep, _MM_HINT_T0);
@@ -223,6 +233,7 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
     }
     fold_group<NR, MT, C1>(total, a, scale, G, g);
   }
+  prefetch_skipped_steps(pf, kend, K, 64, 2);
   return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
 }
 
@@ -243,8 +254,8 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
 // 627 vs 704 us, M = 4 1420 vs 1599, M = 16 5056 vs 5851, M = 24 7705 vs 9095.
 template <int NR, int MT, bool XOR8>
 QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const float* scale,
-                      const int32_t* zp, int32_t zoff, int64_t K, int64_t group_size, int64_t F, float* out,
-                      int64_t ldo, const char* pf) {
+                      const int32_t* zp, int32_t zoff, int64_t K, int64_t kend, int64_t group_size, int64_t F,
+                      float* out, int64_t ldo, const char* pf) {
   const __m256i flip = _mm256_set1_epi8((char)0x88);
   const __m256i m0f = _mm256_set1_epi16(0x000F);
   const int64_t G = K / group_size, nB = K / F, ldw = K / 2;
@@ -259,7 +270,8 @@ QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, con
     const uint8_t* wb = w + ((b * F) >> 1);
     const int16_t* xb = xq + b * F;
     const char* pfb = pf ? pf + ((b * F) >> 6) * 2 * kPrefetchStep : nullptr;
-    for (int64_t k = 0; k < F; k += 64) {
+    const int64_t fend = std::min(F, kend - b * F);  // <= 0: a block of padding columns only
+    for (int64_t k = 0; k < fend; k += 64) {
       if (pfb) {  // a 4-row block consumes 4 x 32 bytes per step: two lines of the next block
         _mm_prefetch(pfb + (k >> 6) * 2 * kPrefetchStep, _MM_HINT_T0);
         _mm_prefetch(pfb + (k >> 6) * 2 * kPrefetchStep + kPrefetchStep, _MM_HINT_T0);
@@ -288,6 +300,7 @@ QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, con
         total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(A[r][m]), _mm256_set1_ps(ws * xs[m * nB + b]), total[r][m]);
     }
   }
+  prefetch_skipped_steps(pf, kend, K, 64, 2);
   return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, nullptr, G, out, ldo);
 }
 
@@ -392,8 +405,8 @@ namespace {
 // Rows [n0, n1) of the int4 GEMM through the 32-k (w4_tile) or the 64-k (w4m_tile) register kernel.
 template <bool K64>
 QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
-                        const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size,
-                        float* out, int64_t ldo, int64_t n0, int64_t n1) {
+                        const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t kend,
+                        int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
   // 32-k: signed codes decode to q itself, unsigned ones, XOR'd with 8, to u - 8 (the zero point moves by -8);
   // 64-k: codes decode unsigned, signed ones XOR'd with 8 to q + 8 (the zero point moves by +8)
   const int32_t zoff = K64 ? (is_signed ? 8 : 0) : (is_signed ? 0 : -8);
@@ -410,11 +423,11 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
     const uint8_t* wn = w + n * ldw;
     const float* sn = scale + n * G;
     if constexpr (K64) {
-      bad |= is_signed ? w4m_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, group_size, o, ldo, pf)
-                       : w4m_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, group_size, o, ldo, pf);
+      bad |= is_signed ? w4m_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf)
+                       : w4m_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf);
     } else {
-      bad |= is_signed ? w4_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, group_size, o, ldo, pf)
-                       : w4_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, group_size, o, ldo, pf);
+      bad |= is_signed ? w4_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf)
+                       : w4_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf);
     }
   });
   return bad;
@@ -423,22 +436,26 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
 }  // namespace
 
 QK_AVX2 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
-                             const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
+                             const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t kend,
                              int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  return w4a16_rows<false>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, group_size, out, ldo, n0, n1);
+  return w4a16_rows<false>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, kend, group_size, out, ldo,
+                           n0, n1);
 }
 
 QK_AVX2 bool w4a16_rows_avx2_k64(const float* xp, int64_t M, const float* xsum, const float* row_scale,
                                  const uint8_t* w, const float* scale, const int32_t* zero_point, bool is_signed,
-                                 int64_t K, int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
-  return w4a16_rows<true>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, group_size, out, ldo, n0, n1);
+                                 int64_t K, int64_t kend, int64_t group_size, float* out, int64_t ldo, int64_t n0,
+                                 int64_t n1) {
+  return w4a16_rows<true>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, kend, group_size, out, ldo, n0,
+                          n1);
 }
 
 // Rows [n0, n1) of the int4 x int16 GEMM (w4i_tile), in the tiles of for_tiles (4x1, 2x2, 2x4 and the 1xMT row
 // tails), one int32 accumulator per output.
 QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum, const uint8_t* w,
                                  const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
-                                 int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+                                 int64_t kend, int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0,
+                                 int64_t n1) {
   const int32_t zoff = is_signed ? 8 : 0;  // codes decode unsigned; signed ones XOR'd with 8 to q + 8
   const int64_t G = K / group_size, ldw = K / 2, nB = K / F;
   bool bad = false;
@@ -450,9 +467,9 @@ QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, 
     const float* xb = xs + m0 * nB;
     const float* xsm = xsum + m0 * G;
     float* o = out + m0 * ldo + n;
-    bad |= is_signed ? w4i_tile<NR, MT, true>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K, group_size, F,
+    bad |= is_signed ? w4i_tile<NR, MT, true>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K, kend, group_size, F,
                                               o, ldo, pf)
-                     : w4i_tile<NR, MT, false>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K, group_size, F,
+                     : w4i_tile<NR, MT, false>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K, kend, group_size, F,
                                                o, ldo, pf);
   };
   for_tiles(M, n0, n1, tile);
@@ -476,18 +493,20 @@ QK_AVX2 inline __m256 load8_as_f32(const void* p, int64_t i) {
 }
 
 template <int KIND>
-QK_AVX2 bool i16_quantize_rows(const void* x, int64_t M, int64_t K, int64_t F, int64_t group_size, bool permute,
-                               int16_t* xq, float* xs, float* xsum) {
+QK_AVX2 bool i16_quantize_rows(const void* x, int64_t ldx, int64_t kx, int64_t M, int64_t K, int64_t F,
+                               int64_t group_size, bool permute, int16_t* xq, float* xs, float* xsum) {
   const int64_t G = K / group_size, nB = K / F;
   const __m256 sign = _mm256_set1_ps(-0.f);
   alignas(32) int32_t nat[256];
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) xsum[m * G + g] = 0.f;
     for (int64_t b = 0; b < nB; ++b) {
-      const int64_t blk = m * K + b * F;
+      const int64_t blk = m * K + b * F, src = m * ldx + b * F;
+      // columns from kx on are zeros (a ragged x, kx % 8 == 0): left out of the loads, zeros in xq
+      const int64_t nv = std::max<int64_t>(0, std::min(F, kx - b * F));
       __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
-      for (int64_t i = 0; i < F; i += 8) {
-        const __m256 v = load8_as_f32<KIND>(x, blk + i);
+      for (int64_t i = 0; i < nv; i += 8) {
+        const __m256 v = load8_as_f32<KIND>(x, src + i);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
         nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
       }
@@ -496,12 +515,13 @@ QK_AVX2 bool i16_quantize_rows(const void* x, int64_t M, int64_t K, int64_t F, i
       const int e = a > 0.f ? std::ilogb(a) : 14;
       const __m256 up = _mm256_set1_ps(std::ldexp(1.f, 14 - e));
       __m256i isum = _mm256_setzero_si256();
-      for (int64_t i = 0; i < F; i += 8) {
+      for (int64_t i = 0; i < nv; i += 8) {
         // |x| * 2^(14 - e) < 2^15: the rounded value (MXCSR default: nearest even) fits int16
-        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8_as_f32<KIND>(x, blk + i), up));
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(load8_as_f32<KIND>(x, src + i), up));
         _mm256_store_si256((__m256i*)(nat + i), q);
         isum = _mm256_add_epi32(isum, q);
       }
+      for (int64_t i = nv; i < F; ++i) nat[i] = 0;
       alignas(32) int32_t part[8];
       _mm256_store_si256((__m256i*)part, isum);
       int64_t total = 0;
@@ -523,11 +543,11 @@ QK_AVX2 bool i16_quantize_rows(const void* x, int64_t M, int64_t K, int64_t F, i
 
 }  // namespace
 
-QK_AVX2 bool i16_quantize_rows_avx2(const void* x, int x_kind, int64_t M, int64_t K, int64_t F, int64_t group_size,
-                                    bool permute, int16_t* xq, float* xs, float* xsum) {
-  if (x_kind == kXBF16) return i16_quantize_rows<kXBF16>(x, M, K, F, group_size, permute, xq, xs, xsum);
-  if (x_kind == kXF16) return i16_quantize_rows<kXF16>(x, M, K, F, group_size, permute, xq, xs, xsum);
-  return i16_quantize_rows<kXF32>(x, M, K, F, group_size, permute, xq, xs, xsum);
+QK_AVX2 bool i16_quantize_rows_avx2(const void* x, int x_kind, int64_t ldx, int64_t kx, int64_t M, int64_t K,
+                                    int64_t F, int64_t group_size, bool permute, int16_t* xq, float* xs, float* xsum) {
+  if (x_kind == kXBF16) return i16_quantize_rows<kXBF16>(x, ldx, kx, M, K, F, group_size, permute, xq, xs, xsum);
+  if (x_kind == kXF16) return i16_quantize_rows<kXF16>(x, ldx, kx, M, K, F, group_size, permute, xq, xs, xsum);
+  return i16_quantize_rows<kXF32>(x, ldx, kx, M, K, F, group_size, permute, xq, xs, xsum);
 }
 
 // The rounding of ATen's AVX2 conversions (vec256_16bit_float.h cvtfp32_bf16, vec256_half.h), so an output written
@@ -638,19 +658,21 @@ namespace qkernels {
 namespace cpu {
 bool cpu_has_avx2_fma() { return false; }
 bool w4a16_rows_avx2(const float*, int64_t, const float*, const float*, const uint8_t*, const float*, const int32_t*,
-                     bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
+                     bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
   return false;
 }
 bool w4a16_rows_avx2_k64(const float*, int64_t, const float*, const float*, const uint8_t*, const float*,
-                         const int32_t*, bool, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
+                         const int32_t*, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
   return false;
 }
-bool i16_quantize_rows_avx2(const void*, int, int64_t, int64_t, int64_t, int64_t, bool, int16_t*, float*, float*) {
+bool i16_quantize_rows_avx2(const void*, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int16_t*,
+                            float*, float*) {
   return false;
 }
 void f32_to_half_avx2(const float*, uint16_t*, int64_t, bool) {}
 bool w4a16_rows_avx2_i16(const int16_t*, int64_t, const float*, const float*, const uint8_t*, const float*,
-                         const int32_t*, bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
+                         const int32_t*, bool, int64_t, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
+                         int64_t) {
   return false;
 }
 void w8a16_rows_avx2(const float*, int64_t, const int8_t*, const float*, int64_t, float*, int64_t, int64_t, int64_t) {}

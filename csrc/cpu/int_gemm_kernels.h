@@ -13,34 +13,37 @@ bool cpu_has_avx2_fma();
 // quantization group; row_scale: fp32 [M] (powers of two; see int4_prepare_x in int_gemm.cpp). w: [N, K/2] packed
 // nibbles, signed (is_signed) or unsigned codes q; zero_point: int32 [N, K/g] or nullptr (0). Needs K % 32 == 0 and
 // group_size % 32 == 0. Returns true when a zero point lies outside [-8, 16] (the caller raises).
+// kend <= K: the columns of x from kend on are zero (a ragged x padded to the weight's K): the kernels skip their
+// k steps; kend is a multiple of the kernel's step (32 here, 64 for the two below).
 bool w4a16_rows_avx2(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
-                     const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size,
-                     float* out, int64_t ldo, int64_t n0, int64_t n1);
+                     const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t kend,
+                     int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
 // The same GEMM with the 64-k mask decode (faster; needs K % 64 == 0 and group_size % 64 == 0): xp laid out by
 // int4_prepare_x_k64 (per 64-block, x'[8 j + l] = x[8 l + j] * 2^-4j for j < 7, * 1 for j = 7, all times the row's
 // 2^-E), xsum and row_scale as above.
 bool w4a16_rows_avx2_k64(const float* xp, int64_t M, const float* xsum, const float* row_scale, const uint8_t* w,
-                         const float* scale, const int32_t* zero_point, bool is_signed, int64_t K,
+                         const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t kend,
                          int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
 // The same GEMM on int16 activations (integer dot products; K % 64 == 0, group_size % 64 == 0): xq int16 [M, K] in
 // the layout of prepare_x_i16 in int_gemm.cpp (per 64-block, xq[16 j + l] = x[4 l + j]), x = xq * xs[m, k / F]
 // (F divides group_size, F <= 256), xsum the per-group sums of that x.
 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const float* xsum, const uint8_t* w,
-                         const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t group_size,
-                         int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1);
+                         const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t kend,
+                         int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
 // The element type of x handed to i16_quantize_rows_avx2.
 enum XKind : int { kXF32 = 0, kXBF16 = 1, kXF16 = 2 };
 
-// x [M, K] contiguous, fp32 / bf16 / fp16 (x_kind) -> the int16 activations of w4a16_rows_avx2_i16 (see
+// x [M, kx] (row stride ldx), fp32 / bf16 / fp16 (x_kind), as [M, K] with columns kx..K-1 zero (kx % 8 == 0;
+// kx = ldx = K for an unpadded x) -> the int16 activations of w4a16_rows_avx2_i16 (see
 // prepare_x_i16 in cpu_dispatch.h): xq, xs [M, K/F], xsum [M, K/group_size]; 16-bit x is widened exactly in
 // registers, so the result is the same as for x converted to fp32 first. Returns false when x holds NaN or inf
 // (nothing usable is written then). permute: the int4 kernel's order (per 64-block xq[16 j + l] = x[4 l + j]);
 // otherwise natural order (int8 kernel).
-bool i16_quantize_rows_avx2(const void* x, int x_kind, int64_t M, int64_t K, int64_t F, int64_t group_size,
-                            bool permute, int16_t* xq, float* xs, float* xsum);
+bool i16_quantize_rows_avx2(const void* x, int x_kind, int64_t ldx, int64_t kx, int64_t M, int64_t K, int64_t F,
+                            int64_t group_size, bool permute, int16_t* xq, float* xs, float* xsum);
 
 // dst[i] = src[i] as bf16 (bf16 = true) or fp16 bits, n elements, rounded as ATen's AVX2 conversion rounds (the
 // bits of `.to(dtype)` on AVX2 CPUs, NaN included: bf16 0xFFFF, fp16 vcvtps2ph).

@@ -167,9 +167,13 @@ class Layout:
 # ---- integer layouts ---------------------------------------------------------------------------------------------
 class _IntLayout(Layout):
     gemm = True  # the scheme's op is a GEMM of x with the codes (op_args); False: the layout's own mm
+    # the op takes x unpadded where the codes are stored padded to whole groups (a ragged last group), on the CPU:
+    # int4_weight_only_mm's C++ kernel treats x's missing columns as zeros and skips their work
+    ragged_x_on_cpu = False
 
     def runs_direct(self, layer):
-        return self.gemm and not layer.scheme.act_int8 and not layer.act_order and layer._pad == 0
+        return (self.gemm and not layer.scheme.act_int8 and not layer.act_order
+                and (layer._pad == 0 or self.ragged_x_on_cpu))
 
     def set_codes(self, layer, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None):
         """QuantLinear.set_quantized: int8 codes ``q [N, K]`` (ragged last group padded with its zero point)."""
@@ -220,7 +224,9 @@ class _IntLayout(Layout):
 
     def forward(self, layer, x):
         b = layer._buffers
-        if layer._direct:
+        # a padded layer's kernel also takes x as wide as the stored codes (or any width within the last group),
+        # so its in_features is checked here
+        if layer._direct and (not layer._pad or (x.is_cpu and x.dim() and x.shape[-1] == layer.in_features)):
             # the decode hot path: x goes to the kernel as it is, and the kernel checks it (and every buffer)
             try:
                 fn = compiled_op(layer._op, x.device)
@@ -240,12 +246,13 @@ class _IntLayout(Layout):
         if perm is not None:
             x = x.index_select(-1, perm)
         pad = layer._pad
-        if pad:  # a ragged last group: zero inputs meet the padding codes
+        if pad and not (self.ragged_x_on_cpu and x.is_cpu):  # a ragged last group: zero inputs meet the padding codes
             x = F.pad(x, (0, pad))
         return add_bias(layer, self.mm(layer, b, x), b["bias"])
 
     def mm(self, layer, b: dict, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., Kp] @ W^T`` without bias, on the op the scheme names."""
+        """``x [..., Kp] @ W^T`` without bias, on the op the scheme names (x [..., K] on the CPU where
+        ``ragged_x_on_cpu``)."""
         fn = compiled_op(layer._op, x.device)
         if fn is not None:
             try:
@@ -319,6 +326,7 @@ class Int4Layout(_GroupedLayout):
     """uint8 ``[N, Kp/2]`` nibbles (pack_int4), run by int4_weight_only_mm."""
 
     name = "int4"
+    ragged_x_on_cpu = True
 
     def codes_buffer(self, N, Kp, device):
         return torch.zeros(N, Kp // 2, dtype=torch.uint8, device=device)

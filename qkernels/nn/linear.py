@@ -32,7 +32,8 @@ Integer schemes: the weight is ``W = scale * (q - zero_point)`` per group of ``g
 multiple of ``g`` (e.g. K=576, g=128 in SmolLM2-135M) the last group is ragged, it covers the last ``K % g`` input
 features, as GPTQ's ``g_idx = k // g`` does. The stored codes are padded to ``Kp`` columns holding the group's zero
 point (0 when symmetric; clamped to the code range), so the padding dequantizes to 0, and the forward pads ``x`` with
-zeros to ``Kp``: the padding adds exact zeros and the ops run unchanged on whole groups. :meth:`QuantLinear.codes`
+zeros to ``Kp``: the padding adds exact zeros and the ops run unchanged on whole groups. Exception: int4 on the CPU,
+whose kernel takes ``x`` unpadded (its missing columns count as zeros) and skips the padding columns' work. :meth:`QuantLinear.codes`
 and :meth:`QuantLinear.dequantize` return the ``K`` real columns; ``set_quantized`` / ``from_codes`` take them. fp8 schemes: ``W = float(q) * scale`` per channel / tensor / block
 (:func:`qkernels.dequantize_fp8`); fp4 schemes: :func:`qkernels.dequantize_fp4`.
 

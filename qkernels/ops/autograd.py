@@ -101,7 +101,8 @@ def _grads(op: str, args: tuple, grad_out: torch.Tensor, needs: tuple) -> list:
     for p in x_pos:
         if needs[p]:
             x = args[p]
-            w = dequantized_weight(op, args)
+            # [:, :Kx]: an int4 weight stored padded past x's last dim (a ragged last group) gives x no gradient there
+            w = dequantized_weight(op, args)[:, :x.shape[-1]]
             grads[p] = torch.matmul(grad_out.float(), w).to(x.dtype)
     if bias_pos is not None and needs[bias_pos]:
         bias = args[bias_pos]

@@ -11,7 +11,7 @@ import torch
 
 from .. import _ext
 from . import autograd
-from ._call import call, compiled_op
+from ._call import backend_forced_by_env, call, compiled_op
 from ._validate import FLOAT_DTYPES, check_float_tensor, check_same_device, check_tensor
 
 
@@ -38,15 +38,21 @@ def _run_compiled(fn, x, args, check):
 
 
 def _check_int4_args(x, packed_w, scale, zero_point, group_size):
-    """The Python-side checks of int4_weight_only_mm; returns (x as [M, K], N)."""
+    """The Python-side checks of int4_weight_only_mm; returns (x as [M, Kx], N). K = 2 * packed_w.shape[1] is the
+    weight's (stored) width; x holds Kx = K columns, or fewer within a ragged last group (see int4_weight_only_mm)."""
     x2 = _flatten_x(x)
-    K = x2.shape[1]
+    Kx = x2.shape[1]
     check_tensor(packed_w, "packed_w", (torch.uint8,), dim=2)
     N, half_k = packed_w.shape
-    if half_k * 2 != K:
-        raise ValueError(f"packed_w must have shape [N, K/2] with K={K} (x's last dim), got {tuple(packed_w.shape)}")
+    K = half_k * 2
+    if K < Kx:
+        raise ValueError(f"packed_w must have shape [N, K/2] with K={Kx} (x's last dim), got {tuple(packed_w.shape)}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or K % group_size:
-        raise ValueError(f"group_size must be a positive divisor of K={K}, got {group_size!r}")
+        raise ValueError(f"group_size must be a positive divisor of K={K}, got {group_size!r} (K: 2 * packed_w.shape[1])")
+    if K - Kx >= group_size:
+        raise ValueError(f"packed_w must have shape [N, K/2] with K={Kx} (x's last dim), got "
+                         f"{tuple(packed_w.shape)}: x may be shorter than the weight's K={K} only within its last "
+                         f"group, K - group_size < x's last dim <= K (group_size={group_size})")
     check_tensor(scale, "scale", FLOAT_DTYPES, dim=2)
     s_shape = scale.shape
     if s_shape[0] != N or s_shape[1] != K // group_size:
@@ -66,7 +72,10 @@ def int4_weight_only_mm(x, packed_w, scale, zero_point=None, group_size=128, *, 
     """W4A16: ``x @ dequant(W)^T`` with W = scale * (q - zero_point) per group of ``group_size`` along K.
 
     Args:
-        x: float32/bf16/fp16 ``[..., K]``.
+        x: float32/bf16/fp16 ``[..., Kx]`` with ``Kx = K``, or ``K - group_size < Kx < K`` for a weight whose ragged
+            last group is stored padded to whole groups (e.g. K = 576 as 640 with group 128): x's missing columns
+            count as zeros, so the call equals one with x zero-padded to K, and the CPU kernel skips the padding
+            columns' work instead of padding x (other backends get x padded here).
         packed_w: uint8 ``[N, K/2]`` from :func:`qkernels.pack_int4` (element 2i in the low nibble).
         scale: float ``[N, K // group_size]``.
         zero_point: int32 ``[N, K // group_size]`` in [-8, 16], or None (0).
@@ -80,12 +89,25 @@ def int4_weight_only_mm(x, packed_w, scale, zero_point=None, group_size=128, *, 
             return _run_compiled(fn, x, (packed_w, scale, zero_point, group_size, bool(signed)),
                                  lambda: _check_int4_args(x, packed_w, scale, zero_point, group_size))
     x2, N = _check_int4_args(x, packed_w, scale, zero_point, group_size)
-    K = x2.shape[1]
+    K = packed_w.shape[1] * 2
+    if x2.shape[1] != K and not _takes_ragged_x(x2, backend):
+        x2 = torch.nn.functional.pad(x2, (0, K - x2.shape[1]))
     args = (x2, packed_w, scale, zero_point, group_size, bool(signed))
     # autograd.run: the chosen backend (Triton, the reference ...) gets the same grad_x formula as the C++ kernel
     out = autograd.run("int4_weight_only_mm", args, lambda: call(
         "int4_weight_only_mm", args, x.device, backend, dtype=x.dtype, M=x2.shape[0], K=K, N=N, group_size=group_size))
     return out if x2 is x else out.reshape(*x.shape[:-1], N)
+
+
+def _takes_ragged_x(x2, backend) -> bool:
+    """Whether the backend that runs takes an x shorter than the int4 weight (a ragged last group): the C++ CPU kernel
+    and the reference do; the CUDA and Triton kernels want x padded to K. A forced backend (argument or
+    QKERNELS_BACKEND) other than those two gets x padded, whatever it is."""
+    if x2.device.type != "cpu":
+        return False
+    if backend is None and not backend_forced_by_env():
+        return True
+    return backend in ("cpu", "reference")
 
 
 def _check_int8_args(x, q_w, scale, scale_name):

@@ -14,9 +14,12 @@ from ._arith import true_div
 
 
 def int4_weight_only_mm(x, packed_w, scale, zero_point, group_size, is_signed):
+    """``x [M, Kx]`` with ``Kx <= K = 2 * packed_w.shape[1]``: a weight whose ragged last group is stored padded to
+    whole groups may take x unpadded; x's missing columns count as zeros, i.e. the weight's columns from Kx on are
+    left out (qkernels.ops.int_gemm checks ``K - group_size < Kx``)."""
     q = int_quant.unpack_int4(packed_w, is_signed)
     w = int_quant.dequantize_affine(q, scale, zero_point, group_size, False, torch.float64)
-    return (x.double() @ w.t()).to(x.dtype)
+    return (x.double() @ w[:, :x.shape[-1]].t()).to(x.dtype)
 
 
 def int8_weight_only_mm(x, q_w, scale):

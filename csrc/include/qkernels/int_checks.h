@@ -50,15 +50,25 @@ inline void check_dequantize_affine_args(const at::Tensor& q, const at::Tensor& 
 }
 
 // W4A16: x [M, K]; packed_w uint8 [N, K/2]; scale float [N, K/group_size]; zero_point int32 like scale.
+// allow_ragged_x (the CPU kernel): x may also hold Kx < K columns where the weight's last group is ragged and stored
+// padded (K - Kx < group_size, the padding codes holding the group's zero point); the missing columns of x count as
+// zeros. Layers with K = 576 and group 128 then skip padding x on every call. The CUDA kernels take Kx == K only
+// (the Python wrapper pads x for them).
 inline void check_int4_mm_args(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
-                               const std::optional<at::Tensor>& zero_point, int64_t group_size) {
+                               const std::optional<at::Tensor>& zero_point, int64_t group_size,
+                               bool allow_ragged_x = false) {
   check_x_2d(x);
   check_dtype(packed_w, at::kByte, "packed_w");
   check_dim(packed_w, 2, "packed_w");
-  const int64_t K = x.size(1), N = packed_w.size(0);
-  TORCH_CHECK(packed_w.size(1) * 2 == K, "packed_w must have shape [N, K/2] = [", N, ", ", K / 2, "] for x with K=",
-              K, ", got ", packed_w.sizes());
+  const int64_t Kx = x.size(1), N = packed_w.size(0), K = packed_w.size(1) * 2;
+  if (!allow_ragged_x || Kx >= K) {
+    TORCH_CHECK(K == Kx, "packed_w must have shape [N, K/2] = [", N, ", ", Kx / 2, "] for x with K=", Kx, ", got ",
+                packed_w.sizes());
+  }
   TORCH_CHECK(group_size > 0 && K % group_size == 0, "group_size ", group_size, " must be positive and divide K=", K);
+  TORCH_CHECK(Kx == K || K - Kx < group_size, "x has ", Kx, " columns but packed_w ", packed_w.sizes(), " holds K=",
+              K, ": x may be shorter than the weight only within its last group of ", group_size,
+              " (K - group_size < x.size(1) <= K)");
   const int64_t G = K / group_size;
   check_float_input(scale, "scale");
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G,
