@@ -8,10 +8,11 @@ must not see); closed positions are left out of the softmax. In fp32:
     s[b, h, l] = scale * (q[b, h] . k[b, h // G, l]) + mask[b, l]     over the open positions l
     out[b, h]  = sum_l softmax_l(s[b, h, :]) * v[b, h // G, l]         (zeros if no position is open)
 
-cast to q's dtype. Closed positions of k and v are never read (a static cache's unused slots may hold anything).
-Leaving closed positions out equals adding the lowest value (their softmax weight underflows to
-exactly 0 in fp32) whenever some position is open; a sequence with none gets zeros instead of the uniform average
-an additive mask would give.
+cast to q's dtype; a NaN score at an open position makes its head's row NaN, as in a softmax. Closed positions of k
+and v are never read (a static cache's unused slots may hold anything). Leaving closed positions out equals adding
+the lowest value (their softmax weight underflows to exactly 0 in fp32) whenever some position is open; a sequence
+with none (or a head whose scores are all -inf) gets zeros instead of the uniform average (or NaN) an additive mask
+would give.
 """
 
 from __future__ import annotations
@@ -42,5 +43,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sc
     p = torch.exp(s - mx)
     denom = p.sum(-1, keepdim=True)
     out = torch.einsum("bkgl,bkld->bkgd", p, vf)
-    out = torch.where(denom > 0, out / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(out))
+    # no weight at all (no open position, or every score -inf): zeros; a NaN score (NaN denominator) stays NaN, as in
+    # a softmax
+    none = denom == 0
+    out = torch.where(none, torch.zeros_like(out), out / torch.where(none, torch.ones_like(denom), denom))
     return out.reshape(B, H, D).to(q.dtype)
