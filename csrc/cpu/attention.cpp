@@ -186,7 +186,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
         if constexpr (!std::is_same<scalar_t, double>::value) {
           if (avx2) {
             float* w = grow(scratch, cpu::decode_attention_scratch_floats(G, D, n));
-            cpu::decode_attention_kv_head_avx2(qb, kb, vb, attn_elem<scalar_t>(), G, D, ib, mb, n, sc, w, ob);
+            // the next task's k block, when it reads the same open positions (same sequence), for prefetching
+            const scalar_t* next_k = kh + 1 < KVH && t + 1 < t1 ? kb + L * D : nullptr;
+            cpu::decode_attention_kv_head_avx2(qb, kb, vb, attn_elem<scalar_t>(), G, D, ib, mb, n, sc, w, ob, next_k);
             continue;
           }
         }

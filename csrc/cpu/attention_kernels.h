@@ -26,10 +26,12 @@ inline size_t decode_attention_scratch_floats(int64_t G, int64_t D, int64_t n) {
 // heads g sharing this kv head, in fp32, cast to elem. q, out: [G, D] contiguous; k, v: this head's [L, D] block;
 // idx: the n open positions (nullptr: 0..n-1); madd: their mask values (nullptr: none). Heads with no weight
 // (n == 0, or every score -inf) get zeros; NaN scores give NaN rows. scratch: decode_attention_scratch_floats(G, D,
-// n) floats (any alignment).
+// n) floats (any alignment). next_k (nullptr: none): the [L, D] k block the next call reads with the same idx, whose
+// open rows are prefetched while this head's v rows are summed (this head's v rows are prefetched while its scores
+// are computed): a decode step's caches come from DRAM, evicted by the weights since the last step.
 void decode_attention_kv_head_avx2(const void* q, const void* k, const void* v, AttnElem elem, int64_t G, int64_t D,
                                    const int32_t* idx, const float* madd, int64_t n, float scale, float* scratch,
-                                   void* out);
+                                   void* out, const void* next_k);
 
 }  // namespace cpu
 }  // namespace qkernels
