@@ -130,7 +130,8 @@ def raw_kernel(layer: QuantLinear, x: torch.Tensor):
 
 def time_calls(fns: dict, calls: int, min_time_s: float, stat: str) -> dict:
     """Seconds per call of each zero-argument ``fns[name]``: samples of ``calls`` calls, round-robin in a shuffled
-    order (fixed seed), at least 20 rounds and ``min_time_s`` seconds; min or median over the samples."""
+    order (fixed seed), at least 20 rounds and ``min_time_s`` seconds; min or median over the samples, or with
+    stat="quartiles" the (q1, median, q3) of them."""
     for fn in fns.values():
         for _ in range(calls):
             fn()
@@ -146,6 +147,8 @@ def time_calls(fns: dict, calls: int, min_time_s: float, stat: str) -> dict:
                 fn()
             samples[k].append((time.perf_counter() - t0) / calls)
         rounds += 1
+    if stat == "quartiles":  # (q1, median, q3)
+        return {k: tuple(statistics.quantiles(v, n=4)) for k, v in samples.items()}
     pick = min if stat == "min" else statistics.median
     return {k: pick(v) for k, v in samples.items()}
 

@@ -41,15 +41,16 @@ QK_AVX2 inline void prefetch_rows(const T* p, int64_t count) {
 }
 
 // Rows [n0, n1) in blocks of kRowBlock weight rows; within a block, chunks of MT = 4, 2 or 1 x rows run as tiles of
-// 2x4, 2x2 or 4x1 (NR x MT). `tile(nr_tag, mt_tag, row, m0, pf)` runs one tile.
+// 2x4, 2x2 or 4x1 (NR x MT). `tile(nr_tag, mt_tag, row, m0, pf)` runs one tile; pf: the block pf_blocks blocks ahead
+// (the one the tile prefetches) is a full one of this range.
 template <typename Tile>
-QK_AVX2 void for_tiles(int64_t M, int64_t n0, int64_t n1, const Tile& tile) {
+QK_AVX2 void for_tiles(int64_t M, int64_t n0, int64_t n1, const Tile& tile, int64_t pf_blocks = 1) {
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;
   using I4 = std::integral_constant<int, 4>;
   for (int64_t n = n0; n < n1; n += kRowBlock) {
     const int64_t nb = n1 - n < kRowBlock ? n1 - n : kRowBlock;
-    const bool pf = n + 2 * kRowBlock <= n1;  // the next block is a full one of this thread's range
+    const bool pf = n + (pf_blocks + 1) * kRowBlock <= n1;
     for (int64_t m0 = 0; m0 < M;) {
       const int64_t left = M - m0;
       const int mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -41,13 +42,24 @@ QK_AVX2 inline __m256 i8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_c
 // int4 kernel ~10-20% at M = 1 with weights from DRAM (2026-11, Zen 3, 11008 x 4096, g128).
 // The int4 tiles' prefetch: with pf_here, the next 4-row block's scales and zero points now, and its weights (the
 // returned pointer, nullptr otherwise) step by step inside the tile.
+// d: how many blocks ahead (pf_blocks()).
 template <typename Z>
 QK_AVX2 inline const char* int4_block_prefetch(const uint8_t* w, const float* scale, const Z* zero_point, int64_t n,
-                                               int64_t ldw, int64_t G, bool pf_here) {
+                                               int64_t ldw, int64_t G, bool pf_here, int64_t d) {
   if (!pf_here) return nullptr;
-  prefetch_rows(scale + (n + kRowBlock) * G, kRowBlock * G);
-  if (zero_point) prefetch_rows(zero_point + (n + kRowBlock) * G, kRowBlock * G);
-  return (const char*)(w + (n + kRowBlock) * ldw);
+  const int64_t nn = n + d * kRowBlock;
+  prefetch_rows(scale + nn * G, kRowBlock * G);
+  if (zero_point) prefetch_rows(zero_point + nn * G, kRowBlock * G);
+  return (const char*)(w + nn * ldw);
+}
+
+// The integer kernels' prefetch distance in 4-row blocks: QKERNELS_CPU_PF_BLOCKS (1-16, default 1: the block
+// right after the one being computed), read per call so a benchmark can compare distances in one process.
+int64_t pf_blocks() {
+  const char* e = std::getenv("QKERNELS_CPU_PF_BLOCKS");
+  if (e == nullptr || *e == '\0') return 1;
+  const long v = std::strtol(e, nullptr, 10);
+  return v < 1 ? 1 : v > 16 ? 16 : v;
 }
 
 // A ragged x (kend < K: the steps past kend multiply zeros and are skipped) ends its tile early: the next block's
@@ -410,11 +422,11 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
   // 32-k: signed codes decode to q itself, unsigned ones, XOR'd with 8, to u - 8 (the zero point moves by -8);
   // 64-k: codes decode unsigned, signed ones XOR'd with 8 to q + 8 (the zero point moves by +8)
   const int32_t zoff = K64 ? (is_signed ? 8 : 0) : (is_signed ? 0 : -8);
-  const int64_t G = K / group_size, ldw = K / 2;
+  const int64_t G = K / group_size, ldw = K / 2, d = pf_blocks();
   bool bad = false;
   for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
     constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
-    const char* pf = int4_block_prefetch(w, scale, zero_point, n, ldw, G, pf_here);
+    const char* pf = int4_block_prefetch(w, scale, zero_point, n, ldw, G, pf_here, d);
     const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
     float* o = out + m0 * ldo + n;
     const float* x = xp + m0 * K;
@@ -429,7 +441,7 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
       bad |= is_signed ? w4_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf)
                        : w4_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf);
     }
-  });
+  }, d);
   return bad;
 }
 
@@ -457,11 +469,11 @@ QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, 
                                  int64_t kend, int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0,
                                  int64_t n1) {
   const int32_t zoff = is_signed ? 8 : 0;  // codes decode unsigned; signed ones XOR'd with 8 to q + 8
-  const int64_t G = K / group_size, ldw = K / 2, nB = K / F;
+  const int64_t G = K / group_size, ldw = K / 2, nB = K / F, d = pf_blocks();
   bool bad = false;
   auto tile = [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
     constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
-    const char* pf = int4_block_prefetch(w, scale, zero_point, n, ldw, G, pf_here);
+    const char* pf = int4_block_prefetch(w, scale, zero_point, n, ldw, G, pf_here, d);
     const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
     const int16_t* x = xq + m0 * K;
     const float* xb = xs + m0 * nB;
@@ -472,7 +484,7 @@ QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, 
                      : w4i_tile<NR, MT, false>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K, kend, group_size, F,
                                                o, ldo, pf);
   };
-  for_tiles(M, n0, n1, tile);
+  for_tiles(M, n0, n1, tile, d);
   return bad;
 }
 
@@ -576,20 +588,22 @@ QK_AVX2 void f32_to_half_avx2(const float* src, uint16_t* dst, int64_t n, bool b
 
 QK_AVX2 void w8a16_rows_avx2(const float* x, int64_t M, const int8_t* w, const float* scale, int64_t K, float* out,
                              int64_t ldo, int64_t n0, int64_t n1) {
+  const int64_t d = pf_blocks();
   for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
     constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
-    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * K) : nullptr;
+    const char* pf = pf_here ? (const char*)(w + (n + d * kRowBlock) * K) : nullptr;
     w8_tile<NR, MT>(x + m0 * K, w + n * K, scale + n, K, out + m0 * ldo + n, ldo, pf);
-  });
+  }, d);
 }
 
 QK_AVX2 void w8a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const int8_t* w, const float* scale,
                                  int64_t K, int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  const int64_t d = pf_blocks();
   for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
     constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
-    const char* pf = pf_here ? (const char*)(w + (n + kRowBlock) * K) : nullptr;
+    const char* pf = pf_here ? (const char*)(w + (n + d * kRowBlock) * K) : nullptr;
     w8i_tile<NR, MT>(xq + m0 * K, xs + m0 * (K / F), w + n * K, scale + n, K, F, out + m0 * ldo + n, ldo, pf);
-  });
+  }, d);
 }
 
 QK_AVX2 void w4_dequant_rows_avx2(const uint8_t* w, const float* scale, const int8_t* zz, int64_t K,
