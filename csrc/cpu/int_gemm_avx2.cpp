@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -62,6 +63,13 @@ int64_t pf_blocks() {
   return v < 1 ? 1 : v > 16 ? 16 : v;
 }
 
+// QKERNELS_CPU_ZP_TAIL=scalar: the zero-point correction's last G % 8 groups in the scalar loop (before 2026-12-04)
+// instead of one masked vector step; read per call, for same-process A/B (see zero_point_correction).
+bool zp_vector_tail() {
+  const char* e = std::getenv("QKERNELS_CPU_ZP_TAIL");
+  return e == nullptr || std::strcmp(e, "scalar") != 0;
+}
+
 // A ragged x (kend < K: the steps past kend multiply zeros and are skipped) ends its tile early: the next block's
 // lines that those steps would have prefetched, `lines_per_step` per step of `step` k, from step kend / step on.
 QK_AVX2 inline void prefetch_skipped_steps(const char* pf, int64_t kend, int64_t K, int64_t step, int lines_per_step) {
@@ -77,9 +85,14 @@ constexpr int kChains = NR * MT >= 8 ? 1 : 2;
 // groups per vector op. As a scalar loop this was a latency-bound chain of dependent adds per row (the compiler may
 // not reorder float sums), ~20% of the int4 kernel's time at M = 1 with g128. Returns true when a zero point lies
 // outside [-8, 16].
+// vtail: the last G % 8 groups as one masked vector step too (masked lanes load 0: scale 0, zero point 0, in range)
+// instead of a scalar loop of dependent adds, which cost ~10 ns per weight row for K = 576 / 640 with g128 (G = 5, no
+// full vector step at all): a large share of the int4 x int16 kernel's per-row time at the decode shapes. The sum
+// order differs (lanes, then the horizontal sum), so outputs may move by an ulp of the correction;
+// QKERNELS_CPU_ZP_TAIL=scalar keeps the scalar loop for same-process A/B.
 template <int MT>
 QK_AVX2 inline bool zero_point_correction(const float* scale, const int32_t* zp, int32_t zoff, const float* xsum,
-                                          int64_t G, float corr[MT]) {
+                                          int64_t G, float corr[MT], bool vtail) {
   __m256 c[MT];
   for (int m = 0; m < MT; ++m) c[m] = _mm256_setzero_ps();
   const __m256i off = _mm256_set1_epi32(zoff), eight = _mm256_set1_epi32(8), hi = _mm256_set1_epi32(24);
@@ -96,6 +109,20 @@ QK_AVX2 inline bool zero_point_correction(const float* scale, const int32_t* zp,
     }
     const __m256 zs = _mm256_mul_ps(_mm256_loadu_ps(scale + g), zf);
     for (int m = 0; m < MT; ++m) c[m] = _mm256_fmadd_ps(zs, _mm256_loadu_ps(xsum + m * G + g), c[m]);
+  }
+  if (vtail && g < G) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(G - g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 zf = _mm256_cvtepi32_ps(off);
+    if (zp) {
+      const __m256i z = _mm256_maskload_epi32(zp + g, mask);
+      const __m256i z8 = _mm256_add_epi32(z, eight);
+      badv = _mm256_or_si256(badv, _mm256_or_si256(_mm256_cmpgt_epi32(z8, hi),
+                                                   _mm256_cmpgt_epi32(_mm256_setzero_si256(), z8)));
+      zf = _mm256_cvtepi32_ps(_mm256_add_epi32(z, off));
+    }
+    const __m256 zs = _mm256_mul_ps(_mm256_maskload_ps(scale + g, mask), zf);
+    for (int m = 0; m < MT; ++m) c[m] = _mm256_fmadd_ps(zs, _mm256_maskload_ps(xsum + m * G + g, mask), c[m]);
+    g = G;
   }
   bool bad = !_mm256_testz_si256(badv, badv);
   for (int m = 0; m < MT; ++m) corr[m] = hsum(c[m]);
@@ -124,11 +151,11 @@ QK_AVX2 inline void fold_group(__m256 (&total)[NR][MT], const __m256 (&a)[NR][MT
 template <int NR, int MT>
 QK_AVX2 inline bool finish_int4_tile(const __m256 (&total)[NR][MT], const float* scale, const int32_t* zp,
                                      int32_t zoff, const float* xsum, const float* row_scale, int64_t G, float* out,
-                                     int64_t ldo) {
+                                     int64_t ldo, bool vtail) {
   bool bad = false;
   for (int r = 0; r < NR; ++r) {
     float corr[MT];
-    bad |= zero_point_correction<MT>(scale + r * G, zp ? zp + r * G : nullptr, zoff, xsum, G, corr);
+    bad |= zero_point_correction<MT>(scale + r * G, zp ? zp + r * G : nullptr, zoff, xsum, G, corr, vtail);
     for (int m = 0; m < MT; ++m) out[m * ldo + r] = (hsum(total[r][m]) - corr[m]) * (row_scale ? row_scale[m] : 1.f);
   }
   return bad;
@@ -147,7 +174,7 @@ QK_AVX2 inline bool finish_int4_tile(const __m256 (&total)[NR][MT], const float*
 template <int NR, int MT, bool FLIP>
 QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale, const uint8_t* w, const float* scale,
                      const int32_t* zp, int32_t zoff, int64_t K, int64_t kend, int64_t group_size, float* out,
-                     int64_t ldo, const char* pf) {
+                     int64_t ldo, const char* pf, bool vtail) {
   const __m256i lo_bytes = _mm256_setr_epi8(-1, -1, -1, 0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3,  //
                                             -1, -1, -1, 4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7);
   const __m256i hi_bytes = _mm256_setr_epi8(-1, -1, -1, 8, -1, -1, -1, 9, -1, -1, -1, 10, -1, -1, -1, 11,  //
@@ -186,7 +213,7 @@ QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale,
     fold_group<NR, MT, C1>(total, a, scale, G, g);
   }
   prefetch_skipped_steps(pf, kend, K, 32, 1);
-  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
+  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo, vtail);
 }
 
 // int4, 64 k per step (K % 64 == 0, group_size % 64 == 0): one 32-byte load holds 64 nibbles as 8 uint32 lanes, and
@@ -201,7 +228,7 @@ QK_AVX2 bool w4_tile(const float* xp, const float* xsum, const float* row_scale,
 template <int NR, int MT, bool XOR8>
 QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale, const uint8_t* w, const float* scale,
                       const int32_t* zp, int32_t zoff, int64_t K, int64_t kend, int64_t group_size, float* out,
-                      int64_t ldo, const char* pf) {
+                      int64_t ldo, const char* pf, bool vtail) {
   const __m256i flip = _mm256_set1_epi8((char)0x88);
   const int64_t G = K / group_size, ldw = K / 2;
   constexpr int C1 = kChains<NR, MT> - 1;
@@ -246,7 +273,7 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
     fold_group<NR, MT, C1>(total, a, scale, G, g);
   }
   prefetch_skipped_steps(pf, kend, K, 64, 2);
-  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo);
+  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, row_scale, G, out, ldo, vtail);
 }
 
 // int4 x int16 activations (bf16/fp16 x only; prepare_x_i16 in cpu_dispatch.h): 64 k per step, integer dot
@@ -267,7 +294,7 @@ QK_AVX2 bool w4m_tile(const float* xp, const float* xsum, const float* row_scale
 template <int NR, int MT, bool XOR8>
 QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, const uint8_t* w, const float* scale,
                       const int32_t* zp, int32_t zoff, int64_t K, int64_t kend, int64_t group_size, int64_t F,
-                      float* out, int64_t ldo, const char* pf) {
+                      float* out, int64_t ldo, const char* pf, bool vtail) {
   const __m256i flip = _mm256_set1_epi8((char)0x88);
   const __m256i m0f = _mm256_set1_epi16(0x000F);
   const int64_t G = K / group_size, nB = K / F, ldw = K / 2;
@@ -313,7 +340,7 @@ QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, con
     }
   }
   prefetch_skipped_steps(pf, kend, K, 64, 2);
-  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, nullptr, G, out, ldo);
+  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, nullptr, G, out, ldo, vtail);
 }
 
 // int8: pmovsxbd + cvtdq2ps per 8 weights (exact), the per-row scale applied to the fp32 sum.
@@ -423,6 +450,7 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
   // 64-k: codes decode unsigned, signed ones XOR'd with 8 to q + 8 (the zero point moves by +8)
   const int32_t zoff = K64 ? (is_signed ? 8 : 0) : (is_signed ? 0 : -8);
   const int64_t G = K / group_size, ldw = K / 2, d = pf_blocks();
+  const bool vt = zp_vector_tail();
   bool bad = false;
   for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
     constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
@@ -435,11 +463,11 @@ QK_AVX2 bool w4a16_rows(const float* xp, int64_t M, const float* xsum, const flo
     const uint8_t* wn = w + n * ldw;
     const float* sn = scale + n * G;
     if constexpr (K64) {
-      bad |= is_signed ? w4m_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf)
-                       : w4m_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf);
+      bad |= is_signed ? w4m_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf, vt)
+                       : w4m_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf, vt);
     } else {
-      bad |= is_signed ? w4_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf)
-                       : w4_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf);
+      bad |= is_signed ? w4_tile<NR, MT, false>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf, vt)
+                       : w4_tile<NR, MT, true>(x, xs, rs, wn, sn, zp, zoff, K, kend, group_size, o, ldo, pf, vt);
     }
   }, d);
   return bad;
@@ -470,6 +498,7 @@ QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, 
                                  int64_t n1) {
   const int32_t zoff = is_signed ? 8 : 0;  // codes decode unsigned; signed ones XOR'd with 8 to q + 8
   const int64_t G = K / group_size, ldw = K / 2, nB = K / F, d = pf_blocks();
+  const bool vt = zp_vector_tail();
   bool bad = false;
   auto tile = [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
     constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
@@ -480,9 +509,9 @@ QK_AVX2 bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, 
     const float* xsm = xsum + m0 * G;
     float* o = out + m0 * ldo + n;
     bad |= is_signed ? w4i_tile<NR, MT, true>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K, kend, group_size, F,
-                                              o, ldo, pf)
+                                              o, ldo, pf, vt)
                      : w4i_tile<NR, MT, false>(x, xb, xsm, w + n * ldw, scale + n * G, zp, zoff, K, kend, group_size, F,
-                                               o, ldo, pf);
+                                               o, ldo, pf, vt);
   };
   for_tiles(M, n0, n1, tile, d);
   return bad;
