@@ -163,3 +163,14 @@ def test_quantlinear_ragged_group_runs_direct_with_unchanged_output(dtype, symme
         assert torch.equal(y, want)
         w = layer.dequantize(torch.float64)
         assert rel_err(y, F.linear(x.double(), w, layer.bias.double())) < 1e-2
+
+
+def test_compiled_ragged_layer_traces_fullgraph_and_matches():
+    # what CompiledDecoder traces: the layer's checked path hands the unpadded x to the op under torch.compile
+    torch._dynamo.reset()
+    layer = QuantLinear.from_linear(torch.nn.Linear(576, 32, bias=False), Int4WeightOnly(group_size=128))
+    x = torch.randn(1, 576).bfloat16()
+    with torch.no_grad():
+        out = torch.compile(layer, fullgraph=True)(x)
+        want = i4(F.pad(x, (0, 64)), layer.qweight, layer.scale, layer.zero_point, 128, True)
+    assert torch.equal(out, want)
