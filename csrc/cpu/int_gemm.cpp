@@ -98,18 +98,23 @@ at::Tensor int4_effective_zero_points(const std::optional<at::Tensor>& zero_poin
 // k64 = true: the layout of the 64-k mask-decode kernel (w4a16_rows_avx2_k64) instead: per 64-block
 // x'[8 j + l] = x[8 l + j] * 2^-E * 2^-4j (j < 7; 2^-E alone for j = 7), matching its codes u * 2^4j; the largest
 // |x'| is then near 1 (j = 7) down to 2^-24 (j = 6), as far from fp32's limits as the 2^-28 above.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& x, int64_t group_size,
-                                                              bool k64 = false) {
+//
+// The three arrays go to the calling thread's scratch (cpu_dispatch.h; the int16 path's slots, which a call uses
+// either for this or for its int16 activations, never both): three at::empty per call were ~1 us of a decode-sized
+// call's fixed cost.
+struct XF32 {
+  const float* xp;
+  const float* xsum;
+  const float* row_scale;
+};
+XF32 int4_prepare_x(const at::Tensor& x, int64_t group_size, bool k64 = false) {
   const int64_t M = x.size(0), K = x.size(1), G = K / group_size;
-  auto xc = x.contiguous();
-  auto xp = at::empty({M, K}, x.options().dtype(at::kFloat));
-  auto xsum = at::empty({M, G}, x.options().dtype(at::kFloat));
-  auto row_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
+  float* dst = cpu::thread_scratch<float>(cpu::kScratchXq, M * K);
+  float* sums = cpu::thread_scratch<float>(cpu::kScratchXsum, M * G);
+  float* rs = cpu::thread_scratch<float>(cpu::kScratchXs, M);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int4_prepare_x", [&] {
-    const scalar_t* src = xc.data_ptr<scalar_t>();
-    float* dst = xp.data_ptr<float>();
-    float* sums = xsum.data_ptr<float>();
-    float* rs = row_scale.data_ptr<float>();
+    const scalar_t* src = xc->data_ptr<scalar_t>();
     for (int64_t m = 0; m < M; ++m) {
       const scalar_t* row = src + m * K;
       float amax = 0.f;
@@ -139,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_prepare_x(const at::Tensor& 
       }
     }
   });
-  return {xp, xsum, row_scale};
+  return {dst, sums, rs};
 }
 
 // Generic path: dequantize rows [n0, n1) with `decode_row(n, dst)` into a tile, then out[:, n0:n1] = x @ tile^T.
@@ -258,10 +263,10 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
     const int64_t step = k64 ? 64 : 32, kend = std::min(K, (Kx + step - 1) / step * step);
     // bf16/fp16 x: the int16-activation kernel (k64 layout only), unless x holds NaN/inf; else the fp32 kernels
     cpu::XI16 xi{};
-    at::Tensor xp, xsum, row_scale;
+    XF32 xf{};
     const bool i16 =
         k64 && use_i16(x) && cpu::prepare_x_i16_scratch(Kx % 8 == 0 ? xk : padded(), K, group_size, true, xi);
-    if (!i16) std::tie(xp, xsum, row_scale) = int4_prepare_x(padded(), group_size, k64);
+    if (!i16) xf = int4_prepare_x(padded(), group_size, k64);
     const int64_t F = i16_block(group_size);
     std::atomic<bool> bad{false};
     for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
@@ -270,7 +275,7 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
         b = cpu::w4a16_rows_avx2_i16(xi.xq, M, xi.xs, xi.xsum, w, s, zp, is_signed, K, kend, group_size, F, o, N, n0,
                                      n1);
       } else {
-        const float *xpp = xp.data_ptr<float>(), *rs = row_scale.data_ptr<float>(), *xs = xsum.data_ptr<float>();
+        const float *xpp = xf.xp, *rs = xf.row_scale, *xs = xf.xsum;
         b = k64 ? cpu::w4a16_rows_avx2_k64(xpp, M, xs, rs, w, s, zp, is_signed, K, kend, group_size, o, N, n0, n1)
                 : cpu::w4a16_rows_avx2(xpp, M, xs, rs, w, s, zp, is_signed, K, kend, group_size, o, N, n0, n1);
       }
