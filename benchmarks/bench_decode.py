@@ -109,7 +109,8 @@ class TorchRow:
         torch._inductor.config.cpp.dynamic_threads = True
         torch._dynamo.utils.counters.clear()
         self.dec = CompiledDecoder(self.model, MAX_LEN, attn_implementation=self.args.compile_attn,
-                                   skip_guards=not self.args.no_skip_guards)
+                                   skip_guards=not self.args.no_skip_guards,
+                                   cpp_wrapper=not self.args.no_cpp_wrapper)
         self.compiled_attn = getattr(self.model.config, "_attn_implementation", None)
         for t in self.args.threads:
             torch.set_num_threads(t)
@@ -227,7 +228,8 @@ class Child:
                ",".join(map(str, args.threads)), "--tokens", str(args.tokens), "--workdir", args.workdir,
                "--prompt-ids", ",".join(map(str, prompt)), "--compile-attn", args.compile_attn] + \
             ([] if row in args.compile_rows else ["--no-compile"]) + \
-            (["--no-skip-guards"] if args.no_skip_guards else [])
+            (["--no-skip-guards"] if args.no_skip_guards else []) + \
+            (["--no-cpp-wrapper"] if args.no_cpp_wrapper else [])
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         self.row = row
         self.stderr = tempfile.TemporaryFile(mode="w+")
@@ -453,6 +455,8 @@ def parent_main(args) -> None:
     except ImportError:
         info["llama.cpp"] = "llama-cpp-python not installed"
     info["rounds"] = args.rounds
+    info["compiled"] = dict(attn=args.compile_attn, skip_guards=not args.no_skip_guards,
+                            cpp_wrapper=not args.no_cpp_wrapper)
     print()
     print(json.dumps(info))
     print_table([_fmt(r) for r in results], COLUMNS)
@@ -492,6 +496,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-skip-guards", action="store_true",
                     help="compiled rows check dynamo's guards every step (default: skipped after the first step, "
                          "CompiledDecoder(skip_guards=True))")
+    ap.add_argument("--no-cpp-wrapper", action="store_true",
+                    help="compiled rows keep inductor's Python wrapper (default: CompiledDecoder(cpp_wrapper=True), "
+                         "the wrapper in C++; its first compile takes longer)")
     ap.add_argument("--workdir", default=os.path.join(os.environ.get(
         "QKERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "qkernels")), "bench_decode"),
         help="where the exported GGUF files are kept")

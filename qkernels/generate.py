@@ -229,7 +229,8 @@ class CompiledDecoder:
     prompt up to ``max_len`` tokens in all) without recompiling: the cache is reset in place."""
 
     def __init__(self, model, max_len: int, *, fullgraph: bool = True, mode: str | None = None,
-                 attn_implementation: str | None = None, skip_guards: bool = False, rope_table: bool = True):
+                 attn_implementation: str | None = None, skip_guards: bool = False, rope_table: bool = True,
+                 cpp_wrapper: bool = False, options: dict | None = None):
         """Args:
             model: a transformers causal LM (quantized or not), in eval mode.
             max_len: the static cache's length (prompt + new tokens, at most).
@@ -247,6 +248,13 @@ class CompiledDecoder:
                 one process; skipping only the guards, ``set_stance(skip_guard_eval_unsafe=True)``, saved ~0.5 ms).
                 Where that code cannot be found, the steps run under that stance instead. Safe only while the model
                 is left unchanged: do not modify, move or fuse it between calls (build a new decoder instead).
+            cpp_wrapper: inductor writes the step's wrapper (the code that calls the generated kernels and the ops
+                in between: ~120 qkernels GEMM calls and ~150 fused kernels per SmolLM2 step) in C++ instead of
+                Python (``torch._inductor.config.cpp_wrapper``). Same kernels, same outputs; the Python wrapper's
+                per-call cost was ~10% of a SmolLM2 int4 step at 1 and 2 threads (same-process interleaved A/B,
+                docs/decode.md). Costs a longer first compile (the wrapper is a large C++ file; ~4 minutes for
+                SmolLM2 on 2 cores, cached after).
+            options: extra inductor options (``torch.compile(options=...)``); may be combined with ``mode``.
             rope_table: replace the model's rotary-embedding modules by :class:`RotaryTable` lookups of the
                 ``max_len`` positions (this changes the model: the tables are active only inside this decoder's
                 calls, elsewhere the original modules run). Same cos/sin values; the compiled step no longer
@@ -263,7 +271,15 @@ class CompiledDecoder:
         self._direct = {}  # thread count -> the compiled step without dynamo's frame hook (skip_guards)
         self._rope_tables = _rope_tables(model, self.max_len) if rope_table else []
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
-        self._step = torch.compile(self._decode_step, fullgraph=fullgraph, mode=mode, dynamic=False)
+        options = dict(options or {})
+        if cpp_wrapper:
+            options["cpp_wrapper"] = True
+        if mode is not None and options:  # torch.compile takes one of the two: spell the mode out as its options
+            from torch._inductor import list_mode_options
+
+            options, mode = {**list_mode_options(mode), **options}, None
+        self._step = torch.compile(self._decode_step, fullgraph=fullgraph, mode=mode, dynamic=False,
+                                   options=options or None)
 
     def _decode_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=tok, position_ids=pos, cache=self.cache, use_cache=True).logits

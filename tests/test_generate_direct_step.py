@@ -62,3 +62,27 @@ def test_without_skip_guards_every_step_goes_through_dynamo():
     with pytest.raises(pytest.fail.Exception):
         dec.generate([1, 2, 3], 4)
     assert first
+
+
+def test_cpp_wrapper_step_gives_the_eager_tokens(monkeypatch):
+    """cpp_wrapper=True: inductor's wrapper in C++ (int4 QuantLinear layers: the qkernels op is called from it), the
+    direct step still captured; the same greedy tokens as eager."""
+    import torch._inductor.codecache as cc
+    import torch._inductor.config as icfg
+
+    from qkernels.nn import Int4WeightOnly, quantize_
+
+    loads = []
+    real = cc.CppWrapperCodeCache.load_pybinding.__func__
+    monkeypatch.setattr(cc.CppWrapperCodeCache, "load_pybinding",
+                        classmethod(lambda cls, *a, **k: loads.append(1) or real(cls, *a, **k)))
+    torch._dynamo.reset()
+    model = quantize_(_model(), Int4WeightOnly(group_size=32))
+    eager = eager_generate(model, [5, 17, 99, 3], 10)[0]
+    assert len(set(eager)) > 2, eager
+    dec = CompiledDecoder(model, max_len=24, skip_guards=True, cpp_wrapper=True, mode="default")
+    with icfg.patch(force_disable_caches=True):  # a cache hit would load the wrapper another way
+        assert dec.generate([5, 17, 99, 3], 10)[0] == eager
+    assert loads, "no C++ wrapper was built"
+    assert callable(dec._direct[torch.get_num_threads()])
+    assert dec.generate([5, 17, 99, 3], 10)[0] == eager
