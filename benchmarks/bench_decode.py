@@ -379,8 +379,9 @@ def _ratios(results: list, key: str) -> None:
         if (r["batch"], r["threads"]) in base:
             r["x_hf_bf16"] = over(base[(r["batch"], r["threads"])], r)
         twin = dm.SAME_WEIGHTS.get(r["row"])
-        if twin is None and r["row"].startswith("int4-"):
-            twin = "llama-q4_0"  # the closest llama.cpp format (4-bit, one scale per block)
+        if twin is None and r["row"].startswith(("int4-", "w4a8-")):
+            # the closest llama.cpp format (4-bit, one scale per block; W4A8 also rounds x to int8 as Q8_0 does)
+            twin = "llama-q4_0"
         if twin and (r["batch"], twin, r["threads"]) in llama:
             r["x_llama"] = over(llama[(r["batch"], twin, r["threads"])], r)
 

@@ -9,7 +9,8 @@ the fused 960x576 (qkv) and 3072x576 (gate_up), the int8 output head 49152x576, 
 benchmarks.bench_cpu_gemm. int4 layers with K = 576 run as QuantLinear stores them: padded to K = 640 (five whole
 groups of 128, zero-point codes), so their byte count includes the padding; "int4 g128" gets x padded with zeros
 (made once per x, as before 2026-12-04), "int4 g128 x unpadded" the 576-wide x (the kernel skips the padding
-columns' k steps; what QuantLinear does now on the CPU). ``--int4-head`` adds int4 g64 / g128 rows for the head,
+columns' k steps; what QuantLinear does now on the CPU); "int4 g128 W4A8" the same weight through
+``int8_dynamic_int4_mm`` (x rounded to int8 per group inside the op: ``Int8DynamicInt4Weight``). ``--int4-head`` adds int4 g64 / g128 rows for the head,
 ``--pf-blocks 1,2,4`` repeats the int rows at each prefetch distance (QKERNELS_CPU_PF_BLOCKS, set around every call
 of every int row so all carry the same cost). Two weight placements per shape:
 
@@ -65,6 +66,9 @@ def _int4_method(w, N, K, group):
     out = {f"int4 g{group}": (W, lambda x, W: i4(xs.setdefault(id(x), pad(x)), W[0], W[1], W[2], group, True), nb)}
     if Kp != K:
         out[f"int4 g{group} x unpadded"] = (W, lambda x, W: i4(x, W[0], W[1], W[2], group, True), nb)
+    # W4A8: the same weight, x rounded to int8 per group inside the op (x unpadded, as QuantLinear passes it)
+    i48 = torch.ops.qkernels.int8_dynamic_int4_mm.default
+    out[f"int4 g{group} W4A8"] = (W, lambda x, W: i48(x, W[0], W[1], W[2], group, True), nb)
     return out
 
 

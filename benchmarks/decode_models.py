@@ -25,6 +25,9 @@ TORCH_ROWS = {
     "int4-bf16": "qkernels Int4WeightOnly(group_size=128), bf16 activations",
     "int4-bf16-h8": "int4-bf16 plus an Int8WeightOnly output head (quantize_(..., include_lm_head=...))",
     "int4-bf16-fused-h8": "int4-bf16 plus an Int8WeightOnly output head and fuse_projections (q/k/v, gate/up)",
+    "w4a8-bf16-fused-h8": "int4-bf16-fused-h8 with W4A8 linears: Int8DynamicInt4Weight(group_size=128) (x rounded "
+                          "to int8 per group in the op), Int8WeightOnly head",
+    "w4a8-bf16-fused-h4": "w4a8-bf16-fused-h8 with a W4A8 head too (Int8DynamicInt4Weight(128) on the tied lm_head)",
     "int4-q4_0": "qkernels int4 g32 symmetric holding the Q4_0 file's weights (head: its Q6_K GGUFLinear), fp32",
     "fp8-bf16": "qkernels Fp8WeightOnly, bf16 activations",
     "fp4-bf16": "qkernels Fp4('nvfp4', weight_only=True), bf16 activations",
@@ -111,7 +114,8 @@ def build_torch_model(row: str, workdir: str):
     """The model of a torch row, in eval mode."""
     from qkernels.eval.models import load_model
     from qkernels.formats.gguf import load_gguf
-    from qkernels.nn import Fp4, Fp8WeightOnly, GGUFLinear, Int4WeightOnly, Int8WeightOnly, quantize_
+    from qkernels.nn import (Fp4, Fp8WeightOnly, GGUFLinear, Int4WeightOnly, Int8DynamicInt4Weight, Int8WeightOnly,
+                             quantize_)
 
     if row not in TORCH_ROWS:
         raise ValueError(f"row must be one of {sorted(TORCH_ROWS)}, got {row!r}")
@@ -132,9 +136,11 @@ def build_torch_model(row: str, workdir: str):
         return model.to(dtype)
     if row.startswith("torchao-"):
         return torchao_quantize(model.to(torch.bfloat16), row)
-    if row in ("int4-bf16-h8", "int4-bf16-fused-h8"):
-        quantize_(model, Int4WeightOnly(group_size=128), include_lm_head=Int8WeightOnly())
-        if row == "int4-bf16-fused-h8":
+    if row in ("int4-bf16-h8", "int4-bf16-fused-h8", "w4a8-bf16-fused-h8", "w4a8-bf16-fused-h4"):
+        body = Int8DynamicInt4Weight(group_size=128) if row.startswith("w4a8") else Int4WeightOnly(group_size=128)
+        head = Int8DynamicInt4Weight(group_size=128) if row.endswith("-h4") else Int8WeightOnly()
+        quantize_(model, body, include_lm_head=head)
+        if "fused" in row:
             from qkernels.nn import fuse_projections
 
             fuse_projections(model)

@@ -45,8 +45,8 @@ void gemm_autograd_gate(const c10::OperatorHandle& op, c10::DispatchKeySet ks, t
 
 // The ops qkernels/ops/autograd.py GEMMS lists (tests/test_autograd_gate.py checks that the two lists agree).
 TORCH_LIBRARY_IMPL(qkernels, Autograd, m) {
-  for (const char* name : {"int4_weight_only_mm", "int8_weight_only_mm", "int8_dynamic_mm", "fp8_mm",
-                           "fp8_weight_only_mm", "fp4_mm", "fp4_weight_only_mm", "gguf_mm"}) {
+  for (const char* name : {"int4_weight_only_mm", "int8_weight_only_mm", "int8_dynamic_mm", "int8_dynamic_int4_mm",
+                           "fp8_mm", "fp8_weight_only_mm", "fp4_mm", "fp4_weight_only_mm", "gguf_mm"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&gemm_autograd_gate>());
   }
 }

@@ -35,6 +35,11 @@ TORCH_LIBRARY(qkernels, m) {
   m.def("quantize_per_token_int8(Tensor x) -> (Tensor q, Tensor scale)");
   // W8A8: per-token dynamic int8 x, int8 q_w [N, K] with w_scale [N], int32 accumulation -> [M, N] in x's dtype.
   m.def("int8_dynamic_mm(Tensor x, Tensor q_w, Tensor w_scale) -> Tensor");
+  // W4A8 ("8da4w"): x [M, K] quantized per row and per weight group to int8 (symmetric, scale = amax / 127), exact
+  // integer products with the int4 codes of int4_weight_only_mm's weight, scaled by x_scale[m, g] * scale[n, g]
+  // per group -> [M, N] in x's dtype. x may be ragged as for int4_weight_only_mm.
+  m.def("int8_dynamic_int4_mm(Tensor x, Tensor packed_w, Tensor scale, Tensor? zero_point, int group_size, "
+        "bool is_signed) -> Tensor");
 
   // ---- build information (csrc/build_info.cpp) ----
   // The CUDA archs compiled into this build, ";"-separated as in TORCH_CUDA_ARCH_LIST ("" for a CPU-only build).

@@ -5,10 +5,11 @@ Public API (all backed by ``torch.ops.qkernels.*``; see ``qkernels.explain(op)``
 * integer quantization: :func:`quantize_affine`, :func:`dequantize_affine`, :func:`choose_qparams_affine`,
   :func:`pack_int4`, :func:`unpack_int4`
 * dequant-GEMMs: :func:`int4_weight_only_mm` (W4A16), :func:`int8_weight_only_mm` (W8A16),
-  :func:`int8_dynamic_mm` (W8A8)
+  :func:`int8_dynamic_mm` (W8A8), :func:`int8_dynamic_int4_mm` (W4A8)
 * modules: :class:`QuantLinear` and the schemes (:class:`Int4WeightOnly`, :class:`Int8WeightOnly`,
-  :class:`Int8Dynamic`, :class:`IntWeightInt8Act`, :class:`Fp8WeightOnly`, :class:`Fp8Dynamic`, :class:`Fp4`),
-  :func:`quantize_`, :func:`fuse_projections`
+  :class:`Int8Dynamic`, :class:`Int8DynamicInt4Weight`, :class:`IntWeightInt8Act`, :class:`Fp8WeightOnly`, :class:`Fp8Dynamic`, :class:`Fp4`),
+  :func:`quantize_`, :func:`fuse_projections`,
+  :func:`use_int8_activations` (int4 layers to W4A8)
 * checkpoints: :func:`save_quantized`, :func:`load_quantized` (qkernels, GPTQ, AWQ, compressed-tensors)
 * fp8: :func:`quantize_fp8`, :func:`dequantize_fp8` (per-tensor / per-row / block scales, e4m3fn, e5m2, fnuz),
   :func:`fp8_mm` (scaled fp8 GEMM: torch._scaled_mm where the GPU has fp8, emulated elsewhere),
@@ -36,6 +37,7 @@ from .ops import (
     gguf_mm,
     gguf_quantize,
     int4_weight_only_mm,
+    int8_dynamic_int4_mm,
     int8_dynamic_mm,
     int8_weight_only_mm,
     pack_int4,
@@ -54,10 +56,12 @@ from .nn import (
     Int4WeightOnly,
     Int8Dynamic,
     Int8WeightOnly,
+    Int8DynamicInt4Weight,
     IntWeightInt8Act,
     QuantLinear,
     fuse_projections,
     quantize_,
+    use_int8_activations,
 )
 from .formats import load_quantized, save_quantized
 from . import gguf  # noqa: E402  (after .ops: it builds on them)

@@ -387,6 +387,8 @@ TABLE: dict[str, list[Rule]] = {
     "int8_weight_only_mm": standard_rules("int8_weight_only_mm", int_gemm_cuda_path),
     "quantize_per_token_int8": standard_rules("quantize_per_token_int8"),
     "int8_dynamic_mm": standard_rules("int8_dynamic_mm", min_sm(8, 0)),
+    # no CUDA kernel of its own: on GPUs the Triton composite (x quantized, then the W4A16 Triton kernel)
+    "int8_dynamic_int4_mm": [r for r in standard_rules("int8_dynamic_int4_mm") if r.backend != "cuda"],
     # fp8 casts (qkernels/ops/float8.py): CUDA (hardware cvt for saturating e4m3fn/e5m2 on sm89+, software
     # elsewhere), Triton (software conversion; the ROCm path), C++ CPU
     "quantize_fp8": standard_rules("quantize_fp8"),

@@ -36,8 +36,10 @@ def test_ratios_are_medians_of_per_round_ratios_within_a_batch():
 
     results = [res("hf-bf16", "eager", [0.2, 0.4, 0.2]), res("int4-bf16", "compiled", [0.1, 0.2, 0.1]),
                res("llama-q4_0", "llama.cpp", [0.05, 0.1, 0.05]),
-               res("hf-bf16", "eager", [0.3, 0.3, 0.3], batch=2), res("int8-bf16", "eager", [0.1, 0.1, 0.1], batch=2)]
+               res("hf-bf16", "eager", [0.3, 0.3, 0.3], batch=2), res("int8-bf16", "eager", [0.1, 0.1, 0.1], batch=2),
+               res("w4a8-bf16-fused-h8", "compiled", [0.1, 0.2, 0.1])]
     bd._ratios(results, "decode_cpu_tok_s")
     assert results[1]["x_hf_bf16"] == 2.0 and results[1]["x_llama"] == 0.5
+    assert results[5]["x_llama"] == 0.5  # W4A8 rows are compared with Q4_0 (int8 activations as Q8_0) too
     assert abs(results[4]["x_hf_bf16"] - 3.0) < 1e-12  # against batch 2's own anchor
     assert "x_llama" not in results[4]  # no int8 twin

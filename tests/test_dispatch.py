@@ -9,7 +9,8 @@ import qkernels
 from qkernels import dispatch
 
 INT_OPS = ["choose_qparams_affine", "quantize_affine", "dequantize_affine", "pack_int4", "unpack_int4",
-           "int4_weight_only_mm", "int8_weight_only_mm", "quantize_per_token_int8", "int8_dynamic_mm"]
+           "int4_weight_only_mm", "int8_weight_only_mm", "quantize_per_token_int8", "int8_dynamic_mm",
+           "int8_dynamic_int4_mm"]
 
 
 @pytest.mark.parametrize("op", INT_OPS)
@@ -115,3 +116,11 @@ def test_triton_on_cpu_only_when_forced(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with dispatch.mock_device("cpu"):
         assert qkernels.explain("int4_weight_only_mm").backend == "cpu"
+
+
+@pytest.mark.parametrize("device", ["sm90", "gfx942"])
+def test_w4a8_on_gpus_is_the_triton_composite(device):
+    """int8_dynamic_int4_mm has no CUDA kernel: never the cuda backend, even with a compiled extension assumed."""
+    with dispatch.mock_device(device):
+        d = qkernels.explain("int8_dynamic_int4_mm", assume_compiled=True)
+    assert d.backend in ("triton", "reference") and all(b != "cuda" for b, _ in d.rejected)

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 import qkernels
-from qkernels.nn import (Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly,
-                         IntWeightInt8Act, QuantLinear, fuse_projections)
+from qkernels.nn import (Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8DynamicInt4Weight,
+                         Int8WeightOnly, IntWeightInt8Act, QuantLinear, fuse_projections)
 from qkernels.nn.fuse import FusedLinear, ProjectionSlice
 from .formats_fixtures import IDS, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 SCHEMES = [Int4WeightOnly(32), Int4WeightOnly(-1, symmetric=True), Int8WeightOnly(), Int8WeightOnly(32, False),
-           Int8Dynamic(), IntWeightInt8Act(4, 32), Fp8WeightOnly(), Fp8Dynamic("row"), Fp4("mxfp4", weight_only=True),
-           Fp4("mxfp4")]
+           Int8Dynamic(), IntWeightInt8Act(4, 32), Int8DynamicInt4Weight(64), Fp8WeightOnly(), Fp8Dynamic("row"),
+           Fp4("mxfp4", weight_only=True), Fp4("mxfp4")]
 PROMPT = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(1))  # prefill M=30: the GEMM path
 
 

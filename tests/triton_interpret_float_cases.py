@@ -163,6 +163,32 @@ def test_w8a8_matches_cpu_kernel(xdtype, M, N, K):
     assert rel_err(out[finite], want[finite]) < {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[xdtype]
 
 
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,g", [(1, 24, 128, 64), (5, 18, 256, 128)])
+def test_w4a8_composite_matches_reference(xdtype, M, N, K, g):
+    """int8_dynamic_int4_mm's Triton path: the per-group int8 codes of the reference exactly, then the W4A16 kernel
+    on the dequantized codes (fp32)."""
+    x = (torch.randn(M, K) * 3).to(xdtype)
+    x[0, g:] = 0.0  # an all-zero group: scale 1
+    if M > 2:
+        x[2, 7] = float("inf")  # a non-finite row: NaN scales, zero codes, NaN outputs
+    from qkernels.reference.int_gemm import quantize_per_group_int8 as quantize_ref
+    from qkernels.triton.int8_dynamic import quantize_per_group_int8
+
+    q, s = quantize_per_group_int8(x, g)
+    q_ref, s_ref = quantize_ref(x, g)
+    assert torch.equal(q, q_ref) and torch.equal(torch.isnan(s), torch.isnan(s_ref))
+    assert torch.equal(torch.nan_to_num(s), torch.nan_to_num(s_ref))
+    packed = ref.OPS["pack_int4"](torch.randint(-8, 8, (N, K), dtype=torch.int8))
+    scale = torch.rand(N, K // g) * 0.1 + 0.01
+    zp = torch.randint(-8, 17, (N, K // g), dtype=torch.int32)
+    out = qtriton.get("int8_dynamic_int4_mm")(x, packed, scale, zp, g, True)
+    want = ref.OPS["int8_dynamic_int4_mm"](x, packed, scale, zp, g, True)
+    assert out.dtype == xdtype and torch.equal(torch.isnan(out), torch.isnan(want))
+    finite = torch.isfinite(want)
+    assert rel_err(out[finite], want[finite]) < {torch.float32: 1e-5, torch.bfloat16: 8e-3}[xdtype]
+
+
 from tests.conftest import rel_err  # noqa: E402
 
 

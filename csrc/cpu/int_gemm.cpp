@@ -223,6 +223,33 @@ struct Int4ExactRow {
   }
 };
 
+// An int4 GEMM's weight operands as the kernels read them: fp32 contiguous scales, contiguous codes and zero points
+// (the tensors are kept alive by the members).
+struct Int4Weight {
+  at::Tensor sf;
+  c10::MaybeOwned<at::Tensor> wc, zc;
+  const float* s;
+  const uint8_t* w;
+  const int32_t* zp = nullptr;
+  Int4Weight(const at::Tensor& packed_w, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point)
+      : sf(float_contiguous(scale)), wc(packed_w.expect_contiguous()), s(sf.data_ptr<float>()),
+        w(wc->data_ptr<uint8_t>()) {
+    if (zero_point.has_value()) {
+      zc = zero_point->expect_contiguous();
+      zp = zc->data_ptr<int32_t>();
+    }
+  }
+};
+
+// The result of an int4 GEMM with no products (M, N or K zero): zeros when K = 0, else an empty tensor; zero points
+// are range-checked all the same.
+at::Tensor int4_mm_empty(const at::Tensor& x, const std::optional<at::Tensor>& zero_point, int64_t M, int64_t N,
+                         int64_t K, int64_t G, bool is_signed) {
+  if (zero_point.has_value()) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());
+  auto out = at::empty({M, N}, x.options());
+  return K == 0 ? out.zero_() : out;
+}
+
 at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
                                    const std::optional<at::Tensor>& zero_point, int64_t group_size, bool is_signed) {
   // x may hold Kx < K columns (a ragged last group, stored padded: int_checks.h); the missing ones are zeros
@@ -230,19 +257,12 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
   const int64_t M = x.size(0), Kx = x.size(1), K = packed_w.size(1) * 2, N = packed_w.size(0);
   const int64_t G = K / group_size;
   const bool avx2 = use_avx2();
-  if (M == 0 || N == 0 || K == 0) {
-    if (zero_point.has_value()) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // range check
-    auto out = at::empty({M, N}, x.options());
-    return K == 0 ? out.zero_() : out;
-  }
+  if (M == 0 || N == 0 || K == 0) return int4_mm_empty(x, zero_point, M, N, K, G, is_signed);
   F32Out out(x, M, N);
-  const at::Tensor sf = float_contiguous(scale);
-  const c10::MaybeOwned<at::Tensor> wc = packed_w.expect_contiguous();
-  const float* s = sf.data_ptr<float>();
-  const uint8_t* w = wc->data_ptr<uint8_t>();
-  c10::MaybeOwned<at::Tensor> zc;
-  if (zero_point.has_value()) zc = zero_point->expect_contiguous();
-  const int32_t* zp = zero_point.has_value() ? zc->data_ptr<int32_t>() : nullptr;
+  const Int4Weight iw(packed_w, scale, zero_point);
+  const float* s = iw.s;
+  const uint8_t* w = iw.w;
+  const int32_t* zp = iw.zp;
   // x's extreme rows go to the kernels rescaled, and outputs they could not get right are recomputed (row_guard.h)
   const cpu::RowGuard guard(x);
   const at::Tensor xk = guard.rescaled() ? guard.rescaled_x() : x;
@@ -310,6 +330,101 @@ at::Tensor int4_weight_only_mm_cpu(const at::Tensor& x, const at::Tensor& packed
     }
   }
   guard.finish(o, N, Int4ExactRow{w, s, zp, K, Kx, group_size, is_signed});
+  return out.result(avx2);
+}
+
+// ---- W4A8: int8_dynamic_int4_mm (int8 activations per row and weight group, int4 weights) ----
+//
+// x [M, Kx] zero-padded to K -> the activations of int8_dynamic_int4_mm, as the specification makes them
+// (qkernels/reference/int_gemm.py, quantize_per_group_int8): per row and weight group, scale = amax / 127 (1 for an
+// all-zero group) and codes round_half_even(x / scale) clamped to [-127, 127]; a row holding NaN or inf gets codes 0
+// and scale NaN in every group (its outputs are NaN). q: codes, per 64-block the 32 even elements then the 32 odd
+// ones when `permute` (the order in which w4q8_tile decodes nibbles), else natural order; xs [M, G]; xsum [M, G] =
+// xs * the group's code sum. A true division per element, as the reference divides (x * (1 / s) can round a code
+// differently). Returns whether every row was finite.
+template <typename T>
+bool quantize_x_per_group_i8(const T* x, int64_t M, int64_t Kx, int64_t K, int64_t group_size, bool permute,
+                             int8_t* q, float* xs, float* xsum) {
+  const int64_t G = K / group_size;
+  bool all_finite = true;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = x + m * Kx;
+    int8_t* qr = q + m * K;
+    bool finite = true;
+    for (int64_t k = 0; k < Kx; ++k) finite &= std::isfinite(static_cast<float>(row[k]));
+    all_finite &= finite;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * group_size, k1 = std::min(k0 + group_size, Kx);
+      float amax = 0.f;
+      if (finite)
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(static_cast<float>(row[k])));
+      float sc = amax / 127.f;
+      sc = sc > 0.f ? sc : 1.f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k0 + group_size; ++k) {
+        const int8_t c = (finite && k < k1)
+                             ? (int8_t)clampf(round_half_even(static_cast<float>(row[k]) / sc), -127.f, 127.f)
+                             : (int8_t)0;
+        sum += c;
+        const int64_t j = k & 63;
+        qr[permute ? (k - j) + (j & 1) * 32 + (j >> 1) : k] = c;
+      }
+      xs[m * G + g] = finite ? sc : std::nanf("");
+      xsum[m * G + g] = finite ? sc * (float)sum : std::nanf("");
+    }
+  }
+  return all_finite;
+}
+
+at::Tensor int8_dynamic_int4_mm_cpu(const at::Tensor& x, const at::Tensor& packed_w, const at::Tensor& scale,
+                                    const std::optional<at::Tensor>& zero_point, int64_t group_size, bool is_signed) {
+  check_int4_mm_args(x, packed_w, scale, zero_point, group_size, /*allow_ragged_x=*/true);
+  const int64_t M = x.size(0), Kx = x.size(1), K = packed_w.size(1) * 2, N = packed_w.size(0);
+  const int64_t G = K / group_size;
+  TORCH_CHECK(group_size < (1 << 17), "int8_dynamic_int4_mm: group_size=", group_size,
+              " is too large for exact int32 sums of a group (needs < 131072)");
+  if (M == 0 || N == 0 || K == 0) return int4_mm_empty(x, zero_point, M, N, K, G, is_signed);
+  const bool avx2 = use_avx2();
+  const c10::MaybeOwned<at::Tensor> xc = x.expect_contiguous();
+  const bool fast = avx2 && M <= small_m_threshold() && K % 64 == 0 && group_size % 64 == 0;
+  // the codes in the calling thread's scratch for the register kernel; a tensor for the composite path
+  at::Tensor qt, st, sumt;
+  int8_t* xq;
+  float *xs, *xsum;
+  if (fast) {
+    xq = cpu::thread_scratch<int8_t>(cpu::kScratchXq, M * K);
+    xs = cpu::thread_scratch<float>(cpu::kScratchXs, M * G);
+    xsum = cpu::thread_scratch<float>(cpu::kScratchXsum, M * G);
+  } else {
+    qt = at::empty({M, K}, x.options().dtype(at::kChar));
+    st = at::empty({M, G}, x.options().dtype(at::kFloat));
+    sumt = at::empty({M, G}, x.options().dtype(at::kFloat));
+    xq = qt.data_ptr<int8_t>();
+    xs = st.data_ptr<float>();
+    xsum = sumt.data_ptr<float>();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_dynamic_int4_mm", [&] {
+    quantize_x_per_group_i8(xc->data_ptr<scalar_t>(), M, Kx, K, group_size, fast, xq, xs, xsum);
+  });
+  if (!fast) {
+    // large M, a shape the register kernel does not take, or no AVX2: the int4 GEMM of the dequantized activations
+    // (xq * xs, one fp32 product each), which is the specification up to fp32 rounding
+    const at::Tensor xd = (qt.to(at::kFloat).view({M, G, group_size}) * st.unsqueeze(-1)).view({M, K});
+    return int4_weight_only_mm_cpu(xd, packed_w, scale, zero_point, group_size, is_signed).to(x.scalar_type());
+  }
+  F32Out out(x, M, N);
+  const Int4Weight iw(packed_w, scale, zero_point);
+  const float* s = iw.s;
+  const uint8_t* w = iw.w;
+  const int32_t* zp = iw.zp;
+  // a ragged x's steps past its own columns hold zero codes: skipped
+  const int64_t kend = std::min(K, (Kx + 63) / 64 * 64);
+  float* o = out.data();
+  std::atomic<bool> bad{false};
+  for_n_ranges(N, K, M, [&](int64_t n0, int64_t n1) {
+    if (cpu::w4a8_rows_avx2(xq, M, xs, xsum, w, s, zp, is_signed, K, kend, group_size, o, N, n0, n1)) bad = true;
+  });
+  if (bad) int4_effective_zero_points(zero_point, N, G, is_signed, x.options());  // raises with the range
   return out.result(avx2);
 }
 
@@ -444,6 +559,7 @@ TORCH_LIBRARY_IMPL(qkernels, CPU, m) {
   m.impl("int8_weight_only_mm", &int8_weight_only_mm_cpu);
   m.impl("quantize_per_token_int8", &quantize_per_token_int8_cpu);
   m.impl("int8_dynamic_mm", &int8_dynamic_mm_cpu);
+  m.impl("int8_dynamic_int4_mm", &int8_dynamic_int4_mm_cpu);
 }
 
 }  // namespace qkernels

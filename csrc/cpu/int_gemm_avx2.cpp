@@ -343,6 +343,68 @@ QK_AVX2 bool w4i_tile(const int16_t* xq, const float* xs, const float* xsum, con
   return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, nullptr, G, out, ldo, vtail);
 }
 
+// int4 x int8 activations (int8_dynamic_int4_mm, "W4A8"): 64 k per step, u8 x s8 dot products as llama.cpp's
+// Q4_0 x Q8_0 dot does them. One 32-byte load holds 64 nibbles, byte i = elements 2i (low nibble) and 2i + 1 (high);
+// x comes permuted to match (per 64-block: the 32 even elements, then the 32 odd ones; prepare_x_i8 in
+// int_gemm.cpp). Per step and weight row: AND for the low nibbles, shift + AND for the high ones (u in [0, 15];
+// signed codes XOR'd with 0x88 first: u = q + 8), two vpmaddubsw (u8 x s8, pairs summed to int16) and two int16
+// adds: ~9 instructions per 64 products against ~16 for w4i_tile's int16 activations, whose vpmaddwd multiplies
+// only 16 pairs per instruction. Bounds: |xq| <= 127 and u <= 15, so a vpmaddubsw lane is at most 2 * 15 * 127 =
+// 3810 (no int16 saturation), a step adds at most 7620 to an int16 lane, and 4 steps (256 k) stay below 2^15: the
+// int16 sums are widened (vpmaddwd by 1) and folded every 256 k and at each group end:
+// total += float(S) * scale[g] * xs[m, g]. The zero-point term is subtracted at the end as in the other int4 tiles,
+// with xsum[m, g] = xs[m, g] * sum of the group's codes.
+template <int NR, int MT, bool XOR8>
+QK_AVX2 bool w4q8_tile(const int8_t* xq, const float* xs, const float* xsum, const uint8_t* w, const float* scale,
+                       const int32_t* zp, int32_t zoff, int64_t K, int64_t kend, int64_t group_size, float* out,
+                       int64_t ldo, const char* pf, bool vtail) {
+  const __m256i flip = _mm256_set1_epi8((char)0x88);
+  const __m256i m0f = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t G = K / group_size, ldw = K / 2;
+  __m256 total[NR][MT];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MT; ++m) total[r][m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k0 = g * group_size, gend = std::min(k0 + group_size, kend);  // <= k0: padding columns only
+    float sx[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MT; ++m) sx[r][m] = scale[r * G + g] * xs[m * G + g];
+    for (int64_t c = k0; c < gend; c += 256) {
+      __m256i S[NR][MT];
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MT; ++m) S[r][m] = _mm256_setzero_si256();
+      const int64_t cend = std::min(c + 256, gend);
+      for (int64_t k = c; k < cend; k += 64) {
+        if (pf) {  // a 4-row block consumes 4 x 32 bytes per step: two lines of the next block
+          _mm_prefetch(pf + (k >> 6) * 2 * kPrefetchStep, _MM_HINT_T0);
+          _mm_prefetch(pf + (k >> 6) * 2 * kPrefetchStep + kPrefetchStep, _MM_HINT_T0);
+        }
+        __m256i xe[MT], xo[MT];
+        for (int m = 0; m < MT; ++m) {
+          xe[m] = _mm256_loadu_si256((const __m256i*)(xq + m * K + k));
+          xo[m] = _mm256_loadu_si256((const __m256i*)(xq + m * K + k + 32));
+        }
+        for (int r = 0; r < NR; ++r) {
+          __m256i v = _mm256_loadu_si256((const __m256i*)(w + r * ldw + (k >> 1)));
+          if (XOR8) v = _mm256_xor_si256(v, flip);
+          const __m256i lo = _mm256_and_si256(v, m0f);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+          for (int m = 0; m < MT; ++m)
+            S[r][m] = _mm256_add_epi16(S[r][m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe[m]),
+                                                                 _mm256_maddubs_epi16(hi, xo[m])));
+        }
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MT; ++m)
+          total[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(S[r][m], ones)),
+                                        _mm256_set1_ps(sx[r][m]), total[r][m]);
+    }
+  }
+  prefetch_skipped_steps(pf, kend, K, 64, 2);
+  return finish_int4_tile<NR, MT>(total, scale, zp, zoff, xsum, nullptr, G, out, ldo, vtail);
+}
+
 // int8: pmovsxbd + cvtdq2ps per 8 weights (exact), the per-row scale applied to the fp32 sum.
 template <int NR, int MT>
 QK_AVX2 void w8_tile(const float* x, const int8_t* w, const float* scale, int64_t K, float* out, int64_t ldo,
@@ -488,6 +550,28 @@ QK_AVX2 bool w4a16_rows_avx2_k64(const float* xp, int64_t M, const float* xsum, 
                                  int64_t n1) {
   return w4a16_rows<true>(xp, M, xsum, row_scale, w, scale, zero_point, is_signed, K, kend, group_size, out, ldo, n0,
                           n1);
+}
+
+// Rows [n0, n1) of the int4 x int8 GEMM (w4q8_tile), in the tiles of for_tiles.
+QK_AVX2 bool w4a8_rows_avx2(const int8_t* xq, int64_t M, const float* xs, const float* xsum, const uint8_t* w,
+                            const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t kend,
+                            int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+  const int32_t zoff = is_signed ? 8 : 0;  // codes decode unsigned; signed ones XOR'd with 8 to q + 8
+  const int64_t G = K / group_size, ldw = K / 2, d = pf_blocks();
+  const bool vt = zp_vector_tail();
+  bool bad = false;
+  for_tiles(M, n0, n1, [&](auto nr_tag, auto mt_tag, int64_t n, int64_t m0, bool pf_here) {
+    constexpr int NR = decltype(nr_tag)::value, MT = decltype(mt_tag)::value;
+    const char* pf = int4_block_prefetch(w, scale, zero_point, n, ldw, G, pf_here, d);
+    const int32_t* zp = zero_point ? zero_point + n * G : nullptr;
+    const int8_t* x = xq + m0 * K;
+    float* o = out + m0 * ldo + n;
+    bad |= is_signed ? w4q8_tile<NR, MT, true>(x, xs + m0 * G, xsum + m0 * G, w + n * ldw, scale + n * G, zp, zoff,
+                                               K, kend, group_size, o, ldo, pf, vt)
+                     : w4q8_tile<NR, MT, false>(x, xs + m0 * G, xsum + m0 * G, w + n * ldw, scale + n * G, zp, zoff,
+                                                K, kend, group_size, o, ldo, pf, vt);
+  }, d);
+  return bad;
 }
 
 // Rows [n0, n1) of the int4 x int16 GEMM (w4i_tile), in the tiles of for_tiles (4x1, 2x2, 2x4 and the 1xMT row
@@ -716,6 +800,10 @@ void f32_to_half_avx2(const float*, uint16_t*, int64_t, bool) {}
 bool w4a16_rows_avx2_i16(const int16_t*, int64_t, const float*, const float*, const uint8_t*, const float*,
                          const int32_t*, bool, int64_t, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
                          int64_t) {
+  return false;
+}
+bool w4a8_rows_avx2(const int8_t*, int64_t, const float*, const float*, const uint8_t*, const float*, const int32_t*,
+                    bool, int64_t, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {
   return false;
 }
 void w8a16_rows_avx2(const float*, int64_t, const int8_t*, const float*, int64_t, float*, int64_t, int64_t, int64_t) {}

@@ -33,6 +33,13 @@ bool w4a16_rows_avx2_i16(const int16_t* xq, int64_t M, const float* xs, const fl
                          const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t kend,
                          int64_t group_size, int64_t F, float* out, int64_t ldo, int64_t n0, int64_t n1);
 
+// The same GEMM on int8 activations (int8_dynamic_int4_mm; K % 64 == 0, group_size % 64 == 0): xq int8 [M, K] in
+// [-127, 127], per 64-block the 32 even elements then the 32 odd ones; x = xq * xs[m, g] (one scale per row and
+// weight group); xsum[m, g] = xs[m, g] * the sum of the group's codes.
+bool w4a8_rows_avx2(const int8_t* xq, int64_t M, const float* xs, const float* xsum, const uint8_t* w,
+                    const float* scale, const int32_t* zero_point, bool is_signed, int64_t K, int64_t kend,
+                    int64_t group_size, float* out, int64_t ldo, int64_t n0, int64_t n1);
+
 // The element type of x handed to i16_quantize_rows_avx2.
 enum XKind : int { kXF32 = 0, kXBF16 = 1, kXF16 = 2 };
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..algorithms._layers import UnsupportedModel
-from ..nn import Int8WeightOnly, quantize_
+from ..nn import Int8WeightOnly, quantize_, use_int8_activations
 from ..algorithms import AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quantize_model, gptq_quantize_model, \
     rtn_quantize_model
 from ..algorithms import qat as qat_mod
@@ -46,13 +46,23 @@ ALL_SCHEMES = DEFAULT_SCHEMES + ("rtn-int4-full-mse", "rtn-int4-asym-mse", "gptq
                                  "autoround-int4-asym-wmse", "gptq-q4_k_m", "qat-int4")
 GGUF_MIXES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 HEAD8 = "+head8"  # suffix: the output head (lm_head, untied from the embedding) also int8 weight-only per channel
+# last suffix of an int2..int4 scheme: its int4 layers run as W4A8 (qkernels.use_int8_activations: the same codes,
+# activations rounded to int8 per token and weight group)
+A8 = "+a8"
 _INT_SCHEME = re.compile(r"^(rtn|gptq|awq|awq-gptq|autoround|qat)-int([2-8])((?:-(?:asym|full|mse|wmse))*)$")
 
 
 def parse_scheme(name: str, group_size: int = 128, symmetric: bool = True) -> tuple[str, QuantConfig] | None:
     """``(algorithm, QuantConfig)`` of an integer scheme name (see the comment above), None for float / int8 /
     GGUF names; raises ValueError for an unknown name. A ``+head8`` suffix (int8 output head) is allowed on any
-    name but float and the GGUF mixes (whose head type is part of the mix)."""
+    name but float and the GGUF mixes (whose head type is part of the mix); a final ``+a8`` (W4A8) on integer schemes
+    of at most 4 bits."""
+    if name.endswith(A8):
+        parsed = parse_scheme(name[:-len(A8)], group_size, symmetric)
+        if parsed is None or parsed[1].bits > 4 or parsed[0] == "qat":
+            raise ValueError(f"scheme {name!r}: +a8 (W4A8) applies to the rtn / gptq / awq / autoround int2-int4 "
+                             "schemes only")
+        return parsed
     if name.endswith(HEAD8):
         name = name[:-len(HEAD8)]
         if name == "float" or name in GGUF_MIXES or name == "gptq-q4_k_m":
@@ -120,6 +130,12 @@ class _Clock:
 
 def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows, notes: dict | None = None):
     notes = {} if notes is None else notes
+    if name.endswith(A8):
+        m = _quantize(name[:-len(A8)], base, cfg, calib, qat_windows, notes)
+        notes[name] = notes.pop(name[:-len(A8)], None)
+        if not use_int8_activations(m):
+            raise RuntimeError(f"{name}: the model has no Int4WeightOnly layer to run as W4A8")
+        return m
     if name.endswith(HEAD8):
         m = _quantize(name[:-len(HEAD8)], base, cfg, calib, qat_windows, notes)
         notes[name] = notes.pop(name[:-len(HEAD8)], None)

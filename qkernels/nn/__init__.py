@@ -5,9 +5,10 @@ blocks)."""
 from .fuse import fuse_projections
 from .gguf_linear import GGUFLinear
 from .linear import QuantLinear
-from .quantize import quantize_
-from .schemes import (SCHEMES, Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly,
-                      IntWeightInt8Act, Scheme)
+from .quantize import quantize_, use_int8_activations
+from .schemes import (SCHEMES, Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8DynamicInt4Weight,
+                      Int8WeightOnly, IntWeightInt8Act, Scheme)
 
 __all__ = ["QuantLinear", "quantize_", "SCHEMES", "Scheme", "Int4WeightOnly", "Int8WeightOnly", "Int8Dynamic",
+           "Int8DynamicInt4Weight", "use_int8_activations",
            "IntWeightInt8Act", "Fp8WeightOnly", "Fp8Dynamic", "Fp4", "GGUFLinear", "fuse_projections"]

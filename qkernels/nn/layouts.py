@@ -29,6 +29,7 @@ from ..ops import (
     fp8_mm,
     fp8_weight_only_mm,
     int4_weight_only_mm,
+    int8_dynamic_int4_mm,
     int8_dynamic_mm,
     int8_weight_only_mm,
     pack_int4,
@@ -323,7 +324,7 @@ class _GroupedLayout(_IntLayout):
 
 
 class Int4Layout(_GroupedLayout):
-    """uint8 ``[N, Kp/2]`` nibbles (pack_int4), run by int4_weight_only_mm."""
+    """uint8 ``[N, Kp/2]`` nibbles (pack_int4), run by int4_weight_only_mm (or int8_dynamic_int4_mm)."""
 
     name = "int4"
     ragged_x_on_cpu = True
@@ -338,7 +339,9 @@ class Int4Layout(_GroupedLayout):
         return b["qweight"], b["scale"], b["zero_point"], layer._group, True
 
     def public_mm(self, layer, b, x):
-        return int4_weight_only_mm(x, b["qweight"], b["scale"], b["zero_point"], layer._group)
+        # Int4WeightOnly (W4A16) or Int8DynamicInt4Weight (W4A8): the same arguments
+        fn = int8_dynamic_int4_mm if layer._op == "int8_dynamic_int4_mm" else int4_weight_only_mm
+        return fn(x, b["qweight"], b["scale"], b["zero_point"], layer._group)
 
 
 class Int8GroupedLayout(_GroupedLayout):

@@ -102,3 +102,31 @@ def _tied_heads(model: nn.Module, heads: set[str]) -> list[str]:
 def set_submodule(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def use_int8_activations(model: nn.Module) -> list[str]:
+    """Run every int4 weight-only layer of ``model`` as W4A8, in place: each :class:`QuantLinear` with an
+    ``Int4WeightOnly`` scheme becomes one with ``Int8DynamicInt4Weight`` (same group size and symmetry) holding the
+    same codes, scales, zero points, bias and act-order permutation; only the activations change (rounded to int8
+    per token and weight group inside :func:`qkernels.int8_dynamic_int4_mm`). For int4 models from any source: RTN,
+    GPTQ, AWQ, or checkpoints loaded with :func:`qkernels.load_quantized`. 2- and 3-bit codes are int4 codes too.
+    Before or after :func:`qkernels.fuse_projections` (a fused group's QuantLinear is switched like any other).
+    Returns the names of the layers switched."""
+    from .linear import QuantLinear
+    from .schemes import Int4WeightOnly, Int8DynamicInt4Weight
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    done = []
+    for name, mod in list(model.named_modules()):
+        if not (isinstance(mod, QuantLinear) and isinstance(mod.scheme, Int4WeightOnly)):
+            continue
+        if not name:
+            raise ValueError("model is itself a QuantLinear: it cannot be replaced in place; pass the module that "
+                             "holds it (or build the layer with Int8DynamicInt4Weight)")
+        scheme = Int8DynamicInt4Weight(group_size=mod.scheme.group_size, symmetric=mod.scheme.symmetric)
+        new = QuantLinear.from_codes(mod.codes(), mod.scale, mod.zero_point, scheme, mod.bias, mod.input_perm)
+        new.train(mod.training)
+        set_submodule(model, name, new)
+        done.append(name)
+    return done

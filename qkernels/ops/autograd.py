@@ -6,7 +6,8 @@ Every GEMM here computes ``y = x @ W^T (+ bias)`` with a quantized weight ``W = 
 
 with ``W`` decoded by the same dequantization ops the forward's fallback paths use (``unpack_int4`` +
 ``dequantize_affine``, ``dequantize_fp8``, ``dequantize_fp4``, ``gguf_dequantize``) and the product accumulated in
-fp32 (the forward's accumulation), rounded once to x's dtype. ``int8_dynamic_mm`` also quantizes x per token: its
+fp32 (the forward's accumulation), rounded once to x's dtype. ``int8_dynamic_mm`` also quantizes x per token (and
+``int8_dynamic_int4_mm`` per token and weight group): its
 rounding has zero derivative almost everywhere, so it gets the straight-through estimator (the gradient of
 ``x @ W^T``), as quantization-aware training does.
 
@@ -36,6 +37,7 @@ GEMMS = {
     "int4_weight_only_mm": ((0,), None, {2: "scale"}),
     "int8_weight_only_mm": ((0,), None, {2: "scale"}),
     "int8_dynamic_mm": ((0,), None, {2: "w_scale"}),
+    "int8_dynamic_int4_mm": ((0,), None, {2: "scale"}),
     "fp8_mm": ((), 6, {1: "a_scale", 4: "b_scale"}),
     "fp8_weight_only_mm": ((0,), 4, {2: "w_scale"}),
     "fp4_mm": ((), 8, {2: "a_global_scale", 5: "b_global_scale"}),
@@ -57,7 +59,7 @@ def dequantized_weight(op: str, args: tuple) -> torch.Tensor:
     else:
         deq = {n: getattr(ops, n) for n in ("unpack_int4", "dequantize_affine", "dequantize_fp8", "dequantize_fp4",
                                             "gguf_dequantize")}
-    if op == "int4_weight_only_mm":
+    if op in ("int4_weight_only_mm", "int8_dynamic_int4_mm"):
         _, packed, scale, zp, group_size, signed = args
         q = deq["unpack_int4"](packed, signed)
         return deq["dequantize_affine"](q, scale.float(), zp, group_size, False, torch.float32)

@@ -17,7 +17,8 @@ def _collect(module, names):
 
 
 _collect(int_quant, ["choose_qparams_affine", "quantize_affine", "dequantize_affine", "pack_int4", "unpack_int4"])
-_collect(int_gemm, ["int4_weight_only_mm", "int8_weight_only_mm", "quantize_per_token_int8", "int8_dynamic_mm"])
+_collect(int_gemm, ["int4_weight_only_mm", "int8_weight_only_mm", "quantize_per_token_int8", "int8_dynamic_mm",
+                    "int8_dynamic_int4_mm"])
 _collect(float8, ["quantize_fp8", "dequantize_fp8", "fp8_mm", "fp8_weight_only_mm"])
 _collect(float4, ["fp4_encode", "fp4_decode", "quantize_fp4", "dequantize_fp4", "fp4_mm", "fp4_weight_only_mm"])
 _collect(gguf, ["gguf_quantize", "gguf_dequantize", "gguf_mm"])

@@ -50,3 +50,40 @@ def int8_dynamic_mm(x, q_w, w_scale):
     acc = qx.long() @ q_w.long().t()
     out = acc.double() * sx.double().unsqueeze(-1) * w_scale.double().unsqueeze(0)
     return out.to(x.dtype)
+
+
+def quantize_per_group_int8(x, group_size):
+    """Symmetric int8 of ``x [M, K]`` per row and per block of ``group_size`` columns (the activations of
+    :func:`int8_dynamic_int4_mm`): ``scale [M, K / group_size] = amax / 127`` (1 for an all-zero block), codes
+    ``round_half_even(x / scale)`` in [-127, 127] (a true fp32 division). A row holding NaN or inf gets codes 0 and
+    scale NaN in every block, as :func:`quantize_per_token_int8` does."""
+    M, K = x.shape
+    xf = x.float()
+    finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
+    xf = torch.where(finite, xf, torch.zeros_like(xf))
+    xg = xf.reshape(M, K // group_size, group_size)
+    amax = xg.abs().amax(dim=-1) if group_size > 0 else torch.zeros(M, 0, device=x.device)
+    scale = true_div(amax, 127.0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(xg / scale.unsqueeze(-1)), -127, 127).to(torch.int8).reshape(M, K)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return q, scale
+
+
+def int8_dynamic_int4_mm(x, packed_w, scale, zero_point, group_size, is_signed):
+    """W4A8: ``x [M, Kx]`` (zero-padded to the weight's K, as in :func:`int4_weight_only_mm`) quantized by
+    :func:`quantize_per_group_int8` with the weight's group size; per group the integer sum
+    ``sum_k (q[n, k] - zero_point[n, g]) * qx[m, k]`` (exact: in fp64 every term and sum is an integer below 2^53),
+    times ``x_scale[m, g] * scale[n, g]``, summed over groups in fp64, rounded once to x's dtype. The same int4 weight
+    (codes, scales, zero points) as int4_weight_only_mm."""
+    K = packed_w.shape[1] * 2
+    M, N, G = x.shape[0], packed_w.shape[0], K // group_size
+    if x.shape[1] < K:
+        x = torch.nn.functional.pad(x, (0, K - x.shape[1]))
+    qx, sx = quantize_per_group_int8(x, group_size)
+    q = int_quant.unpack_int4(packed_w, is_signed).double().reshape(N, G, group_size)
+    if zero_point is not None:
+        q = q - zero_point.double().unsqueeze(-1)
+    acc = torch.einsum("mgk,ngk->mng", qx.double().reshape(M, G, group_size), q)
+    out = (acc * sx.double().unsqueeze(1) * scale.double().unsqueeze(0)).sum(-1)
+    return out.to(x.dtype)

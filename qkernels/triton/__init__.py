@@ -20,6 +20,7 @@ MODULES: dict[str, str] = {
     "int8_weight_only_mm": "int_gemm",
     "quantize_per_token_int8": "int8_dynamic",
     "int8_dynamic_mm": "int8_dynamic",
+    "int8_dynamic_int4_mm": "int8_dynamic",
     "quantize_fp8": "float_cast",
     "dequantize_fp8": "float_cast",
     "fp4_encode": "float_cast",
