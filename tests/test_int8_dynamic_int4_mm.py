@@ -97,6 +97,29 @@ def test_codes_are_the_references():
     assert torch.allclose(out, want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("M", [4, 30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,g,Kx", [(256, 64, 256), (256, 128, 200), (640, 128, 576), (512, 512, 512)])
+def test_activation_codes_are_the_references(M, dtype, K, g, Kx):
+    """Every activation code (the vectorized quantizer in both layouts: evens / odds for the register kernel at
+    M <= 24, natural order for the composite at larger M): with one-hot unsigned
+    weights (row n = 1 at column n, scale 1, no zero point) out[m, n] = code[m, n] * xs[m, n // g], one rounding
+    (to x's dtype: codes one apart differ by >= 1/127 relative, more than a bf16 rounding, so every code is seen).
+    Rows with ties (x / xs = k + 0.5), a saturating element, an all-zero group."""
+    gen = torch.Generator().manual_seed(K + g + Kx)
+    x = torch.randn(M, Kx, generator=gen) * 3
+    x[1, :64] = torch.arange(64) - 31.5  # amax 31.5 -> xs = 31.5 / 127: not exact ties, checked as computed
+    x[2, :] = 0.5 * torch.randint(-60, 61, (Kx,), generator=gen).float()
+    x[2, 0] = 127.0  # xs = 1 in the first group: every half-integer a tie, rounded to even
+    x[3, :g] = 0.0  # an all-zero group: xs = 1, codes 0
+    x = x.to(dtype)
+    w = qkernels.pack_int4(torch.eye(K, dtype=torch.int8).to(torch.uint8))
+    out = op(x, w, torch.ones(K, K // g), None, g, False)
+    q, sx = ref.quantize_per_group_int8(torch.nn.functional.pad(x.float(), (0, K - Kx)), g)
+    want = (q.float() * sx.repeat_interleave(g, dim=1)).to(dtype)
+    assert torch.equal(out, want), (out.float() - want.float()).abs().max()
+
+
 def test_nan_or_inf_row_is_nan_others_exact():
     gen = torch.Generator().manual_seed(3)
     p, s, zp = _weight(8, 256, 128, True, True, gen)

@@ -403,9 +403,21 @@ at::Tensor int8_dynamic_int4_mm_cpu(const at::Tensor& x, const at::Tensor& packe
     xs = st.data_ptr<float>();
     xsum = sumt.data_ptr<float>();
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "int8_dynamic_int4_mm", [&] {
-    quantize_x_per_group_i8(xc->data_ptr<scalar_t>(), M, Kx, K, group_size, fast, xq, xs, xsum);
-  });
+  // the activations (the register kernel's order when fast, else natural): vectorized where x's width allows (the scalar loop's nearbyint is a libm
+  // call per element: ~8 us of a 1536-wide row); a row with NaN / inf sends the call to the scalar loop, which
+  // gives such rows codes 0 and scale NaN
+  const at::ScalarType xt = x.scalar_type();
+  const bool vec = avx2 && group_size % 64 == 0 && Kx % 8 == 0 &&
+                   (xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf) &&
+                   cpu::i8_quantize_rows_avx2(xc->data_ptr(), xt == at::kBFloat16 ? cpu::kXBF16
+                                                              : xt == at::kHalf   ? cpu::kXF16
+                                                                                  : cpu::kXF32,
+                                              Kx, M, K, group_size, fast, xq, xs, xsum);
+  if (!vec) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xt, "int8_dynamic_int4_mm", [&] {
+      quantize_x_per_group_i8(xc->data_ptr<scalar_t>(), M, Kx, K, group_size, fast, xq, xs, xsum);
+    });
+  }
   if (!fast) {
     // large M, a shape the register kernel does not take, or no AVX2: the int4 GEMM of the dequantized activations
     // (xq * xs, one fp32 product each), which is the specification up to fp32 rounding

@@ -666,7 +666,88 @@ QK_AVX2 bool i16_quantize_rows(const void* x, int64_t ldx, int64_t kx, int64_t M
   return true;
 }
 
+// 64 int32 codes in [-127, 127] (q[0..7], 8 consecutive elements each) -> dst[0..31] the 32 even elements,
+// dst[32..63] the odd ones (w4q8_tile's order), or natural order (permute false). packs give bytes in
+// lane-interleaved order, the permutevar restores natural order; pshufb then gathers evens / odds within each
+// 128-bit lane, and two lane permutes join them.
+QK_AVX2 inline void store_i8_block(const __m256i (&q)[8], int8_t* dst, bool permute) {
+  const __m256i nat_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,  //
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  __m256i half[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[4 * h], q[4 * h + 1]),
+                                         _mm256_packs_epi32(q[4 * h + 2], q[4 * h + 3]));
+    const __m256i nat = _mm256_permutevar8x32_epi32(b, nat_order);  // elements 32 h .. 32 h + 31 in order
+    if (!permute) {
+      _mm256_storeu_si256((__m256i*)(dst + 32 * h), nat);
+      continue;
+    }
+    // per lane: 8 evens then 8 odds; then qwords (lane0 evens, lane1 evens, lane0 odds, lane1 odds)
+    half[h] = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(nat, split), 0xD8);
+  }
+  if (!permute) return;
+  _mm256_storeu_si256((__m256i*)dst, _mm256_permute2x128_si256(half[0], half[1], 0x20));
+  _mm256_storeu_si256((__m256i*)(dst + 32), _mm256_permute2x128_si256(half[0], half[1], 0x31));
+}
+
+template <int KIND>
+QK_AVX2 bool i8_quantize_rows(const void* x, int64_t kx, int64_t M, int64_t K, int64_t group_size, bool permute,
+                              int8_t* xq, float* xs, float* xsum) {
+  const int64_t G = K / group_size;
+  const __m256 sign = _mm256_set1_ps(-0.f), lim = _mm256_set1_ps(127.f), nlim = _mm256_set1_ps(-127.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t row = m * kx;
+    __m256 nan = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * group_size, nv = std::max<int64_t>(0, std::min(group_size, kx - k0));
+      __m256 amax = _mm256_setzero_ps();
+      for (int64_t i = 0; i < nv; i += 8) {
+        const __m256 v = load8_as_f32<KIND>(x, row + k0 + i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+      const float a = hsum_max(amax);
+      if (!_mm256_testz_ps(nan, nan) || !std::isfinite(a)) return false;
+      float sc = a / 127.f;  // as quantize_x_per_group_i8 (int_gemm.cpp) computes it
+      sc = sc > 0.f ? sc : 1.f;
+      const __m256 vsc = _mm256_set1_ps(sc);
+      __m256i isum = _mm256_setzero_si256();
+      for (int64_t c = 0; c < group_size; c += 64) {
+        __m256i q[8];
+        for (int i = 0; i < 8; ++i) {
+          const int64_t k = c + 8 * i;  // relative to k0; columns from nv on are zero codes
+          if (k >= nv) {
+            q[i] = _mm256_setzero_si256();
+            continue;
+          }
+          // a true division and round-half-even, as the scalar loop and the reference do
+          const __m256 r = _mm256_round_ps(_mm256_div_ps(load8_as_f32<KIND>(x, row + k0 + k), vsc),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, nlim), lim));
+          isum = _mm256_add_epi32(isum, q[i]);
+        }
+        store_i8_block(q, xq + m * K + k0 + c, permute);
+      }
+      alignas(32) int32_t part[8];
+      _mm256_store_si256((__m256i*)part, isum);
+      int32_t total = 0;
+      for (int i = 0; i < 8; ++i) total += part[i];
+      xs[m * G + g] = sc;
+      xsum[m * G + g] = sc * (float)total;
+    }
+  }
+  return true;
+}
+
 }  // namespace
+
+QK_AVX2 bool i8_quantize_rows_avx2(const void* x, int x_kind, int64_t kx, int64_t M, int64_t K, int64_t group_size,
+                                   bool permute, int8_t* xq, float* xs, float* xsum) {
+  if (x_kind == kXBF16) return i8_quantize_rows<kXBF16>(x, kx, M, K, group_size, permute, xq, xs, xsum);
+  if (x_kind == kXF16) return i8_quantize_rows<kXF16>(x, kx, M, K, group_size, permute, xq, xs, xsum);
+  return i8_quantize_rows<kXF32>(x, kx, M, K, group_size, permute, xq, xs, xsum);
+}
 
 QK_AVX2 bool i16_quantize_rows_avx2(const void* x, int x_kind, int64_t ldx, int64_t kx, int64_t M, int64_t K,
                                     int64_t F, int64_t group_size, bool permute, int16_t* xq, float* xs, float* xsum) {
@@ -797,6 +878,9 @@ bool i16_quantize_rows_avx2(const void*, int, int64_t, int64_t, int64_t, int64_t
   return false;
 }
 void f32_to_half_avx2(const float*, uint16_t*, int64_t, bool) {}
+bool i8_quantize_rows_avx2(const void*, int, int64_t, int64_t, int64_t, int64_t, bool, int8_t*, float*, float*) {
+  return false;
+}
 bool w4a16_rows_avx2_i16(const int16_t*, int64_t, const float*, const float*, const uint8_t*, const float*,
                          const int32_t*, bool, int64_t, int64_t, int64_t, int64_t, float*, int64_t, int64_t,
                          int64_t) {

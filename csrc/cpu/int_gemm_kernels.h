@@ -52,6 +52,14 @@ enum XKind : int { kXF32 = 0, kXBF16 = 1, kXF16 = 2 };
 bool i16_quantize_rows_avx2(const void* x, int x_kind, int64_t ldx, int64_t kx, int64_t M, int64_t K, int64_t F,
                             int64_t group_size, bool permute, int16_t* xq, float* xs, float* xsum);
 
+// x [M, kx] contiguous, fp32 / bf16 / fp16 (x_kind), as [M, K] with columns kx..K-1 zero (kx % 8 == 0,
+// group_size % 64 == 0) -> the int8 activations of w4a8_rows_avx2: per row and group xs = amax / 127 (1 for an
+// all-zero group), codes round_half_even(x / xs) clamped to [-127, 127] (the bits quantize_x_per_group_i8 in
+// int_gemm.cpp and the reference give), per 64-block the 32 even elements then the 32 odd ones (permute) or natural
+// order; xsum = xs * the group's code sum. Returns false when x holds NaN or inf (nothing usable is written then).
+bool i8_quantize_rows_avx2(const void* x, int x_kind, int64_t kx, int64_t M, int64_t K, int64_t group_size,
+                           bool permute, int8_t* xq, float* xs, float* xsum);
+
 // dst[i] = src[i] as bf16 (bf16 = true) or fp16 bits, n elements, rounded as ATen's AVX2 conversion rounds (the
 // bits of `.to(dtype)` on AVX2 CPUs, NaN included: bf16 0xFFFF, fp16 vcvtps2ph).
 void f32_to_half_avx2(const float* src, uint16_t* dst, int64_t n, bool bf16);
