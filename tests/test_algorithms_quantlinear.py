@@ -13,8 +13,9 @@ import qkernels
 from qkernels.algorithms import (AWQConfig, GPTQConfig, QuantConfig, awq_quantize_model, export_gptq_tensors,
                                  fake_quantize, gptq_quantize_model, gptq_quantize_weight, rtn_quantize_model)
 from qkernels.algorithms.rtn import build_quant_linear, scheme_for
-from qkernels.nn import Int4WeightOnly, Int8WeightOnly, IntWeightInt8Act, QuantLinear
+from qkernels.nn import Int4WeightOnly, Int8DynamicInt4Weight, Int8WeightOnly, IntWeightInt8Act, QuantLinear
 from qkernels.qat import fake_quant_act_int8
+from qkernels.reference import int_gemm as ref_gemm
 from qkernels.reference import int_quant as ref_q
 
 from .conftest import rel_err
@@ -25,7 +26,7 @@ from .formats_fixtures import logits, tiny_llama  # noqa: E402
 
 RAGGED = [Int4WeightOnly(64), Int4WeightOnly(64, symmetric=True), Int4WeightOnly(32, bits=3),
           Int4WeightOnly(48, symmetric=True, bits=2), Int8WeightOnly(64, False), Int8WeightOnly(48, True),
-          IntWeightInt8Act(4, 64), IntWeightInt8Act(6, 64, True)]
+          IntWeightInt8Act(4, 64), IntWeightInt8Act(6, 64, True), Int8DynamicInt4Weight(64)]
 
 
 
@@ -55,6 +56,9 @@ def test_ragged_layer_matches_reference(scheme, K):
     assert pad_w.shape == (N, Kp - K) and not pad_w.any()
     x = torch.randn(3, 5, K)
     xr = fake_quant_act_int8(x) if isinstance(scheme, IntWeightInt8Act) else x
+    if isinstance(scheme, Int8DynamicInt4Weight):  # x to int8 per token and weight group (of the padded width)
+        xq, sx = ref_gemm.quantize_per_group_int8(F.pad(x, (0, Kp - K)).reshape(-1, Kp), g)
+        xr = (xq.float() * sx.repeat_interleave(g, dim=1))[:, :K].reshape(x.shape)
     out = q(x)
     assert out.shape == (3, 5, N)
     assert rel_err(out, F.linear(xr.double(), w_ref.double(), lin.bias.double())) < 1e-5

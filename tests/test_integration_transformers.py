@@ -12,8 +12,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import qkernels  # noqa: E402,F401 - installs the registration hook
-from qkernels import (Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly,  # noqa: E402
-                      IntWeightInt8Act, QuantLinear, load_quantized, quantize_, save_quantized)
+from qkernels import (Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8DynamicInt4Weight,  # noqa: E402
+                      Int8WeightOnly, IntWeightInt8Act, QuantLinear, load_quantized, quantize_, save_quantized)
 from qkernels.integrations.transformers_quantizer import QKernelsConfig, QKernelsHfQuantizer  # noqa: E402
 
 from .formats_fixtures import IDS, quant_names  # noqa: E402
@@ -23,7 +23,8 @@ AutoModelForCausalLM = transformers.AutoModelForCausalLM
 # RTN for every scheme; shapes of the tiny Llama (K = 64 / 128) fit all of them except 128x128 fp8 blocks
 SCHEMES = [Int4WeightOnly(group_size=32), Int4WeightOnly(group_size=-1, symmetric=True), Int8WeightOnly(),
            Int8WeightOnly(group_size=32, symmetric=False), Int8Dynamic(), IntWeightInt8Act(bits=4, group_size=32),
-           Fp8WeightOnly(), Fp8Dynamic("row"), Fp4("mxfp4"), Fp4("nvfp4", weight_only=True)]
+           Int8DynamicInt4Weight(group_size=32), Fp8WeightOnly(), Fp8Dynamic("row"), Fp4("mxfp4"),
+           Fp4("nvfp4", weight_only=True)]
 
 
 def tiny(seed=0, tie=False, bias=False):

@@ -6,13 +6,15 @@ import torch
 
 import qkernels
 from qkernels import dispatch
-from qkernels.nn import Int4WeightOnly, Int8Dynamic, Int8WeightOnly, IntWeightInt8Act, QuantLinear
+from qkernels.nn import (Int4WeightOnly, Int8Dynamic, Int8DynamicInt4Weight, Int8WeightOnly, IntWeightInt8Act,
+                         QuantLinear)
 from qkernels.ops import _call, int_gemm
 
 pytestmark = pytest.mark.skipif(not qkernels.HAS_EXTENSION, reason="the fast path needs the compiled extension")
 
 SCHEMES = [Int4WeightOnly(32), Int4WeightOnly(48, symmetric=True), Int8WeightOnly(), Int8Dynamic(),
-           IntWeightInt8Act(4, 32), Int8WeightOnly(32, symmetric=False), IntWeightInt8Act(8, 32)]
+           IntWeightInt8Act(4, 32), Int8WeightOnly(32, symmetric=False), IntWeightInt8Act(8, 32),
+           Int8DynamicInt4Weight(64)]
 
 
 def layer(scheme, K=96, N=40, act_order=False):

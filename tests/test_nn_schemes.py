@@ -11,6 +11,7 @@ from qkernels.nn.schemes import (
     Fp8WeightOnly,
     Int4WeightOnly,
     Int8Dynamic,
+    Int8DynamicInt4Weight,
     Int8WeightOnly,
     IntWeightInt8Act,
     Scheme,
@@ -62,7 +63,7 @@ def test_unknown_field():
 
 
 @pytest.mark.parametrize("s", [Int4WeightOnly(32, True), Int4WeightOnly(64, bits=3), IntWeightInt8Act(4, 32),
-                               IntWeightInt8Act(8, -1, True), Int8WeightOnly(), Int8WeightOnly(64, False), Int8Dynamic(),
+                               IntWeightInt8Act(8, -1, True), Int8DynamicInt4Weight(64), Int8WeightOnly(), Int8WeightOnly(64, False), Int8Dynamic(),
                                Fp8WeightOnly(), Fp8Dynamic("block"), Fp4("mxfp4"),
                                Fp4("nvfp4", weight_only=True)])
 def test_dict_round_trip(s):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import qkernels
 from qkernels import gguf
 from qkernels.nn import QuantLinear
-from qkernels.nn.schemes import Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, \
-    IntWeightInt8Act
+from qkernels.nn.schemes import Fp4, Fp8Dynamic, Fp8WeightOnly, Int4WeightOnly, Int8Dynamic, \
+    Int8DynamicInt4Weight, Int8WeightOnly, IntWeightInt8Act
 
 RTOL = 1e-3  # ||grad - grad_ref|| / ||grad_ref||: fp32 sums in a different order (and rounding of x's dtype)
 N, K = 24, 64
@@ -143,7 +143,8 @@ def test_torch_compile_backward():
 
 
 SCHEMES = [Int4WeightOnly(32), Int4WeightOnly(32, True, bits=3), Int8WeightOnly(), Int8WeightOnly(32, False),
-           Int8Dynamic(), IntWeightInt8Act(4, 32), IntWeightInt8Act(8, -1, True), Fp8WeightOnly(), Fp8Dynamic(),
+           Int8Dynamic(), IntWeightInt8Act(4, 32), IntWeightInt8Act(8, -1, True), Int8DynamicInt4Weight(64),
+           Fp8WeightOnly(), Fp8Dynamic(),
            Fp8Dynamic("tensor"), Fp4("mxfp4"), Fp4("nvfp4"), Fp4("nvfp4", weight_only=True)]
 
 
