@@ -28,6 +28,8 @@ TORCH_ROWS = {
     "w4a8-bf16-fused-h8": "int4-bf16-fused-h8 with W4A8 linears: Int8DynamicInt4Weight(group_size=128) (x rounded "
                           "to int8 per group in the op), Int8WeightOnly head",
     "w4a8-bf16-fused-h4": "w4a8-bf16-fused-h8 with a W4A8 head too (Int8DynamicInt4Weight(128) on the tied lm_head)",
+    "w4a8-bf16-fused-h4e": "w4a8-bf16-fused-h4 whose input embedding reads the int4 head's codes "
+                           "(quantize_(..., embedding_from_head=True)): no float table",
     "int4-q4_0": "qkernels int4 g32 symmetric holding the Q4_0 file's weights (head: its Q6_K GGUFLinear), fp32",
     "fp8-bf16": "qkernels Fp8WeightOnly, bf16 activations",
     "fp4-bf16": "qkernels Fp4('nvfp4', weight_only=True), bf16 activations",
@@ -96,10 +98,12 @@ def _q4_0_to_quantlinear(layer):
 def _cast_non_quantized(model, dtype):
     """Cast what is not a quantized layer (embeddings, norms, a float head) to ``dtype``: ``model.to(dtype)`` would
     also cast QuantLinear's fp32 scales."""
-    from qkernels.nn import GGUFLinear, QuantLinear
+    from qkernels.nn import GGUFLinear, QuantEmbedding, QuantLinear
 
     for mod in model.modules():
-        if isinstance(mod, (QuantLinear, GGUFLinear)):
+        if isinstance(mod, QuantEmbedding):
+            mod.dtype = dtype  # rows looked up in the head's codes, dequantized to dtype
+        if isinstance(mod, (QuantLinear, GGUFLinear, QuantEmbedding)):
             continue
         for p in mod.parameters(recurse=False):
             if p.is_floating_point():
@@ -136,10 +140,11 @@ def build_torch_model(row: str, workdir: str):
         return model.to(dtype)
     if row.startswith("torchao-"):
         return torchao_quantize(model.to(torch.bfloat16), row)
-    if row in ("int4-bf16-h8", "int4-bf16-fused-h8", "w4a8-bf16-fused-h8", "w4a8-bf16-fused-h4"):
+    if row in ("int4-bf16-h8", "int4-bf16-fused-h8", "w4a8-bf16-fused-h8", "w4a8-bf16-fused-h4",
+               "w4a8-bf16-fused-h4e"):
         body = Int8DynamicInt4Weight(group_size=128) if row.startswith("w4a8") else Int4WeightOnly(group_size=128)
-        head = Int8DynamicInt4Weight(group_size=128) if row.endswith("-h4") else Int8WeightOnly()
-        quantize_(model, body, include_lm_head=head)
+        head = Int8DynamicInt4Weight(group_size=128) if "-h4" in row else Int8WeightOnly()
+        quantize_(model, body, include_lm_head=head, embedding_from_head=row.endswith("-h4e"))
         if "fused" in row:
             from qkernels.nn import fuse_projections
 

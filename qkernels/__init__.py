@@ -58,6 +58,7 @@ from .nn import (
     Int8WeightOnly,
     Int8DynamicInt4Weight,
     IntWeightInt8Act,
+    QuantEmbedding,
     QuantLinear,
     fuse_projections,
     quantize_,

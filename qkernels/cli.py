@@ -19,10 +19,10 @@ def _eval_parser(sub):
     p.add_argument("--text", help="UTF-8 text file (default: Python's pydoc topics); split into calibration/eval")
     p.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES),
                    help=f"comma-separated names from {','.join(ALL_SCHEMES)}, or any ALGO-intBITS[-asym][-full]"
-                        "[-mse|-wmse][+head8][+a8] with ALGO in rtn, gptq, awq, awq-gptq, autoround, qat (-full: all 2^b "
+                        "[-mse|-wmse][+head8|+head4[+emb]][+a8] with ALGO in rtn, gptq, awq, awq-gptq, autoround, qat (-full: all 2^b "
                         "symmetric levels as llama.cpp Q4_0; -mse: MSE-searched group scales; -wmse: that search "
-                        "weighted by the inputs' E[x^2] (not awq, qat); +head8: int8 output head; +a8: the int4 "
-                        "layers run W4A8, activations rounded to int8 per token and group) "
+                        "weighted by the inputs' E[x^2] (not awq, qat); +head8 / +head4: int8 / int4 (g, "
+                        "asymmetric) output head; +emb: the tied input embedding reads the head's codes; +a8: the int4 layers run W4A8, activations rounded to int8 per token and group) "
                         "(default: %(default)s)")
     p.add_argument("--qat", action="store_true", help="also run QAT (int4, distillation from the float model)")
     p.add_argument("--ctx", type=int, default=d.ctx, help="evaluation window incl. BOS (default %(default)s)")

@@ -7,7 +7,9 @@ Tolerances (fp32 math, sums in another order than the oracle's): an fp32 output 
 relative to the weighted mean of |v| it averages (fp32 sums of up to a few thousand terms; one wrong or missing term
 of 1500 would be off by ~1e-3);
 a bf16 / fp16 output within 2^-7 / 2^-10 (one ulp at most) of the oracle rounded to that dtype, relative to that
-value (the fp32 result differs from the oracle far less than half an ulp, so rounding may differ only near ties)."""
+value, plus the fp32 allowance above (1e-5 of the weighted mean of |v|): where the weighted values cancel, the output
+is small next to the terms it sums, and the fp32 result may then be several of its own ulps from the oracle
+(hypothesis found a bf16 output of 3e-6 two ulps off, with terms of magnitude ~1)."""
 
 import math
 from typing import NamedTuple
@@ -72,7 +74,7 @@ def assert_matches_exact(out, ex):
         e16 = e.to(out.dtype).double()  # the oracle rounded to out's dtype
         ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[out.dtype]
         tiny = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}[out.dtype]  # the smallest subnormal
-        bound = torch.maximum(ulp * e16.abs(), torch.full_like(e16, tiny))
+        bound = torch.maximum(ulp * e16.abs(), torch.full_like(e16, tiny)) + 1e-5 * ex.mag.nan_to_num(0.0)
         bad = (o - e16).abs() > bound
         assert not bad.any(), f"{int(bad.sum())} elements more than one ulp from the oracle, e.g. " \
                               f"{o[bad][:3].tolist()} vs {e[bad][:3].tolist()}"

@@ -157,6 +157,25 @@ def test_head8_suffix_quantizes_the_output_head():
     assert metrics.model_size_bytes(q) > metrics.model_size_bytes(body)  # the untied head is stored in addition
     with pytest.raises(ValueError, match=r"\+head8 applies"):
         runner.parse_scheme("q4_k_m+head8")
+    # +emb: the tied embedding reads the int8 head's codes, no float table left; the embeddings move a little
+    from qkernels.nn import QuantEmbedding
+
+    e = runner._quantize("rtn-int4+head8+emb", m, cfg, None, None)
+    assert isinstance(e.model.embed_tokens, QuantEmbedding) and e.model.embed_tokens.head is e.lm_head
+    assert type(m.model.embed_tokens) is torch.nn.Embedding  # base intact
+    with torch.no_grad():
+        c = e(ids).logits
+    assert 0 < (c - a).norm() / a.norm() < 0.02
+    assert metrics.model_size_bytes(e) < metrics.model_size_bytes(body)  # the table is held once, in int8
+    # +head4: an int4 (asymmetric, --group-size) head; with +emb and +a8 the embedding follows the W4A8 head
+    from qkernels.nn import Int8DynamicInt4Weight
+
+    h4 = runner._quantize("rtn-int4+head4+emb+a8", m, cfg, None, None)
+    assert h4.lm_head.scheme == Int8DynamicInt4Weight(32, symmetric=False)
+    assert h4.model.embed_tokens.head is h4.lm_head
+    assert metrics.model_size_bytes(h4) < metrics.model_size_bytes(e)
+    with pytest.raises(ValueError, match=r"\+emb .* follows"):
+        runner.parse_scheme("rtn-int4+emb")
 
 
 def test_plot_labels_do_not_overlap(tmp_path):

@@ -263,6 +263,9 @@ def test_eval_a8_suffix():
 
     assert parse_scheme("gptq-int4-asym+a8") == parse_scheme("gptq-int4-asym")
     assert parse_scheme("rtn-int4+head8+a8") == parse_scheme("rtn-int4")
+    assert parse_scheme("rtn-int4+head8+emb+a8") == parse_scheme("rtn-int4")
+    with pytest.raises(ValueError, match=r"\+emb .* follows \+head8"):
+        parse_scheme("rtn-int4+emb")
     for bad in ("int8+a8", "rtn-int8+a8", "q4_k_m+a8", "qat-int4+a8", "float+a8"):
         with pytest.raises(ValueError, match=r"\+a8"):
             parse_scheme(bad)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..algorithms._layers import UnsupportedModel
-from ..nn import Int8WeightOnly, quantize_, use_int8_activations
+from ..nn import Int4WeightOnly, Int8WeightOnly, quantize_, use_int8_activations
 from ..algorithms import AWQConfig, GPTQConfig, QATScheme, QuantConfig, awq_quantize_model, gptq_quantize_model, \
     rtn_quantize_model
 from ..algorithms import qat as qat_mod
@@ -46,9 +46,13 @@ ALL_SCHEMES = DEFAULT_SCHEMES + ("rtn-int4-full-mse", "rtn-int4-asym-mse", "gptq
                                  "autoround-int4-asym-wmse", "gptq-q4_k_m", "qat-int4")
 GGUF_MIXES = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 HEAD8 = "+head8"  # suffix: the output head (lm_head, untied from the embedding) also int8 weight-only per channel
+HEAD4 = "+head4"  # the same with an int4 head: RTN, asymmetric, groups of --group-size (W4A16; W4A8 with +a8)
 # last suffix of an int2..int4 scheme: its int4 layers run as W4A8 (qkernels.use_int8_activations: the same codes,
 # activations rounded to int8 per token and weight group)
 A8 = "+a8"
+# after +head8: the input embedding reads its rows from the int8 head's codes (quantize_(embedding_from_head=True))
+# instead of keeping its float copy
+EMB = "+emb"
 _INT_SCHEME = re.compile(r"^(rtn|gptq|awq|awq-gptq|autoround|qat)-int([2-8])((?:-(?:asym|full|mse|wmse))*)$")
 
 
@@ -63,10 +67,15 @@ def parse_scheme(name: str, group_size: int = 128, symmetric: bool = True) -> tu
             raise ValueError(f"scheme {name!r}: +a8 (W4A8) applies to the rtn / gptq / awq / autoround int2-int4 "
                              "schemes only")
         return parsed
-    if name.endswith(HEAD8):
-        name = name[:-len(HEAD8)]
-        if name == "float" or name in GGUF_MIXES or name == "gptq-q4_k_m":
-            raise ValueError(f"scheme {name + HEAD8!r}: +head8 applies to the int8 / integer schemes only")
+    if name.endswith(EMB):
+        if not name[:-len(EMB)].endswith((HEAD8, HEAD4)):
+            raise ValueError(f"scheme {name!r}: +emb (embedding from the quantized head) follows +head8 or +head4")
+        return parse_scheme(name[:-len(EMB)], group_size, symmetric)
+    for head in (HEAD8, HEAD4):
+        if name.endswith(head):
+            name = name[:-len(head)]
+            if name == "float" or name in GGUF_MIXES or name == "gptq-q4_k_m":
+                raise ValueError(f"scheme {name + head!r}: {head} applies to the int8 / integer schemes only")
     if name in ("float", "int8", "gptq-q4_k_m") or name in GGUF_MIXES:
         return None
     m = _INT_SCHEME.match(name)
@@ -136,11 +145,16 @@ def _quantize(name: str, base, cfg: EvalConfig, calib, qat_windows, notes: dict 
         if not use_int8_activations(m):
             raise RuntimeError(f"{name}: the model has no Int4WeightOnly layer to run as W4A8")
         return m
-    if name.endswith(HEAD8):
-        m = _quantize(name[:-len(HEAD8)], base, cfg, calib, qat_windows, notes)
-        notes[name] = notes.pop(name[:-len(HEAD8)], None)
+    emb = name.endswith(EMB)
+    bare = name[:-len(EMB)] if emb else name
+    if bare.endswith((HEAD8, HEAD4)):
+        body = bare[:-len(HEAD8)]  # both suffixes are 6 characters
+        head = Int8WeightOnly() if bare.endswith(HEAD8) else Int4WeightOnly(group_size=cfg.group_size,
+                                                                             symmetric=False)
+        m = _quantize(body, base, cfg, calib, qat_windows, notes)
+        notes[name] = notes.pop(body, None)
         # the body is quantized already: the filter keeps only the output head (untied from the embedding)
-        return quantize_(m, Int8WeightOnly(), filter_fn=lambda mod, n: False, include_lm_head=Int8WeightOnly())
+        return quantize_(m, head, filter_fn=lambda mod, n: False, include_lm_head=head, embedding_from_head=emb)
     if name == "float":
         return base
     m = copy.deepcopy(base)

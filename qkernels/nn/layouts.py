@@ -210,15 +210,29 @@ class _IntLayout(Layout):
 
     def stored_codes(self, layer) -> torch.Tensor:
         """Integer codes ``[N, Kp]``, ragged-group padding included."""
-        return layer.qweight
+        return self.unpack(layer.qweight)
+
+    def unpack(self, qweight: torch.Tensor) -> torch.Tensor:
+        """Rows of the ``qweight`` buffer as integer codes ``[n, Kp]``."""
+        return qweight
 
     def codes(self, layer):
         return self.stored_codes(layer)[:, :layer.in_features]
 
     def dequantize(self, layer, dtype):
-        scale = layer.scale if layer.scale.dim() == 2 else layer.scale.reshape(-1, 1)
-        w = dequantize_affine(self.stored_codes(layer), scale, layer.zero_point, layer.group_size,
-                              out_dtype=dtype)[:, :layer.in_features]
+        return self._dequantize(layer, self.stored_codes(layer), layer.scale, layer.zero_point, dtype)
+
+    def dequantize_rows(self, layer, rows: torch.Tensor, dtype) -> torch.Tensor:
+        """``dequantize(layer, dtype)[rows]`` without dequantizing the other rows (``rows``: int64 ``[n]``): the lookup
+        of an input embedding that shares the output head's codes (:class:`qkernels.nn.QuantEmbedding`)."""
+        zp = layer.zero_point
+        return self._dequantize(layer, self.unpack(layer.qweight.index_select(0, rows)),
+                                layer.scale.index_select(0, rows), None if zp is None else zp.index_select(0, rows),
+                                dtype)
+
+    def _dequantize(self, layer, codes, scale, zero_point, dtype):
+        scale = scale if scale.dim() == 2 else scale.reshape(-1, 1)
+        w = dequantize_affine(codes, scale, zero_point, layer.group_size, out_dtype=dtype)[:, :layer.in_features]
         if layer.input_perm is not None:
             w = torch.empty_like(w).index_copy_(1, layer.input_perm, w)
         return w
@@ -332,8 +346,8 @@ class Int4Layout(_GroupedLayout):
     def codes_buffer(self, N, Kp, device):
         return torch.zeros(N, Kp // 2, dtype=torch.uint8, device=device)
 
-    def stored_codes(self, layer):
-        return unpack_int4(layer.qweight)
+    def unpack(self, qweight):
+        return unpack_int4(qweight)
 
     def op_args(self, layer, b):
         return b["qweight"], b["scale"], b["zero_point"], layer._group, True

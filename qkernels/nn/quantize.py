@@ -32,7 +32,7 @@ def default_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
 
 
 def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, str], bool] | None = None, *,
-              include_lm_head: bool | Scheme = False) -> nn.Module:
+              include_lm_head: bool | Scheme = False, embedding_from_head: bool = False) -> nn.Module:
     """Replace the ``nn.Linear`` layers of ``model`` by :class:`QuantLinear` (round to nearest), in place.
 
     Args:
@@ -47,6 +47,11 @@ def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, 
             the shared weight, the embedding keeps the float weight for its lookup (which reads one row per token,
             not the table), and ``model.config.tie_word_embeddings`` is set to False so transformers does not tie
             them again.
+        embedding_from_head: with a tied head quantized to integer codes (int4 / int8 schemes): the input
+            embedding drops its float copy and looks its rows up in the head's codes
+            (:class:`~qkernels.nn.QuantEmbedding`), so the shared matrix is held once, quantized. The embeddings
+            then carry the head's rounding. ValueError when no tied head is quantized or its scheme has no integer
+            codes.
     Layers whose shape the scheme cannot take (e.g. in_features not divisible by the group size) are skipped with a
     logged reason (logger ``qkernels.nn``). All layers are quantized before any is swapped, so an error leaves the
     model untouched. Returns ``model``.
@@ -78,13 +83,31 @@ def quantize_(model: nn.Module, scheme: Scheme, filter_fn: Callable[[nn.Module, 
             continue
         swaps.append((name, QuantLinear.from_linear(mod, s)))
     untied = _tied_heads(model, {name for name, _ in swaps} & heads)
-    for name, q in swaps:
+    embeddings = _embeddings_from_heads(model, dict(swaps), untied) if embedding_from_head else []
+    for name, q in swaps + embeddings:
         set_submodule(model, name, q)
     if untied and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the head is a QuantLinear now: transformers must not re-tie it
     logger.info("quantize_: %d Linear layers -> %r%s", len(swaps), scheme,
                 f" (output head {', '.join(sorted(heads))} -> {head_scheme!r}, untied: {untied})" if heads else "")
     return model
+
+
+def _embeddings_from_heads(model: nn.Module, swaps: dict, untied: list[str]) -> list[tuple[str, nn.Module]]:
+    """(name, QuantEmbedding) for each nn.Embedding sharing its weight with a head in ``untied`` (quantized, in
+    ``swaps``); built before any swap so that an error leaves the model untouched."""
+    from .embedding import QuantEmbedding
+
+    out = []
+    for head in untied:
+        w = model.get_submodule(head).weight
+        for name, mod in model.named_modules(remove_duplicate=False):
+            if isinstance(mod, nn.Embedding) and mod.weight is w:
+                out.append((name, QuantEmbedding(swaps[head], mod.weight.dtype, mod.padding_idx)))
+    if not out:
+        raise ValueError("embedding_from_head=True needs an output head tied to an nn.Embedding and quantized "
+                         "(include_lm_head=...); this model has none" + ("" if untied else " (no tied head quantized)"))
+    return out
 
 
 def _tied_heads(model: nn.Module, heads: set[str]) -> list[str]:
@@ -117,7 +140,9 @@ def use_int8_activations(model: nn.Module) -> list[str]:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    done = []
+    from .embedding import QuantEmbedding
+
+    done, switched = [], {}
     for name, mod in list(model.named_modules()):
         if not (isinstance(mod, QuantLinear) and isinstance(mod.scheme, Int4WeightOnly)):
             continue
@@ -128,5 +153,9 @@ def use_int8_activations(model: nn.Module) -> list[str]:
         new = QuantLinear.from_codes(mod.codes(), mod.scale, mod.zero_point, scheme, mod.bias, mod.input_perm)
         new.train(mod.training)
         set_submodule(model, name, new)
+        switched[id(mod)] = new
         done.append(name)
+    for mod in model.modules():  # an embedding reading a switched head's codes follows it (the old layer is dropped)
+        if isinstance(mod, QuantEmbedding) and id(mod.head) in switched:
+            object.__setattr__(mod, "_head", switched[id(mod.head)])
     return done
