@@ -30,6 +30,7 @@ TORCH_ROWS = {
     "w4a8-bf16-fused-h4": "w4a8-bf16-fused-h8 with a W4A8 head too (Int8DynamicInt4Weight(128) on the tied lm_head)",
     "w4a8-bf16-fused-h4e": "w4a8-bf16-fused-h4 whose input embedding reads the int4 head's codes "
                            "(quantize_(..., embedding_from_head=True)): no float table",
+    "w4a8-bf16-fused-h8e": "w4a8-bf16-fused-h8 whose input embedding reads the int8 head's codes: no float table",
     "int4-q4_0": "qkernels int4 g32 symmetric holding the Q4_0 file's weights (head: its Q6_K GGUFLinear), fp32",
     "fp8-bf16": "qkernels Fp8WeightOnly, bf16 activations",
     "fp4-bf16": "qkernels Fp4('nvfp4', weight_only=True), bf16 activations",
@@ -141,10 +142,10 @@ def build_torch_model(row: str, workdir: str):
     if row.startswith("torchao-"):
         return torchao_quantize(model.to(torch.bfloat16), row)
     if row in ("int4-bf16-h8", "int4-bf16-fused-h8", "w4a8-bf16-fused-h8", "w4a8-bf16-fused-h4",
-               "w4a8-bf16-fused-h4e"):
+               "w4a8-bf16-fused-h4e", "w4a8-bf16-fused-h8e"):
         body = Int8DynamicInt4Weight(group_size=128) if row.startswith("w4a8") else Int4WeightOnly(group_size=128)
         head = Int8DynamicInt4Weight(group_size=128) if "-h4" in row else Int8WeightOnly()
-        quantize_(model, body, include_lm_head=head, embedding_from_head=row.endswith("-h4e"))
+        quantize_(model, body, include_lm_head=head, embedding_from_head=row.endswith("e"))
         if "fused" in row:
             from qkernels.nn import fuse_projections
 

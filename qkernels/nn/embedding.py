@@ -2,9 +2,11 @@
 
 Tied models (SmolLM2, Gemma, tied Llamas) share one [vocab, hidden] matrix between the token embedding and the
 output head. ``quantize_(..., include_lm_head=...)`` unties them: the head becomes a QuantLinear and the embedding
-keeps the float matrix (57 MB in bf16 for SmolLM2, more than all its int4 layers), read one row per token.
+keeps the float matrix (57 MB in bf16 for SmolLM2, about as much as all its int4 layers), read one row per
+token.
 :class:`QuantEmbedding` drops that float copy: a lookup dequantizes the head's rows for the ids it is given, so the
-model holds the shared matrix once, quantized, as llama.cpp's GGUF files do (their ``token_embd`` is quantized too).
+model holds the shared matrix once, quantized, as llama.cpp's GGUF files do (a tied ``token_embd`` is stored once,
+quantized: Q8_0 in SmolLM2's Q4_0 file).
 The embeddings then carry the head's quantization error, which ``qkernels eval`` measures (``+emb``).
 """
 
